@@ -1,0 +1,1 @@
+"""Backend scoring and model training (the inference process)."""

@@ -1,0 +1,79 @@
+"""Command line: `lb run`, `lb check`, `lb demo`.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
+Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lb import __version__
+from lb import config as cfgmod
+
+
+def _error(msg: str, code: int) -> int:
+    print(f"lb: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_check(args) -> int:
+    try:
+        cfg = cfgmod.load(args.config)
+    except cfgmod.ConfigError as exc:
+        return _error(str(exc), 2)
+    print(f"{args.config}: ok ({len(cfg.backends)} backends, strategy {cfg.strategy}, listen {cfg.listen})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lb.supervisor import Supervisor, SupervisorError
+
+    try:
+        cfg = cfgmod.load(args.config)
+    except cfgmod.ConfigError as exc:
+        return _error(str(exc), 2)
+    if args.workers is not None and not 1 <= args.workers <= 256:
+        return _error("-w/--workers: must be between 1 and 256", 2)
+    try:
+        return Supervisor(cfg, args.config, args.workers).run()
+    except SupervisorError as exc:
+        return _error(str(exc), 1)
+
+
+def cmd_demo(args) -> int:
+    from lb.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lb", description="A self-optimizing HTTP load balancer.")
+    ap.add_argument("--version", action="version", version=f"lb {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the load balancer in the foreground")
+    run.add_argument("-c", "--config", required=True, help="TOML config file")
+    run.add_argument("-w", "--workers", type=int, help="worker processes (default: config 'workers')")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="run lb in front of simulated backends with built-in load")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds (default 30)")
+    demo.add_argument("--rate", type=float, default=300.0, help="requests per second (default 300)")
+    demo.add_argument("--strategy", default="p2c_ewma", choices=cfgmod.STRATEGIES)
+    demo.add_argument("--port", type=int, default=8080, help="lb listen port (default 8080)")
+    demo.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130

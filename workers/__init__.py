@@ -1,0 +1,1 @@
+"""The data plane: worker processes that accept, parse and forward HTTP/1.1."""

@@ -1,0 +1,578 @@
+"""The client side: one protocol per accepted connection, parsing requests.
+
+Parser callbacks store slices and nothing more; the forwarded head is built
+once in `on_headers_complete`, where every framing and smuggling rule is
+checked before anything is sent upstream.  A request that breaks a rule raises
+`Reject(status)` from inside the parser, which stops llhttp at once: nothing of
+it reaches a backend.
+
+Pipelined requests are answered in order: only the exchange at the head of the
+pipeline is dispatched; the ones behind it wait in `queue` with reading paused,
+so at most one read buffer of them is held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from workers import flow
+from workers.exchange import Exchange
+from workers.http import (
+    CONTINUE_100,
+    CRLF,
+    DATE,
+    H_CONNECTION,
+    H_CONTENT_LENGTH,
+    H_EXPECT,
+    H_HOST,
+    H_TRANSFER_ENCODING,
+    H_UPGRADE,
+    H_XFF,
+    IDEMPOTENT,
+    LAST_CHUNK,
+    PLAIN_CONNECTION_TOKENS,
+    REQUEST_SPECIAL,
+    REQUEST_TAIL_11,
+    SEP,
+    TE_CHUNKED,
+    CONNECTION_UPGRADE,
+    XFP_HTTP,
+    connection_tokens,
+)
+from workers.timers import CLOCK, INF
+
+monotonic = time.monotonic
+HEAD_SLACK = 512  # room for the X-Forwarded-* lines we add, in the header size check
+
+
+class Reject(Exception):
+    """Raised from a parser callback: answer `status` and close the connection."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class Downstream(asyncio.Protocol):
+    __slots__ = (
+        "worker",
+        "parser",
+        "transport",
+        "gate",
+        "ex",
+        "reading",
+        "queue",
+        "headers",
+        "specials",
+        "url",
+        "in_head",
+        "head_bytes",
+        "feeding",
+        "deadline",
+        "up_deadline",
+        "send_deadline",
+        "client_ip",
+        "xff_line",
+        "upgrading",
+        "tunnel",
+        "broken",
+        "closed",
+    )
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        p = self.parser = HttpRequestParser(self)
+        p.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.transport = None
+        self.gate = None
+        self.ex = None  # the exchange at the head of the pipeline
+        self.reading = None  # the exchange whose request is being read
+        self.queue = None  # exchanges waiting behind `ex`
+        self.headers: list = []
+        self.specials: list = []
+        self.url = b""
+        self.in_head = False
+        self.head_bytes = 0
+        self.feeding = False
+        self.deadline = INF
+        self.up_deadline = INF
+        self.send_deadline = INF
+        self.client_ip = b""
+        self.xff_line = b""
+        self.upgrading = None  # the exchange that asked for an upgrade
+        self.tunnel = None  # the UpstreamConnection once switched to a tunnel
+        self.broken = False
+        self.closed = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        w = self.worker
+        self.transport = transport
+        transport.set_write_buffer_limits(flow.WRITE_LIMIT)
+        self.gate = flow.ReadGate(transport)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = ip = (peer[0] if peer else "unknown").encode()
+        self.xff_line = b"X-Forwarded-For: " + ip + CRLF
+        self.deadline = CLOCK.now + w.t_client_header
+        w.conns.add(self)
+        w.accepted += 1
+        if w.draining:
+            transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.worker.conns.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.transport.close()
+            self.tunnel = None
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            self._abandon(ex)
+        if self.queue:
+            self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.send_deadline = CLOCK.now + self.worker.t_send
+        up = self._upstream()
+        if up is not None:
+            up.gate.pause(flow.PEER_FULL)
+
+    def resume_writing(self) -> None:
+        self.send_deadline = INF
+        up = self._upstream()
+        if up is not None:
+            up.gate.resume(flow.PEER_FULL)
+
+    def _upstream(self):
+        if self.tunnel is not None:
+            return self.tunnel
+        ex = self.ex
+        return ex.upstream if ex is not None else None
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        if self.upgrading is not None:
+            self._hold_for_upstream(self.upgrading, data)
+            return
+        if self.broken:
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+        self.feeding = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.feeding = False
+            ex = self.upgrading = self.reading
+            self.reading = None
+            rest = data[exc.args[0]:]
+            if rest:
+                self._hold_for_upstream(ex, rest)
+            elif ex is self.ex and ex.upstream is not None:
+                self._flush_up(ex)
+            return
+        except HttpParserError as exc:
+            self.feeding = False
+            ctx = exc.__context__
+            self._reject(ctx.status if isinstance(ctx, Reject) else 400)
+            return
+        self.feeding = False
+        if self.in_head and self.head_bytes > self.worker.max_head_bytes:
+            self._reject(431 if self.url else 414)
+            return
+        ex = self.ex
+        if ex is not None and ex.pending:
+            if ex.upstream is not None:
+                self._flush_up(ex)
+            elif ex.buffered > flow.WRITE_LIMIT:
+                self.gate.pause(flow.BODY_BUFFER)
+
+    def _hold_for_upstream(self, ex, data: bytes) -> None:
+        ex.pending.append(data)
+        ex.buffered += len(data)
+        if ex is self.ex and ex.upstream is not None:
+            self._flush_up(ex)
+        elif ex.buffered > flow.WRITE_LIMIT:
+            self.gate.pause(flow.BODY_BUFFER)
+
+    # -- parser callbacks ---------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        # The first callback of every request (no on_message_begin: one call less).
+        if not self.in_head:
+            self.in_head = True
+            self.head_bytes = 0
+            self.deadline = CLOCK.now + self.worker.t_client_header
+        else:
+            url = self.url + url
+        self.url = url
+        if len(url) > self.worker.max_request_line:
+            raise Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        tag = REQUEST_SPECIAL.get(name.lower())
+        if tag is None:
+            self.headers += (name, SEP, value, CRLF)
+        else:
+            self.specials.append((tag, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        w = self.worker
+        p = self.parser
+        method = p.get_method()
+        headers = self.headers
+        specials = self.specials
+        host = cl = te = conn_values = upgrade = expect = xff = None
+        hosts = 0
+        for tag, value in specials:
+            if tag == H_HOST:
+                hosts += 1
+                host = value
+            elif tag == H_CONTENT_LENGTH:
+                cl = value
+            elif tag == H_TRANSFER_ENCODING:
+                te = value if te is None else te + b"," + value
+            elif tag == H_CONNECTION:
+                conn_values = [value] if conn_values is None else conn_values + [value]
+            elif tag == H_UPGRADE:
+                upgrade = value
+            elif tag == H_EXPECT:
+                expect = value
+            elif tag == H_XFF:
+                xff = value if xff is None else xff + b", " + value
+        keep_alive = p.should_keep_alive()
+        if keep_alive and conn_values is None:
+            http10 = False  # only HTTP/1.1 keeps alive without a Connection header
+        else:
+            version = p.get_http_version()
+            if version == "1.1":
+                http10 = False
+            elif version == "1.0":
+                http10 = True
+            else:
+                raise Reject(505)
+        if hosts != 1 and (hosts > 1 or not http10):
+            raise Reject(400)  # RFC 9112 3.2: exactly one Host in HTTP/1.1
+        if method == b"CONNECT":
+            raise Reject(405)
+        if len(headers) + 4 * len(specials) > w.max_header_fields:
+            raise Reject(431)
+
+        parts = [method, b" ", self.url, REQUEST_TAIL_11]
+        parts += headers
+        if host is not None:
+            parts += (b"Host: ", host, CRLF, b"X-Forwarded-Host: ", host, CRLF)
+        if xff is None:
+            parts.append(self.xff_line)
+        else:
+            parts += (b"X-Forwarded-For: ", xff, b", ", self.client_ip, CRLF)
+        parts.append(XFP_HTTP)
+        chunked = is_upgrade = expect_continue = False
+        has_body = False
+        if te is not None:
+            # RFC 9112 6.1: no Transfer-Encoding in HTTP/1.0; we accept exactly "chunked".
+            if http10 or te.strip().lower() != b"chunked":
+                raise Reject(400)
+            chunked = has_body = True
+            parts.append(TE_CHUNKED)
+        elif cl is not None:
+            n = int(cl)
+            if w.max_body_size and n > w.max_body_size:
+                raise Reject(413)
+            has_body = n > 0
+            parts += (b"Content-Length: ", cl, CRLF)
+        if conn_values is not None:
+            tokens = connection_tokens(conn_values)
+            if not tokens <= PLAIN_CONNECTION_TOKENS:
+                parts = parts[:4] + _drop_named(headers, tokens) + parts[4 + len(headers):]
+        if upgrade is not None and p.should_upgrade():
+            is_upgrade = True
+            parts += (CONNECTION_UPGRADE, b"Upgrade: ", upgrade, CRLF)
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise Reject(417)
+            expect_continue = has_body and not http10
+        parts.append(CRLF)
+        head = b"".join(parts)
+        if len(head) - len(self.url) > w.max_header_size + HEAD_SLACK:
+            raise Reject(431)
+        self.headers = []
+        self.specials = []
+
+        w.requests += 1
+        ex = Exchange(self, method, head, has_body, chunked, keep_alive, http10, is_upgrade)
+        ex.expect_continue = expect_continue
+        self.reading = ex
+        self.deadline = CLOCK.now + w.t_client_body if has_body else INF
+        if self.ex is None:
+            self._start(ex)
+        else:
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(ex)
+            self.gate.pause(flow.PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.reading
+        n = ex.body_bytes = ex.body_bytes + len(data)
+        w = self.worker
+        if w.max_body_size and n > w.max_body_size:
+            raise Reject(413)
+        if ex.chunked:
+            ex.pending += (b"%x\r\n" % len(data), data, CRLF)
+        else:
+            ex.pending.append(data)
+        ex.buffered += len(data)
+        self.deadline = CLOCK.now + w.t_client_body
+
+    def on_message_complete(self) -> None:
+        ex = self.reading
+        if ex.chunked:
+            ex.pending.append(LAST_CHUNK)
+        ex.body_done = True
+        if ex.upgrade:
+            return  # `reading` stays set: data_received takes it as the upgrading exchange
+        self.reading = None
+        self.deadline = INF
+
+    # -- dispatch -------------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        """`ex` becomes the head of the pipeline: answer it or send it upstream."""
+        self.ex = ex
+        if ex.error:
+            self._write_error(ex, ex.error)
+            return
+        if ex.expect_continue:
+            self.transport.write(CONTINUE_100)
+        self._dispatch(ex)
+
+    def _dispatch(self, ex: Exchange) -> None:
+        w = self.worker
+        backend = w.strategy.pick(ex.tried or ())
+        if backend is None and ex.tried:
+            backend = w.strategy.pick(())  # nothing else left: the same backend again
+        if backend is None:
+            w.no_backend += 1
+            self._write_error(ex, 503)
+            return
+        backend.requests += 1
+        backend.inflight += 1
+        ex.backend = backend
+        ex.bound = True
+        ex.t0 = monotonic()
+        conn = backend.pool.acquire()
+        if conn is not None:
+            conn.attach(ex)
+            ex.upstream = conn
+            self.up_deadline = CLOCK.now + w.t_upstream_response
+            if not self.feeding:
+                self._flush_up(ex)
+        else:
+            task = ex.connecting = backend.pool.connect()
+            task.add_done_callback(ex.on_connected)
+            self.up_deadline = CLOCK.now + w.t_upstream_connect
+
+    def upstream_connected(self, ex: Exchange, task) -> None:
+        if ex.connecting is not task:
+            # Superseded (timed out, or the client left): keep a good connection.
+            if not task.cancelled() and task.exception() is None:
+                proto = task.result()[1]
+                proto.pool.release(proto)
+            return
+        ex.connecting = None
+        exc = task.exception()
+        if exc is not None:
+            ex.backend.connect_errors += 1
+            ex.unbind()
+            self.upstream_failed(ex, sent_nothing=True, status=502)
+            return
+        proto = task.result()[1]
+        proto.attach(ex)
+        ex.upstream = proto
+        self.up_deadline = CLOCK.now + self.worker.t_upstream_response
+        self._flush_up(ex)
+
+    def _flush_up(self, ex: Exchange) -> None:
+        pending = ex.pending
+        if pending:
+            if len(pending) == 1:
+                ex.upstream.transport.write(pending[0])
+            else:
+                ex.upstream.transport.writelines(pending)
+            pending.clear()
+            ex.buffered = 0
+            if self.gate.reasons & flow.BODY_BUFFER:
+                self.gate.resume(flow.BODY_BUFFER)
+
+    def upstream_failed(self, ex: Exchange, *, sent_nothing: bool, status: int) -> None:
+        """No response byte came back from `ex.backend`: retry elsewhere, or answer `status`."""
+        ex.upstream = None
+        backend = ex.backend
+        w = self.worker
+        tried = ex.tried
+        if tried is None:
+            tried = ex.tried = []
+        tried.append(backend)
+        if sent_nothing:
+            retry = ex.idempotent or w.retry_connect_non_idempotent
+        else:
+            retry = ex.idempotent and not ex.has_body and not ex.upgrade
+            if retry:
+                ex.pending = [ex.head]
+        if retry and len(tried) <= w.retries and not self.closed:
+            backend.retries += 1
+            self._dispatch(ex)
+            return
+        self.upstream_error(ex, status)
+
+    def upstream_error(self, ex: Exchange, status: int) -> None:
+        ex.upstream = None
+        ex.unbind()
+        if ex.backend is not None:
+            ex.backend.responses[5] += 1
+        self._write_error(ex, status)
+
+    def _write_error(self, ex: Exchange, status: int) -> None:
+        ex.status = status
+        close = not (ex.keep_alive and ex.body_done) or self.worker.draining
+        ex.keep_alive = not close
+        self.transport.write(DATE.error(status, close=close, head_only=ex.head_request))
+        self.response_done(ex)
+
+    def abort_after_upstream(self, ex: Exchange) -> None:
+        """The upstream failed mid-response: the client can only see a truncated reply."""
+        self.ex = None
+        self.transport.close()
+
+    def response_done(self, ex: Exchange) -> None:
+        if self.ex is not ex:
+            return
+        self.ex = None
+        self.up_deadline = INF
+        w = self.worker
+        w.responses += 1
+        if not ex.keep_alive or w.draining:
+            self.transport.close()
+            return
+        q = self.queue
+        if q:
+            nxt = q.popleft()
+            if not q:
+                self.gate.resume(flow.PIPELINE)
+            self._start(nxt)
+        elif self.reading is None and not self.in_head:
+            self.deadline = CLOCK.now + w.t_keepalive
+
+    def start_tunnel(self, up, ex: Exchange) -> None:
+        self.tunnel = up
+        self.ex = None
+        self.upgrading = None
+        self.deadline = self.up_deadline = INF
+        self.gate.resume(flow.BODY_BUFFER | flow.PIPELINE | flow.UPGRADE)
+
+    # -- failure paths --------------------------------------------------------
+
+    def _abandon(self, ex: Exchange) -> None:
+        task = ex.connecting
+        if task is not None:
+            ex.connecting = None
+            task.cancel()
+        ex.unbind()
+        up = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abandon()
+
+    def _reject(self, status: int) -> None:
+        """A request broke the rules: answer `status` in order, then close."""
+        self.broken = True
+        self.in_head = False
+        self.worker.rejected += 1
+        self.gate.pause(flow.PIPELINE)
+        reading = self.reading
+        self.reading = None
+        ex = self.ex
+        if ex is not None and reading is ex:
+            # The bad bytes belong to the exchange in flight (its body).
+            if ex.response_started:
+                self._abandon(ex)
+                self.transport.close()
+                return
+            self._abandon(ex)
+            ex.keep_alive = False
+            self._write_error(ex, status)
+            return
+        if ex is None:
+            self.transport.write(DATE.error(status, close=True))
+            self.transport.close()
+            return
+        q = self.queue
+        if reading is not None and q and q[-1] is reading:
+            q.pop()
+        if q is None:
+            q = self.queue = deque()
+        q.append(Exchange.rejection(self, status))
+
+    def on_deadline(self, now: float) -> None:
+        if self.deadline < now:
+            self.deadline = INF
+            if self.in_head or self.reading is not None:
+                self.worker.timeouts += 1
+                self._reject(408)  # slow client: head or body did not arrive in time
+            elif self.ex is None and self.tunnel is None:
+                self.transport.close()  # idle keep-alive connection
+        if self.send_deadline < now:
+            self.worker.timeouts += 1
+            self.transport.abort()  # the client stopped reading
+            return
+        if self.up_deadline < now:
+            self.up_deadline = INF
+            self._upstream_timeout()
+
+    def _upstream_timeout(self) -> None:
+        ex = self.ex
+        if ex is None:
+            return
+        backend = ex.backend
+        backend.timeouts += 1
+        self.worker.timeouts += 1
+        if ex.connecting is not None:
+            task = ex.connecting
+            ex.connecting = None
+            task.cancel()
+            ex.unbind()
+            self.upstream_failed(ex, sent_nothing=True, status=504)
+            return
+        up = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abandon()
+        ex.unbind()
+        if ex.response_started:
+            self.ex = None
+            self.transport.close()
+        else:
+            self.upstream_error(ex, 504)
+
+    def close_if_idle(self) -> None:
+        if self.ex is None and self.reading is None and not self.in_head and self.tunnel is None:
+            self.transport.close()
+
+
+def _drop_named(headers: list, tokens: set) -> list:
+    """Remove the request headers a Connection field names (hop-by-hop by declaration)."""
+    kept = []
+    for i in range(0, len(headers), 4):
+        if headers[i].lower() not in tokens:
+            kept += headers[i : i + 4]
+    return kept

@@ -1,0 +1,155 @@
+"""Precomputed HTTP bytes and header tables used on the hot path.
+
+Nothing here allocates per request: status lines, header fragments and the
+error responses are built once (error responses once a second, when the Date
+changes).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http
+import re
+import time
+
+CRLF = b"\r\n"
+SEP = b": "
+LAST_CHUNK = b"0\r\n\r\n"
+
+# Status lines for every code Python knows; unknown codes are built on demand.
+STATUS_LINES: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in http.HTTPStatus
+}
+
+
+def status_line(code: int) -> bytes:
+    line = STATUS_LINES.get(code)
+    if line is None:
+        line = STATUS_LINES[code] = b"HTTP/1.1 %d Unknown\r\n" % code
+    return line
+
+
+# Methods that RFC 9110 section 9.2.2 calls idempotent: safe to retry.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# Request headers that get special treatment (lower-case name -> tag).
+H_HOST = 1
+H_CONTENT_LENGTH = 2
+H_TRANSFER_ENCODING = 3
+H_CONNECTION = 4
+H_HOP = 5  # dropped: keep-alive, proxy-connection, te, trailer
+H_UPGRADE = 6
+H_EXPECT = 7
+H_XFF = 8
+H_XF_DROP = 9  # x-forwarded-proto / x-forwarded-host: we set them ourselves
+
+REQUEST_SPECIAL: dict[bytes, int] = {
+    b"host": H_HOST,
+    b"content-length": H_CONTENT_LENGTH,
+    b"transfer-encoding": H_TRANSFER_ENCODING,
+    b"connection": H_CONNECTION,
+    b"keep-alive": H_HOP,
+    b"proxy-connection": H_HOP,
+    b"te": H_HOP,
+    b"trailer": H_HOP,
+    b"upgrade": H_UPGRADE,
+    b"expect": H_EXPECT,
+    b"x-forwarded-for": H_XFF,
+    b"x-forwarded-proto": H_XF_DROP,
+    b"x-forwarded-host": H_XF_DROP,
+}
+
+# Response heads are forwarded as the bytes llhttp validated, minus these lines
+# (hop-by-hop; Transfer-Encoding is re-emitted by us when we re-chunk).
+HOP_BY_HOP_LINES = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade)"
+    rb"[ \t]*:[^\r]*",
+    re.IGNORECASE,
+)
+# One pass over the lower-cased response head finds every field we act on.
+RESPONSE_FIELDS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te|trailer|upgrade)"
+    rb"[ \t]*:[ \t]*([^\r]*)"
+)
+UPGRADE_VALUE = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
+
+# Connection tokens that name no header we still have to strip.
+PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+CONNECTION_CLOSE = b"Connection: close\r\n"
+CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+CONNECTION_UPGRADE = b"Connection: upgrade\r\n"
+TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+REQUEST_TAIL_11 = b" HTTP/1.1\r\n"
+XFP_HTTP = b"X-Forwarded-Proto: http\r\n"
+
+
+def drop_connection_named(head: bytes, values: list[bytes]) -> bytes:
+    """Remove the response header lines that a Connection field names."""
+    names = connection_tokens(values) - PLAIN_CONNECTION_TOKENS
+    if not names:
+        return head
+    alt = b"|".join(re.escape(n) for n in names)
+    named = re.compile(rb"\r\n(?:" + alt + rb")[ \t]*:[^\r]*", re.IGNORECASE)
+    return named.sub(b"", head)
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for v in values:
+        for t in v.split(b","):
+            t = t.strip().lower()
+            if t:
+                tokens.add(t)
+    return tokens
+
+
+class DateCache:
+    """The Date header value, refreshed by the worker's one-second tick."""
+
+    __slots__ = ("header", "_second", "_errors")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self.header = b""
+        self._errors: dict[tuple[int, bool], bytes] = {}
+        self.tick()
+
+    def tick(self) -> None:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self.header = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + CRLF
+            self._errors.clear()
+
+    def error(self, status: int, *, close: bool = True, head_only: bool = False) -> bytes:
+        """A complete lb-generated error response."""
+        key = (status, close)
+        resp = self._errors.get(key)
+        if resp is None:
+            phrase = status_line(status)[13:-2]
+            body = phrase + b"\n"
+            extra = b""
+            if status == 503:
+                extra = b"Retry-After: 1\r\n"
+            resp = b"".join(
+                (
+                    status_line(status),
+                    b"Server: lb\r\n",
+                    self.header,
+                    b"Content-Type: text/plain; charset=utf-8\r\n",
+                    b"Content-Length: %d\r\n" % len(body),
+                    extra,
+                    CONNECTION_CLOSE if close else b"",
+                    CRLF,
+                    body,
+                )
+            )
+            self._errors[key] = resp
+        if head_only:
+            return resp[: resp.index(b"\r\n\r\n") + 4]
+        return resp
+
+
+DATE = DateCache()

@@ -1,0 +1,69 @@
+"""Per-backend pools of idle keep-alive upstream connections (one set per worker).
+
+Idle connections are kept LIFO so the warmest socket is reused first and the
+coldest ones age out through `upstream_idle`.  A connection the backend closes
+while idle removes itself from the pool in `connection_lost`, so it is never
+handed to a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from workers.timers import CLOCK
+
+
+class Pool:
+    __slots__ = ("backend", "idle", "max_idle", "idle_timeout", "loop", "factory", "opened")
+
+    def __init__(self, backend, loop, factory, *, max_idle: int, idle_timeout: float) -> None:
+        self.backend = backend
+        self.loop = loop
+        self.factory = factory  # () -> UpstreamConnection
+        self.idle: list = []
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.opened = 0
+
+    def acquire(self):
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.transport.is_closing():
+                return conn
+        return None
+
+    def release(self, conn) -> None:
+        if len(self.idle) < self.max_idle and not conn.transport.is_closing():
+            conn.idle_deadline = CLOCK.now + self.idle_timeout
+            self.idle.append(conn)
+        else:
+            conn.transport.close()
+
+    def discard(self, conn) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def connect(self) -> asyncio.Task:
+        """Open a new connection; the task's result is (transport, protocol)."""
+        self.opened += 1
+        b = self.backend
+        return self.loop.create_task(self.loop.create_connection(self.factory, b.host, b.port))
+
+    def expire(self, now: float) -> None:
+        idle = self.idle
+        if idle and idle[0].idle_deadline < now:
+            keep = []
+            for conn in idle:
+                if conn.idle_deadline < now:
+                    conn.transport.close()
+                else:
+                    keep.append(conn)
+            idle[:] = keep
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.transport.close()
+        self.idle.clear()

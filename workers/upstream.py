@@ -1,0 +1,346 @@
+"""The upstream side: one protocol per backend connection, parsing responses.
+
+An `UpstreamConnection` is attached to one `Exchange` at a time.  The response
+parser's callbacks only collect: the head is assembled once in
+`on_headers_complete`, body pieces are appended to `out`, and everything
+collected during one `data_received` is handed to the client transport in one
+`writelines` (one syscall).  Completion work (returning the connection to the
+pool, starting the next pipelined request) runs after the parser returns, never
+inside its callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from workers import flow
+from workers.http import (
+    CONNECTION_CLOSE,
+    CONNECTION_KEEP_ALIVE,
+    CONNECTION_UPGRADE,
+    CRLF,
+    HOP_BY_HOP_LINES,
+    RESPONSE_FIELDS,
+    LAST_CHUNK,
+    TE_CHUNKED,
+    UPGRADE_VALUE,
+    drop_connection_named,
+)
+from workers.timers import CLOCK, INF
+
+# How the response body is relayed to the client.
+MODE_NONE = 0  # no body (HEAD, 204, 304)
+MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1.0)
+MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
+
+monotonic = time.monotonic
+
+
+class _HeadResponseDone(Exception):
+    """Raised from on_headers_complete to stop the parser after a HEAD response."""
+
+
+def _new_parser(proto) -> HttpResponseParser:
+    p = HttpResponseParser(proto)
+    p.set_dangerous_leniencies(lenient_data_after_close=True)
+    return p
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "backend",
+        "pool",
+        "worker",
+        "transport",
+        "gate",
+        "parser",
+        "ex",
+        "mode",
+        "informational",
+        "done",
+        "keep_alive",
+        "out",
+        "idle_deadline",
+        "tunnel",
+        "uses",
+        "framed",
+        "in_head",
+        "raw",
+        "head_start",
+        "observe",
+    )
+
+    def __init__(self, backend, worker) -> None:
+        self.backend = backend
+        self.pool = backend.pool
+        self.worker = worker
+        self.observe = worker.strategy.observe
+        self.transport = None
+        self.gate = None
+        self.parser = _new_parser(self)
+        self.ex = None
+        self.in_head = False
+        self.raw = b""
+        self.head_start = 0
+        self.mode = MODE_NONE
+        self.informational = False
+        self.done = False
+        self.keep_alive = False
+        self.out: list = []
+        self.idle_deadline = INF
+        self.tunnel = None  # the Downstream once a 101 has switched protocols
+        self.uses = 0
+        self.framed = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(flow.WRITE_LIMIT)
+        self.gate = flow.ReadGate(transport)
+
+    def pause_writing(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.conn.gate.pause(flow.PEER_FULL)
+        elif self.tunnel is not None:
+            self.tunnel.gate.pause(flow.PEER_FULL)
+
+    def resume_writing(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.conn.gate.resume(flow.PEER_FULL)
+        elif self.tunnel is not None:
+            self.tunnel.gate.resume(flow.PEER_FULL)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.ex
+        if ex is None:
+            if self.tunnel is not None:
+                self.tunnel.transport.write(data)
+                return
+            # Bytes on an idle connection: the backend is out of sync with us.
+            self.transport.abort()
+            return
+        if self.in_head:
+            self.raw += data
+        ex.conn.up_deadline = CLOCK.now + self.worker.t_upstream_response
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._flush()
+            if self.ex is not None and self.mode == -1:
+                self._switch_to_tunnel(data[exc.args[0]:])
+            else:
+                self._protocol_error()
+            return
+        except HttpParserError as exc:
+            if not isinstance(exc.__context__, _HeadResponseDone):
+                self._flush()
+                self._protocol_error()
+                return
+            # A HEAD response has no body, but the parser would wait for one.
+            self.parser = _new_parser(self)
+            if not data.endswith(b"\r\n\r\n"):
+                self.keep_alive = False
+        if self.out:
+            self._flush()
+        if self.done:
+            self._finish()
+
+    def connection_lost(self, exc) -> None:
+        self.pool.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.transport.close()
+            self.tunnel = None
+            return
+        ex = self.ex
+        if ex is None:
+            return
+        if not ex.response_started:
+            self.ex = None
+            ex.unbind()
+            self.backend.resets += 1
+            ex.conn.upstream_failed(ex, sent_nothing=False, status=502)
+        elif not self.framed and not self.done:
+            # Close-delimited response: the end of the connection ends the body.
+            if self.mode == MODE_CHUNK:
+                self.out.append(LAST_CHUNK)
+            self._flush()
+            self.done = True
+            self.keep_alive = False
+            self._finish()
+        else:
+            self.ex = None
+            ex.unbind()
+            self.backend.resets += 1
+            ex.conn.abort_after_upstream(ex)
+
+    # -- parser callbacks ---------------------------------------------------
+    # No on_header: the head is taken whole from the bytes llhttp validated and
+    # filtered with one regex, far cheaper than a Python callback per field.
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        status = p.get_status_code()
+        raw = self.raw
+        start = self.head_start
+        end = raw.find(b"\r\n\r\n", start) + 4
+        if status < 200 and status != 101:
+            self.head_start = end  # 100/102/103: not relayed; the final head follows
+            self.informational = True
+            return
+        ex = self.ex
+        self.in_head = False
+        self.raw = b""
+        head = raw if (start == 0 and end == len(raw)) else raw[start:end]
+        ex.response_started = True
+        ex.status = status
+        now = monotonic()
+        self.observe(self.backend, now - ex.t0, now)
+
+        cl = chunked = False
+        conn_values = None
+        out = head
+        fields = RESPONSE_FIELDS.findall(head.lower())
+        if fields:
+            hop = False
+            for name, value in fields:
+                if name == b"content-length":
+                    cl = True
+                elif name == b"transfer-encoding":
+                    chunked = hop = True
+                elif name == b"connection":
+                    hop = True
+                    if value != b"keep-alive" and value != b"close":
+                        conn_values = [value] if conn_values is None else conn_values + [value]
+                else:
+                    hop = True
+            if conn_values is not None:
+                out = drop_connection_named(out, conn_values)
+            if hop:
+                out = HOP_BY_HOP_LINES.sub(b"", out)
+        if out[5:8] != b"1.1":
+            out = b"HTTP/1.1" + out[8:]
+        self.framed = cl or chunked
+        if status == 101:
+            m = UPGRADE_VALUE.search(head)
+            if not ex.upgrade or m is None:
+                raise HttpParserError("unexpected 101")
+            self.out.append(out[:-2] + CONNECTION_UPGRADE + b"Upgrade: " + m.group(1) + CRLF + CRLF)
+            self.mode = -1
+            return
+        keep = ex.keep_alive and not self.worker.draining and not ex.upgrade
+        extra = b""
+        if ex.head_request or status == 204 or status == 304:
+            mode = MODE_NONE
+        elif cl:
+            mode = MODE_RAW
+        elif ex.http10:
+            mode = MODE_RAW  # close-delimited, as HTTP/1.0 has no chunked coding
+            keep = False
+        else:
+            mode = MODE_CHUNK
+            extra = TE_CHUNKED
+        self.mode = mode
+        if not keep:
+            ex.keep_alive = False
+            extra += CONNECTION_CLOSE
+        elif ex.http10:
+            extra += CONNECTION_KEEP_ALIVE
+        self.out.append(out[:-2] + extra + CRLF if extra else out)
+        if ex.head_request:
+            self.done = True
+            self.keep_alive = self.framed and p.should_keep_alive()
+            raise _HeadResponseDone
+
+    def on_body(self, data: bytes) -> None:
+        mode = self.mode
+        if mode == MODE_RAW:
+            self.out.append(data)
+        elif mode == MODE_CHUNK:
+            self.out += (b"%x\r\n" % len(data), data, CRLF)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if self.mode == MODE_CHUNK:
+            self.out.append(LAST_CHUNK)
+        self.done = True
+        self.keep_alive = self.parser.should_keep_alive()
+
+    # -- exchange lifecycle -------------------------------------------------
+
+    def attach(self, ex) -> None:
+        self.ex = ex
+        self.uses += 1
+        self.done = False
+        self.in_head = True
+        self.raw = b""
+        self.head_start = 0
+        self.informational = False
+        self.mode = MODE_NONE
+        self.idle_deadline = INF
+
+    def _flush(self) -> None:
+        out = self.out
+        if out:
+            ex = self.ex
+            if ex is not None:
+                # One write per read: small pieces are joined (one copy, one plain
+                # write); large bodies go as they are, in one writev.
+                if len(out) == 1:
+                    ex.conn.transport.write(out[0])
+                elif len(out) < 8:
+                    ex.conn.transport.write(b"".join(out))
+                else:
+                    ex.conn.transport.writelines(out)
+            out.clear()
+
+    def _finish(self) -> None:
+        ex = self.ex
+        self.ex = None
+        ex.unbind()
+        self.backend.responses[ex.status // 100] += 1
+        if self.keep_alive and ex.body_done and not ex.upgrade:
+            self.pool.release(self)
+        else:
+            self.transport.close()
+        ex.conn.response_done(ex)
+
+    def _protocol_error(self) -> None:
+        """The backend sent something that is not valid HTTP/1.1."""
+        ex = self.ex
+        self.transport.abort()
+        if ex is None:
+            return
+        self.ex = None
+        ex.unbind()
+        if ex.response_started:
+            ex.conn.abort_after_upstream(ex)
+        else:
+            ex.conn.upstream_error(ex, 502)
+
+    def _switch_to_tunnel(self, rest: bytes) -> None:
+        ex = self.ex
+        self.ex = None
+        ex.unbind()
+        self.backend.responses[1] += 1
+        conn = ex.conn
+        self.tunnel = conn
+        if rest:
+            conn.transport.write(rest)
+        conn.start_tunnel(self, ex)
+
+    def abandon(self) -> None:
+        """The client went away mid-exchange: this connection cannot be reused."""
+        if self.ex is not None:
+            self.ex.unbind()
+            self.ex = None
+        self.tunnel = None
+        self.transport.abort()
+

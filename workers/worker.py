@@ -1,0 +1,156 @@
+"""A worker process: one uvloop event loop serving one SO_REUSEPORT listener.
+
+Started by the supervisor as `python -m workers --fd N --slot I`, with the
+validated config (msgpack) on stdin.  Exit codes tell the supervisor what
+happened: 0 clean stop, 3 could not boot (bad socket or config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+import uvloop
+
+from lb import config as cfgmod
+from lb.log import log
+from workers.balancer import Backend, make_strategy
+from workers.downstream import Downstream
+from workers.http import DATE
+from workers.pool import Pool
+from workers.timers import CLOCK, SWEEP_INTERVAL
+from workers.upstream import UpstreamConnection
+
+EXIT_OK = 0
+EXIT_BOOT = 3
+
+
+class Worker:
+    def __init__(self, cfg: cfgmod.Config, slot: int = 0) -> None:
+        self.cfg = cfg
+        self.slot = slot
+        t = cfg.timeouts
+        lim = cfg.limits
+        self.t_client_header = t.client_header
+        self.t_client_body = t.client_body
+        self.t_keepalive = t.keepalive
+        self.t_send = t.send
+        self.t_upstream_connect = t.upstream_connect
+        self.t_upstream_response = t.upstream_response
+        self.t_drain = t.drain
+        self.max_request_line = lim.max_request_line
+        self.max_header_size = lim.max_header_size
+        self.max_headers = lim.max_headers
+        self.max_header_fields = 4 * lim.max_headers  # list slots: name, sep, value, CRLF
+        self.max_body_size = lim.max_body_size
+        self.max_head_bytes = lim.max_request_line + lim.max_header_size
+        self.retries = cfg.upstream.retries
+        self.retry_connect_non_idempotent = cfg.upstream.retry_connect_non_idempotent
+        self.conns: set[Downstream] = set()
+        self.draining = False
+        # counters
+        self.accepted = 0
+        self.requests = 0
+        self.responses = 0
+        self.rejected = 0
+        self.timeouts = 0
+        self.no_backend = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server = None
+        self.backends = [Backend(b) for b in cfg.backends]
+        self.strategy = make_strategy(
+            cfg.strategy, self.backends, decay=cfg.balancer.ewma_decay,
+            seed=(cfg.balancer.seed + slot) if cfg.balancer.seed else 0,
+        )
+        self._stopped: asyncio.Future | None = None
+        self._ppid = os.getppid()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def serve(self, sock: socket.socket) -> None:
+        loop = self.loop = asyncio.get_running_loop()
+        up = self.cfg.upstream
+        for b in self.backends:
+            b.pool = Pool(
+                b, loop, self._upstream_factory(b),
+                max_idle=up.keepalive, idle_timeout=self.cfg.timeouts.upstream_idle,
+            )
+        self.server = await loop.create_server(
+            lambda: Downstream(self), sock=sock, backlog=self.cfg.backlog
+        )
+        self._stopped = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, self.drain)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+        loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
+        loop.call_later(SWEEP_INTERVAL, self._sweep)
+        log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name)
+        try:
+            os.write(1, b"R")  # readiness, read by the supervisor
+        except OSError:
+            pass
+        await self._stopped
+
+    def _upstream_factory(self, backend):
+        def factory():
+            return UpstreamConnection(backend, self)
+        return factory
+
+    def drain(self) -> None:
+        """Stop accepting, finish in-flight requests, close idle connections."""
+        if self.draining:
+            self.stop_now()
+            return
+        self.draining = True
+        log("worker_draining", slot=self.slot, pid=os.getpid(), connections=len(self.conns))
+        self.server.close()
+        for c in list(self.conns):
+            c.close_if_idle()
+        self.loop.call_later(self.t_drain, self.stop_now)
+        self._maybe_stopped()
+
+    def stop_now(self) -> None:
+        for c in list(self.conns):
+            c.transport.abort()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _maybe_stopped(self) -> None:
+        if self.draining and not self.conns and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _sweep(self) -> None:
+        now = CLOCK.tick()
+        DATE.tick()
+        for c in list(self.conns):
+            if c.deadline < now or c.up_deadline < now or c.send_deadline < now:
+                c.on_deadline(now)
+        for b in self.backends:
+            b.pool.expire(now)
+        if self.draining:
+            self._maybe_stopped()
+        elif os.getppid() != self._ppid:
+            log("worker_orphaned", slot=self.slot, pid=os.getpid())
+            self.drain()
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="workers")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--slot", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        cfg = cfgmod.decode(sys.stdin.buffer.read())
+        sock = socket.socket(fileno=args.fd)
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor by exit code
+        log("worker_boot_failed", slot=args.slot, error=str(exc))
+        return EXIT_BOOT
+    worker = Worker(cfg, args.slot)
+    uvloop.run(worker.serve(sock))
+    log("worker_exit", slot=args.slot, pid=os.getpid())
+    return EXIT_OK
