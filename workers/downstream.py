@@ -77,6 +77,7 @@ class Downstream(asyncio.Protocol):
         "send_deadline",
         "client_ip",
         "xff_line",
+        "xff_tail",
         "upgrading",
         "tunnel",
         "broken",
@@ -103,6 +104,7 @@ class Downstream(asyncio.Protocol):
         self.send_deadline = INF
         self.client_ip = b""
         self.xff_line = b""
+        self.xff_tail = b""
         self.upgrading = None  # the exchange that asked for an upgrade
         self.tunnel = None  # the UpstreamConnection once switched to a tunnel
         self.broken = False
@@ -118,6 +120,7 @@ class Downstream(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = ip = (peer[0] if peer else "unknown").encode()
         self.xff_line = b"X-Forwarded-For: " + ip + CRLF
+        self.xff_tail = CRLF + self.xff_line + XFP_HTTP + CRLF
         self.deadline = CLOCK.now + w.t_client_header
         w.conns.add(self)
         w.accepted += 1
@@ -189,7 +192,7 @@ class Downstream(asyncio.Protocol):
             self._reject(431 if self.url else 414)
             return
         ex = self.ex
-        if ex is not None and ex.pending:
+        if ex is not None and ex.pending:  # body bytes collected during this read
             if ex.upstream is not None:
                 self._flush_up(ex)
             elif ex.buffered > flow.WRITE_LIMIT:
@@ -226,11 +229,40 @@ class Downstream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        w = self.worker
         p = self.parser
+        specials = self.specials
+        if len(specials) == 1 and specials[0][0] == H_HOST and p.should_keep_alive():
+            # The common request: HTTP/1.1, keep-alive, one Host, no body, no
+            # header that needs a rule.  Everything else takes the full path.
+            headers = self.headers
+            method = p.get_method()
+            if method == b"CONNECT":
+                raise Reject(405)
+            w = self.worker
+            if len(headers) > w.max_header_fields:
+                raise Reject(431)
+            host = specials[0][1]
+            url = self.url
+            head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
+                             b"\r\nX-Forwarded-Host: ", host, self.xff_tail))
+            if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
+                raise Reject(431)
+            self.headers = []
+            self.specials = []
+            w.requests += 1
+            ex = Exchange(self, method, head)
+            if self.ex is None:
+                self.ex = ex
+                self._dispatch(ex)
+            else:
+                self._enqueue(ex)
+            return
+        self._full_head(p, specials)
+
+    def _full_head(self, p, specials) -> None:
+        w = self.worker
         method = p.get_method()
         headers = self.headers
-        specials = self.specials
         host = cl = te = conn_values = upgrade = expect = xff = None
         hosts = 0
         for tag, value in specials:
@@ -309,17 +341,31 @@ class Downstream(asyncio.Protocol):
         self.specials = []
 
         w.requests += 1
-        ex = Exchange(self, method, head, has_body, chunked, keep_alive, http10, is_upgrade)
-        ex.expect_continue = expect_continue
-        self.reading = ex
-        self.deadline = CLOCK.now + w.t_client_body if has_body else INF
+        ex = Exchange(self, method, head)
+        if has_body or is_upgrade:
+            ex.pending = [head]
+            ex.body_done = False
+            self.reading = ex
+            ex.has_body = has_body
+            ex.chunked = chunked
+            ex.upgrade = is_upgrade
+            ex.expect_continue = expect_continue
+            if has_body:
+                self.deadline = CLOCK.now + w.t_client_body
+        if not keep_alive:
+            ex.keep_alive = False
+        if http10:
+            ex.http10 = True
         if self.ex is None:
             self._start(ex)
         else:
-            if self.queue is None:
-                self.queue = deque()
-            self.queue.append(ex)
-            self.gate.pause(flow.PIPELINE)
+            self._enqueue(ex)
+
+    def _enqueue(self, ex: Exchange) -> None:
+        if self.queue is None:
+            self.queue = deque()
+        self.queue.append(ex)
+        self.gate.pause(flow.PIPELINE)
 
     def on_body(self, data: bytes) -> None:
         ex = self.reading
@@ -336,6 +382,8 @@ class Downstream(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ex = self.reading
+        if ex is None:
+            return  # a request without a body: complete since its head
         if ex.chunked:
             ex.pending.append(LAST_CHUNK)
         ex.body_done = True
@@ -370,17 +418,21 @@ class Downstream(asyncio.Protocol):
         ex.backend = backend
         ex.bound = True
         ex.t0 = monotonic()
-        conn = backend.pool.acquire()
-        if conn is not None:
-            conn.attach(ex)
-            ex.upstream = conn
-            self.up_deadline = CLOCK.now + w.t_upstream_response
-            if not self.feeding:
-                self._flush_up(ex)
-        else:
-            task = ex.connecting = backend.pool.connect()
-            task.add_done_callback(ex.on_connected)
-            self.up_deadline = CLOCK.now + w.t_upstream_connect
+        idle = backend.pool.idle
+        while idle:
+            up = idle.pop()
+            if up.alive:
+                up.ex = ex
+                ex.upstream = up
+                self.up_deadline = CLOCK.now + w.t_upstream_response
+                if ex.pending is None:
+                    up.transport.write(ex.head)
+                elif not self.feeding:
+                    self._flush_up(ex)
+                return
+        task = ex.connecting = backend.pool.connect()
+        task.add_done_callback(ex.on_connected)
+        self.up_deadline = CLOCK.now + w.t_upstream_connect
 
     def upstream_connected(self, ex: Exchange, task) -> None:
         if ex.connecting is not task:
@@ -397,10 +449,13 @@ class Downstream(asyncio.Protocol):
             self.upstream_failed(ex, sent_nothing=True, status=502)
             return
         proto = task.result()[1]
-        proto.attach(ex)
+        proto.ex = ex
         ex.upstream = proto
         self.up_deadline = CLOCK.now + self.worker.t_upstream_response
-        self._flush_up(ex)
+        if ex.pending is None:
+            proto.transport.write(ex.head)
+        else:
+            self._flush_up(ex)
 
     def _flush_up(self, ex: Exchange) -> None:
         pending = ex.pending
@@ -426,9 +481,8 @@ class Downstream(asyncio.Protocol):
         if sent_nothing:
             retry = ex.idempotent or w.retry_connect_non_idempotent
         else:
-            retry = ex.idempotent and not ex.has_body and not ex.upgrade
-            if retry:
-                ex.pending = [ex.head]
+            # Sent, and no answer: only a bodyless idempotent request can be resent.
+            retry = ex.idempotent and ex.pending is None
         if retry and len(tried) <= w.retries and not self.closed:
             backend.retries += 1
             self._dispatch(ex)

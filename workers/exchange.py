@@ -6,11 +6,17 @@ from workers.http import IDEMPOTENT
 
 
 class Exchange:
-    # Class-level defaults: __init__ sets only what differs per request, which
-    # is measurably cheaper than assigning two dozen slots on every request.
+    # Class-level defaults: __init__ sets only what every request has; the
+    # rest is assigned only when it differs (measurably cheaper per request).
+    pending = None  # list of bytes waiting to go upstream (requests with a body)
     buffered = 0  # size of the body bytes in `pending`
-    body_done = False
+    has_body = False
+    chunked = False
+    body_done = True
     body_bytes = 0
+    keep_alive = True  # the client connection may carry another request
+    http10 = False
+    upgrade = False
     expect_continue = False
     backend = None
     bound = False  # counted in backend.inflight
@@ -22,23 +28,20 @@ class Exchange:
     t0 = 0.0
     error = 0  # a queued lb-generated error (status) instead of a forwarded request
 
-    def __init__(self, conn, method, head, has_body, chunked, keep_alive, http10, upgrade) -> None:
+    def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it
         self.method = method
         self.head = head  # the request head as forwarded (kept for retries)
-        self.pending = [head]  # bytes waiting to go upstream
-        self.head_request = method == b"HEAD"
-        self.has_body = has_body
-        self.chunked = chunked
-        self.keep_alive = keep_alive  # the client connection may carry another request
-        self.http10 = http10
-        self.upgrade = upgrade
+
+    @property
+    def head_request(self) -> bool:
+        return self.method == b"HEAD"
 
     @classmethod
     def rejection(cls, conn, status: int) -> "Exchange":
-        ex = cls(conn, b"", b"", False, False, False, False, False)
+        ex = cls(conn, b"", b"")
         ex.error = status
-        ex.body_done = True
+        ex.keep_alive = False
         return ex
 
     @property

@@ -29,15 +29,16 @@ class Pool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.transport.is_closing():
+            if conn.alive:
                 return conn
         return None
 
     def release(self, conn) -> None:
-        if len(self.idle) < self.max_idle and not conn.transport.is_closing():
+        if len(self.idle) < self.max_idle and conn.alive:
             conn.idle_deadline = CLOCK.now + self.idle_timeout
             self.idle.append(conn)
         else:
+            conn.alive = False
             conn.transport.close()
 
     def discard(self, conn) -> None:
@@ -58,6 +59,7 @@ class Pool:
             keep = []
             for conn in idle:
                 if conn.idle_deadline < now:
+                    conn.alive = False
                     conn.transport.close()
                 else:
                     keep.append(conn)

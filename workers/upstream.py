@@ -65,7 +65,7 @@ class UpstreamConnection(asyncio.Protocol):
         "out",
         "idle_deadline",
         "tunnel",
-        "uses",
+        "alive",
         "framed",
         "in_head",
         "raw",
@@ -82,7 +82,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.gate = None
         self.parser = _new_parser(self)
         self.ex = None
-        self.in_head = False
+        self.alive = False
+        self.in_head = True  # between exchanges, always ready for the next head
         self.raw = b""
         self.head_start = 0
         self.mode = MODE_NONE
@@ -92,12 +93,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.out: list = []
         self.idle_deadline = INF
         self.tunnel = None  # the Downstream once a 101 has switched protocols
-        self.uses = 0
         self.framed = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        self.alive = True
         self.transport = transport
         transport.set_write_buffer_limits(flow.WRITE_LIMIT)
         self.gate = flow.ReadGate(transport)
@@ -127,7 +128,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.in_head:
             self.raw += data
-        ex.conn.up_deadline = CLOCK.now + self.worker.t_upstream_response
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -150,8 +150,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._flush()
         if self.done:
             self._finish()
+        else:
+            ex.conn.up_deadline = CLOCK.now + self.worker.t_upstream_response
 
     def connection_lost(self, exc) -> None:
+        self.alive = False
         self.pool.discard(self)
         if self.tunnel is not None:
             self.tunnel.transport.close()
@@ -196,6 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         self.in_head = False
         self.raw = b""
+        self.head_start = 0
         head = raw if (start == 0 and end == len(raw)) else raw[start:end]
         ex.response_started = True
         ex.status = status
@@ -235,7 +239,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         keep = ex.keep_alive and not self.worker.draining and not ex.upgrade
         extra = b""
-        if ex.head_request or status == 204 or status == 304:
+        head_request = ex.method == b"HEAD"
+        if head_request or status == 204 or status == 304:
             mode = MODE_NONE
         elif cl:
             mode = MODE_RAW
@@ -252,7 +257,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif ex.http10:
             extra += CONNECTION_KEEP_ALIVE
         self.out.append(out[:-2] + extra + CRLF if extra else out)
-        if ex.head_request:
+        if head_request:
             self.done = True
             self.keep_alive = self.framed and p.should_keep_alive()
             raise _HeadResponseDone
@@ -275,17 +280,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- exchange lifecycle -------------------------------------------------
 
-    def attach(self, ex) -> None:
-        self.ex = ex
-        self.uses += 1
-        self.done = False
-        self.in_head = True
-        self.raw = b""
-        self.head_start = 0
-        self.informational = False
-        self.mode = MODE_NONE
-        self.idle_deadline = INF
-
     def _flush(self) -> None:
         out = self.out
         if out:
@@ -304,11 +298,17 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish(self) -> None:
         ex = self.ex
         self.ex = None
-        ex.unbind()
-        self.backend.responses[ex.status // 100] += 1
+        self.done = False
+        self.in_head = True
+        backend = self.backend
+        if ex.bound:
+            ex.bound = False
+            backend.inflight -= 1
+        backend.responses[ex.status // 100] += 1
         if self.keep_alive and ex.body_done and not ex.upgrade:
             self.pool.release(self)
         else:
+            self.alive = False
             self.transport.close()
         ex.conn.response_done(ex)
 
