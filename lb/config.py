@@ -213,6 +213,8 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
             name = msg.split("`")[1]
             field = f"{field}.{name}" if field else name
             msg = "required field is missing"
+        elif msg.startswith("Invalid enum value") and field == "strategy":
+            msg += " (expected one of: " + ", ".join(STRATEGIES) + ")"
         elif msg.startswith("Object contains unknown field"):
             name = msg.split("`")[1]
             field = f"{field}.{name}" if field else name

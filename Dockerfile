@@ -1,0 +1,28 @@
+# lb: a self-optimizing HTTP load balancer.
+#   docker build -t lb .
+#   docker run --rm -p 8080:8080 -p 9900:9900 -v $PWD/lb.toml:/etc/lb/lb.toml:ro lb
+# The config must listen on 0.0.0.0 inside the container.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY lb ./lb
+COPY workers ./workers
+COPY inference ./inference
+RUN pip install . && rm -rf /src
+
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin lb \
+    && mkdir -p /etc/lb
+COPY configs/lb.toml /etc/lb/lb.toml
+
+USER lb
+EXPOSE 8080 9900
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9900/api/health', timeout=2).status == 200 else 1)"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["lb", "run", "-c", "/etc/lb/lb.toml"]
