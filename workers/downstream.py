@@ -186,6 +186,9 @@ class Downstream(asyncio.Protocol):
             self.feeding = False
             ctx = exc.__context__
             self._reject(ctx.status if isinstance(ctx, Reject) else 400)
+            ex = self.ex
+            if ex is not None and ex.pending and ex.upstream is not None:
+                self._flush_up(ex)  # what earlier, valid requests read along with it
             return
         self.feeding = False
         if self.in_head and self.head_bytes > self.worker.max_head_bytes:
@@ -239,7 +242,7 @@ class Downstream(asyncio.Protocol):
             if method == b"CONNECT":
                 raise Reject(405)
             w = self.worker
-            if len(headers) > w.max_header_fields:
+            if len(headers) + 4 > w.max_header_fields:  # + the Host field
                 raise Reject(431)
             host = specials[0][1]
             url = self.url
@@ -303,6 +306,8 @@ class Downstream(asyncio.Protocol):
         parts += headers
         if host is not None:
             parts += (b"Host: ", host, CRLF, b"X-Forwarded-Host: ", host, CRLF)
+        else:  # HTTP/1.0 without Host, forwarded as HTTP/1.1, which requires one
+            parts += (b"Host: ", w.listen_host, CRLF)
         if xff is None:
             parts.append(self.xff_line)
         else:

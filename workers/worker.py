@@ -49,6 +49,7 @@ class Worker:
         self.max_head_bytes = lim.max_request_line + lim.max_header_size
         self.retries = cfg.upstream.retries
         self.retry_connect_non_idempotent = cfg.upstream.retry_connect_non_idempotent
+        self.listen_host = cfg.listen.encode()  # Host for HTTP/1.0 requests that have none
         self.conns: set[Downstream] = set()
         self.draining = False
         # counters

@@ -1,0 +1,813 @@
+"""Side-by-side throughput of nginx, HAProxy and lb as reverse proxies.
+
+All three proxies run with ONE worker, in front of the same two backends (one
+nginx instance serving two ports with a small fixed body), driven by wrk.
+On a 2-core machine the proxy under test is pinned to one CPU and wrk plus the
+backend nginx to the other, so each proxy has exactly one core to itself.
+
+Runs are interleaved (every round runs each proxy once, the starting proxy
+rotating from round to round), each measured run is preceded by a short
+warm-up that is not counted.  Per run: req/s, p99 latency (wrk --latency) and
+the CPU time the proxy's worker process spent per request (utime + stime from
+/proc/PID/stat, delta over the run / requests reported by wrk).
+
+Usage:
+    python bench/proxy_bench.py [--rounds 5] [--duration 5] [--connections 50]
+                                [--python /path/to/python] [--json out.json]
+
+Configs are rendered from bench/templates/ (@NAME@ placeholders) into a
+temporary directory.  Needs nginx, haproxy, wrk and taskset on PATH (or in
+/usr/sbin, /usr/bin), and psutil.  Everything listens on 127.0.0.1 on free
+ports; every process started is stopped on exit (also on Ctrl-C), and the
+temporary directory is removed.
+Exit codes: 0 ok, 1 a run failed, 2 missing tool / bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+PROXIES = ("nginx", "haproxy", "lb")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class BenchError(Exception):
+    """A failure worth one clear line (exit code 1)."""
+
+
+class UsageError(Exception):
+    """A missing tool or an unusable option (exit code 2)."""
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name, path=SEARCH_PATH)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all held open until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def render(template_name: str, **values) -> str:
+    with open(os.path.join(TEMPLATE_DIR, template_name), encoding="utf-8") as f:
+        text = f.read()
+    for key, value in values.items():
+        text = text.replace("@" + key + "@", str(value))
+    leftover = re.search(r"@[A-Z_]+@", text)
+    if leftover:
+        raise BenchError(f"template {template_name}: unfilled placeholder {leftover.group(0)}")
+    return text
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    for line in (p.stdout + "\n" + p.stderr).splitlines():
+        if line.strip():
+            return line.strip()
+    return "unknown"
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a whole process (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        data = f.read()
+    rest = data[data.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); utime is field 14, stime field 15.
+    return int(rest[11]), int(rest[12])
+
+
+def cpu_stat() -> dict[int, tuple[int, int, int]]:
+    """Per CPU from /proc/stat: (busy, total, steal) in clock ticks."""
+    out = {}
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            if not line.startswith("cpu") or line.startswith("cpu "):
+                continue
+            name, *vals = line.split()
+            v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+            total = sum(v)
+            out[int(name[3:])] = (total - v[3] - v[4], total, v[7])
+    return out
+
+
+def cpu_busy(before: dict, after: dict, cpu: int) -> tuple[float, float]:
+    """(busy fraction, steal fraction) of one CPU between two cpu_stat() samples."""
+    b0, t0, s0 = before[cpu]
+    b1, t1, s1 = after[cpu]
+    total = max(t1 - t0, 1)
+    return (b1 - b0) / total, (s1 - s0) / total
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pin every thread of pid to one CPU with taskset, then verify."""
+    p = subprocess.run(
+        ["taskset", "-a", "-pc", str(cpu), str(pid)], capture_output=True, text=True, timeout=10
+    )
+    if p.returncode != 0:
+        raise BenchError(f"taskset -a -pc {cpu} {pid} failed: {p.stderr.strip()}")
+    got = os.sched_getaffinity(pid)
+    if got != {cpu}:
+        raise BenchError(f"pid {pid} affinity is {sorted(got)} after pinning to {cpu}")
+
+
+def http_get(port: int, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def fmt_latency(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f}ms"
+    return f"{seconds:.2f}s"
+
+
+# --------------------------------------------------------------------------
+# processes
+# --------------------------------------------------------------------------
+
+
+class Proc:
+    """A started process in its own process group; output goes to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: str, cwd: str | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        try:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._log.close()
+            raise BenchError(f"{name}: cannot start {argv[0]}: {exc}") from None
+        self.pid = self.popen.pid  # also the process group id
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in lines[-n:])
+
+    def _group_exists(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM the process group, SIGKILL whatever is left after `grace` s."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if self.popen.poll() is not None and not self._group_exists():
+                    break
+                time.sleep(0.05)
+            else:
+                continue
+            break
+        try:
+            self.popen.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+def wait_http(proc: Proc, port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise BenchError(
+                f"{what} exited with code {proc.popen.returncode} during startup; "
+                f"log {proc.log_path}:\n{proc.log_tail()}"
+            )
+        try:
+            status, _ = http_get(port, timeout=1.0)
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise BenchError(f"{what} not answering on 127.0.0.1:{port} after {timeout:.0f}s ({last})")
+
+
+def wait_log_line(proc: Proc, needle: str, timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(proc.log_path, "rb") as f:
+                for raw in f:
+                    line = raw.decode("utf-8", "replace")
+                    if needle in line:
+                        return line
+        except OSError:
+            pass
+        if not proc.alive():
+            raise BenchError(
+                f"{what} exited with code {proc.popen.returncode} during startup; "
+                f"log {proc.log_path}:\n{proc.log_tail()}"
+            )
+        time.sleep(0.1)
+    raise BenchError(f"{what}: no {needle!r} in its log after {timeout:.0f}s:\n{proc.log_tail()}")
+
+
+# --------------------------------------------------------------------------
+# the servers
+# --------------------------------------------------------------------------
+
+
+def backend_body(i: int, size: int = 100) -> str:
+    head = f"hello from backend {i} "
+    return head + "x" * (size - len(head) - 1) + "\n"
+
+
+def nginx_temp_paths(prefix: str) -> str:
+    names = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    return "\n".join(
+        f"    {n}_temp_path {os.path.join(prefix, 'tmp', n)};" for n in names
+    )
+
+
+class Backends:
+    """One nginx, one worker, two ports, each returning its own fixed body."""
+
+    def __init__(self, tmp: str, ports: list[int], cpu: int):
+        self.ports = ports
+        self.bodies = [backend_body(i + 1).encode() for i in range(len(ports))]
+        self.prefix = os.path.join(tmp, "backend")
+        os.makedirs(os.path.join(self.prefix, "tmp"), mode=0o755)
+        servers = "\n".join(
+            render("backend_server.conf", PORT=port, BODY=body.decode().rstrip("\n") + "\\n")
+            for port, body in zip(ports, self.bodies)
+        )
+        conf = os.path.join(self.prefix, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(
+                render(
+                    "nginx_backend.conf",
+                    PREFIX=self.prefix,
+                    TEMP_PATHS=nginx_temp_paths(self.prefix),
+                    SERVERS=servers,
+                )
+            )
+        argv = ["taskset", "-c", str(cpu), which("nginx"), "-p", self.prefix + "/", "-c", conf,
+                "-e", os.path.join(self.prefix, "error.log")]
+        self.proc = Proc("backend nginx", argv, os.path.join(self.prefix, "stdout.log"))
+        self.cpu = cpu
+
+    def wait_ready(self) -> None:
+        for port, body in zip(self.ports, self.bodies):
+            wait_http(self.proc, port, 15, "backend nginx")
+            status, got = http_get(port)
+            if status != 200 or got != body:
+                raise BenchError(f"backend 127.0.0.1:{port} answered {status} {got[:60]!r}")
+        import psutil
+
+        procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(True)
+        for p in procs:
+            pin(p.pid, self.cpu)
+        self.pids = [p.pid for p in procs]
+
+
+@dataclass
+class ProxyInfo:
+    name: str
+    port: int
+    proc: Proc
+    measured_pid: int = 0
+    other_pids: list[int] = field(default_factory=list)
+
+
+def start_nginx(tmp: str, port: int, backend_ports: list[int], cpu: int) -> ProxyInfo:
+    prefix = os.path.join(tmp, "nginx")
+    os.makedirs(os.path.join(prefix, "tmp"), mode=0o755)
+    upstream = "\n".join(f"        server 127.0.0.1:{p};" for p in backend_ports)
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(
+            render(
+                "nginx_proxy.conf",
+                PREFIX=prefix,
+                TEMP_PATHS=nginx_temp_paths(prefix),
+                UPSTREAM_SERVERS=upstream,
+                PORT=port,
+            )
+        )
+    argv = ["taskset", "-c", str(cpu), which("nginx"), "-p", prefix + "/", "-c", conf,
+            "-e", os.path.join(prefix, "error.log")]
+    return ProxyInfo("nginx", port, Proc("nginx", argv, os.path.join(prefix, "stdout.log")))
+
+
+def start_haproxy(tmp: str, port: int, backend_ports: list[int], cpu: int) -> ProxyInfo:
+    prefix = os.path.join(tmp, "haproxy")
+    os.makedirs(prefix)
+    servers = "\n".join(
+        f"    server s{i + 1} 127.0.0.1:{p}" for i, p in enumerate(backend_ports)
+    )
+    conf = os.path.join(prefix, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write(render("haproxy.cfg", PORT=port, SERVERS=servers))
+    check = subprocess.run([which("haproxy"), "-c", "-f", conf], capture_output=True, text=True,
+                           timeout=20)
+    if check.returncode != 0:
+        raise BenchError(f"haproxy -c rejected {conf}:\n{check.stdout}{check.stderr}")
+    argv = ["taskset", "-c", str(cpu), which("haproxy"), "-db", "-f", conf]
+    return ProxyInfo("haproxy", port, Proc("haproxy", argv, os.path.join(prefix, "haproxy.log")))
+
+
+def start_lb(tmp: str, port: int, admin_port: int, backend_ports: list[int], cpu: int,
+             python: str) -> ProxyInfo:
+    prefix = os.path.join(tmp, "lb")
+    os.makedirs(prefix)
+    backends = "\n".join(
+        f'[[backends]]\naddress = "127.0.0.1:{p}"\n' for p in backend_ports
+    )
+    conf = os.path.join(prefix, "lb.toml")
+    with open(conf, "w") as f:
+        f.write(render("lb.toml", PORT=port, ADMIN_PORT=admin_port, BACKENDS=backends))
+    argv = ["taskset", "-c", str(cpu), python, "-m", "lb", "run", "-c", conf, "-w", "1"]
+    return ProxyInfo("lb", port, Proc("lb", argv, os.path.join(prefix, "lb.log"), cwd=REPO_ROOT))
+
+
+def resolve_workers(info: ProxyInfo, cpu: int) -> None:
+    """Find the process that does the proxying, pin it, and remember the rest."""
+    import psutil
+
+    root = psutil.Process(info.proc.pid)
+    if info.name == "nginx":
+        deadline = time.monotonic() + 10
+        workers = []
+        while time.monotonic() < deadline:
+            workers = [c for c in root.children() if "worker process" in " ".join(c.cmdline())]
+            if workers:
+                break
+            time.sleep(0.1)
+        if len(workers) != 1:
+            raise BenchError(f"nginx: expected 1 worker process, found {len(workers)}")
+        info.measured_pid = workers[0].pid
+    elif info.name == "haproxy":
+        info.measured_pid = root.pid  # -db without -W: one process, the one that proxies
+    else:
+        line = wait_log_line(info.proc, '"event":"worker_ready"', 60, "lb")
+        workers = [
+            c for c in root.children(recursive=True)
+            if "workers" in c.cmdline() and "--slot" in c.cmdline()
+        ]
+        if len(workers) != 1:
+            raise BenchError(f"lb: expected 1 worker child of pid {root.pid}, found {len(workers)}")
+        info.measured_pid = workers[0].pid
+        m = re.search(r'"pid":(\d+)', line)
+        if m and int(m.group(1)) != info.measured_pid:
+            raise BenchError(
+                f"lb: worker_ready came from pid {m.group(1)}, worker child is {info.measured_pid}"
+            )
+    info.other_pids = [p.pid for p in [root] + root.children(recursive=True)
+                       if p.pid != info.measured_pid]
+    for pid in [info.measured_pid] + info.other_pids:
+        pin(pid, cpu)
+
+
+def sanity_check(info: ProxyInfo, bodies: list[bytes]) -> str:
+    seen = set()
+    for _ in range(4):
+        status, body = http_get(info.port)
+        if status != 200 or body not in bodies:
+            raise BenchError(f"{info.name}: GET / answered {status} {body[:60]!r}")
+        seen.add(bodies.index(body))
+    return f"{len(seen)}/{len(bodies)} backends seen in 4 requests"
+
+
+# --------------------------------------------------------------------------
+# wrk
+# --------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_LAT_RE = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
+
+
+def parse_wrk(out: str) -> dict:
+    m_req = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", out)
+    m_rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m_req or not m_rps:
+        raise BenchError(f"cannot parse wrk output:\n{out}")
+    lat = {f"p{p}": float(v) * _UNITS[u] for p, v, u in _LAT_RE.findall(out)}
+    if "p99" not in lat:
+        raise BenchError(f"no 99% latency in wrk output:\n{out}")
+    errors = 0
+    m_sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m_sock:
+        errors += sum(int(x) for x in m_sock.groups())
+    m_non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    non2xx = int(m_non2xx.group(1)) if m_non2xx else 0
+    return {
+        "requests": int(m_req.group(1)),
+        "wrk_seconds": float(m_req.group(2)) * _UNITS[m_req.group(3)],
+        "rps": float(m_rps.group(1)),
+        "p50_s": lat.get("p50"),
+        "p90_s": lat.get("p90"),
+        "p99_s": lat["p99"],
+        "socket_errors": errors,
+        "non_2xx": non2xx,
+    }
+
+
+def run_wrk(port: int, duration: int, connections: int, threads: int, cpu: int) -> tuple[dict, str]:
+    argv = ["taskset", "-c", str(cpu), which("wrk"), "-t", str(threads), "-c", str(connections),
+            "-d", f"{duration}s", "--timeout", "5s", "--latency", f"http://127.0.0.1:{port}/"]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {duration + 30}s") from None
+    if p.returncode != 0:
+        raise BenchError(f"wrk exited with {p.returncode}:\n{p.stdout}{p.stderr}")
+    return parse_wrk(p.stdout), p.stdout
+
+
+@dataclass
+class Run:
+    proxy: str
+    round: int
+    order: int
+    rps: float
+    requests: int
+    wrk_seconds: float
+    p50_s: float | None
+    p90_s: float | None
+    p99_s: float
+    socket_errors: int
+    non_2xx: int
+    wall_s: float
+    cpu_user_s: float
+    cpu_sys_s: float
+    cpu_us_per_req: float
+    user_us_per_req: float
+    sys_us_per_req: float
+    cpu_util: float  # proxy worker CPU seconds / wall seconds
+    other_cpu_s: float  # the proxy's other processes (masters, supervisor)
+    wrk_cpu_s: float
+    backend_cpu_s: float
+    load_util: float  # (wrk + backend nginx CPU seconds) / wall seconds, on the load CPU
+    proxy_cpu_busy: float  # whole-CPU busy fraction of the proxy's CPU (anyone's work)
+    load_cpu_busy: float
+    steal: float  # hypervisor steal, both CPUs averaged
+
+
+def measure(info: ProxyInfo, rnd: int, order: int, args, backend_pids: list[int]) -> Run:
+    for pid in [info.measured_pid] + info.other_pids:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise BenchError(f"{info.name}: process {pid} is gone; log:\n{info.proc.log_tail()}")
+    others0 = sum(sum(cpu_ticks(p)) for p in info.other_pids)
+    back0 = sum(sum(cpu_ticks(p)) for p in backend_pids)
+    ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    u0, s0 = cpu_ticks(info.measured_pid)
+    st0 = cpu_stat()
+    t0 = time.monotonic()
+    res, _ = run_wrk(info.port, args.duration, args.connections, args.threads, args.load_cpu)
+    wall = time.monotonic() - t0
+    st1 = cpu_stat()
+    u1, s1 = cpu_ticks(info.measured_pid)
+    ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    back1 = sum(sum(cpu_ticks(p)) for p in backend_pids)
+    wrk_s = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
+    backend_s = (back1 - back0) / CLK_TCK
+    others1 = sum(sum(cpu_ticks(p)) for p in info.other_pids)
+    user_s = (u1 - u0) / CLK_TCK
+    sys_s = (s1 - s0) / CLK_TCK
+    n = max(res["requests"], 1)
+    pbusy, psteal = cpu_busy(st0, st1, args.proxy_cpu)
+    lbusy, lsteal = cpu_busy(st0, st1, args.load_cpu)
+    return Run(
+        proxy=info.name, round=rnd, order=order, wall_s=wall,
+        cpu_user_s=user_s, cpu_sys_s=sys_s,
+        cpu_us_per_req=(user_s + sys_s) * 1e6 / n,
+        user_us_per_req=user_s * 1e6 / n,
+        sys_us_per_req=sys_s * 1e6 / n,
+        cpu_util=(user_s + sys_s) / wall,
+        other_cpu_s=(others1 - others0) / CLK_TCK,
+        wrk_cpu_s=wrk_s,
+        backend_cpu_s=backend_s,
+        load_util=(wrk_s + backend_s) / wall,
+        proxy_cpu_busy=pbusy,
+        load_cpu_busy=lbusy,
+        steal=(psteal + lsteal) / 2,
+        **res,
+    )
+
+
+# --------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------
+
+
+def summarize(runs: list[Run], proxies: list[str]) -> dict:
+    out = {}
+    for name in proxies:
+        rs = [r for r in runs if r.proxy == name]
+        if not rs:
+            continue
+        med = statistics.median
+        out[name] = {
+            "runs": len(rs),
+            "best_rps": max(r.rps for r in rs),
+            "median_rps": med(r.rps for r in rs),
+            "median_p99_s": med(r.p99_s for r in rs),
+            "median_cpu_us_per_req": med(r.cpu_us_per_req for r in rs),
+            "median_user_us_per_req": med(r.user_us_per_req for r in rs),
+            "median_sys_us_per_req": med(r.sys_us_per_req for r in rs),
+            "median_cpu_util": med(r.cpu_util for r in rs),
+            "median_load_util": med(r.load_util for r in rs),
+            "errors": sum(r.socket_errors + r.non_2xx for r in rs),
+        }
+    if "lb" in out:
+        lb = out["lb"]
+        for ref in ("nginx", "haproxy"):
+            if ref in out:
+                o = out[ref]
+                lb[f"vs_{ref}"] = {
+                    "best_rps_ratio": lb["best_rps"] / o["best_rps"],
+                    "median_rps_ratio": lb["median_rps"] / o["median_rps"],
+                    "cpu_per_req_ratio": lb["median_cpu_us_per_req"] / o["median_cpu_us_per_req"],
+                }
+    return out
+
+
+def print_table(summary: dict) -> None:
+    head = (f"{'proxy':<8} {'runs':>4} {'best req/s':>11} {'median req/s':>13} {'median p99':>11} "
+            f"{'CPU us/req':>10} {'user':>6} {'sys':>6} {'CPU util':>8} {'load util':>9} {'errors':>6}")
+    print(head)
+    print("-" * len(head))
+    for name, s in summary.items():
+        print(f"{name:<8} {s['runs']:>4} {s['best_rps']:>11,.0f} {s['median_rps']:>13,.0f} "
+              f"{fmt_latency(s['median_p99_s']):>11} {s['median_cpu_us_per_req']:>10.2f} "
+              f"{s['median_user_us_per_req']:>6.2f} {s['median_sys_us_per_req']:>6.2f} "
+              f"{s['median_cpu_util'] * 100:>7.0f}% {s['median_load_util'] * 100:>8.0f}% "
+              f"{s['errors']:>6}")
+    lb = summary.get("lb", {})
+    for ref in ("nginx", "haproxy"):
+        r = lb.get(f"vs_{ref}")
+        if r:
+            print(f"lb / {ref:<8} req/s best {r['best_rps_ratio']:.2f}x, "
+                  f"median {r['median_rps_ratio']:.2f}x; "
+                  f"CPU per request {r['cpu_per_req_ratio']:.2f}x")
+    print("(medians over runs.  CPU us/req, user, sys: the proxy's worker process only, "
+          "utime+stime per request.\n CPU util: that worker's CPU time / wall time.  load util: "
+          "wrk + backend nginx CPU time / wall time.\n A run where the CPU is 'busy' well above "
+          "the util shown for it was shared with foreign work: trust best-of more than median.)")
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+
+def check_tools(args) -> dict:
+    missing = [t for t in ("nginx", "haproxy", "wrk", "taskset") if not which(t)]
+    if missing:
+        raise UsageError(
+            "missing tool(s): " + ", ".join(missing)
+            + " (Debian: apt-get install nginx haproxy wrk util-linux)"
+        )
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise UsageError("psutil is not importable by this interpreter (pip install psutil)") from None
+    if not hasattr(os, "sched_getaffinity"):
+        raise UsageError("CPU pinning needs Linux (os.sched_getaffinity)")
+    avail = os.sched_getaffinity(0)
+    for opt, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
+        if cpu not in avail:
+            raise UsageError(f"{opt} {cpu}: CPU not available (allowed: {sorted(avail)})")
+    if args.proxy_cpu == args.load_cpu:
+        raise UsageError("--proxy-cpu and --load-cpu must differ")
+    py = args.python or sys.executable
+    if "lb" in args.proxies:
+        if not os.access(py, os.X_OK):
+            raise UsageError(f"--python {py}: not an executable")
+        p = subprocess.run(
+            [py, "-c", "import sys, lb, workers, uvloop, httptools; "
+                       "print(sys.executable); print(sys.version.replace(chr(10), ' ')); "
+                       "print(lb.__file__)"],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        )
+        if p.returncode != 0:
+            raise UsageError(f"--python {py} cannot import lb and its dependencies:\n{p.stderr.strip()}")
+        exe, version, lb_file = p.stdout.strip().splitlines()[:3]
+    else:
+        exe = version = lb_file = ""
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": sorted(avail),
+        "kernel": platform.release(),
+        "nginx": tool_version([which("nginx"), "-v"]),
+        "haproxy": tool_version([which("haproxy"), "-v"]),
+        "wrk": tool_version([which("wrk"), "-v"]),
+        "lb_python": py,
+        "lb_python_executable": exe,
+        "lb_python_version": version,
+        "lb_package": lb_file,
+        "bench_python": sys.version.replace("\n", " "),
+    }
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="seconds of uncounted warm-up before each run (default 1, 0: none)")
+    ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    ap.add_argument("--python", help="interpreter that runs lb (default: this one)")
+    ap.add_argument("--proxies", default=",".join(PROXIES),
+                    help="comma-separated subset of nginx,haproxy,lb (default: all)")
+    ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (default 0)")
+    ap.add_argument("--load-cpu", type=int, default=1,
+                    help="CPU for wrk and the backends (default 1)")
+    ap.add_argument("--json", metavar="PATH", help="write raw results and summary as JSON")
+    ap.add_argument("--keep-temp", action="store_true",
+                    help="keep the temporary directory (configs, logs) for inspection")
+    args = ap.parse_args(argv)
+    args.proxies = [p.strip() for p in args.proxies.split(",") if p.strip()]
+    bad = [p for p in args.proxies if p not in PROXIES]
+    if bad or not args.proxies:
+        ap.error(f"--proxies: unknown {bad} (choose from {', '.join(PROXIES)})")
+    if args.rounds < 1 or args.duration < 1 or args.warmup < 0 or args.connections < 1 \
+            or args.threads < 1:
+        ap.error("--rounds, --duration, --connections, --threads must be >= 1, --warmup >= 0")
+    if args.threads > args.connections:
+        ap.error("--threads must not exceed --connections")
+    return args
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def bench(args) -> int:
+    meta = check_tools(args)
+    print(f"machine: nproc {meta['nproc']}, usable CPUs {meta['affinity']}, kernel {meta['kernel']}")
+    print(f"nginx:   {meta['nginx']}")
+    print(f"haproxy: {meta['haproxy']}")
+    print(f"wrk:     {meta['wrk']}")
+    if "lb" in args.proxies:
+        print(f"lb python: {meta['lb_python_executable']} (--python {meta['lb_python']})")
+        print(f"           {meta['lb_python_version']}")
+        print(f"           lb from {meta['lb_package']}")
+    print(f"plan: {args.rounds} rounds x {len(args.proxies)} proxies, {args.duration}s runs "
+          f"(+{args.warmup}s warm-up), wrk -t{args.threads} -c{args.connections}; "
+          f"proxy on CPU {args.proxy_cpu}, wrk + backends on CPU {args.load_cpu}")
+    sys.stdout.flush()
+
+    tmp = tempfile.mkdtemp(prefix="proxy-bench-")
+    os.chmod(tmp, 0o755)  # nginx workers drop to an unprivileged user when run as root
+    procs: list[Proc] = []
+    runs: list[Run] = []
+    try:
+        bport1, bport2, nport, hport, lport, aport = free_ports(6)
+        backends = Backends(tmp, [bport1, bport2], args.load_cpu)
+        procs.append(backends.proc)
+        infos: dict[str, ProxyInfo] = {}
+        py = args.python or sys.executable
+        for name in args.proxies:
+            if name == "nginx":
+                infos[name] = start_nginx(tmp, nport, backends.ports, args.proxy_cpu)
+            elif name == "haproxy":
+                infos[name] = start_haproxy(tmp, hport, backends.ports, args.proxy_cpu)
+            else:
+                infos[name] = start_lb(tmp, lport, aport, backends.ports, args.proxy_cpu, py)
+            procs.append(infos[name].proc)
+        backends.wait_ready()
+        for name, info in infos.items():
+            if name == "lb":
+                wait_log_line(info.proc, '"event":"worker_ready"', 60, "lb")
+            wait_http(info.proc, info.port, 30, name)
+            resolve_workers(info, args.proxy_cpu)
+            note = sanity_check(info, backends.bodies)
+            print(f"{name:<8} 127.0.0.1:{info.port}  worker pid {info.measured_pid} "
+                  f"(pinned to CPU {args.proxy_cpu}; other pids {info.other_pids}); {note}")
+        print(f"backends 127.0.0.1:{bport1}, 127.0.0.1:{bport2} (one nginx, pid {backends.proc.pid})")
+        print()
+        sys.stdout.flush()
+
+        order = list(args.proxies)
+        for rnd in range(1, args.rounds + 1):
+            k = (rnd - 1) % len(order)
+            this_round = order[k:] + order[:k]
+            for pos, name in enumerate(this_round):
+                info = infos[name]
+                if args.warmup:
+                    run_wrk(info.port, args.warmup, args.connections, args.threads, args.load_cpu)
+                r = measure(info, rnd, pos, args, backends.pids)
+                runs.append(r)
+                warn = ""
+                if r.socket_errors or r.non_2xx:
+                    warn = f"  !! {r.socket_errors} socket errors, {r.non_2xx} non-2xx"
+                print(f"round {rnd}/{args.rounds} {name:<8} {r.rps:>10,.0f} req/s  "
+                      f"p99 {fmt_latency(r.p99_s):>8}  CPU {r.cpu_us_per_req:6.2f} us/req "
+                      f"(user {r.user_us_per_req:5.2f}, sys {r.sys_us_per_req:5.2f})  "
+                      f"util {r.cpu_util * 100:3.0f}% of CPU{args.proxy_cpu} "
+                      f"(busy {r.proxy_cpu_busy * 100:3.0f}%)  load {r.load_util * 100:3.0f}% "
+                      f"of CPU{args.load_cpu} (busy {r.load_cpu_busy * 100:3.0f}%){warn}")
+                sys.stdout.flush()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if args.keep_temp:
+            print(f"temporary files kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = summarize(runs, args.proxies)
+    print()
+    print_table(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()},
+                       "runs": [asdict(r) for r in runs], "summary": summary}, f, indent=2)
+        print(f"raw results written to {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    try:
+        return bench(args)
+    except UsageError as exc:
+        print(f"proxy_bench: {exc}", file=sys.stderr)
+        return 2
+    except BenchError as exc:
+        print(f"proxy_bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("proxy_bench: interrupted, processes stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
