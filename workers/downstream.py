@@ -69,11 +69,9 @@ class Downstream(asyncio.Protocol):
         "headers",
         "specials",
         "url",
-        "in_head",
         "head_bytes",
         "feeding",
         "deadline",
-        "up_deadline",
         "send_deadline",
         "client_ip",
         "xff_line",
@@ -96,11 +94,9 @@ class Downstream(asyncio.Protocol):
         self.headers: list = []
         self.specials: list = []
         self.url = b""
-        self.in_head = False
         self.head_bytes = 0
         self.feeding = False
         self.deadline = INF
-        self.up_deadline = INF
         self.send_deadline = INF
         self.client_ip = b""
         self.xff_line = b""
@@ -167,7 +163,7 @@ class Downstream(asyncio.Protocol):
             return
         if self.broken:
             return
-        if self.in_head:
+        if self.url:  # a request head is in progress since an earlier read
             self.head_bytes += len(data)
         self.feeding = True
         try:
@@ -191,15 +187,26 @@ class Downstream(asyncio.Protocol):
                 self._flush_up(ex)  # what earlier, valid requests read along with it
             return
         self.feeding = False
-        if self.in_head and self.head_bytes > self.worker.max_head_bytes:
-            self._reject(431 if self.url else 414)
-            return
+        if self.url:
+            self._partial_head()
+            if self.broken:
+                return
         ex = self.ex
         if ex is not None and ex.pending:  # body bytes collected during this read
             if ex.upstream is not None:
                 self._flush_up(ex)
             elif ex.buffered > flow.WRITE_LIMIT:
                 self.gate.pause(flow.BODY_BUFFER)
+
+    def _partial_head(self) -> None:
+        """This read ended inside a request head: start its timer, bound its size."""
+        w = self.worker
+        if not self.head_bytes:
+            # First sight of this head: `head_bytes` > 0 from now on marks it started.
+            self.head_bytes = 1
+            self.deadline = CLOCK.now + w.t_client_header
+        if self.head_bytes > w.max_head_bytes or len(self.url) > w.max_request_line:
+            self._reject(414 if len(self.url) > w.max_request_line else 431)
 
     def _hold_for_upstream(self, ex, data: bytes) -> None:
         ex.pending.append(data)
@@ -212,16 +219,8 @@ class Downstream(asyncio.Protocol):
     # -- parser callbacks ---------------------------------------------------
 
     def on_url(self, url: bytes) -> None:
-        # The first callback of every request (no on_message_begin: one call less).
-        if not self.in_head:
-            self.in_head = True
-            self.head_bytes = 0
-            self.deadline = CLOCK.now + self.worker.t_client_header
-        else:
-            url = self.url + url
-        self.url = url
-        if len(url) > self.worker.max_request_line:
-            raise Reject(414)
+        # Also the mark of a head in progress: `url` is emptied once the head is complete.
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         tag = REQUEST_SPECIAL.get(name.lower())
@@ -231,7 +230,6 @@ class Downstream(asyncio.Protocol):
             self.specials.append((tag, value))
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
         p = self.parser
         specials = self.specials
         if len(specials) == 1 and specials[0][0] == H_HOST and p.should_keep_alive():
@@ -246,12 +244,17 @@ class Downstream(asyncio.Protocol):
                 raise Reject(431)
             host = specials[0][1]
             url = self.url
+            if len(url) > w.max_request_line:
+                raise Reject(414)
             head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
                              b"\r\nX-Forwarded-Host: ", host, self.xff_tail))
             if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
                 raise Reject(431)
             self.headers = []
             self.specials = []
+            self.url = b""
+            if self.head_bytes:
+                self.head_bytes = 0
             w.requests += 1
             ex = Exchange(self, method, head)
             if self.ex is None:
@@ -301,6 +304,8 @@ class Downstream(asyncio.Protocol):
             raise Reject(405)
         if len(headers) + 4 * len(specials) > w.max_header_fields:
             raise Reject(431)
+        if len(self.url) > w.max_request_line:
+            raise Reject(414)
 
         parts = [method, b" ", self.url, REQUEST_TAIL_11]
         parts += headers
@@ -344,6 +349,8 @@ class Downstream(asyncio.Protocol):
             raise Reject(431)
         self.headers = []
         self.specials = []
+        self.url = b""
+        self.head_bytes = 0
 
         w.requests += 1
         ex = Exchange(self, method, head)
@@ -392,6 +399,7 @@ class Downstream(asyncio.Protocol):
         if ex.chunked:
             ex.pending.append(LAST_CHUNK)
         ex.body_done = True
+        ex.last_io = CLOCK.now  # the upstream response timer starts with the request sent
         if ex.upgrade:
             return  # `reading` stays set: data_received takes it as the upgrading exchange
         self.reading = None
@@ -429,7 +437,6 @@ class Downstream(asyncio.Protocol):
             if up.alive:
                 up.ex = ex
                 ex.upstream = up
-                self.up_deadline = CLOCK.now + w.t_upstream_response
                 if ex.pending is None:
                     up.transport.write(ex.head)
                 elif not self.feeding:
@@ -437,7 +444,6 @@ class Downstream(asyncio.Protocol):
                 return
         task = ex.connecting = backend.pool.connect()
         task.add_done_callback(ex.on_connected)
-        self.up_deadline = CLOCK.now + w.t_upstream_connect
 
     def upstream_connected(self, ex: Exchange, task) -> None:
         if ex.connecting is not task:
@@ -456,7 +462,7 @@ class Downstream(asyncio.Protocol):
         proto = task.result()[1]
         proto.ex = ex
         ex.upstream = proto
-        self.up_deadline = CLOCK.now + self.worker.t_upstream_response
+        ex.last_io = CLOCK.now
         if ex.pending is None:
             proto.transport.write(ex.head)
         else:
@@ -517,7 +523,6 @@ class Downstream(asyncio.Protocol):
         if self.ex is not ex:
             return
         self.ex = None
-        self.up_deadline = INF
         w = self.worker
         w.responses += 1
         if not ex.keep_alive or w.draining:
@@ -529,14 +534,14 @@ class Downstream(asyncio.Protocol):
             if not q:
                 self.gate.resume(flow.PIPELINE)
             self._start(nxt)
-        elif self.reading is None and not self.in_head:
+        elif self.reading is None and not self.url:
             self.deadline = CLOCK.now + w.t_keepalive
 
     def start_tunnel(self, up, ex: Exchange) -> None:
         self.tunnel = up
         self.ex = None
         self.upgrading = None
-        self.deadline = self.up_deadline = INF
+        self.deadline = INF
         self.gate.resume(flow.BODY_BUFFER | flow.PIPELINE | flow.UPGRADE)
 
     # -- failure paths --------------------------------------------------------
@@ -555,7 +560,7 @@ class Downstream(asyncio.Protocol):
     def _reject(self, status: int) -> None:
         """A request broke the rules: answer `status` in order, then close."""
         self.broken = True
-        self.in_head = False
+        self.url = b""
         self.worker.rejected += 1
         self.gate.pause(flow.PIPELINE)
         reading = self.reading
@@ -585,7 +590,7 @@ class Downstream(asyncio.Protocol):
     def on_deadline(self, now: float) -> None:
         if self.deadline < now:
             self.deadline = INF
-            if self.in_head or self.reading is not None:
+            if self.url or self.reading is not None:
                 self.worker.timeouts += 1
                 self._reject(408)  # slow client: head or body did not arrive in time
             elif self.ex is None and self.tunnel is None:
@@ -593,15 +598,9 @@ class Downstream(asyncio.Protocol):
         if self.send_deadline < now:
             self.worker.timeouts += 1
             self.transport.abort()  # the client stopped reading
-            return
-        if self.up_deadline < now:
-            self.up_deadline = INF
-            self._upstream_timeout()
 
-    def _upstream_timeout(self) -> None:
-        ex = self.ex
-        if ex is None:
-            return
+    def upstream_timeout(self, ex: Exchange) -> None:
+        """Called by the sweep: `ex` waited too long to connect or for response bytes."""
         backend = ex.backend
         backend.timeouts += 1
         self.worker.timeouts += 1
@@ -624,7 +623,7 @@ class Downstream(asyncio.Protocol):
             self.upstream_error(ex, 504)
 
     def close_if_idle(self) -> None:
-        if self.ex is None and self.reading is None and not self.in_head and self.tunnel is None:
+        if self.ex is None and self.reading is None and not self.url and self.tunnel is None:
             self.transport.close()
 
 

@@ -25,7 +25,8 @@ class Exchange:
     tried = None  # backends already attempted (retries)
     response_started = False
     status = 0
-    t0 = 0.0
+    t0 = 0.0  # monotonic time of dispatch (latency, connect timeout)
+    last_io = 0.0  # request fully sent / last response bytes (response timeout); 0: use t0
     error = 0  # a queued lb-generated error (status) instead of a forwarded request
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:

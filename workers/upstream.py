@@ -146,12 +146,21 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = _new_parser(self)
             if not data.endswith(b"\r\n\r\n"):
                 self.keep_alive = False
-        if self.out:
-            self._flush()
+        out = self.out
+        if out:
+            # One write per read: small pieces joined (one plain write), many pieces
+            # (re-chunked bodies) in one writev.
+            if len(out) == 1:
+                ex.conn.transport.write(out[0])
+            elif len(out) < 8:
+                ex.conn.transport.write(b"".join(out))
+            else:
+                ex.conn.transport.writelines(out)
+            out.clear()
         if self.done:
             self._finish()
         else:
-            ex.conn.up_deadline = CLOCK.now + self.worker.t_upstream_response
+            ex.last_io = CLOCK.now
 
     def connection_lost(self, exc) -> None:
         self.alive = False
@@ -215,14 +224,14 @@ class UpstreamConnection(asyncio.Protocol):
             for name, value in fields:
                 if name == b"content-length":
                     cl = True
-                elif name == b"transfer-encoding":
-                    chunked = hop = True
                 elif name == b"connection":
                     hop = True
                     if value != b"keep-alive" and value != b"close":
                         conn_values = [value] if conn_values is None else conn_values + [value]
                 else:
                     hop = True
+                    if name == b"transfer-encoding":
+                        chunked = True
             if conn_values is not None:
                 out = drop_connection_named(out, conn_values)
             if hop:

@@ -125,9 +125,19 @@ class Worker:
     def _sweep(self) -> None:
         now = CLOCK.tick()
         DATE.tick()
+        t_connect = self.t_upstream_connect
+        t_response = self.t_upstream_response
         for c in list(self.conns):
-            if c.deadline < now or c.up_deadline < now or c.send_deadline < now:
+            if c.deadline < now or c.send_deadline < now:
                 c.on_deadline(now)
+            ex = c.ex
+            if ex is not None and ex.bound:
+                # Upstream timers derive from the exchange's own timestamps.
+                if ex.connecting is not None:
+                    if now - ex.t0 > t_connect:
+                        c.upstream_timeout(ex)
+                elif ex.body_done and now - (ex.last_io or ex.t0) > t_response:
+                    c.upstream_timeout(ex)
         for b in self.backends:
             b.pool.expire(now)
         if self.draining:
