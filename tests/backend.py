@@ -17,6 +17,7 @@ Routes (query string ignored unless noted):
   /hang            reads the request, never answers
   /ws              101 Switching Protocols, then echoes raw bytes
   /drain           reads the body, answers with its size and SHA-256 prefix
+  /sized/N         N bytes ("s"), Content-Length; a HEAD gets the same head, no body
   anything else    200, "backend NAME\n"
 Run: python -m tests.backend --port P --name NAME [--keepalive-timeout S]
 """
@@ -163,6 +164,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sta
                     200, b"hop\n", [(b"Connection", b"X-Secret, keep-alive"), (b"X-Secret", b"1"),
                                     (b"Keep-Alive", b"timeout=5"), (b"Proxy-Connection", b"keep-alive"),
                                     (b"X-Kept", b"yes")]))
+            elif head == "sized":
+                resp, body = response(200, b"s" * arg, [(b"Content-Type", b"text/plain")])
+                if event.method == b"HEAD":
+                    writer.write(conn.send(resp))
+                    writer.write(conn.send(h11.EndOfMessage()))
+                    await writer.drain()
+                else:
+                    await finish(reader, writer, conn, resp, body)
             else:
                 body = f"backend {state.name}\n".encode()
                 await finish(reader, writer, conn, *response(200, body, [(b"X-Backend", state.name.encode())]))
