@@ -87,15 +87,23 @@ class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     pass
 
 
+def _checked(field: str, fn, *args, **kw):
+    """Run a parser; its ValueError is re-raised as 'field: message'."""
+    try:
+        return fn(*args, **kw)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
+
+
 class Backend(Base):
     address: str
     weight: int = 1
     name: str = ""
 
     def __post_init__(self):
-        parse_address(self.address, allow_hostname=True)
+        _checked("address", parse_address, self.address, allow_hostname=True)
         if not 0 <= self.weight <= 1000:
-            raise ValueError("weight must be between 0 and 1000")
+            raise ValueError("weight: must be between 0 and 1000")
         if not self.name:
             self.name = self.address
 
@@ -104,7 +112,7 @@ class Admin(Base):
     listen: str = "127.0.0.1:9900"
 
     def __post_init__(self):
-        parse_address(self.listen, allow_hostname=False)
+        _checked("listen", parse_address, self.listen, allow_hostname=False)
 
 
 class Timeouts(Base):
@@ -122,7 +130,7 @@ class Timeouts(Base):
     def __post_init__(self):
         for field in self.__struct_fields__:
             if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be > 0")
+                raise ValueError(f"{field}: must be > 0")
 
 
 class Limits(Base):
@@ -132,15 +140,15 @@ class Limits(Base):
     max_body_size: Size = "4GiB"  # -> 413; 0 means unlimited
 
     def __post_init__(self):
-        self.max_request_line = parse_size(self.max_request_line)
-        self.max_header_size = parse_size(self.max_header_size)
-        self.max_body_size = parse_size(self.max_body_size)
+        self.max_request_line = _checked("max_request_line", parse_size, self.max_request_line)
+        self.max_header_size = _checked("max_header_size", parse_size, self.max_header_size)
+        self.max_body_size = _checked("max_body_size", parse_size, self.max_body_size)
         if self.max_request_line < 64:
-            raise ValueError("max_request_line must be at least 64 bytes")
+            raise ValueError("max_request_line: must be at least 64 bytes")
         if self.max_header_size < 256:
-            raise ValueError("max_header_size must be at least 256 bytes")
+            raise ValueError("max_header_size: must be at least 256 bytes")
         if not 1 <= self.max_headers <= 10000:
-            raise ValueError("max_headers must be between 1 and 10000")
+            raise ValueError("max_headers: must be between 1 and 10000")
 
 
 class Upstream(Base):
@@ -150,9 +158,9 @@ class Upstream(Base):
 
     def __post_init__(self):
         if not 0 <= self.keepalive <= 10000:
-            raise ValueError("keepalive must be between 0 and 10000")
+            raise ValueError("keepalive: must be between 0 and 10000")
         if not 0 <= self.retries <= 5:
-            raise ValueError("retries must be between 0 and 5")
+            raise ValueError("retries: must be between 0 and 5")
 
 
 class Balancer(Base):
@@ -161,7 +169,7 @@ class Balancer(Base):
 
     def __post_init__(self):
         if self.ewma_decay <= 0:
-            raise ValueError("ewma_decay must be > 0")
+            raise ValueError("ewma_decay: must be > 0")
 
 
 class Config(Base):
@@ -177,18 +185,21 @@ class Config(Base):
     balancer: Balancer = msgspec.field(default_factory=Balancer)
 
     def __post_init__(self):
-        parse_address(self.listen, allow_hostname=False)
+        _checked("listen", parse_address, self.listen, allow_hostname=False)
         if not 1 <= self.workers <= 256:
-            raise ValueError("workers must be between 1 and 256")
+            raise ValueError("workers: must be between 1 and 256")
+        if not 1 <= self.backlog <= 65535:
+            raise ValueError("backlog: must be between 1 and 65535")
         if not self.backends:
-            raise ValueError("at least one [[backends]] entry is required")
+            raise ValueError("backends: at least one [[backends]] entry is required")
         seen: set[str] = set()
         for b in self.backends:
             if b.name in seen:
-                raise ValueError(f"duplicate backend name {b.name!r}")
+                raise ValueError(f"backends: duplicate backend name {b.name!r}")
             seen.add(b.name)
 
 
+_FIELD_PREFIX = re.compile(r"^([a-z_]+): (.*)$", re.DOTALL)
 _PATH_RE = re.compile(r" - at `\$\.?(.*)`$")
 
 
@@ -209,6 +220,10 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         return msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         field, msg = _split_error(str(exc))
+        m = _FIELD_PREFIX.match(msg)
+        if m:  # raised by a __post_init__ check as 'field: message'
+            field = f"{field}.{m.group(1)}" if field else m.group(1)
+            msg = m.group(2)
         if msg.startswith("Object missing required field"):
             name = msg.split("`")[1]
             field = f"{field}.{name}" if field else name

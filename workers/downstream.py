@@ -417,11 +417,10 @@ class Downstream(asyncio.Protocol):
             self.transport.write(CONTINUE_100)
         self._dispatch(ex)
 
-    def _dispatch(self, ex: Exchange) -> None:
+    def _dispatch(self, ex: Exchange, backend=None) -> None:
         w = self.worker
-        backend = w.strategy.pick(ex.tried or ())
-        if backend is None and ex.tried:
-            backend = w.strategy.pick(())  # nothing else left: the same backend again
+        if backend is None:
+            backend = w.strategy.pick(())
         if backend is None:
             w.no_backend += 1
             self._write_error(ex, 503)
@@ -480,8 +479,14 @@ class Downstream(asyncio.Protocol):
             if self.gate.reasons & flow.BODY_BUFFER:
                 self.gate.resume(flow.BODY_BUFFER)
 
-    def upstream_failed(self, ex: Exchange, *, sent_nothing: bool, status: int) -> None:
-        """No response byte came back from `ex.backend`: retry elsewhere, or answer `status`."""
+    def upstream_failed(self, ex: Exchange, *, sent_nothing: bool, status: int,
+                        reused: bool = False) -> None:
+        """No response byte came back from `ex.backend`: retry elsewhere, or answer `status`.
+
+        A failed connect is retried on another backend only (as nginx does: one
+        backend, no retry).  A pooled connection that died under the request is
+        retried on any backend, the same one included, on a fresh connection.
+        """
         ex.upstream = None
         backend = ex.backend
         w = self.worker
@@ -494,10 +499,15 @@ class Downstream(asyncio.Protocol):
         else:
             # Sent, and no answer: only a bodyless idempotent request can be resent.
             retry = ex.idempotent and ex.pending is None
+            ex.retry_same = reused
         if retry and len(tried) <= w.retries and not self.closed:
-            backend.retries += 1
-            self._dispatch(ex)
-            return
+            nxt = w.strategy.pick(tried)
+            if nxt is None and ex.retry_same:
+                nxt = w.strategy.pick(())
+            if nxt is not None:
+                backend.retries += 1
+                self._dispatch(ex, nxt)
+                return
         self.upstream_error(ex, status)
 
     def upstream_error(self, ex: Exchange, status: int) -> None:

@@ -23,6 +23,7 @@ class Exchange:
     upstream = None
     connecting = None  # the connect task while a new upstream connection opens
     tried = None  # backends already attempted (retries)
+    retry_same = False  # a retry may pick a backend already tried
     response_started = False
     status = 0
     t0 = 0.0  # monotonic time of dispatch (latency, connect timeout)

@@ -36,6 +36,7 @@ class Pool:
     def release(self, conn) -> None:
         if len(self.idle) < self.max_idle and conn.alive:
             conn.idle_deadline = CLOCK.now + self.idle_timeout
+            conn.reused = True
             self.idle.append(conn)
         else:
             conn.alive = False

@@ -66,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_deadline",
         "tunnel",
         "alive",
+        "reused",
         "framed",
         "in_head",
         "raw",
@@ -83,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = _new_parser(self)
         self.ex = None
         self.alive = False
+        self.reused = False  # has been idle in the pool at least once
         self.in_head = True  # between exchanges, always ready for the next head
         self.raw = b""
         self.head_start = 0
@@ -176,7 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.ex = None
             ex.unbind()
             self.backend.resets += 1
-            ex.conn.upstream_failed(ex, sent_nothing=False, status=502)
+            ex.conn.upstream_failed(ex, sent_nothing=False, status=502, reused=self.reused)
         elif not self.framed and not self.done:
             # Close-delimited response: the end of the connection ends the body.
             if self.mode == MODE_CHUNK:
