@@ -257,6 +257,8 @@ class Downstream(asyncio.Protocol):
                 self.head_bytes = 0
             w.requests += 1
             ex = Exchange(self, method, head)
+            if method == b"HEAD":
+                ex.plain = False
             if self.ex is None:
                 self.ex = ex
                 self._dispatch(ex)
@@ -365,9 +367,12 @@ class Downstream(asyncio.Protocol):
             if has_body:
                 self.deadline = CLOCK.now + w.t_client_body
         if not keep_alive:
-            ex.keep_alive = False
+            ex.keep_alive = ex.plain = False
         if http10:
             ex.http10 = True
+            ex.plain = False
+        if is_upgrade or method == b"HEAD":
+            ex.plain = False
         if self.ex is None:
             self._start(ex)
         else:
@@ -534,7 +539,6 @@ class Downstream(asyncio.Protocol):
             return
         self.ex = None
         w = self.worker
-        w.responses += 1
         if not ex.keep_alive or w.draining:
             self.transport.close()
             return

@@ -15,6 +15,7 @@ class Exchange:
     body_done = True
     body_bytes = 0
     keep_alive = True  # the client connection may carry another request
+    plain = True  # keep-alive HTTP/1.1, not HEAD, no upgrade: the response fast path applies
     http10 = False
     upgrade = False
     expect_continue = False

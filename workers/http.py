@@ -66,11 +66,11 @@ HOP_BY_HOP_LINES = re.compile(
     rb"[ \t]*:[^\r]*",
     re.IGNORECASE,
 )
-# One pass over the lower-cased response head finds every field we act on.
-RESPONSE_FIELDS = re.compile(
-    rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te|trailer|upgrade)"
-    rb"[ \t]*:[ \t]*([^\r]*)"
+# Names of the hop-by-hop fields in a lower-cased head (one C-level pass).
+HOP_BY_HOP_NAMES = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade)[ \t]*:"
 )
+_CONNECTION_VALUES = re.compile(rb"\r\nconnection[ \t]*:[ \t]*([^\r]*)")
 UPGRADE_VALUE = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
 
 # Connection tokens that name no header we still have to strip.
@@ -85,9 +85,9 @@ REQUEST_TAIL_11 = b" HTTP/1.1\r\n"
 XFP_HTTP = b"X-Forwarded-Proto: http\r\n"
 
 
-def drop_connection_named(head: bytes, values: list[bytes]) -> bytes:
+def drop_connection_named(head: bytes, lhead: bytes) -> bytes:
     """Remove the response header lines that a Connection field names."""
-    names = connection_tokens(values) - PLAIN_CONNECTION_TOKENS
+    names = connection_tokens(_CONNECTION_VALUES.findall(lhead)) - PLAIN_CONNECTION_TOKENS
     if not names:
         return head
     alt = b"|".join(re.escape(n) for n in names)

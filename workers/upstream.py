@@ -22,8 +22,9 @@ from workers.http import (
     CONNECTION_KEEP_ALIVE,
     CONNECTION_UPGRADE,
     CRLF,
+    PLAIN_CONNECTION_TOKENS,
     HOP_BY_HOP_LINES,
-    RESPONSE_FIELDS,
+    HOP_BY_HOP_NAMES,
     LAST_CHUNK,
     TE_CHUNKED,
     UPGRADE_VALUE,
@@ -37,6 +38,7 @@ MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1
 MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
 
 monotonic = time.monotonic
+ONLY_CONNECTION = [b"connection"]
 
 
 class _HeadResponseDone(Exception):
@@ -210,37 +212,46 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         self.in_head = False
         self.raw = b""
-        self.head_start = 0
-        head = raw if (start == 0 and end == len(raw)) else raw[start:end]
+        if start:
+            self.head_start = 0
+            head = raw[start:end]
+        else:
+            head = raw if end == len(raw) else raw[:end]
         ex.response_started = True
         ex.status = status
         now = monotonic()
         self.observe(self.backend, now - ex.t0, now)
 
-        cl = chunked = False
-        conn_values = None
-        out = head
-        fields = RESPONSE_FIELDS.findall(head.lower())
-        if fields:
-            hop = False
-            for name, value in fields:
-                if name == b"content-length":
-                    cl = True
-                elif name == b"connection":
-                    hop = True
-                    if value != b"keep-alive" and value != b"close":
-                        conn_values = [value] if conn_values is None else conn_values + [value]
-                else:
-                    hop = True
-                    if name == b"transfer-encoding":
-                        chunked = True
-            if conn_values is not None:
-                out = drop_connection_named(out, conn_values)
-            if hop:
-                out = HOP_BY_HOP_LINES.sub(b"", out)
+        lhead = head.lower()
+        cl = lhead.find(b"\r\ncontent-length:") >= 0  # (not `in`: it tries int() first)
+        hop = HOP_BY_HOP_NAMES.findall(lhead)
+        if not hop:
+            self.framed = cl
+            out = head
+        elif hop == ONLY_CONNECTION:
+            # What most servers send: one "Connection: keep-alive" (or close) line.
+            self.framed = cl
+            i = lhead.find(b"\r\nconnection")
+            j = lhead.find(b"\r", i + 2)
+            if lhead[lhead.find(b":", i) + 1:j].strip() in PLAIN_CONNECTION_TOKENS:
+                out = head[:i] + head[j:]
+            else:
+                out = HOP_BY_HOP_LINES.sub(b"", drop_connection_named(head, lhead))
+        else:
+            self.framed = cl or b"transfer-encoding" in hop
+            if b"connection" in hop:
+                head = drop_connection_named(head, lhead)
+            out = HOP_BY_HOP_LINES.sub(b"", head)
         if out[5:8] != b"1.1":
             out = b"HTTP/1.1" + out[8:]
-        self.framed = cl or chunked
+        if cl and ex.plain and status != 204 and status != 304 and not self.worker.draining:
+            # The common response: Content-Length body to a keep-alive HTTP/1.1 client.
+            self.mode = MODE_RAW
+            self.out.append(out)
+            return
+        self._head_slow(ex, status, head, out, cl)
+
+    def _head_slow(self, ex, status: int, head: bytes, out: bytes, cl: bool) -> None:
         if status == 101:
             m = UPGRADE_VALUE.search(head)
             if not ex.upgrade or m is None:
@@ -270,7 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.out.append(out[:-2] + extra + CRLF if extra else out)
         if head_request:
             self.done = True
-            self.keep_alive = self.framed and p.should_keep_alive()
+            self.keep_alive = self.framed and self.parser.should_keep_alive()
             raise _HeadResponseDone
 
     def on_body(self, data: bytes) -> None:
@@ -316,8 +327,12 @@ class UpstreamConnection(asyncio.Protocol):
             ex.bound = False
             backend.inflight -= 1
         backend.responses[ex.status // 100] += 1
-        if self.keep_alive and ex.body_done and not ex.upgrade:
-            self.pool.release(self)
+        pool = self.pool
+        if self.keep_alive and ex.body_done and not ex.upgrade and len(pool.idle) < pool.max_idle:
+            # Pool.release, inlined: this runs once per request.
+            self.idle_deadline = CLOCK.now + pool.idle_timeout
+            self.reused = True
+            pool.idle.append(self)
         else:
             self.alive = False
             self.transport.close()

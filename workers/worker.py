@@ -55,7 +55,6 @@ class Worker:
         # counters
         self.accepted = 0
         self.requests = 0
-        self.responses = 0
         self.rejected = 0
         self.timeouts = 0
         self.no_backend = 0
