@@ -244,12 +244,13 @@ class Downstream(asyncio.Protocol):
                 raise Reject(431)
             host = specials[0][1]
             url = self.url
-            if len(url) > w.max_request_line:
-                raise Reject(414)
             head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
                              b"\r\nX-Forwarded-Host: ", host, self.xff_tail))
-            if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
-                raise Reject(431)
+            if len(head) > w.small_head:  # below it neither limit can be exceeded
+                if len(url) > w.max_request_line:
+                    raise Reject(414)
+                if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
+                    raise Reject(431)
             self.headers = []
             self.specials = []
             self.url = b""
