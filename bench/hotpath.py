@@ -12,7 +12,6 @@ import sys
 import time
 
 from lb import config
-from workers.balancer import Backend
 from workers.downstream import Downstream
 from workers.pool import Pool
 from workers.upstream import UpstreamConnection

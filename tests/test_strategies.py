@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from lb.config import Backend as BackendConfig
-from tests.conftest import get
+from tests.conftest import ThreadedServer, get
 from workers import balancer
 from workers.balancer import Backend, make_strategy
 
@@ -329,38 +329,16 @@ def test_e2e_random_reaches_every_backend(lb_factory, three):
     assert all(v >= 30 for v in got.values()), got
 
 
-class SlowServer:
+class SlowServer(ThreadedServer):
     """A keep-alive HTTP/1.1 server that answers every request after `delay` s."""
 
     def __init__(self, name: str, delay: float) -> None:
         self.name = name
         self.delay = delay
         self.count = 0
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stopping = False
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while not self.stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         body = f"backend {self.name}\n".encode()
         buf = b""
@@ -380,10 +358,6 @@ class SlowServer:
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.stopping = True
-        self.sock.close()
 
 
 def test_e2e_p2c_ewma_shuns_a_slow_backend(lb_factory, backend_factory):

@@ -5,46 +5,22 @@ from __future__ import annotations
 import http.client
 import socket
 import struct
-import threading
 import time
 
 import pytest
 
-from tests.conftest import free_port, get
+from tests.conftest import ThreadedServer, free_port, get
 
 
-class ResettingServer:
+class ResettingServer(ThreadedServer):
     """Reads one request head (and its Content-Length body), records its
     request line, then closes the connection with RST without answering."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.seen: list[str] = []
-        self.lock = threading.Lock()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while not self.stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         try:
             buf = b""
@@ -71,11 +47,6 @@ class ResettingServer:
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.stopping = True
-        self.sock.close()
-        self.thread.join(2)
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ from workers.http import (
     H_TRANSFER_ENCODING,
     H_UPGRADE,
     H_XFF,
-    IDEMPOTENT,
     LAST_CHUNK,
     PLAIN_CONNECTION_TOKENS,
     REQUEST_SPECIAL,

@@ -152,17 +152,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = _new_parser(self)
             if not data.endswith(b"\r\n\r\n"):
                 self.keep_alive = False
-        out = self.out
-        if out:
-            # One write per read: small pieces joined (one plain write), many pieces
-            # (re-chunked bodies) in one writev.
-            if len(out) == 1:
-                ex.conn.transport.write(out[0])
-            elif len(out) < 8:
-                ex.conn.transport.write(b"".join(out))
-            else:
-                ex.conn.transport.writelines(out)
-            out.clear()
+        if self.out:
+            self._flush()
         if self.done:
             self._finish()
         else:
