@@ -50,16 +50,34 @@ def listen_socket(address: str, backlog: int) -> socket.socket:
     return sock
 
 
+def ensure_free(address: str) -> None:
+    """Fail if anything listens on `address` already.
+
+    SO_REUSEPORT would otherwise let a second lb (same user) bind the same port
+    and take half of the first one's connections.  A socket without
+    SO_REUSEPORT cannot bind where a listener exists, which makes the check.
+    """
+    host, port = cfgmod.parse_address(address, allow_hostname=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SupervisorError(f"cannot listen on {address}: {exc.strerror}") from None
+
+
 class Child:
-    __slots__ = ("proc", "slot", "generation", "started", "ready", "stopping")
+    __slots__ = ("proc", "slot", "generation", "started", "ready", "stopping", "drained")
 
     def __init__(self, proc: subprocess.Popen, slot: int, generation: int) -> None:
         self.proc = proc
         self.slot = slot
         self.generation = generation
         self.started = time.monotonic()
-        self.ready = False
-        self.stopping = False
+        self.ready = False  # said "R": accepting
+        self.stopping = False  # sent SIGTERM (or killed) on purpose
+        self.drained = False  # said "D": no longer accepting
 
 
 class Supervisor:
@@ -77,8 +95,12 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.boot_failures = 0
-        self.pending_generation: int | None = None
+        self.pending_generation: int | None = None  # a reload waiting for its workers
+        self.pending_cfg: cfgmod.Config | None = None
         self.pending_deadline = 0.0
+        self.last_generation = 0
+        self.retiring: list[Child] = []  # the previous generation, until it stops accepting
+        self.retire_deadline = 0.0
         self.exit_code = 0
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -86,6 +108,7 @@ class Supervisor:
     # -- setup ----------------------------------------------------------------
 
     def bind(self) -> None:
+        ensure_free(self.cfg.listen)
         self.sockets = [listen_socket(self.cfg.listen, self.cfg.backlog) for _ in range(self.n_workers)]
 
     def _signal(self, signum, _frame) -> None:
@@ -95,7 +118,8 @@ class Supervisor:
         except OSError:
             pass
 
-    def spawn(self, slot: int, generation: int) -> Child:
+    def spawn(self, slot: int, generation: int, blob: bytes | None = None) -> Child:
+        """Start a worker for `slot`, configured with `blob` (default: the running config)."""
         sock = self.sockets[slot]
         proc = subprocess.Popen(
             [sys.executable, "-m", "workers", "--fd", str(sock.fileno()), "--slot", str(slot)],
@@ -104,7 +128,7 @@ class Supervisor:
             pass_fds=(sock.fileno(),),
         )
         try:
-            proc.stdin.write(self.blob)
+            proc.stdin.write(self.blob if blob is None else blob)
             proc.stdin.close()
         except BrokenPipeError:
             pass
@@ -121,7 +145,7 @@ class Supervisor:
             signal.signal(getattr(signal, name), self._signal)
         log("supervisor_start", listen=self.cfg.listen, workers=self.n_workers,
             strategy=self.cfg.strategy, backends=len(self.cfg.backends), config=self.path)
-        self.generation = 1
+        self.generation = self.last_generation = 1
         for slot in range(self.n_workers):
             self.spawn(slot, self.generation)
         while True:
@@ -143,7 +167,8 @@ class Supervisor:
         return self.exit_code
 
     def _wait(self) -> None:
-        fds = [self.wake_r] + [c.proc.stdout.fileno() for c in self.children.values() if not c.ready]
+        fds = [self.wake_r] + [c.proc.stdout.fileno() for c in self.children.values()
+                               if not c.ready or (c.stopping and not c.drained)]
         try:
             readable, _, _ = select.select(fds, [], [], 0.5)
         except InterruptedError:
@@ -164,6 +189,8 @@ class Supervisor:
                     if b"R" in data:
                         child.ready = True
                         self.boot_failures = 0
+                    if b"D" in data:
+                        child.drained = True
                     break
 
     def reap(self) -> None:
@@ -183,6 +210,11 @@ class Supervisor:
             if child.stopping or self.stopping:
                 continue
             log("worker_died", slot=child.slot, pid=pid, code=code, generation=child.generation)
+            if child.generation == self.pending_generation:
+                # A worker of a reload that is not live yet: the reload fails, the
+                # running generation goes on serving and nothing counts against it.
+                self.abort_reload("a new worker exited before it was ready")
+                continue
             quick = time.monotonic() - child.started < CRASH_WINDOW
             if code == EXIT_BOOT or (quick and not child.ready):
                 self.boot_failures += 1
@@ -192,31 +224,46 @@ class Supervisor:
                     self.exit_code = 1
                     self.begin_stop(graceful=False)
                     return
-            if self.pending_generation == child.generation:
-                continue  # check_pending decides about a failed new generation
             self.spawn(child.slot, child.generation)
 
     # -- reload -----------------------------------------------------------------
 
     def check_pending(self) -> None:
+        if self.retiring:
+            # reload_done once the old generation stopped accepting (or gave no sign in time).
+            if all(c.drained or c.proc.pid not in self.children for c in self.retiring) \
+                    or time.monotonic() > self.retire_deadline:
+                self.retiring = []
+                log("reload_done", generation=self.generation)
         gen = self.pending_generation
         if gen is None:
             return
         new = [c for c in self.children.values() if c.generation == gen]
         if len(new) == self.n_workers and all(c.ready for c in new):
+            # The new generation accepts: now, and only now, retire the old one.
             for c in self.children.values():
                 if c.generation != gen and not c.stopping:
                     c.stopping = True
                     c.proc.send_signal(signal.SIGTERM)
+                    self.retiring.append(c)
+            self.retire_deadline = time.monotonic() + 3.0
             self.generation = gen
-            self.pending_generation = None
-            log("reload_done", generation=gen)
-        elif time.monotonic() > self.pending_deadline or len(new) < self.n_workers:
-            log("reload_failed", generation=gen, reason="new workers did not become ready")
-            for c in new:
+            self.cfg = self.pending_cfg
+            self.blob = cfgmod.encode(self.cfg)
+            self.pending_generation = self.pending_cfg = None
+            log("reload_switched", generation=gen)
+        elif time.monotonic() > self.pending_deadline:
+            self.abort_reload("new workers did not become ready in time")
+
+    def abort_reload(self, reason: str, event: str = "reload_failed") -> None:
+        """Stop the pending generation; the running one and its config stay."""
+        gen = self.pending_generation
+        for c in self.children.values():
+            if c.generation == gen and not c.stopping:
                 c.stopping = True
                 c.proc.kill()
-            self.pending_generation = None
+        self.pending_generation = self.pending_cfg = None
+        log(event, generation=gen, reason=reason)
 
     def handle_hup(self) -> None:
         if self.stopping:
@@ -229,12 +276,16 @@ class Supervisor:
         if cfg.listen != self.cfg.listen or (cfg.workers != self.cfg.workers and self.n_workers == self.cfg.workers):
             log("reload_rejected", error=f"{self.path}: listen/workers: changing these needs a restart")
             return
-        self.cfg = cfg
-        self.blob = cfgmod.encode(cfg)
-        gen = self.generation + 1
+        if self.pending_generation is not None:
+            # A newer config supersedes the reload still starting up.
+            self.abort_reload("a newer SIGHUP replaces it", event="reload_superseded")
+        self.last_generation += 1
+        gen = self.last_generation
+        blob = cfgmod.encode(cfg)
         for slot in range(self.n_workers):
-            self.spawn(slot, gen)
+            self.spawn(slot, gen, blob)
         self.pending_generation = gen
+        self.pending_cfg = cfg
         self.pending_deadline = time.monotonic() + READY_TIMEOUT
         log("reload_start", generation=gen, strategy=cfg.strategy, backends=len(cfg.backends))
 
@@ -247,6 +298,10 @@ class Supervisor:
         self.stop_deadline = time.monotonic() + (self.cfg.timeouts.drain + 1 if graceful else 2)
         log("supervisor_stopping", graceful=graceful)
         self.kill_all(signal.SIGTERM if graceful else signal.SIGQUIT)
+        # Stopping for good: drop the listeners so new connections are refused at
+        # once instead of queueing for workers that no longer accept.
+        for sock in self.sockets:
+            sock.close()
 
     def kill_all(self, sig: int) -> None:
         for child in self.children.values():

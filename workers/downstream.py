@@ -46,6 +46,7 @@ from workers.timers import CLOCK, INF
 
 monotonic = time.monotonic
 HEAD_SLACK = 512  # room for the X-Forwarded-* lines we add, in the header size check
+DRAIN_IDLE_GRACE = 1.0  # seconds an idle connection stays open once the worker drains
 
 
 class Reject(Exception):
@@ -120,7 +121,9 @@ class Downstream(asyncio.Protocol):
         w.conns.add(self)
         w.accepted += 1
         if w.draining:
-            transport.close()
+            # Accepted just before the listener closed: serve it (with Connection:
+            # close), but do not let it idle.
+            self.deadline = CLOCK.now + DRAIN_IDLE_GRACE
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -636,9 +639,12 @@ class Downstream(asyncio.Protocol):
         else:
             self.upstream_error(ex, 504)
 
-    def close_if_idle(self) -> None:
+    def drain(self) -> None:
+        """The worker drains: an idle keep-alive connection is closed after a short
+        grace, so a request already on its way is still answered (with Connection:
+        close) instead of meeting a reset."""
         if self.ex is None and self.reading is None and not self.url and self.tunnel is None:
-            self.transport.close()
+            self.deadline = min(self.deadline, CLOCK.now + DRAIN_IDLE_GRACE)
 
 
 def _drop_named(headers: list, tokens: set) -> list:

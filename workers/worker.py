@@ -114,8 +114,12 @@ class Worker:
         self.draining = True
         log("worker_draining", slot=self.slot, pid=os.getpid(), connections=len(self.conns))
         self.server.close()
+        try:
+            os.write(1, b"D")  # no longer accepting, read by the supervisor
+        except OSError:
+            pass
         for c in list(self.conns):
-            c.close_if_idle()
+            c.drain()
         self.loop.call_later(self.t_drain, self.stop_now)
         self._maybe_stopped()
 
