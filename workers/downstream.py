@@ -46,7 +46,17 @@ from workers.timers import CLOCK, INF
 
 monotonic = time.monotonic
 HEAD_SLACK = 512  # room for the X-Forwarded-* lines we add, in the header size check
-DRAIN_IDLE_GRACE = 1.0  # seconds an idle connection stays open once the worker drains
+DRAIN_IDLE_GRACE = 1.0
+NAME_TAGS_MAX = 4096  # distinct header spellings remembered (bounded: names come from clients)
+NAME_TAGS: dict[bytes, int] = {}  # header name as sent -> REQUEST_SPECIAL tag, 0 = ordinary
+
+
+def name_tag(name: bytes) -> int:
+    """Classify a header name once per spelling; later lookups skip the lower()."""
+    tag = REQUEST_SPECIAL.get(name.lower(), 0)
+    if len(NAME_TAGS) < NAME_TAGS_MAX:
+        NAME_TAGS[name] = tag
+    return tag  # seconds an idle connection stays open once the worker drains
 
 
 class Reject(Exception):
@@ -225,8 +235,10 @@ class Downstream(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        tag = REQUEST_SPECIAL.get(name.lower())
+        tag = NAME_TAGS.get(name)
         if tag is None:
+            tag = name_tag(name)
+        if not tag:
             self.headers += (name, SEP, value, CRLF)
         else:
             self.specials.append((tag, value))
