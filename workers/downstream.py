@@ -1,10 +1,10 @@
 """The client side: one protocol per accepted connection, parsing requests.
 
 Parser callbacks store slices and nothing more; the forwarded head is built
-once in `on_headers_complete`, where every framing and smuggling rule is
-checked before anything is sent upstream.  A request that breaks a rule raises
-`Reject(status)` from inside the parser, which stops llhttp at once: nothing of
-it reaches a backend.
+once in `on_headers_complete`: the common request on a fast path here, every
+other one through the rules of `workers/request_head.py`.  A request that
+breaks a rule raises `Reject(status)` from inside the parser, which stops
+llhttp at once: nothing of it reaches a backend.
 
 Pipelined requests are answered in order: only the exchange at the head of the
 pipeline is dispatched; the ones behind it wait in `queue` with reading paused,
@@ -25,46 +25,17 @@ from workers.http import (
     CONTINUE_100,
     CRLF,
     DATE,
-    H_CONNECTION,
-    H_CONTENT_LENGTH,
-    H_EXPECT,
     H_HOST,
-    H_TRANSFER_ENCODING,
-    H_UPGRADE,
-    H_XFF,
     LAST_CHUNK,
-    PLAIN_CONNECTION_TOKENS,
-    REQUEST_SPECIAL,
     REQUEST_TAIL_11,
     SEP,
-    TE_CHUNKED,
-    CONNECTION_UPGRADE,
     XFP_HTTP,
-    connection_tokens,
 )
+from workers.request_head import HEAD_SLACK, NAME_TAGS, Reject, build_exchange, name_tag
 from workers.timers import CLOCK, INF
 
 monotonic = time.monotonic
-HEAD_SLACK = 512  # room for the X-Forwarded-* lines we add, in the header size check
-DRAIN_IDLE_GRACE = 1.0
-NAME_TAGS_MAX = 4096  # distinct header spellings remembered (bounded: names come from clients)
-NAME_TAGS: dict[bytes, int] = {}  # header name as sent -> REQUEST_SPECIAL tag, 0 = ordinary
-
-
-def name_tag(name: bytes) -> int:
-    """Classify a header name once per spelling; later lookups skip the lower()."""
-    tag = REQUEST_SPECIAL.get(name.lower(), 0)
-    if len(NAME_TAGS) < NAME_TAGS_MAX:
-        NAME_TAGS[name] = tag
-    return tag  # seconds an idle connection stays open once the worker drains
-
-
-class Reject(Exception):
-    """Raised from a parser callback: answer `status` and close the connection."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+DRAIN_IDLE_GRACE = 1.0  # seconds an idle connection stays open once the worker drains
 
 
 class Downstream(asyncio.Protocol):
@@ -284,110 +255,16 @@ class Downstream(asyncio.Protocol):
 
     def _full_head(self, p, specials) -> None:
         w = self.worker
-        method = p.get_method()
-        headers = self.headers
-        host = cl = te = conn_values = upgrade = expect = xff = None
-        hosts = 0
-        for tag, value in specials:
-            if tag == H_HOST:
-                hosts += 1
-                host = value
-            elif tag == H_CONTENT_LENGTH:
-                cl = value
-            elif tag == H_TRANSFER_ENCODING:
-                te = value if te is None else te + b"," + value
-            elif tag == H_CONNECTION:
-                conn_values = [value] if conn_values is None else conn_values + [value]
-            elif tag == H_UPGRADE:
-                upgrade = value
-            elif tag == H_EXPECT:
-                expect = value
-            elif tag == H_XFF:
-                xff = value if xff is None else xff + b", " + value
-        keep_alive = p.should_keep_alive()
-        if keep_alive and conn_values is None:
-            http10 = False  # only HTTP/1.1 keeps alive without a Connection header
-        else:
-            version = p.get_http_version()
-            if version == "1.1":
-                http10 = False
-            elif version == "1.0":
-                http10 = True
-            else:
-                raise Reject(505)
-        if hosts != 1 and (hosts > 1 or not http10):
-            raise Reject(400)  # RFC 9112 3.2: exactly one Host in HTTP/1.1
-        if method == b"CONNECT":
-            raise Reject(405)
-        if len(headers) + 4 * len(specials) > w.max_header_fields:
-            raise Reject(431)
-        if len(self.url) > w.max_request_line:
-            raise Reject(414)
-
-        parts = [method, b" ", self.url, REQUEST_TAIL_11]
-        parts += headers
-        if host is not None:
-            parts += (b"Host: ", host, CRLF, b"X-Forwarded-Host: ", host, CRLF)
-        else:  # HTTP/1.0 without Host, forwarded as HTTP/1.1, which requires one
-            parts += (b"Host: ", w.listen_host, CRLF)
-        if xff is None:
-            parts.append(self.xff_line)
-        else:
-            parts += (b"X-Forwarded-For: ", xff, b", ", self.client_ip, CRLF)
-        parts.append(XFP_HTTP)
-        chunked = is_upgrade = expect_continue = False
-        has_body = False
-        if te is not None:
-            # RFC 9112 6.1: no Transfer-Encoding in HTTP/1.0; we accept exactly "chunked".
-            if http10 or te.strip().lower() != b"chunked":
-                raise Reject(400)
-            chunked = has_body = True
-            parts.append(TE_CHUNKED)
-        elif cl is not None:
-            n = int(cl)
-            if w.max_body_size and n > w.max_body_size:
-                raise Reject(413)
-            has_body = n > 0
-            parts += (b"Content-Length: ", cl, CRLF)
-        if conn_values is not None:
-            tokens = connection_tokens(conn_values)
-            if not tokens <= PLAIN_CONNECTION_TOKENS:
-                parts = parts[:4] + _drop_named(headers, tokens) + parts[4 + len(headers):]
-        if upgrade is not None and p.should_upgrade():
-            is_upgrade = True
-            parts += (CONNECTION_UPGRADE, b"Upgrade: ", upgrade, CRLF)
-        if expect is not None:
-            if expect.lower() != b"100-continue":
-                raise Reject(417)
-            expect_continue = has_body and not http10
-        parts.append(CRLF)
-        head = b"".join(parts)
-        if len(head) - len(self.url) > w.max_header_size + HEAD_SLACK:
-            raise Reject(431)
+        ex = build_exchange(self, p, self.url, self.headers, specials, w)
         self.headers = []
         self.specials = []
         self.url = b""
         self.head_bytes = 0
-
         w.requests += 1
-        ex = Exchange(self, method, head)
-        if has_body or is_upgrade:
-            ex.pending = [head]
-            ex.body_done = False
+        if ex.pending is not None:  # a body (or upgrade) follows
             self.reading = ex
-            ex.has_body = has_body
-            ex.chunked = chunked
-            ex.upgrade = is_upgrade
-            ex.expect_continue = expect_continue
-            if has_body:
+            if ex.has_body:
                 self.deadline = CLOCK.now + w.t_client_body
-        if not keep_alive:
-            ex.keep_alive = ex.plain = False
-        if http10:
-            ex.http10 = True
-            ex.plain = False
-        if is_upgrade or method == b"HEAD":
-            ex.plain = False
         if self.ex is None:
             self._start(ex)
         else:
@@ -658,11 +535,3 @@ class Downstream(asyncio.Protocol):
         if self.ex is None and self.reading is None and not self.url and self.tunnel is None:
             self.deadline = min(self.deadline, CLOCK.now + DRAIN_IDLE_GRACE)
 
-
-def _drop_named(headers: list, tokens: set) -> list:
-    """Remove the request headers a Connection field names (hop-by-hop by declaration)."""
-    kept = []
-    for i in range(0, len(headers), 4):
-        if headers[i].lower() not in tokens:
-            kept += headers[i : i + 4]
-    return kept

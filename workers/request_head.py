@@ -1,0 +1,160 @@
+"""The rules a request head must pass before anything of it is forwarded.
+
+RFC 9112 framing (sections 6 and 7) and the limits: exactly one Host in
+HTTP/1.1, no Transfer-Encoding but a lone "chunked" (and none in HTTP/1.0),
+llhttp has already refused duplicate or malformed Content-Length, CL with TE,
+bare CR, NUL, obs-fold and invalid names.  A broken rule raises
+`Reject(status)` from inside the parser callback, which stops llhttp at once.
+
+`Downstream.on_headers_complete` handles the common request itself (fast
+path); everything else comes here.
+"""
+
+from __future__ import annotations
+
+from workers.exchange import Exchange
+from workers.http import (
+    CONNECTION_UPGRADE,
+    CRLF,
+    H_CONNECTION,
+    H_CONTENT_LENGTH,
+    H_EXPECT,
+    H_HOST,
+    H_TRANSFER_ENCODING,
+    H_UPGRADE,
+    H_XFF,
+    PLAIN_CONNECTION_TOKENS,
+    REQUEST_SPECIAL,
+    REQUEST_TAIL_11,
+    TE_CHUNKED,
+    XFP_HTTP,
+    connection_tokens,
+)
+
+HEAD_SLACK = 512  # room for the X-Forwarded-* lines we add, in the header size check
+NAME_TAGS_MAX = 4096  # distinct header spellings remembered (bounded: names come from clients)
+NAME_TAGS: dict[bytes, int] = {}  # header name as sent -> REQUEST_SPECIAL tag, 0 = ordinary
+
+
+class Reject(Exception):
+    """Raised from a parser callback: answer `status` and close the connection."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def name_tag(name: bytes) -> int:
+    """Classify a header name once per spelling; later lookups skip the lower()."""
+    tag = REQUEST_SPECIAL.get(name.lower(), 0)
+    if len(NAME_TAGS) < NAME_TAGS_MAX:
+        NAME_TAGS[name] = tag
+    return tag
+
+
+def drop_named(headers: list, tokens: set) -> list:
+    """Remove the request headers a Connection field names (hop-by-hop by declaration)."""
+    kept = []
+    for i in range(0, len(headers), 4):
+        if headers[i].lower() not in tokens:
+            kept += headers[i : i + 4]
+    return kept
+
+
+def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exchange:
+    """Apply every request-head rule; return the exchange to forward, or raise Reject."""
+    method = p.get_method()
+    host = cl = te = conn_values = upgrade = expect = xff = None
+    hosts = 0
+    for tag, value in specials:
+        if tag == H_HOST:
+            hosts += 1
+            host = value
+        elif tag == H_CONTENT_LENGTH:
+            cl = value
+        elif tag == H_TRANSFER_ENCODING:
+            te = value if te is None else te + b"," + value
+        elif tag == H_CONNECTION:
+            conn_values = [value] if conn_values is None else conn_values + [value]
+        elif tag == H_UPGRADE:
+            upgrade = value
+        elif tag == H_EXPECT:
+            expect = value
+        elif tag == H_XFF:
+            xff = value if xff is None else xff + b", " + value
+    keep_alive = p.should_keep_alive()
+    if keep_alive and conn_values is None:
+        http10 = False  # only HTTP/1.1 keeps alive without a Connection header
+    else:
+        version = p.get_http_version()
+        if version == "1.1":
+            http10 = False
+        elif version == "1.0":
+            http10 = True
+        else:
+            raise Reject(505)
+    if hosts != 1 and (hosts > 1 or not http10):
+        raise Reject(400)  # RFC 9112 3.2: exactly one Host in HTTP/1.1
+    if method == b"CONNECT":
+        raise Reject(405)
+    if len(headers) + 4 * len(specials) > w.max_header_fields:
+        raise Reject(431)
+    if len(url) > w.max_request_line:
+        raise Reject(414)
+
+    parts = [method, b" ", url, REQUEST_TAIL_11]
+    parts += headers
+    if host is not None:
+        parts += (b"Host: ", host, CRLF, b"X-Forwarded-Host: ", host, CRLF)
+    else:  # HTTP/1.0 without Host, forwarded as HTTP/1.1, which requires one
+        parts += (b"Host: ", w.listen_host, CRLF)
+    if xff is None:
+        parts.append(conn.xff_line)
+    else:
+        parts += (b"X-Forwarded-For: ", xff, b", ", conn.client_ip, CRLF)
+    parts.append(XFP_HTTP)
+    chunked = is_upgrade = expect_continue = False
+    has_body = False
+    if te is not None:
+        # RFC 9112 6.1: no Transfer-Encoding in HTTP/1.0; we accept exactly "chunked".
+        if http10 or te.strip().lower() != b"chunked":
+            raise Reject(400)
+        chunked = has_body = True
+        parts.append(TE_CHUNKED)
+    elif cl is not None:
+        n = int(cl)
+        if w.max_body_size and n > w.max_body_size:
+            raise Reject(413)
+        has_body = n > 0
+        parts += (b"Content-Length: ", cl, CRLF)
+    if conn_values is not None:
+        tokens = connection_tokens(conn_values)
+        if not tokens <= PLAIN_CONNECTION_TOKENS:
+            parts = parts[:4] + drop_named(headers, tokens) + parts[4 + len(headers):]
+    if upgrade is not None and p.should_upgrade():
+        is_upgrade = True
+        parts += (CONNECTION_UPGRADE, b"Upgrade: ", upgrade, CRLF)
+    if expect is not None:
+        if expect.lower() != b"100-continue":
+            raise Reject(417)
+        expect_continue = has_body and not http10
+    parts.append(CRLF)
+    head = b"".join(parts)
+    if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
+        raise Reject(431)
+    ex = Exchange(conn, method, head)
+    if has_body or is_upgrade:
+        ex.pending = [head]
+        ex.body_done = False
+        ex.has_body = has_body
+        ex.chunked = chunked
+        ex.upgrade = is_upgrade
+        ex.expect_continue = expect_continue
+    if not keep_alive:
+        ex.keep_alive = ex.plain = False
+    if http10:
+        ex.http10 = True
+        ex.plain = False
+    if is_upgrade or method == b"HEAD":
+        ex.plain = False
+    return ex
