@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -9,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import http.client
 from pathlib import Path
 
 import psutil
