@@ -26,7 +26,6 @@ from lb.log import log
 
 EXIT_BOOT = 3  # a worker that could not start (see workers.worker)
 READY_TIMEOUT = 15.0
-CRASH_WINDOW = 2.0  # a worker that dies sooner than this after starting counts as a boot failure
 MAX_BOOT_FAILURES = 5
 
 
@@ -68,13 +67,12 @@ def ensure_free(address: str) -> None:
 
 
 class Child:
-    __slots__ = ("proc", "slot", "generation", "started", "ready", "stopping", "drained")
+    __slots__ = ("proc", "slot", "generation", "ready", "stopping", "drained")
 
     def __init__(self, proc: subprocess.Popen, slot: int, generation: int) -> None:
         self.proc = proc
         self.slot = slot
         self.generation = generation
-        self.started = time.monotonic()
         self.ready = False  # said "R": accepting
         self.stopping = False  # sent SIGTERM (or killed) on purpose
         self.drained = False  # said "D": no longer accepting
@@ -215,8 +213,7 @@ class Supervisor:
                 # running generation goes on serving and nothing counts against it.
                 self.abort_reload("a new worker exited before it was ready")
                 continue
-            quick = time.monotonic() - child.started < CRASH_WINDOW
-            if code == EXIT_BOOT or (quick and not child.ready):
+            if code == EXIT_BOOT or not child.ready:  # died before it ever accepted
                 self.boot_failures += 1
                 if self.boot_failures >= MAX_BOOT_FAILURES:
                     log("supervisor_giving_up", reason="workers keep failing at boot",

@@ -51,7 +51,6 @@ class Downstream(asyncio.Protocol):
         "specials",
         "url",
         "head_bytes",
-        "feeding",
         "deadline",
         "send_deadline",
         "client_ip",
@@ -76,7 +75,6 @@ class Downstream(asyncio.Protocol):
         self.specials: list = []
         self.url = b""
         self.head_bytes = 0
-        self.feeding = False
         self.deadline = INF
         self.send_deadline = INF
         self.client_ip = b""
@@ -148,11 +146,9 @@ class Downstream(asyncio.Protocol):
             return
         if self.url:  # a request head is in progress since an earlier read
             self.head_bytes += len(data)
-        self.feeding = True
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            self.feeding = False
             ex = self.upgrading = self.reading
             self.reading = None
             rest = data[exc.args[0]:]
@@ -162,14 +158,12 @@ class Downstream(asyncio.Protocol):
                 self._flush_up(ex)
             return
         except HttpParserError as exc:
-            self.feeding = False
             ctx = exc.__context__
             self._reject(ctx.status if isinstance(ctx, Reject) else 400)
             ex = self.ex
             if ex is not None and ex.pending and ex.upstream is not None:
                 self._flush_up(ex)  # what earlier, valid requests read along with it
             return
-        self.feeding = False
         if self.url:
             self._partial_head()
             if self.broken:
@@ -335,8 +329,8 @@ class Downstream(asyncio.Protocol):
                 ex.upstream = up
                 if ex.pending is None:
                     up.transport.write(ex.head)
-                elif not self.feeding:
-                    self._flush_up(ex)
+                # else: the caller flushes the body collected so far (after the
+                # parser returns, or right away when called from outside it)
                 return
         task = ex.connecting = backend.pool.connect()
         task.add_done_callback(ex.on_connected)
@@ -404,6 +398,8 @@ class Downstream(asyncio.Protocol):
             if nxt is not None:
                 backend.retries += 1
                 self._dispatch(ex, nxt)
+                if ex.pending and ex.upstream is not None:
+                    self._flush_up(ex)
                 return
         self.upstream_error(ex, status)
 
@@ -440,6 +436,8 @@ class Downstream(asyncio.Protocol):
             if not q:
                 self.gate.resume(flow.PIPELINE)
             self._start(nxt)
+            if nxt.pending and nxt.upstream is not None:
+                self._flush_up(nxt)
         elif self.reading is None and not self.url:
             self.deadline = CLOCK.now + w.t_keepalive
 
