@@ -321,17 +321,15 @@ class Downstream(asyncio.Protocol):
         ex.backend = backend
         ex.bound = True
         ex.t0 = monotonic()
-        idle = backend.pool.idle
-        while idle:
-            up = idle.pop()
-            if up.alive:
-                up.ex = ex
-                ex.upstream = up
-                if ex.pending is None:
-                    up.transport.write(ex.head)
-                # else: the caller flushes the body collected so far (after the
-                # parser returns, or right away when called from outside it)
-                return
+        up = backend.pool.acquire()
+        if up is not None:
+            up.ex = ex
+            ex.upstream = up
+            if ex.pending is None:
+                up.transport.write(ex.head)
+            # else: the caller flushes the body collected so far (after the
+            # parser returns, or right away when called from outside it)
+            return
         task = ex.connecting = backend.pool.connect()
         task.add_done_callback(ex.on_connected)
 

@@ -4,7 +4,7 @@ An `UpstreamConnection` is attached to one `Exchange` at a time.  The response
 parser's callbacks only collect: the head is assembled once in
 `on_headers_complete`, body pieces are appended to `out`, and everything
 collected during one `data_received` is handed to the client transport in one
-`writelines` (one syscall).  Completion work (returning the connection to the
+write (one syscall).  Completion work (returning the connection to the
 pool, starting the next pipelined request) runs after the parser returns, never
 inside its callbacks.
 """
@@ -329,12 +329,8 @@ class UpstreamConnection(asyncio.Protocol):
             ex.bound = False
             backend.inflight -= 1
         backend.responses[ex.status // 100] += 1
-        pool = self.pool
-        if self.keep_alive and ex.body_done and not ex.upgrade and len(pool.idle) < pool.max_idle:
-            # Pool.release, inlined: this runs once per request.
-            self.idle_deadline = CLOCK.now + pool.idle_timeout
-            self.reused = True
-            pool.idle.append(self)
+        if self.keep_alive and ex.body_done and not ex.upgrade:
+            self.pool.release(self)
         else:
             self.alive = False
             self.transport.close()
