@@ -1,0 +1,153 @@
+"""Sending an exchange to a backend: pick, pooled or new connection, retries,
+upstream timeouts.  A mixin of `Downstream`, which owns the exchanges."""
+
+from __future__ import annotations
+
+import time
+
+from workers import flow
+from workers.exchange import Exchange
+from workers.timers import CLOCK
+
+monotonic = time.monotonic
+
+
+class Dispatcher:
+    """Needs from the class it is mixed into: `worker`, `gate`, `transport`,
+    `closed`, `ex`, and `_write_error` / `response_done`."""
+
+    __slots__ = ()
+
+    def _dispatch(self, ex: Exchange, backend=None) -> None:
+        w = self.worker
+        if backend is None:
+            backend = w.strategy.pick(())
+        if backend is None:
+            w.no_backend += 1
+            self._write_error(ex, 503)
+            return
+        backend.requests += 1
+        backend.inflight += 1
+        ex.backend = backend
+        ex.bound = True
+        ex.t0 = monotonic()
+        up = backend.pool.acquire()
+        if up is not None:
+            up.ex = ex
+            ex.upstream = up
+            if ex.pending is None:
+                up.transport.write(ex.head)
+            # else: the caller flushes the body collected so far (after the
+            # parser returns, or right away when called from outside it)
+            return
+        task = ex.connecting = backend.pool.connect()
+        task.add_done_callback(ex.on_connected)
+
+    def upstream_connected(self, ex: Exchange, task) -> None:
+        if ex.connecting is not task:
+            # Superseded (timed out, or the client left): keep a good connection.
+            if not task.cancelled() and task.exception() is None:
+                proto = task.result()[1]
+                proto.pool.release(proto)
+            return
+        ex.connecting = None
+        exc = task.exception()
+        if exc is not None:
+            ex.backend.connect_errors += 1
+            ex.unbind()
+            self.upstream_failed(ex, sent_nothing=True, status=502)
+            return
+        proto = task.result()[1]
+        proto.ex = ex
+        ex.upstream = proto
+        ex.last_io = CLOCK.now
+        if ex.pending is None:
+            proto.transport.write(ex.head)
+        else:
+            self._flush_up(ex)
+
+    def _flush_up(self, ex: Exchange) -> None:
+        pending = ex.pending
+        if pending:
+            if len(pending) == 1:
+                ex.upstream.transport.write(pending[0])
+            else:
+                ex.upstream.transport.writelines(pending)
+            pending.clear()
+            ex.buffered = 0
+            if self.gate.reasons & flow.BODY_BUFFER:
+                self.gate.resume(flow.BODY_BUFFER)
+
+    def upstream_failed(self, ex: Exchange, *, sent_nothing: bool, status: int,
+                        reused: bool = False) -> None:
+        """No response byte came back from `ex.backend`: retry elsewhere, or answer `status`.
+
+        A failed connect is retried on another backend only (as nginx does: one
+        backend, no retry).  A pooled connection that died under the request is
+        retried on any backend, the same one included, on a fresh connection.
+        """
+        ex.upstream = None
+        backend = ex.backend
+        w = self.worker
+        tried = ex.tried
+        if tried is None:
+            tried = ex.tried = []
+        tried.append(backend)
+        if sent_nothing:
+            retry = ex.idempotent or w.retry_connect_non_idempotent
+        else:
+            # Sent, and no answer: only a bodyless idempotent request can be resent.
+            retry = ex.idempotent and ex.pending is None
+            ex.retry_same = reused
+        if retry and len(tried) <= w.retries and not self.closed:
+            nxt = w.strategy.pick(tried)
+            if nxt is None and ex.retry_same:
+                nxt = w.strategy.pick(())
+            if nxt is not None:
+                backend.retries += 1
+                self._dispatch(ex, nxt)
+                if ex.pending and ex.upstream is not None:
+                    self._flush_up(ex)
+                return
+        self.upstream_error(ex, status)
+
+    def upstream_error(self, ex: Exchange, status: int) -> None:
+        ex.upstream = None
+        ex.unbind()
+        if ex.backend is not None:
+            ex.backend.responses[5] += 1
+        self._write_error(ex, status)
+
+    def upstream_timeout(self, ex: Exchange) -> None:
+        """Called by the sweep: `ex` waited too long to connect or for response bytes."""
+        backend = ex.backend
+        backend.timeouts += 1
+        self.worker.timeouts += 1
+        if ex.connecting is not None:
+            task = ex.connecting
+            ex.connecting = None
+            task.cancel()
+            ex.unbind()
+            self.upstream_failed(ex, sent_nothing=True, status=504)
+            return
+        up = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abandon()
+        ex.unbind()
+        if ex.response_started:
+            self.ex = None
+            self.transport.close()
+        else:
+            self.upstream_error(ex, 504)
+
+    def _abandon(self, ex: Exchange) -> None:
+        task = ex.connecting
+        if task is not None:
+            ex.connecting = None
+            task.cancel()
+        ex.unbind()
+        up = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abandon()
