@@ -250,23 +250,16 @@ def test_sigterm_stops_cleanly(running):
         socket.create_connection(("127.0.0.1", lb.port), timeout=1).close()
 
 
-def test_sigint_to_supervisor_stops_cleanly(running):
+@pytest.mark.parametrize("to_group", [False, True], ids=["supervisor", "process-group"])
+def test_sigint_stops_cleanly(running, to_group):
+    # to_group: a terminal's Ctrl-C sends SIGINT to the supervisor and every worker.
     lb = running(workers=2)
     assert get(lb.port, "/")[0] == 200
     workers = lb.workers()
-    lb.proc.send_signal(signal.SIGINT)
-    code = lb.proc.wait(15)
-    assert code in (0, 130), code
-    assert gone(workers) == []
-    no_tracebacks(lb.log)
-
-
-def test_ctrl_c_to_process_group_stops_cleanly(running):
-    # A terminal's Ctrl-C sends SIGINT to the supervisor and every worker.
-    lb = running(workers=2)
-    assert get(lb.port, "/")[0] == 200
-    workers = lb.workers()
-    os.killpg(lb.proc.pid, signal.SIGINT)
+    if to_group:
+        os.killpg(lb.proc.pid, signal.SIGINT)
+    else:
+        lb.proc.send_signal(signal.SIGINT)
     code = lb.proc.wait(15)
     assert code in (0, 130), code
     assert gone(workers) == []
