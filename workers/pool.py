@@ -14,7 +14,7 @@ from workers.timers import CLOCK
 
 
 class Pool:
-    __slots__ = ("backend", "idle", "max_idle", "idle_timeout", "loop", "factory", "opened")
+    __slots__ = ("backend", "idle", "max_idle", "idle_timeout", "loop", "factory")
 
     def __init__(self, backend, loop, factory, *, max_idle: int, idle_timeout: float) -> None:
         self.backend = backend
@@ -23,7 +23,6 @@ class Pool:
         self.idle: list = []
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.opened = 0
 
     def acquire(self):
         idle = self.idle
@@ -50,7 +49,6 @@ class Pool:
 
     def connect(self) -> asyncio.Task:
         """Open a new connection; the task's result is (transport, protocol)."""
-        self.opened += 1
         b = self.backend
         return self.loop.create_task(self.loop.create_connection(self.factory, b.host, b.port))
 
@@ -65,8 +63,3 @@ class Pool:
                 else:
                     keep.append(conn)
             idle[:] = keep
-
-    def close(self) -> None:
-        for conn in self.idle:
-            conn.transport.close()
-        self.idle.clear()

@@ -12,7 +12,6 @@ inside its callbacks.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -39,7 +38,6 @@ MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1
 MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
 
 monotonic = time.monotonic
-exp = math.exp
 ONLY_CONNECTION = [b"connection"]
 
 
@@ -75,14 +73,14 @@ class UpstreamConnection(asyncio.Protocol):
         "in_head",
         "raw",
         "head_start",
-        "inv_tau",
+        "observe",
     )
 
     def __init__(self, backend, worker) -> None:
         self.backend = backend
         self.pool = backend.pool
         self.worker = worker
-        self.inv_tau = 1.0 / worker.strategy.tau
+        self.observe = worker.strategy.observe
         self.transport = None
         self.gate = None
         self.parser = _new_parser(self)
@@ -212,17 +210,8 @@ class UpstreamConnection(asyncio.Protocol):
             head = raw if end == len(raw) else raw[:end]
         ex.response_started = True
         ex.status = status
-        # Peak EWMA of time to first byte (Strategy.observe, inlined: once per request).
         now = monotonic()
-        rtt = now - ex.t0
-        backend = self.backend
-        ewma = backend.ewma
-        if rtt >= ewma:
-            backend.ewma = rtt
-        else:
-            w = exp((backend.ewma_ts - now) * self.inv_tau)
-            backend.ewma = ewma * w + rtt * (1.0 - w)
-        backend.ewma_ts = now
+        self.observe(self.backend, now - ex.t0, now)  # peak EWMA of time to first byte
 
         lhead = head.lower()
         cl = lhead.find(b"\r\ncontent-length:") >= 0  # (not `in`: it tries int() first)
