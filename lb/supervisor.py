@@ -258,7 +258,11 @@ class Supervisor:
         for c in self.children.values():
             if c.generation == gen and not c.stopping:
                 c.stopping = True
-                c.proc.kill()
+                if c.ready:
+                    # Already accepting from the shared sockets: drain what it took.
+                    c.proc.send_signal(signal.SIGTERM)
+                else:
+                    c.proc.kill()
         self.pending_generation = self.pending_cfg = None
         log(event, generation=gen, reason=reason)
 
