@@ -258,11 +258,10 @@ class Supervisor:
         for c in self.children.values():
             if c.generation == gen and not c.stopping:
                 c.stopping = True
-                if c.ready:
-                    # Already accepting from the shared sockets: drain what it took.
-                    c.proc.send_signal(signal.SIGTERM)
-                else:
-                    c.proc.kill()
+                # SIGTERM, not SIGKILL: a worker may accept from the shared sockets
+                # before its "R" is read; it drains what it took.  One still booting
+                # has no handler yet and dies of it at once.
+                c.proc.send_signal(signal.SIGTERM)
         self.pending_generation = self.pending_cfg = None
         log(event, generation=gen, reason=reason)
 

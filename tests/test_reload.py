@@ -94,7 +94,8 @@ def test_reloads_under_steady_load_lose_no_request(backend_factory, lb_factory):
         nc = fresh.stop()
 
     assert lb.log.events("reload_rejected") == [] and lb.log.events("reload_failed") == []
-    assert Client.failures(ka) == [], f"keep-alive client: {Client.failures(ka)[:5]} of {len(ka)}"
+    assert Client.failures(ka) == [], (f"keep-alive client: {Client.failures(ka)[:5]} of {len(ka)}\n"
+                                       + "\n".join(lb.log.lines[-40:]))
     assert Client.failures(nc) == [], f"new-connection client: {Client.failures(nc)[:5]} of {len(nc)}"
     assert len(ka) > 200 and len(nc) > 100, (len(ka), len(nc))
 

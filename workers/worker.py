@@ -94,11 +94,11 @@ class Worker:
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.call_later(SWEEP_INTERVAL, self._sweep)
-        log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name)
         try:
-            os.write(1, b"R")  # readiness, read by the supervisor
+            os.write(1, b"R")  # readiness, read by the supervisor: first, as we accept now
         except OSError:
             pass
+        log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name)
         await self._stopped
 
     def _upstream_factory(self, backend):
