@@ -110,6 +110,10 @@ class Backend(Base):
 
 class Admin(Base):
     listen: str = "127.0.0.1:9900"
+    enabled: bool = True
+    # Bearer token for the mutating endpoints; "" = read LB_ADMIN_TOKEN from the
+    # environment; with neither, mutating endpoints answer 403.
+    token: str = ""
 
     def __post_init__(self):
         _checked("listen", parse_address, self.listen, allow_hostname=False)
@@ -172,6 +176,60 @@ class Balancer(Base):
             raise ValueError("ewma_decay: must be > 0")
 
 
+class RequestClass(Base):
+    """A rule mapping requests to a class; the first matching rule wins and
+    requests no rule matches are class "default"."""
+
+    name: str
+    methods: list[str] = []  # [] = any method
+    path_prefix: str = ""  # "" = any path
+    min_body: Size = 0  # declared Content-Length at least this (chunked counts as large)
+    max_body: Size = 0  # at most this; 0 = no upper bound
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            raise ValueError("name: use 1-64 letters, digits, '_', '.', '-'")
+        if self.name == "default":
+            raise ValueError("name: 'default' is the implicit class of unmatched requests")
+        self.methods = [m.upper() for m in self.methods]
+        for m in self.methods:
+            if not re.fullmatch(r"[A-Z]{1,20}", m):
+                raise ValueError(f"methods: invalid method {m!r}")
+        if self.path_prefix and not self.path_prefix.startswith("/"):
+            raise ValueError("path_prefix: must start with '/'")
+        self.min_body = _checked("min_body", parse_size, self.min_body)
+        self.max_body = _checked("max_body", parse_size, self.max_body)
+        if self.max_body and self.max_body < self.min_body:
+            raise ValueError("max_body: must be >= min_body (or 0 for no bound)")
+
+
+class Learning(Base):
+    """The inference process and the `ml` strategy (see docs/learning.md)."""
+
+    model: str = ""  # path to an .onnx model; "" = the model shipped with lb
+    interval: float = 0.1  # seconds between two scoring ticks (tables)
+    stats_interval: float = 0.1  # seconds between two worker stats reports
+    exploration: float = 0.05  # share of each class's traffic spread over all live backends
+    max_prediction_error: float = 0.8  # online mean |ln(observed/predicted)| above this -> fallback
+    traces: str = ""  # directory for sampled request traces; "" = no capture
+    trace_sample: float = 0.02  # share of requests sampled (sent with the stats, no per-request IPC)
+    retrain_interval: float = 0.0  # seconds between background refits; 0 = off
+
+    def __post_init__(self):
+        if not 0.01 <= self.interval <= 10:
+            raise ValueError("interval: must be between 0.01 and 10 seconds")
+        if not 0.01 <= self.stats_interval <= 10:
+            raise ValueError("stats_interval: must be between 0.01 and 10 seconds")
+        if not 0 <= self.exploration <= 0.5:
+            raise ValueError("exploration: must be between 0 and 0.5")
+        if self.max_prediction_error <= 0:
+            raise ValueError("max_prediction_error: must be > 0")
+        if not 0 <= self.trace_sample <= 1:
+            raise ValueError("trace_sample: must be between 0 and 1")
+        if self.retrain_interval < 0:
+            raise ValueError("retrain_interval: must be >= 0")
+
+
 class Config(Base):
     backends: list[Backend]
     listen: str = "127.0.0.1:8080"
@@ -183,6 +241,9 @@ class Config(Base):
     limits: Limits = msgspec.field(default_factory=Limits)
     upstream: Upstream = msgspec.field(default_factory=Upstream)
     balancer: Balancer = msgspec.field(default_factory=Balancer)
+    learning: Learning = msgspec.field(default_factory=Learning)
+    classes: list[RequestClass] = []
+    runtime_dir: str = ""  # ipc sockets between lb's processes; "" = a private temp dir
 
     def __post_init__(self):
         _checked("listen", parse_address, self.listen, allow_hostname=False)
@@ -197,6 +258,17 @@ class Config(Base):
             if b.name in seen:
                 raise ValueError(f"backends: duplicate backend name {b.name!r}")
             seen.add(b.name)
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError("classes: duplicate class name")
+        if len(self.classes) > 63:
+            raise ValueError("classes: at most 63 classes")
+        if len(self.runtime_dir) > 80:
+            raise ValueError("runtime_dir: path too long for ipc sockets (80 characters at most)")
+
+    @property
+    def class_names(self) -> list[str]:
+        return ["default"] + [c.name for c in self.classes]
 
 
 _FIELD_PREFIX = re.compile(r"^([a-z_]+): (.*)$", re.DOTALL)
