@@ -1,0 +1,342 @@
+"""Discrete-event simulator of lb in front of the quality scenarios' backends.
+
+It runs THE SAME policy code as lb's workers: each simulated worker holds its
+own `workers.balancer.Backend` objects (its own in-flight counts, peak-EWMA
+and counters) and its own strategy from `workers.balancer.make_strategy`;
+every request is routed by `strategy.pick`, every answer goes through
+`strategy.observe` and the per-class `Backend.record`.  Only time is fake:
+backends are modelled as in `bench/scenarios.py` (capacity, FIFO queue,
+lognormal service time, phases), arrivals are the same open-loop schedule
+the real benchmark sends, and latency = queueing + service + a fixed hop.
+
+As in a worker: a refused connection is retried once on another backend
+(`upstream.retries = 1`), a 5xx answer is relayed (never retried).  The
+client gives up after `--timeout` seconds: that request counts as an error at
+the timeout.  Requests are spread over the workers at random, like
+connections over SO_REUSEPORT listeners.
+
+The `ml` policy is driven by the real inference code when it is importable
+(see `bench/sim_ml.py`): every 0.1 simulated seconds each worker's
+`WorkerStats` goes to `inference.engine.Engine`, and the table it computes
+is handed to every worker's strategy.  Without it `ml` runs as lb does with
+no inference process: on its P2C-EWMA fallback (the table says so).
+
+    python bench/sim.py [--scenario NAME|all] [--policies a,b] [--duration 60]
+                        [--rate R] [--workers 1] [--seed 1] [--json FILE]
+                        [--model PATH] [--traces FILE]
+
+Exit codes: 0 ok, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import inspect
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+for _p in (BENCH_DIR, REPO_ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import scenarios as scn  # noqa: E402  (bench/scenarios.py)
+from lb.config import Backend as BackendConfig  # noqa: E402
+from workers import balancer  # noqa: E402
+
+POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "ml")
+
+HOP = 0.0001  # seconds, one way between two processes on the same host
+FAIL_FAST = 0.0003  # service time of a fast failure
+RETRIES = 1  # lb's default upstream.retries
+EWMA_DECAY = 10.0  # lb's default balancer.ewma_decay
+STATS_INTERVAL = 0.1  # lb's default learning.stats_interval
+
+# The balancer's API gained a request class (pick(exclude, cls), Backend(cfg,
+# n_classes, idx)); accept both so the simulator runs whichever is checked out.
+_PICK_TAKES_CLASS = "cls" in inspect.signature(balancer.Strategy.pick).parameters
+_BACKEND_TAKES_CLASSES = "n_classes" in inspect.signature(balancer.Backend.__init__).parameters
+_HAS_RECORD = hasattr(balancer.Backend, "record")
+
+_DONE, _FAILED, _TICK = 0, 1, 2  # event kinds
+
+
+class Server:
+    """One simulated backend: `capacity` requests in service, the rest queue."""
+
+    __slots__ = ("spec", "rng", "busy", "queue", "served")
+
+    def __init__(self, spec: scn.BackendSpec, seed: int) -> None:
+        self.spec = spec
+        self.rng = random.Random(seed)
+        self.busy = 0
+        self.queue: deque[Request] = deque()
+        self.served = 0
+
+
+class Request:
+    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0")
+
+    def __init__(self, sched: float, cls: int, worker: int) -> None:
+        self.sched = sched
+        self.cls = cls
+        self.worker = worker
+        self.tried: list | None = None
+        self.backend = None
+        self.t0 = 0.0
+
+
+class Worker:
+    """What one lb worker holds: its Backend objects, its strategy, its counters."""
+
+    def __init__(self, slot: int, sc: scn.Scenario, policy: str, seed: int) -> None:
+        self.slot = slot
+        self.backends = []
+        for i, spec in enumerate(sc.backends):
+            cfg = BackendConfig(address=f"127.0.0.1:{20000 + i}", weight=spec.weight, name=spec.name)
+            if _BACKEND_TAKES_CLASSES:
+                b = balancer.Backend(cfg, len(scn.CLASSES), i)
+            else:
+                b = balancer.Backend(cfg)
+            self.backends.append(b)
+        self.index = {id(b): i for i, b in enumerate(self.backends)}
+        kw = {"decay": EWMA_DECAY, "seed": seed * 1000 + slot + 1}
+        if "class_names" in inspect.signature(balancer.make_strategy).parameters:
+            kw["class_names"] = scn.CLASSES
+        self.strategy = balancer.make_strategy(policy, self.backends, **kw)
+        self.requests = 0
+        self.no_backend = 0
+        self.timeouts = 0
+        self.seq = 0
+
+    def pick(self, exclude, cls: int):
+        if _PICK_TAKES_CLASS:
+            return self.strategy.pick(exclude, cls)
+        return self.strategy.pick(exclude)
+
+
+class Simulation:
+    def __init__(self, sc: scn.Scenario, policy: str, *, duration: float = 60.0,
+                 rate: float | None = None, workers: int = 1, seed: int = 1,
+                 timeout: float = 5.0, model: str | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.sc = sc
+        self.policy = policy
+        self.duration = duration
+        self.timeout = timeout
+        self.arrivals = scn.arrivals(sc, duration, rate, seed=sc.seed * 7919 + seed)
+        self.servers = [Server(spec, seed * 104729 + i) for i, spec in enumerate(sc.backends)]
+        self.workers = [Worker(i, sc, policy, seed) for i in range(workers)]
+        self.spread = random.Random(seed * 31 + 7)
+        self.records: list[tuple[float, float, int, str]] = []
+        self.heap: list = []
+        self.seq = 0
+        self.now = 0.0
+        self.note = ""
+        self.bridge = None
+        if policy == "ml":
+            import sim_ml  # bench/sim_ml.py
+
+            self.bridge, self.note = sim_ml.attach(self, model)
+
+    # -- events ---------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, obj) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, obj))
+
+    def run(self) -> list[tuple[float, float, int, str]]:
+        heap = self.heap
+        arrivals = self.arrivals
+        n_workers = len(self.workers)
+        rnd = self.spread.random
+        if self.bridge is not None:
+            self._push(STATS_INTERVAL, _TICK, None)
+        i = 0
+        inf = float("inf")
+        while True:
+            t_arr = arrivals[i][0] if i < len(arrivals) else inf
+            if heap and heap[0][0] <= t_arr:
+                t, _, kind, obj = heapq.heappop(heap)
+                self.now = t
+                if kind == _TICK:
+                    self.bridge.tick(t)
+                    if t + STATS_INTERVAL < self.duration:
+                        self._push(t + STATS_INTERVAL, _TICK, None)
+                else:
+                    self._answer(obj, t, kind)
+            elif t_arr < inf:
+                sched, cls = arrivals[i]
+                i += 1
+                self.now = sched
+                w = int(rnd() * n_workers) if n_workers > 1 else 0
+                self.workers[w].requests += 1
+                self._dispatch(Request(sched, cls, w), sched, None)
+            else:
+                break
+        return self.records
+
+    def _dispatch(self, req: Request, now: float, backend) -> None:
+        w = self.workers[req.worker]
+        if backend is None:
+            backend = w.pick(req.tried or (), req.cls)
+        if backend is None:
+            w.no_backend += 1
+            self._record(req, now + HOP, 503, "-")
+            return
+        backend.requests += 1
+        backend.inflight += 1
+        req.backend = backend
+        req.t0 = now
+        srv = self.servers[w.index[id(backend)]]
+        frac = now / self.duration
+        spec = srv.spec
+        if frac < spec.join_at:
+            # Connection refused: as upstream_failed(sent_nothing=True) does.
+            backend.inflight -= 1
+            backend.connect_errors += 1
+            tried = req.tried
+            if tried is None:
+                tried = req.tried = []
+            tried.append(backend)
+            if len(tried) <= RETRIES:
+                nxt = w.pick(tried, req.cls)
+                if nxt is not None:
+                    backend.retries += 1
+                    self._dispatch(req, now + 2 * HOP, nxt)
+                    return
+            backend.responses[5] += 1
+            if _HAS_RECORD:
+                backend.record(req.cls, 2 * HOP, True)
+            self._record(req, now + 3 * HOP, 502, "-")
+            return
+        slow, fail = spec.factors(frac)
+        if fail and srv.rng.random() < fail:
+            self._push(now + HOP + FAIL_FAST, _FAILED, req)
+            return
+        if srv.busy < spec.capacity:
+            self._start(srv, req, now + HOP, slow)
+        else:
+            srv.queue.append(req)
+
+    def _start(self, srv: Server, req: Request, now: float, slow: float) -> None:
+        srv.busy += 1
+        self._push(now + scn.service_time(srv.spec, req.cls, slow, srv.rng), _DONE, req)
+
+    def _answer(self, req: Request, t: float, kind: int) -> None:
+        """A response head leaves the backend at `t`."""
+        w = self.workers[req.worker]
+        b = req.backend
+        idx = w.index[id(b)]
+        if kind == _DONE:
+            srv = self.servers[idx]
+            srv.busy -= 1
+            srv.served += 1
+            if srv.queue:
+                slow, _ = srv.spec.factors(t / self.duration)
+                self._start(srv, srv.queue.popleft(), t, slow)
+            status = 200
+        else:
+            status = scn.FAIL_STATUS
+        at_proxy = t + HOP
+        rtt = at_proxy - req.t0
+        b.inflight -= 1
+        w.strategy.observe(b, rtt, at_proxy)
+        b.responses[status // 100] += 1
+        if _HAS_RECORD:
+            b.record(req.cls, rtt, status >= 500)
+        self._record(req, at_proxy + HOP, status, b.name)
+
+    def _record(self, req: Request, t: float, status: int, backend: str) -> None:
+        latency = t - req.sched
+        if latency > self.timeout:
+            self.workers[req.worker].timeouts += 1
+            self.records.append((req.sched, self.timeout, 0, backend))
+        else:
+            self.records.append((req.sched, latency, status, backend))
+
+    def summary(self) -> scn.Summary:
+        return scn.summarize(self.policy, self.records, [b.name for b in self.sc.backends],
+                             self.note)
+
+
+def simulate(sc: scn.Scenario, policy: str, **kw) -> scn.Summary:
+    sim = Simulation(sc, policy, **kw)
+    sim.run()
+    return sim.summary()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", default="all",
+                    help=f"one of {', '.join(scn.SCENARIOS)} or 'all' (default)")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="comma-separated subset of " + ",".join(POLICIES))
+    ap.add_argument("--duration", type=float, default=60.0, help="simulated seconds (default 60)")
+    ap.add_argument("--rate", type=float, help="base arrival rate, req/s (default: the scenario's)")
+    ap.add_argument("--workers", type=int, default=1, help="simulated lb workers (default 1)")
+    ap.add_argument("--seed", type=int, default=1, help="seed (default 1)")
+    ap.add_argument("--timeout", type=float, default=5.0, help="client timeout, s (default 5)")
+    ap.add_argument("--model", help="ONNX model for ml (default: the inference default)")
+    ap.add_argument("--traces", metavar="FILE",
+                    help="ml only: write the sampled request traces to FILE")
+    ap.add_argument("--json", metavar="FILE", help="write the summaries as JSON")
+    args = ap.parse_args(argv)
+    if args.scenario != "all" and args.scenario not in scn.SCENARIOS:
+        ap.error(f"--scenario: unknown {args.scenario!r} (choose from {', '.join(scn.SCENARIOS)}, all)")
+    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in args.policies if p not in POLICIES]
+    if bad or not args.policies:
+        ap.error(f"--policies: unknown {bad} (choose from {', '.join(POLICIES)})")
+    if args.duration <= 0 or (args.rate is not None and args.rate <= 0) or args.timeout <= 0:
+        ap.error("--duration, --rate and --timeout must be > 0")
+    if not 1 <= args.workers <= 64:
+        ap.error("--workers must be between 1 and 64")
+    if args.model and not os.path.isfile(args.model):
+        ap.error(f"--model {args.model}: no such file")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    names = list(scn.SCENARIOS) if args.scenario == "all" else [args.scenario]
+    out: dict = {"duration": args.duration, "workers": args.workers, "seed": args.seed,
+                 "scenarios": {}}
+    if args.traces and "ml" in args.policies:
+        os.environ["LB_SIM_TRACES"] = args.traces  # read by sim_ml
+    for name in names:
+        sc = scn.SCENARIOS[name]
+        rate = args.rate or sc.rate
+        print(f"\n== {name}: {sc.description}; {rate:g} req/s, {args.duration:g} s simulated, "
+              f"{args.workers} worker(s), seed {args.seed}")
+        for spec in sc.backends:
+            print(f"   {spec.describe()}")
+        rows = []
+        for policy in args.policies:
+            t0 = time.perf_counter()
+            rows.append(simulate(sc, policy, duration=args.duration, rate=args.rate,
+                                 workers=args.workers, seed=args.seed, timeout=args.timeout,
+                                 model=args.model))
+            rows[-1].wall = time.perf_counter() - t0  # type: ignore[attr-defined]
+        print(scn.table(sc, rows))
+        print(f"({sum(r.requests for r in rows)} requests simulated in "
+              f"{sum(r.wall for r in rows):.1f} s)")  # type: ignore[attr-defined]
+        out["scenarios"][name] = {"rate": rate, "rows": [r.as_dict() for r in rows]}
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
