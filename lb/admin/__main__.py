@@ -1,0 +1,3 @@
+from lb.admin.app import main
+
+raise SystemExit(main())

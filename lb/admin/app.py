@@ -1,0 +1,114 @@
+"""The admin process: `python -m lb.admin --runtime DIR --fd N`.
+
+The supervisor passes the validated config as msgpack on stdin and the admin
+listening socket (bound and listening) as descriptor N.  The process writes
+`R` on stdout once it serves, `H` every second from its loop (heartbeat),
+stops gracefully on SIGTERM (exit 0), at once on SIGQUIT, and exits 3 with
+one log line when it cannot boot (bad config, descriptor or endpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+import msgspec
+import zmq
+
+from lb import log
+from lb.config import Config, decode
+
+from .api import API
+from .httpserver import Server
+from .state import AdminState
+
+POLL = 0.1  # seconds: fallback poll of the ZeroMQ sockets (their descriptors are edge-triggered)
+TICK = 1.0  # seconds: history sample, control republish, heartbeat
+
+
+def _write(byte: bytes) -> None:
+    try:
+        os.write(1, byte)
+    except OSError:
+        pass  # nobody reads our stdout: not a reason to stop serving
+
+
+def _listener(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise OSError(f"descriptor {fd} is not a listening TCP socket")
+    return sock
+
+
+async def serve(state: AdminState, sock: socket.socket) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(0))
+    api = API(state)
+    server = Server(api.router, sock)
+    await server.start()
+    fds = state.fds()
+    for fd in fds:
+        loop.add_reader(fd, state.poll)
+    parent = os.getppid()
+    addr = sock.getsockname()
+    _write(b"R")
+    log.log("admin_ready", listen=f"{addr[0]}:{addr[1]}", runtime=state.runtime_dir)
+    state.tick()
+    next_tick = loop.time() + TICK
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), POLL)
+        except asyncio.TimeoutError:
+            pass
+        state.poll()
+        now = loop.time()
+        if now >= next_tick:
+            next_tick = max(next_tick + TICK, now + TICK / 2)
+            state.tick()
+            _write(b"H")
+            if os.getppid() != parent:
+                log.log("admin_orphaned")
+                break
+    log.log("admin_stopping")
+    api.stopping.set()
+    for fd in fds:
+        loop.remove_reader(fd)
+    await server.close()
+    state.close()
+    log.log("admin_exit")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lb.admin")
+    ap.add_argument("--runtime", required=True, help="runtime directory (ipc endpoints, state file)")
+    ap.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
+    try:
+        cfg: Config = decode(sys.stdin.buffer.read())
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        log.log("admin_boot_failed", error=f"invalid config on stdin: {exc}")
+        return 3
+    try:
+        sock = _listener(args.fd)
+    except OSError as exc:
+        log.log("admin_boot_failed", error=f"admin socket: {exc.strerror or exc}")
+        return 3
+    try:
+        os.makedirs(args.runtime, exist_ok=True)
+        state = AdminState(cfg, args.runtime)
+    except (OSError, zmq.ZMQError) as exc:
+        log.log("admin_boot_failed", error=f"runtime endpoints in {args.runtime}: {exc}")
+        return 3
+    try:
+        return asyncio.run(serve(state, sock))
+    except FileNotFoundError as exc:  # the dashboard file missing from an install
+        log.log("admin_boot_failed", error=str(exc))
+        return 3

@@ -1,0 +1,211 @@
+"""`/metrics`: Prometheus exposition of the aggregated state.
+
+A custom collector builds every family at scrape time from what the admin
+process holds (no metric objects are updated per message), registered on a
+private registry.  Counters come from cumulative worker counters summed over
+every worker pid ever heard, so they never go backwards across restarts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from lb.messages import LATENCY_BOUNDS
+
+from .state import AdminState
+from .stats import STATUS_CLASSES
+
+WORKER_COUNTER_HELP = {
+    "accepted": ("lb_connections_accepted", "Client connections accepted."),
+    "requests": ("lb_requests", "Client requests received (every request head, lb-answered ones included)."),
+    "rejected": ("lb_rejected", "Requests answered 4xx by lb itself (malformed or over a limit)."),
+    "timeouts": ("lb_client_timeouts", "Client-side timeouts (408 or connection closed)."),
+    "no_backend": ("lb_no_backend", "Requests answered 503 because nothing was routable."),
+    "shed": ("lb_shed", "Requests answered 503 by a protection limit (load shedding, circuit breaking)."),
+    "limited": ("lb_limited", "Requests answered 429 by the per-client rate limit."),
+}
+
+
+class AdminCollector(Collector):
+    def __init__(self, state: AdminState) -> None:
+        self.s = state
+
+    def collect(self):  # noqa: C901 - one flat list of families
+        s = self.s
+        totals = s.agg.totals()
+        g = s.agg.gauges()
+        names = s.backend_names()
+
+        # -- per backend, from the workers' counters ---------------------------------
+        req = CounterMetricFamily("lb_backend_requests", "Requests dispatched to a backend (retries included).",
+                                  labels=["backend"])
+        resp = CounterMetricFamily("lb_backend_responses",
+                                   "Upstream outcomes by status class (code=none: failed without a response).",
+                                   labels=["backend", "code"])
+        cls_resp = CounterMetricFamily("lb_backend_class_requests",
+                                       "Upstream outcomes (response heads and failures) by request class.",
+                                       labels=["backend", "class"])
+        cls_err = CounterMetricFamily("lb_backend_class_errors",
+                                      "Upstream 5xx heads and failures without a response, by request class.",
+                                      labels=["backend", "class"])
+        conn_err = CounterMetricFamily("lb_backend_connect_errors", "Failed connects to a backend.",
+                                       labels=["backend"])
+        tmo = CounterMetricFamily("lb_backend_timeouts", "Upstream timeouts (connect or response).",
+                                  labels=["backend"])
+        retries = CounterMetricFamily("lb_backend_retries", "Requests retried after failing on this backend.",
+                                      labels=["backend"])
+        resets = CounterMetricFamily("lb_backend_resets", "Upstream connections reset by the backend.",
+                                     labels=["backend"])
+        lat = HistogramMetricFamily("lb_upstream_latency_seconds",
+                                    "Time from sending the request to the upstream response head.",
+                                    labels=["backend", "class"])
+        for n in names:
+            b = totals.backends.get(n)
+            if b is None:
+                continue
+            req.add_metric([n], b.requests)
+            for code, v in zip(STATUS_CLASSES, b.responses):
+                resp.add_metric([n, code], v)
+            for c, v in b.class_responses.items():
+                cls_resp.add_metric([n, c], v)
+            for c, v in b.class_errors.items():
+                cls_err.add_metric([n, c], v)
+            conn_err.add_metric([n], b.connect_errors)
+            tmo.add_metric([n], b.timeouts)
+            retries.add_metric([n], b.retries)
+            resets.add_metric([n], b.resets)
+            for c, h in b.class_latency.items():
+                cum, buckets = 0, []
+                for bound, count in zip(LATENCY_BOUNDS, h):
+                    cum += count
+                    buckets.append((_le(bound), cum))
+                buckets.append(("+Inf", sum(h)))
+                lat.add_metric([n, c], buckets, b.class_latency_sum.get(c, 0.0))
+        yield from (req, resp, cls_resp, cls_err, conn_err, tmo, retries, resets, lat)
+
+        # -- per backend, gauges and operator state -------------------------------------
+        inflight = GaugeMetricFamily("lb_backend_inflight", "Requests in flight to a backend.", labels=["backend"])
+        idle = GaugeMetricFamily("lb_backend_idle_connections", "Idle pooled upstream connections.",
+                                 labels=["backend"])
+        ewma = GaugeMetricFamily("lb_backend_ewma_seconds", "Peak-EWMA latency, mean over workers.",
+                                 labels=["backend"])
+        up = GaugeMetricFamily("lb_backend_up", "1 unless the backend fails its health checks.", labels=["backend"])
+        drained = GaugeMetricFamily("lb_backend_drained", "1 when an operator drained the backend.",
+                                    labels=["backend"])
+        routable = GaugeMetricFamily("lb_backend_routable", "1 when the backend can receive new requests.",
+                                     labels=["backend"])
+        cweight = GaugeMetricFamily("lb_backend_config_weight", "Weight from the configuration.",
+                                    labels=["backend"])
+        tweight = GaugeMetricFamily("lb_backend_table_weight",
+                                    "Share of a request class the routing table gives the backend.",
+                                    labels=["backend", "class"])
+        routable_set = set(s.routable())
+        cfgw = s.config_weights()
+        for n in names:
+            inflight.add_metric([n], g.inflight.get(n, 0))
+            idle.add_metric([n], g.idle.get(n, 0))
+            if n in g.ewma:
+                ewma.add_metric([n], g.ewma[n])
+            up.add_metric([n], 0 if n in s.control.down else 1)
+            drained.add_metric([n], 1 if n in s.control.drained else 0)
+            routable.add_metric([n], 1 if n in routable_set else 0)
+            cweight.add_metric([n], cfgw.get(n, 0))
+            for c, w in s.table_weight(n).items():
+                tweight.add_metric([n, c], w)
+        yield from (inflight, idle, ewma, up, drained, routable, cweight, tweight)
+
+        # -- instance-wide counters from the workers ------------------------------------------
+        for key, (name, doc) in WORKER_COUNTER_HELP.items():
+            yield CounterMetricFamily(name, doc, value=totals.workers.get(key, 0))
+        yield GaugeMetricFamily("lb_client_connections", "Client connections open.", value=g.connections)
+        yield GaugeMetricFamily("lb_workers_reporting", "Workers whose stats arrived in the last 2 s.",
+                                value=g.workers)
+        yield CounterMetricFamily("lb_admin_stats_messages", "Stats messages received by the admin process.",
+                                  value=s.agg.messages)
+        yield CounterMetricFamily("lb_admin_bad_messages", "Messages the admin process could not decode.",
+                                  value=s.agg.bad)
+
+        # -- supervisor ----------------------------------------------------------------------------
+        st = s.status()
+        if st is not None:
+            yield GaugeMetricFamily("lb_workers_expected", "Worker processes the supervisor runs.",
+                                    value=st.workers_expected)
+            yield GaugeMetricFamily("lb_workers_ready", "Worker processes accepting connections.",
+                                    value=st.workers_ready)
+            yield CounterMetricFamily("lb_worker_restarts", "Workers replaced after dying.",
+                                      value=st.worker_restarts)
+            reloads = CounterMetricFamily("lb_reloads", "Config reloads by result.", labels=["result"])
+            reloads.add_metric(["ok"], st.reloads)
+            reloads.add_metric(["failed"], st.reloads_failed)
+            yield reloads
+            yield GaugeMetricFamily("lb_config_generation", "Generation of the running config.",
+                                    value=st.generation)
+            yield GaugeMetricFamily("lb_inference_up", "1 when the inference process runs.",
+                                    value=1 if st.inference_up else 0)
+            yield CounterMetricFamily("lb_inference_restarts", "Inference process restarts.",
+                                      value=st.inference_restarts)
+            yield GaugeMetricFamily("lb_supervisor_status_age_seconds", "Age of the last supervisor status.",
+                                    value=max(0.0, time.time() - st.ts))
+
+        # -- policy ---------------------------------------------------------------------------------
+        strategy = s.strategy()
+        info = InfoMetricFamily("lb_strategy", "The routing strategy in force.")
+        info.add_metric([], {"strategy": strategy, "config_strategy": s.config_strategy(),
+                             "pinned": "true" if s.control.pinned else "false"})
+        yield info
+        modes = GaugeMetricFamily("lb_policy_mode",
+                                  "Live workers per policy mode (learned or fallback) and fallback reason.",
+                                  labels=["mode", "reason"])
+        per_mode: dict[tuple[str, str], int] = {}
+        for (_strategy, mode, reason), count in g.modes.items():
+            if mode:
+                per_mode[(mode, reason)] = per_mode.get((mode, reason), 0) + count
+        if strategy == "ml" and not per_mode:
+            per_mode[s.mode()] = 0  # nothing reported yet: the expected mode, no workers
+        for (mode, reason), count in sorted(per_mode.items()):
+            modes.add_metric([mode, reason], count)
+        yield modes
+        learned = 0.0 if strategy == "ml" and s.mode()[0] != "learned" else 1.0
+        yield GaugeMetricFamily("lb_policy_learned",
+                                "1 when the learned policy routes (or a classic strategy is in force), "
+                                "0 when the ml strategy is in fallback.", value=learned)
+        t = s.table
+        if t is not None:
+            model = InfoMetricFamily("lb_model", "The model behind the current routing table.")
+            model.add_metric([], {"version": t.model_version, "mode": t.mode, "reason": t.reason})
+            yield model
+            yield GaugeMetricFamily("lb_table_seq", "Sequence number of the latest routing table.", value=t.seq)
+            yield GaugeMetricFamily("lb_table_age_seconds", "Age of the latest routing table.",
+                                    value=max(0.0, time.time() - t.ts))
+            yield GaugeMetricFamily("lb_table_interval_seconds", "Publish interval of the routing tables.",
+                                    value=t.interval)
+            if t.prediction_error >= 0:
+                yield GaugeMetricFamily("lb_prediction_error", "Online prediction error of the model "
+                                        "(mean |ln(observed/predicted)|).", value=t.prediction_error)
+            yield GaugeMetricFamily("lb_inference_tick_seconds", "Time the last scoring tick took.",
+                                    value=t.tick_seconds)
+        if g.table_age_max >= 0:
+            yield GaugeMetricFamily("lb_worker_table_age_seconds_max",
+                                    "Oldest routing table a live worker routes with.", value=g.table_age_max)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class Exporter:
+    def __init__(self, state: AdminState) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AdminCollector(state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

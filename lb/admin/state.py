@@ -1,0 +1,163 @@
+"""Everything the admin process knows, fed from ZeroMQ.
+
+    workers    --PUB stats----->  SUB (bind stats_admin)   topic b"stats"
+    supervisor --PUB status---->  same SUB                 topic b"status"
+    inference  --PUB table----->  clone Subscriber         (tables, tables_snapshot)
+    admin      --PUB control--->  clone Publisher          (control, control_snapshot)
+
+`poll()` drains every socket without blocking; the process calls it when a
+socket's descriptor is readable and from a 0.1 s timer (ZeroMQ descriptors
+are edge-triggered, so a timer guards against a missed edge).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgspec
+import zmq
+
+from lb import log
+from lb.clone import Subscriber
+from lb.config import Config
+from lb.messages import (
+    TOPIC_STATS,
+    TOPIC_STATUS,
+    TOPIC_TABLE,
+    Table,
+    endpoints,
+    stats_decoder,
+    status_decoder,
+    table_decoder,
+)
+
+from .control import ControlState
+from .stats import Aggregator
+
+STATUS_STALE = 5.0  # seconds without a SupervisorStatus before it is ignored
+
+
+class AdminState:
+    def __init__(self, cfg: Config, runtime_dir: str, ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.runtime_dir = runtime_dir
+        self.started = time.time()
+        self.ctx = ctx or zmq.Context.instance()
+        ep = endpoints(runtime_dir)
+        self.stats = self.ctx.socket(zmq.SUB)
+        self.stats.setsockopt(zmq.LINGER, 0)
+        self.stats.setsockopt(zmq.RCVHWM, 10000)
+        self.stats.setsockopt(zmq.SUBSCRIBE, TOPIC_STATS)
+        self.stats.setsockopt(zmq.SUBSCRIBE, TOPIC_STATUS)
+        self.stats.bind(ep["stats_admin"])
+        self.tables = Subscriber(self.ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE, table_decoder.decode)
+        self.control = ControlState(self.ctx, runtime_dir)
+        self.agg = Aggregator([b.name for b in cfg.backends])
+        self.last_mode: tuple[str, str] | None = None
+
+    # -- input ---------------------------------------------------------------
+
+    def fds(self) -> list[int]:
+        return [self.stats.getsockopt(zmq.FD), *self.tables.fds(), self.control.publisher.router.getsockopt(zmq.FD)]
+
+    def poll(self) -> None:
+        while True:
+            try:
+                frames = self.stats.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 2:
+                self.agg.bad += 1
+                continue
+            topic, payload = frames
+            try:
+                if topic == TOPIC_STATS:
+                    self.agg.offer_stats(stats_decoder.decode(payload))
+                elif topic == TOPIC_STATUS:
+                    self.agg.offer_status(status_decoder.decode(payload))
+            except msgspec.DecodeError:
+                self.agg.bad += 1
+        self.tables.poll()
+        self.control.publisher.serve_snapshots()
+
+    def tick(self) -> None:
+        """Once a second: history sample, control republish, pid retirement."""
+        self.poll()
+        self.control.tick()
+        self.agg.retire()
+        self.agg.sample()
+        mode = self.mode()
+        if mode != self.last_mode and self.strategy() == "ml":
+            log.log("policy_mode", mode=mode[0], reason=mode[1])
+        self.last_mode = mode
+
+    # -- derived -------------------------------------------------------------
+
+    @property
+    def table(self) -> Table | None:
+        return self.tables.state
+
+    def status(self):
+        st = self.agg.status
+        if st is None or time.monotonic() - self.agg.status_at > STATUS_STALE:
+            return None
+        return st
+
+    def config_strategy(self) -> str:
+        st = self.status()
+        return st.strategy if st is not None and st.strategy else self.cfg.strategy
+
+    def strategy(self) -> str:
+        """The strategy in force: the pinned one, else the config's."""
+        return self.control.pinned or self.config_strategy()
+
+    def backend_names(self) -> list[str]:
+        names = list(self.agg.order)
+        t = self.table
+        if t is not None:
+            names += [b for b in t.backends if b not in names]
+        return names
+
+    def config_weights(self) -> dict[str, int]:
+        weights = {b.name: b.weight for b in self.cfg.backends}
+        weights.update(self.agg.gauges().config_weight)  # what workers run now (after reloads)
+        return weights
+
+    def mode(self) -> tuple[str, str]:
+        """(mode, reason) of the learned policy: what most live workers report,
+        else what the table says, judged for staleness like the workers do."""
+        g = self.agg.gauges()
+        votes: dict[tuple[str, str], int] = {}
+        for (_strategy, mode, reason), n in g.modes.items():
+            if mode:
+                votes[(mode, reason)] = votes.get((mode, reason), 0) + n
+        if votes:
+            return max(votes, key=votes.__getitem__)
+        t = self.table
+        if t is None:
+            return ("fallback", "no_table")
+        if time.time() - t.ts > 2 * t.interval:
+            return ("fallback", "stale")
+        return (t.mode, t.reason)
+
+    def table_weight(self, name: str) -> dict[str, float]:
+        t = self.table
+        if t is None or name not in t.backends:
+            return {}
+        i = t.backends.index(name)
+        return {cls: row[i] for cls, row in zip(t.classes, t.weights) if i < len(row)}
+
+    def routable(self) -> list[str]:
+        weights = self.config_weights()
+        return [n for n in self.backend_names()
+                if weights.get(n, 0) > 0 and n not in self.control.drained and n not in self.control.down]
+
+    def close(self) -> None:
+        self.stats.close()
+        self.tables.close()
+        self.control.close()
+
+
+def admin_token(cfg: Config) -> str:
+    return cfg.admin.token or os.environ.get("LB_ADMIN_TOKEN", "")

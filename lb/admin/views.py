@@ -1,0 +1,184 @@
+"""JSON views of the admin state, shared by the API and the dashboard feed."""
+
+from __future__ import annotations
+
+import time
+
+from .routing import table_view
+from .state import AdminState
+from .stats import Rates, Sample, rates
+
+LIVE_WINDOW = 5.0  # seconds: /api/metrics rates and percentiles
+
+
+def _r(x: float | None, nd: int = 6) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def health(s: AdminState) -> tuple[int, dict]:
+    st = s.status()
+    routable = s.routable()
+    problems = []
+    if st is None:
+        problems.append("no status from the supervisor")
+    elif st.workers_ready != st.workers_expected:
+        problems.append(f"{st.workers_ready} of {st.workers_expected} workers ready")
+    if not routable:
+        problems.append("no routable backend")
+    ready = not problems
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "live": True,
+        "ready": ready,
+        "problems": problems,
+        "workers_expected": st.workers_expected if st else None,
+        "workers_ready": st.workers_ready if st else None,
+        "workers_reporting": len(s.agg.live_workers()),
+        "generation": st.generation if st else None,
+        "inference_up": st.inference_up if st else None,
+        "routable_backends": routable,
+        "uptime": round(time.time() - s.started, 3),
+    }
+    return (200 if ready else 503), body
+
+
+def backend_state(s: AdminState, name: str, weight: int) -> str:
+    if name in s.control.drained:
+        return "drained"
+    if name in s.control.down:
+        return "down"
+    if weight <= 0:
+        return "weight0"
+    return "up"
+
+
+def effective_weights(s: AdminState) -> dict[str, float]:
+    """The share each backend is meant to get now: the table's weights
+    (averaged over classes) in learned mode, else the configured weights."""
+    names = s.backend_names()
+    cfgw = s.config_weights()
+    routable = set(s.routable())
+    t = s.table
+    if s.strategy() == "ml" and t is not None and s.mode()[0] == "learned" and t.weights:
+        out = {}
+        for n in names:
+            w = s.table_weight(n)
+            out[n] = (sum(w.values()) / len(w)) if w and n in routable else 0.0
+    elif s.strategy() in ("weighted_round_robin", "p2c_ewma", "ml"):
+        out = {n: float(cfgw.get(n, 0)) if n in routable else 0.0 for n in names}
+    else:
+        out = {n: 1.0 if n in routable else 0.0 for n in names}
+    total = sum(out.values())
+    return {n: (w / total if total else 0.0) for n, w in out.items()}
+
+
+def backends(s: AdminState) -> list[dict]:
+    g = s.agg.gauges()
+    t = s.agg.totals()
+    cfgw = s.config_weights()
+    addresses = {b.name: b.address for b in s.cfg.backends}
+    out = []
+    for n in s.backend_names():
+        bt = t.backends.get(n)
+        w = cfgw.get(n, 0)
+        out.append({
+            "name": n,
+            "address": addresses.get(n),
+            "state": backend_state(s, n, w),
+            "drained": n in s.control.drained,
+            "down": n in s.control.down,
+            "config_weight": w,
+            "table_weights": {k: round(v, 6) for k, v in s.table_weight(n).items()},
+            "inflight": g.inflight.get(n, 0),
+            "idle": g.idle.get(n, 0),
+            "ewma": _r(g.ewma.get(n)),
+            "requests": bt.requests if bt else 0,
+            "errors": bt.errors() if bt else 0,
+        })
+    return out
+
+
+def _rates_json(r: Rates | None) -> dict:
+    if r is None:
+        return {"rps": 0.0, "errors_per_s": 0.0, "error_ratio": 0.0, "share": 0.0, "p50": None, "p99": None}
+    return {"rps": round(r.rps, 3), "errors_per_s": round(r.errors_per_s, 3),
+            "error_ratio": round(r.error_ratio, 5), "share": round(r.share, 5),
+            "p50": _r(r.p50), "p99": _r(r.p99)}
+
+
+def live_metrics(s: AdminState, window: float = LIVE_WINDOW) -> dict:
+    names = s.backend_names()
+    w = s.agg.window(window)
+    rs = rates(w[0], w[1], names) if w else {}
+    eff = effective_weights(s)
+    per = []
+    for b in backends(s):
+        n = b["name"]
+        entry = {"name": n, "state": b["state"], "weight": round(eff.get(n, 0.0), 5),
+                 "config_weight": b["config_weight"], "inflight": b["inflight"], "idle": b["idle"],
+                 "ewma": b["ewma"], "requests": b["requests"], "errors": b["errors"]}
+        entry.update(_rates_json(rs.get(n)))
+        per.append(entry)
+    totals = s.agg.totals().workers
+    return {
+        "ts": time.time(),
+        "window": round(w[1].mono - w[0].mono, 3) if w else 0.0,
+        "backends": per,
+        "totals": dict(totals),
+        "connections": s.agg.gauges().connections,
+    }
+
+
+def route(s: AdminState) -> dict:
+    mode, reason = s.mode()
+    return {
+        "strategy": s.strategy(),
+        "config_strategy": s.config_strategy(),
+        "pinned_strategy": s.control.pinned or None,
+        "mode": mode if s.strategy() == "ml" else None,
+        "reason": reason if s.strategy() == "ml" else None,
+        "classes": s.cfg.class_names,
+        "config_weights": s.config_weights(),
+        "drained": s.control.drained,
+        "table": table_view(s.table, s.tables.received),
+    }
+
+
+def _point(old: Sample, new: Sample, names: list[str], weights: dict[str, float]) -> dict:
+    rs = rates(old, new, names)
+    return {"ts": round(new.ts, 3),
+            "b": {n: {"rps": round(r.rps, 3), "share": round(r.share, 4), "p50": _r(r.p50),
+                      "p99": _r(r.p99), "err": round(r.errors_per_s, 3),
+                      "w": round(weights.get(n, 0.0), 4)} for n, r in rs.items()}}
+
+
+def history(s: AdminState) -> list[dict]:
+    """One point per second over the kept history (weights as they are now)."""
+    names = s.backend_names()
+    weights = effective_weights(s)
+    h = list(s.agg.history)
+    return [_point(a, b, names, weights) for a, b in zip(h, h[1:])]
+
+
+def snapshot(s: AdminState) -> dict:
+    """The dashboard's once-a-second event."""
+    names = s.backend_names()
+    h = s.agg.history
+    weights = effective_weights(s)
+    point = _point(h[-2], h[-1], names, weights) if len(h) >= 2 else {"ts": time.time(), "b": {}}
+    code, hv = health(s)
+    t = s.table
+    mode, reason = s.mode()
+    return {
+        "point": point,
+        "live": live_metrics(s),
+        "strategy": s.strategy(),
+        "config_strategy": s.config_strategy(),
+        "pinned_strategy": s.control.pinned or None,
+        "mode": mode if s.strategy() == "ml" else None,
+        "reason": reason if s.strategy() == "ml" else None,
+        "model_version": t.model_version if t else None,
+        "table_seq": t.seq if t else None,
+        "table_age": round(time.time() - t.ts, 3) if t else None,
+        "health": hv,
+    }
