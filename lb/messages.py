@@ -73,7 +73,7 @@ class BackendStats(Msg, array_like=True):
     inflight: int  # gauge
     idle: int  # gauge: idle pooled connections
     ewma: float  # gauge: this worker's peak-EWMA latency (seconds)
-    class_responses: list[int]  # response heads received, per class
+    class_responses: list[int]  # outcomes (response heads + failures without one), per class
     class_errors: list[int]  # 5xx heads + failures without a response, per class
     class_latency_sum: list[float]  # seconds, per class
     class_latency: list[list[int]]  # histogram of time to response head, per class
@@ -131,6 +131,8 @@ class SupervisorStatus(Msg):
     inference_restarts: int
     config_path: str
     strategy: str
+    config: bytes = b""  # the running lb.config.Config, msgpack (changes on reload)
+    runtime_dir: str = ""
 
 
 # -- inference -> workers, admin ----------------------------------------------------------

@@ -15,18 +15,25 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
-import subprocess
-import sys
+import tempfile
 import time
 
+import zmq
+
+from lb import children
 from lb import config as cfgmod
+from lb import messages
+from lb.children import ADMIN, HEARTBEAT_TIMEOUT, INFERENCE, WORKER, Child
 from lb.log import log
 
 EXIT_BOOT = 3  # a worker that could not start (see workers.worker)
 READY_TIMEOUT = 15.0
 MAX_BOOT_FAILURES = 5
+STATUS_INTERVAL = 1.0  # seconds between two SupervisorStatus reports to the admin process
+AUX_BACKOFF_MAX = 30.0  # an auxiliary child that keeps dying at boot is retried at most this rarely
 
 
 class SupervisorError(Exception):
@@ -49,6 +56,22 @@ def listen_socket(address: str, backlog: int) -> socket.socket:
     return sock
 
 
+def admin_socket(address: str) -> socket.socket:
+    """The admin listener: one socket, kept by the supervisor, inherited by each
+    admin process it starts (so restarting the admin process loses no port)."""
+    host, port = cfgmod.parse_address(address, allow_hostname=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise SupervisorError(f"cannot listen on {address} (admin): {exc.strerror}") from None
+    return sock
+
+
 def ensure_free(address: str) -> None:
     """Fail if anything listens on `address` already.
 
@@ -64,18 +87,6 @@ def ensure_free(address: str) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise SupervisorError(f"cannot listen on {address}: {exc.strerror}") from None
-
-
-class Child:
-    __slots__ = ("proc", "slot", "generation", "ready", "stopping", "drained")
-
-    def __init__(self, proc: subprocess.Popen, slot: int, generation: int) -> None:
-        self.proc = proc
-        self.slot = slot
-        self.generation = generation
-        self.ready = False  # said "R": accepting
-        self.stopping = False  # sent SIGTERM (or killed) on purpose
-        self.drained = False  # said "D": no longer accepting
 
 
 class Supervisor:
@@ -102,12 +113,43 @@ class Supervisor:
         self.exit_code = 0
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        self.admin_sock: socket.socket | None = None
+        self.runtime_dir = ""
+        self.own_runtime_dir = False
+        # auxiliary children: kind -> restart bookkeeping
+        self.aux_due: dict[str, float] = {}  # kind -> monotonic time to (re)start it
+        self.aux_failures: dict[str, int] = {INFERENCE: 0, ADMIN: 0}
+        self.worker_restarts = 0
+        self.inference_restarts = 0
+        self.reloads = 0
+        self.reloads_failed = 0
+        self.zmq_ctx: zmq.Context | None = None
+        self.status_pub: zmq.Socket | None = None
+        self.next_status = 0.0
 
     # -- setup ----------------------------------------------------------------
 
     def bind(self) -> None:
         ensure_free(self.cfg.listen)
+        if self.cfg.admin.enabled:
+            self.admin_sock = admin_socket(self.cfg.admin.listen)
         self.sockets = [listen_socket(self.cfg.listen, self.cfg.backlog) for _ in range(self.n_workers)]
+
+    def make_runtime_dir(self) -> None:
+        if self.cfg.runtime_dir:
+            self.runtime_dir = self.cfg.runtime_dir
+            try:
+                os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise SupervisorError(f"runtime_dir {self.runtime_dir}: {exc.strerror}") from None
+        else:
+            self.runtime_dir = tempfile.mkdtemp(prefix="lb-")
+            self.own_runtime_dir = True
+        self.zmq_ctx = zmq.Context()
+        pub = self.status_pub = self.zmq_ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 4)
+        pub.connect(messages.endpoints(self.runtime_dir)["stats_admin"])
 
     def _signal(self, signum, _frame) -> None:
         self.queue.append(signum)
@@ -118,27 +160,34 @@ class Supervisor:
 
     def spawn(self, slot: int, generation: int, blob: bytes | None = None) -> Child:
         """Start a worker for `slot`, configured with `blob` (default: the running config)."""
-        sock = self.sockets[slot]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--fd", str(sock.fileno()), "--slot", str(slot)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=(sock.fileno(),),
-        )
-        try:
-            proc.stdin.write(self.blob if blob is None else blob)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        os.set_blocking(proc.stdout.fileno(), False)
-        child = Child(proc, slot, generation)
-        self.children[proc.pid] = child
+        child = children.start(WORKER, slot, generation, self.blob if blob is None else blob,
+                               self.runtime_dir, self.sockets[slot])
+        self.children[child.pid] = child
         return child
+
+    def spawn_aux(self, kind: str) -> None:
+        """Start the inference or admin process (with the running config)."""
+        self.aux_due.pop(kind, None)
+        try:
+            child = children.start(kind, 0, self.generation, self.blob, self.runtime_dir,
+                                   self.admin_sock if kind == ADMIN else None)
+        except OSError as exc:
+            log("child_start_failed", kind=kind, error=str(exc))
+            self.aux_due[kind] = time.monotonic() + 1.0
+            return
+        self.children[child.pid] = child
+
+    def aux(self, kind: str) -> Child | None:
+        for c in self.children.values():
+            if c.kind == kind and not c.stopping:
+                return c
+        return None
 
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> int:
         self.bind()
+        self.make_runtime_dir()
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._signal)
         log("supervisor_start", listen=self.cfg.listen, workers=self.n_workers,
@@ -146,6 +195,9 @@ class Supervisor:
         self.generation = self.last_generation = 1
         for slot in range(self.n_workers):
             self.spawn(slot, self.generation)
+        self.spawn_aux(INFERENCE)
+        if self.admin_sock is not None:
+            self.spawn_aux(ADMIN)
         while True:
             self._wait()
             while self.queue:
@@ -154,23 +206,37 @@ class Supervisor:
                 getattr(self, f"handle_{name}")()
             self.reap()
             self.check_pending()
+            if not self.stopping:
+                self.check_heartbeats()
+                self.start_due()
+                self.send_status()
             if self.stopping:
                 if not self.children:
                     break
                 if time.monotonic() > self.stop_deadline:
                     self.kill_all(signal.SIGKILL)
-        for s in self.sockets:
-            s.close()
+        self.cleanup()
         log("supervisor_exit", code=self.exit_code)
         return self.exit_code
 
+    def cleanup(self) -> None:
+        for s in self.sockets:
+            s.close()
+        if self.admin_sock is not None:
+            self.admin_sock.close()
+        if self.status_pub is not None:
+            self.status_pub.close()
+            self.zmq_ctx.term()
+        if self.own_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
     def _wait(self) -> None:
-        fds = [self.wake_r] + [c.proc.stdout.fileno() for c in self.children.values()
-                               if not c.ready or (c.stopping and not c.drained)]
+        fds = [self.wake_r] + [c.fd for c in self.children.values()]
         try:
-            readable, _, _ = select.select(fds, [], [], 0.5)
+            readable, _, _ = select.select(fds, [], [], 0.25)
         except InterruptedError:
             return
+        by_fd = {c.fd: c for c in self.children.values()}
         for fd in readable:
             if fd == self.wake_r:
                 try:
@@ -178,18 +244,58 @@ class Supervisor:
                 except BlockingIOError:
                     pass
                 continue
-            for child in self.children.values():
-                if child.proc.stdout.fileno() == fd:
-                    try:
-                        data = os.read(fd, 64)
-                    except BlockingIOError:
-                        data = b""
-                    if b"R" in data:
-                        child.ready = True
-                        self.boot_failures = 0
-                    if b"D" in data:
-                        child.drained = True
-                    break
+            child = by_fd.get(fd)
+            if child is None:
+                continue
+            was_ready = child.ready
+            child.read_signals()
+            if child.ready and not was_ready:
+                if child.kind == WORKER:
+                    self.boot_failures = 0
+                else:
+                    log("child_ready", kind=child.kind, pid=child.pid)
+
+    def check_heartbeats(self) -> None:
+        """Kill a child whose event loop is stuck (no byte for HEARTBEAT_TIMEOUT),
+        or an auxiliary child that never became ready; reap() replaces it."""
+        now = time.monotonic()
+        for c in self.children.values():
+            if c.stopping:
+                continue
+            stuck = c.ready and c.silent_for(now) > HEARTBEAT_TIMEOUT
+            slow_boot = c.kind != WORKER and not c.ready and now - c.started > children.BOOT_TIMEOUT
+            if stuck or slow_boot:
+                log("child_stuck", kind=c.kind, slot=c.slot, pid=c.pid,
+                    silent=round(c.silent_for(now), 1), ready=c.ready)
+                c.send(signal.SIGKILL)
+
+    def start_due(self) -> None:
+        now = time.monotonic()
+        for kind, due in list(self.aux_due.items()):
+            if now >= due and self.aux(kind) is None:
+                self.spawn_aux(kind)
+
+    def send_status(self) -> None:
+        now = time.monotonic()
+        if now < self.next_status or self.status_pub is None:
+            return
+        self.next_status = now + STATUS_INTERVAL
+        workers = [c for c in self.children.values()
+                   if c.kind == WORKER and c.generation == self.generation and not c.stopping]
+        inf = self.aux(INFERENCE)
+        status = messages.SupervisorStatus(
+            ts=time.time(), pid=os.getpid(), generation=self.generation,
+            workers_expected=self.n_workers, workers_ready=sum(c.ready for c in workers),
+            worker_restarts=self.worker_restarts, reloads=self.reloads,
+            reloads_failed=self.reloads_failed, inference_up=bool(inf and inf.ready),
+            inference_restarts=self.inference_restarts, config_path=self.path,
+            strategy=self.cfg.strategy, config=self.blob, runtime_dir=self.runtime_dir,
+        )
+        try:
+            self.status_pub.send_multipart((messages.TOPIC_STATUS, messages.encode(status)),
+                                           zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def reap(self) -> None:
         while True:
@@ -205,6 +311,9 @@ class Supervisor:
             child.proc.returncode = os.waitstatus_to_exitcode(status)
             child.proc.stdout.close()
             code = child.proc.returncode
+            if child.kind != WORKER:
+                self.aux_exited(child, code)
+                continue
             if child.stopping or self.stopping:
                 continue
             log("worker_died", slot=child.slot, pid=pid, code=code, generation=child.generation)
@@ -221,7 +330,31 @@ class Supervisor:
                     self.exit_code = 1
                     self.begin_stop(graceful=False)
                     return
+            self.worker_restarts += 1
             self.spawn(child.slot, child.generation)
+
+    def aux_exited(self, child: Child, code: int) -> None:
+        """The inference or admin process exited: replace it, at once if it had
+        been running (or was asked to restart), with a growing delay if it keeps
+        failing at boot.  Workers never depend on either to serve traffic."""
+        kind = child.kind
+        if self.stopping:
+            return
+        if child.stopping:  # restarted on purpose (reload): the new one starts now
+            self.spawn_aux(kind)
+            return
+        log("child_died", kind=kind, pid=child.pid, code=code)
+        if kind == INFERENCE:
+            self.inference_restarts += 1
+        if child.ready and time.monotonic() - child.started > 10:
+            self.aux_failures[kind] = 0
+            self.spawn_aux(kind)
+            return
+        n = self.aux_failures[kind] = self.aux_failures[kind] + 1
+        delay = 0.0 if n == 1 and child.ready else min(AUX_BACKOFF_MAX, 0.5 * 2 ** (n - 1))
+        if delay:
+            log("child_restart_delayed", kind=kind, seconds=delay, failures=n)
+        self.aux_due[kind] = time.monotonic() + delay
 
     # -- reload -----------------------------------------------------------------
 
@@ -248,7 +381,13 @@ class Supervisor:
             self.cfg = self.pending_cfg
             self.blob = cfgmod.encode(self.cfg)
             self.pending_generation = self.pending_cfg = None
+            self.reloads += 1
             log("reload_switched", generation=gen)
+            inf = self.aux(INFERENCE)
+            if inf is not None:  # the inference process takes the new config by restarting
+                inf.stopping = True
+                inf.send(signal.SIGTERM)
+            self.next_status = 0.0  # tell the admin process about the new config now
         elif time.monotonic() > self.pending_deadline:
             self.abort_reload("new workers did not become ready in time")
 
@@ -263,6 +402,8 @@ class Supervisor:
                 # has no handler yet and dies of it at once.
                 c.proc.send_signal(signal.SIGTERM)
         self.pending_generation = self.pending_cfg = None
+        if event == "reload_failed":
+            self.reloads_failed += 1
         log(event, generation=gen, reason=reason)
 
     def handle_hup(self) -> None:
@@ -275,6 +416,11 @@ class Supervisor:
             return
         if cfg.listen != self.cfg.listen or (cfg.workers != self.cfg.workers and self.n_workers == self.cfg.workers):
             log("reload_rejected", error=f"{self.path}: listen/workers: changing these needs a restart")
+            return
+        if cfg.admin.listen != self.cfg.admin.listen or cfg.admin.enabled != self.cfg.admin.enabled \
+                or cfg.runtime_dir != self.cfg.runtime_dir:
+            log("reload_rejected",
+                error=f"{self.path}: admin.listen/admin.enabled/runtime_dir: changing these needs a restart")
             return
         if self.pending_generation is not None:
             # A newer config supersedes the reload still starting up.
@@ -302,6 +448,7 @@ class Supervisor:
         # once instead of queueing for workers that no longer accept.
         for sock in self.sockets:
             sock.close()
+        self.aux_due.clear()
 
     def kill_all(self, sig: int) -> None:
         for child in self.children.values():

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from itertools import accumulate
 
 from lb.config import Backend as BackendConfig
+from lb.messages import LATENCY_BOUNDS, N_BUCKETS
 
 DEFAULT_RTT = 0.005  # seconds; the prior for a backend that has not answered yet
 
@@ -40,9 +41,16 @@ class Backend:
         "timeouts",
         "retries",
         "resets",
+        # per request class (index = class), reported with the stats
+        "idx",
+        "cls_responses",
+        "cls_errors",
+        "cls_lat_sum",
+        "cls_hist",
+        "tracer",
     )
 
-    def __init__(self, cfg: BackendConfig) -> None:
+    def __init__(self, cfg: BackendConfig, n_classes: int = 1, idx: int = 0) -> None:
         host, _, port = cfg.address.rpartition(":")
         self.name = cfg.name
         self.host = host.strip("[]")
@@ -60,6 +68,26 @@ class Backend:
         self.timeouts = 0
         self.retries = 0
         self.resets = 0
+        self.idx = idx
+        self.cls_responses = [0] * n_classes
+        self.cls_errors = [0] * n_classes
+        self.cls_lat_sum = [0.0] * n_classes
+        self.cls_hist = [[0] * N_BUCKETS for _ in range(n_classes)]
+        self.tracer = None  # workers.telemetry.Tracer when traces are sampled
+
+    def record(self, cls: int, latency: float, error: bool) -> None:
+        """One outcome of a request of class `cls` sent here: a response head
+        after `latency` seconds (an error if 5xx), or a failure without one."""
+        self.cls_responses[cls] += 1
+        if error:
+            self.cls_errors[cls] += 1
+        self.cls_lat_sum[cls] += latency
+        self.cls_hist[cls][bisect_left(LATENCY_BOUNDS, latency)] += 1
+        t = self.tracer
+        if t is not None:
+            t.countdown -= 1
+            if t.countdown <= 0:
+                t.take(self.idx, cls, latency, not error)
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} inflight={self.inflight} ewma={self.ewma * 1e3:.2f}ms>"
@@ -75,10 +103,13 @@ class Strategy:
         self.tau = decay
         self.rng = rng
 
+    def refresh(self) -> None:
+        """Backend availability changed (operator drain, health): rebuild caches."""
+
     def eligible(self, exclude) -> list[Backend]:
         return [b for b in self.backends if b.available and b not in exclude]
 
-    def pick(self, exclude=()) -> Backend | None:  # pragma: no cover - abstract
+    def pick(self, exclude=(), cls: int = 0) -> Backend | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def observe(self, backend: Backend, rtt: float, now: float) -> None:
@@ -99,7 +130,7 @@ class RoundRobin(Strategy):
         super().__init__(*a, **kw)
         self.i = 0
 
-    def pick(self, exclude=()):
+    def pick(self, exclude=(), cls=0):
         backends = self.backends
         n = len(backends)
         for _ in range(n):
@@ -115,7 +146,7 @@ class WeightedRoundRobin(Strategy):
 
     name = "weighted_round_robin"
 
-    def pick(self, exclude=()):
+    def pick(self, exclude=(), cls=0):
         best = None
         total = 0
         for b in self.backends:
@@ -139,7 +170,7 @@ class LeastConnections(Strategy):
         super().__init__(*a, **kw)
         self.i = 0
 
-    def pick(self, exclude=()):
+    def pick(self, exclude=(), cls=0):
         backends = self.backends
         n = len(backends)
         self.i = start = (self.i + 1) % n
@@ -163,13 +194,13 @@ class Random(Strategy):
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
-        self._rebuild()
+        self.refresh()
 
-    def _rebuild(self) -> None:
+    def refresh(self) -> None:
         self._avail = [b for b in self.backends if b.available]
         self._cum = list(accumulate(b.weight for b in self._avail))
 
-    def pick(self, exclude=()):
+    def pick(self, exclude=(), cls=0):
         if exclude:
             cands = self.eligible(exclude)
             if not cands:
@@ -186,7 +217,7 @@ class P2CEwma(Strategy):
 
     name = "p2c_ewma"
 
-    def pick(self, exclude=()):
+    def pick(self, exclude=(), cls=0):
         backends = self.backends
         n = len(backends)
         if n == 1 or exclude:
@@ -218,39 +249,86 @@ class P2CEwma(Strategy):
 
 
 class TableStrategy(P2CEwma):
-    """Routes by an externally computed weight table (the `ml` strategy).
+    """Routes by the inference process's weight tables (the `ml` strategy).
 
-    Until a table arrives, or when it is stale, it falls back to P2C-EWMA.  The
-    table is a mapping backend name -> weight; the pick is two weighted-random
-    draws compared by weight / (in-flight + 1).
+    A table (`lb.messages.Table`) holds, per request class, a weight for every
+    backend.  The pick is two weighted-random draws from the class's row, and
+    the one with the higher weight / (local in-flight + 1) wins: the table says
+    where traffic should go, the worker's live in-flight counts keep a burst
+    from piling onto one backend between two tables.
+
+    It falls back to P2C-EWMA (`learned` False, `reason` says why) when it has
+    no table, when the table is older than twice its publish interval (the
+    inference process is late or down), or when the table itself says the
+    model is not to be trusted (`mode == "fallback"`).
     """
 
     name = "ml"
 
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
+    def __init__(self, backends, *, class_names=("default",), **kw) -> None:
+        super().__init__(backends, **kw)
+        self.class_names = list(class_names)
         self.table = None
-        self._cands: list[Backend] = []
-        self._cum: list[float] = []
+        self.learned = False
+        self.reason = "no_table"
+        self.received = 0.0  # time.time() the table was computed (its `ts`)
+        self.stale_after = 0.0
+        # per local class: (candidates, cumulative weights, weight by backend idx)
+        self._rows: list[tuple[list[Backend], list[float], list[float]]] = []
 
-    def set_table(self, weights: dict[str, float] | None) -> None:
-        self.table = weights
-        if not weights:
-            self._cands, self._cum = [], []
+    def set_table(self, table) -> None:
+        self.table = table
+        self.stale_after = table.ts + 2 * table.interval
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the per-class rows (new table, or backend availability changed)."""
+        table = self.table
+        if table is None:
+            self._rows = []
             return
-        cands = [b for b in self.backends if b.available and weights.get(b.name, 0) > 0]
-        self._cands = cands
-        self._cum = list(accumulate(weights[b.name] for b in cands))
+        col = {name: i for i, name in enumerate(table.backends)}
+        rows_by_name = dict(zip(table.classes, table.weights))
+        default = rows_by_name.get("default") or (table.weights[0] if table.weights else [])
+        rows = []
+        for cname in self.class_names:
+            trow = rows_by_name.get(cname, default)
+            by_idx = []
+            for b in self.backends:
+                i = col.get(b.name)
+                by_idx.append(trow[i] if i is not None and i < len(trow) and b.available else 0.0)
+            cands = [b for b in self.backends if by_idx[b.idx] > 0]
+            rows.append((cands, list(accumulate(by_idx[b.idx] for b in cands)), by_idx))
+        self._rows = rows
 
-    def pick(self, exclude=()):
-        if self.table is None or exclude or not self._cum:
+    def check(self, now: float) -> tuple[bool, str]:
+        """Decide the mode from the table held at wall-clock `now`."""
+        table = self.table
+        if table is None:
+            learned, reason = False, "no_table"
+        elif now > self.stale_after:
+            learned, reason = False, "stale"
+        elif table.mode != "learned":
+            learned, reason = False, table.reason or "inference_fallback"
+        elif not any(r[0] for r in self._rows):
+            learned, reason = False, "no_weights"
+        else:
+            learned, reason = True, ""
+        self.learned = learned
+        self.reason = reason
+        return learned, reason
+
+    def pick(self, exclude=(), cls=0):
+        if not self.learned or exclude:
+            return super().pick(exclude)
+        cands, cum, weight = self._rows[cls]
+        if not cum:
             return super().pick(exclude)
         rnd = self.rng.random
-        top = self._cum[-1]
-        a = self._cands[bisect_right(self._cum, rnd() * top)]
-        b = self._cands[bisect_right(self._cum, rnd() * top)]
-        t = self.table
-        return a if t[a.name] / (a.inflight + 1) >= t[b.name] / (b.inflight + 1) else b
+        top = cum[-1]
+        a = cands[bisect_right(cum, rnd() * top)]
+        b = cands[bisect_right(cum, rnd() * top)]
+        return a if weight[a.idx] / (a.inflight + 1) >= weight[b.idx] / (b.inflight + 1) else b
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -259,6 +337,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, backends: list[Backend], *, decay: float, seed: int = 0) -> Strategy:
+def make_strategy(name: str, backends: list[Backend], *, decay: float, seed: int = 0,
+                  class_names=("default",)) -> Strategy:
     rng = random.Random(seed or None)
+    if name == TableStrategy.name:
+        return TableStrategy(backends, decay=decay, rng=rng, class_names=class_names)
     return STRATEGIES[name](backends, decay=decay, rng=rng)

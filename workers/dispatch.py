@@ -21,7 +21,7 @@ class Dispatcher:
     def _dispatch(self, ex: Exchange, backend=None) -> None:
         w = self.worker
         if backend is None:
-            backend = w.strategy.pick(())
+            backend = w.strategy.pick((), ex.cls)
         if backend is None:
             w.no_backend += 1
             self._write_error(ex, 503)
@@ -89,6 +89,8 @@ class Dispatcher:
         ex.upstream = None
         backend = ex.backend
         w = self.worker
+        if not reused:  # a pooled connection closed while idle is not the backend failing
+            backend.record(ex.cls, monotonic() - ex.t0, True)
         tried = ex.tried
         if tried is None:
             tried = ex.tried = []
@@ -100,9 +102,9 @@ class Dispatcher:
             retry = ex.idempotent and ex.pending is None
             ex.retry_same = reused
         if retry and len(tried) <= w.retries and not self.closed:
-            nxt = w.strategy.pick(tried)
+            nxt = w.strategy.pick(tried, ex.cls)
             if nxt is None and ex.retry_same:
-                nxt = w.strategy.pick(())
+                nxt = w.strategy.pick((), ex.cls)
             if nxt is not None:
                 backend.retries += 1
                 self._dispatch(ex, nxt)
@@ -135,6 +137,8 @@ class Dispatcher:
             ex.upstream = None
             up.abandon()
         ex.unbind()
+        if not ex.response_started:
+            backend.record(ex.cls, monotonic() - ex.t0, True)
         if ex.response_started:
             self.ex = None
             self.transport.close()

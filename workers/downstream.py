@@ -240,6 +240,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
             ex = Exchange(self, method, head)
             if method == b"HEAD":
                 ex.plain = False
+            if w.classify is not None:
+                ex.cls = w.classify(method, url, 0)
             if self.ex is None:
                 self.ex = ex
                 self._dispatch(ex)

@@ -12,6 +12,7 @@ path); everything else comes here.
 
 from __future__ import annotations
 
+from workers.classes import CHUNKED
 from workers.exchange import Exchange
 from workers.http import (
     CONNECTION_UPGRADE,
@@ -157,4 +158,6 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
         ex.plain = False
     if is_upgrade or method == b"HEAD":
         ex.plain = False
+    if w.classify is not None:
+        ex.cls = w.classify(method, url, CHUNKED if chunked else (int(cl) if cl is not None else 0))
     return ex

@@ -211,7 +211,9 @@ class UpstreamConnection(asyncio.Protocol):
         ex.response_started = True
         ex.status = status
         now = monotonic()
-        self.observe(self.backend, now - ex.t0, now)  # peak EWMA of time to first byte
+        rtt = now - ex.t0
+        self.observe(self.backend, rtt, now)  # peak EWMA of time to first byte
+        self.backend.record(ex.cls, rtt, status >= 500)
 
         lhead = head.lower()
         cl = lhead.find(b"\r\ncontent-length:") >= 0  # (not `in`: it tries int() first)

@@ -19,9 +19,11 @@ import uvloop
 from lb import config as cfgmod
 from lb.log import log
 from workers.balancer import Backend, make_strategy
+from workers.classes import make_classifier
 from workers.downstream import Downstream
 from workers.http import DATE
 from workers.pool import Pool
+from workers.telemetry import Telemetry
 from workers.timers import CLOCK, SWEEP_INTERVAL
 from workers.upstream import UpstreamConnection
 
@@ -29,10 +31,22 @@ EXIT_OK = 0
 EXIT_BOOT = 3
 
 
+def tell_supervisor(signal_byte: bytes) -> None:
+    """One byte on stdout, read by the supervisor (lb/children.py): never blocks."""
+    try:
+        os.write(1, signal_byte)
+    except OSError:
+        pass  # BlockingIOError included: a full pipe only delays the news
+
+
 class Worker:
-    def __init__(self, cfg: cfgmod.Config, slot: int = 0) -> None:
+    def __init__(self, cfg: cfgmod.Config, slot: int = 0, *, runtime_dir: str | None = None,
+                 generation: int = 0) -> None:
         self.cfg = cfg
         self.slot = slot
+        self.runtime_dir = runtime_dir
+        self.generation = generation
+        self.telemetry: Telemetry | None = None
         t = cfg.timeouts
         lim = cfg.limits
         self.t_client_header = t.client_header
@@ -62,13 +76,17 @@ class Worker:
         self.no_backend = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server = None
-        self.backends = [Backend(b) for b in cfg.backends]
+        n_classes = len(cfg.class_names)
+        self.classify = make_classifier(cfg.classes)
+        self.backends = [Backend(b, n_classes, i) for i, b in enumerate(cfg.backends)]
         self.strategy = make_strategy(
             cfg.strategy, self.backends, decay=cfg.balancer.ewma_decay,
             seed=(cfg.balancer.seed + slot) if cfg.balancer.seed else 0,
+            class_names=cfg.class_names,
         )
         self._stopped: asyncio.Future | None = None
         self._ppid = os.getppid()
+        self._next_beat = 0.0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -89,17 +107,19 @@ class Worker:
         self.server = await loop.create_server(
             lambda: Downstream(self), sock=sock, backlog=self.cfg.backlog
         )
+        if self.runtime_dir:
+            self.telemetry = Telemetry(self, self.runtime_dir, self.generation)
+            self.telemetry.start(loop)
         self._stopped = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.call_later(SWEEP_INTERVAL, self._sweep)
-        try:
-            os.write(1, b"R")  # readiness, read by the supervisor: first, as we accept now
-        except OSError:
-            pass
+        tell_supervisor(b"R")  # readiness: first, as we accept now
         log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name)
         await self._stopped
+        if self.telemetry is not None:
+            self.telemetry.close()
 
     def _upstream_factory(self, backend):
         def factory():
@@ -114,10 +134,7 @@ class Worker:
         self.draining = True
         log("worker_draining", slot=self.slot, pid=os.getpid(), connections=len(self.conns))
         self.server.close()
-        try:
-            os.write(1, b"D")  # no longer accepting, read by the supervisor
-        except OSError:
-            pass
+        tell_supervisor(b"D")  # no longer accepting
         for c in list(self.conns):
             c.drain()
         self.loop.call_later(self.t_drain, self.stop_now)
@@ -151,6 +168,9 @@ class Worker:
                     c.upstream_timeout(ex)
         for b in self.backends:
             b.pool.expire(now)
+        if now >= self._next_beat:
+            self._next_beat = now + 1.0
+            tell_supervisor(b"H")  # heartbeat: this loop is alive
         if self.draining:
             self._maybe_stopped()
         elif os.getppid() != self._ppid:
@@ -165,14 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="workers")
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--slot", type=int, default=0)
+    ap.add_argument("--runtime", help="runtime directory (ipc sockets to the other processes)")
+    ap.add_argument("--generation", type=int, default=0)
     args = ap.parse_args(argv)
     try:
+        os.set_blocking(1, False)
         cfg = cfgmod.decode(sys.stdin.buffer.read())
         sock = socket.socket(fileno=args.fd)
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor by exit code
         log("worker_boot_failed", slot=args.slot, error=str(exc))
         return EXIT_BOOT
-    worker = Worker(cfg, args.slot)
+    worker = Worker(cfg, args.slot, runtime_dir=args.runtime, generation=args.generation)
     uvloop.run(worker.serve(sock))
     log("worker_exit", slot=args.slot, pid=os.getpid())
     return EXIT_OK

@@ -1,0 +1,99 @@
+"""The supervisor's children: how each kind is started and what it says back.
+
+Three kinds, all started with the validated config as msgpack on stdin:
+  * workers (`python -m workers`), one per slot, with that slot's listening socket;
+  * the inference process (`python -m inference`), one;
+  * the admin process (`python -m lb.admin`), one, with the admin listening socket.
+Each writes single bytes on its stdout, read by the supervisor:
+  R  ready (accepting / serving)
+  D  draining, no longer accepting (workers)
+  H  heartbeat, once a second from inside its event loop; a child silent for
+     HEARTBEAT_TIMEOUT is stuck and gets killed (then replaced like any death)
+Exit code 3 means "could not boot" (bad socket, config or package).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+WORKER = "worker"
+INFERENCE = "inference"
+ADMIN = "admin"
+
+HEARTBEAT_TIMEOUT = 10.0  # seconds without a byte from a ready child
+BOOT_TIMEOUT = 15.0  # seconds for an auxiliary child to say R
+
+
+class Child:
+    __slots__ = ("proc", "kind", "slot", "generation", "ready", "stopping", "drained",
+                 "started", "heard", "fd")
+
+    def __init__(self, proc: subprocess.Popen, kind: str, slot: int, generation: int) -> None:
+        self.proc = proc
+        self.kind = kind
+        self.slot = slot
+        self.generation = generation
+        self.ready = False  # said "R": accepting / serving
+        self.stopping = False  # sent SIGTERM (or killed) on purpose
+        self.drained = False  # said "D": no longer accepting
+        self.started = self.heard = time.monotonic()
+        self.fd = proc.stdout.fileno()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def read_signals(self) -> None:
+        """Take what the child wrote on its stdout (non-blocking)."""
+        try:
+            data = os.read(self.fd, 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return
+        self.heard = time.monotonic()
+        if b"R" in data:
+            self.ready = True
+        if b"D" in data:
+            self.drained = True
+
+    def silent_for(self, now: float) -> float:
+        return now - self.heard
+
+    def send(self, sig: int) -> None:
+        try:
+            self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def start(kind: str, slot: int, generation: int, blob: bytes, runtime_dir: str,
+          sock: socket.socket | None = None) -> Child:
+    if kind == WORKER:
+        argv = ["-m", "workers", "--fd", str(sock.fileno()), "--slot", str(slot),
+                "--runtime", runtime_dir, "--generation", str(generation)]
+    elif kind == INFERENCE:
+        argv = ["-m", "inference", "--runtime", runtime_dir]
+    elif kind == ADMIN:
+        argv = ["-m", "lb.admin", "--runtime", runtime_dir, "--fd", str(sock.fileno())]
+    else:  # pragma: no cover - programming error
+        raise ValueError(kind)
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        pass_fds=(sock.fileno(),) if sock is not None else (),
+    )
+    try:
+        proc.stdin.write(blob)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    os.set_blocking(proc.stdout.fileno(), False)
+    return Child(proc, kind, slot, generation)

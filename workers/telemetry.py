@@ -1,0 +1,223 @@
+"""A worker's link to the rest of lb: periodic stats out, tables and control in.
+
+Nothing here runs per request.  Every `learning.stats_interval` the worker
+sends one `WorkerStats` (cumulative counters, latency histograms per backend
+and request class, a few sampled traces) on a ZeroMQ PUB socket connected to
+the inference and admin processes; sending never blocks (a receiver that is
+down or slow just misses a report, and counters are cumulative).
+
+Tables (from the inference process) and the operator's control state (from
+the admin process) arrive through `lb.clone.Subscriber`s: the worker gets the
+current versions at start, then every newer one, and routes from what it
+holds.  Their sockets are watched by the event loop, so a new table is in use
+within milliseconds of being published; the periodic timer also polls them,
+which covers ZeroMQ's edge-triggered descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import zmq
+
+from lb import messages as m
+from lb.clone import Subscriber
+from lb.log import log
+from workers.balancer import STRATEGIES, TableStrategy, make_strategy
+
+MAX_TRACES = 256  # per report; the rest of a burst is not sampled
+
+
+class Tracer:
+    """Samples about one request in `every` (randomised so it cannot phase-lock
+    with a traffic pattern); the samples leave with the next stats report."""
+
+    __slots__ = ("every", "countdown", "samples", "epoch", "seq", "rng")
+
+    def __init__(self, rate: float, seed: int = 0) -> None:
+        self.rng = random.Random(seed or None)
+        self.every = max(1, round(1 / rate)) if rate > 0 else 0
+        self.samples: list[m.TraceSample] = []
+        self.epoch = 0
+        self.seq = 0
+        self.countdown = self._next()
+
+    def _next(self) -> int:
+        return self.rng.randint(1, 2 * self.every - 1) if self.every else 1 << 62
+
+    def take(self, backend: int, cls: int, latency: float, ok: bool) -> None:
+        self.countdown = self._next()
+        if self.seq and len(self.samples) < MAX_TRACES:
+            self.samples.append(m.TraceSample(self.epoch, self.seq, backend, cls, latency, ok))
+
+    def drain(self) -> list[m.TraceSample]:
+        s = self.samples
+        self.samples = []
+        return s
+
+
+def build_stats(backends, class_names, *, slot: int, pid: int, generation: int, seq: int,
+                ts: float, counters: dict, strategy, traces=()) -> m.WorkerStats:
+    """The report of one worker (also used by the simulator, which has no sockets)."""
+    bstats = [
+        m.BackendStats(
+            b.name, b.weight, b.requests, list(b.responses), b.connect_errors, b.timeouts,
+            b.retries, b.resets, b.inflight, len(b.pool.idle) if b.pool is not None else 0,
+            b.ewma, list(b.cls_responses), list(b.cls_errors), list(b.cls_lat_sum),
+            [list(h) for h in b.cls_hist],
+        )
+        for b in backends
+    ]
+    mode = reason = ""
+    table_seq = 0
+    table_age = -1.0
+    if isinstance(strategy, TableStrategy):
+        mode = "learned" if strategy.learned else "fallback"
+        reason = strategy.reason
+        if strategy.table is not None:
+            table_seq = strategy.table.seq
+            table_age = max(0.0, ts - strategy.table.ts)
+    return m.WorkerStats(
+        slot=slot, pid=pid, generation=generation, seq=seq, ts=ts,
+        classes=list(class_names), backends=bstats,
+        strategy=strategy.name, mode=mode, mode_reason=reason,
+        table_seq=table_seq, table_age=table_age, traces=list(traces), **counters,
+    )
+
+
+class Telemetry:
+    def __init__(self, worker, runtime_dir: str, generation: int) -> None:
+        self.worker = worker
+        cfg = worker.cfg
+        self.generation = generation
+        self.interval = cfg.learning.stats_interval
+        self.class_names = cfg.class_names
+        self.seq = 0
+        self.pid = os.getpid()
+        ep = m.endpoints(runtime_dir)
+        self.ctx = zmq.Context()
+        pub = self.pub = self.ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 16)
+        pub.connect(ep["stats_inference"])
+        pub.connect(ep["stats_admin"])
+        self.tables = Subscriber(self.ctx, ep["tables"], ep["tables_snapshot"],
+                                 m.TOPIC_TABLE, m.table_decoder.decode)
+        self.control = Subscriber(self.ctx, ep["control"], ep["control_snapshot"],
+                                  m.TOPIC_CONTROL, m.control_decoder.decode)
+        self.tracer = None
+        if cfg.learning.trace_sample > 0:
+            self.tracer = Tracer(cfg.learning.trace_sample, seed=cfg.balancer.seed + worker.slot)
+            for b in worker.backends:
+                b.tracer = self.tracer
+        self.mode: tuple[bool, str] | None = None
+        self.drained: frozenset[str] = frozenset()
+        self.down: frozenset[str] = frozenset()
+        self.pinned = ""
+        self.loop = None
+
+    def start(self, loop) -> None:
+        self.loop = loop
+        for sub in (self.tables, self.control):
+            for fd in sub.fds():
+                loop.add_reader(fd, self.poll)
+        loop.call_later(self.interval, self._tick)
+
+    def close(self) -> None:
+        if self.loop is not None:
+            for sub in (self.tables, self.control):
+                for fd in sub.fds():
+                    self.loop.remove_reader(fd)
+        try:
+            self.send()  # the last counters, so totals include this worker's final requests
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
+        self.tables.close()
+        self.control.close()
+        self.pub.close()
+        self.ctx.term()
+
+    # -- in -------------------------------------------------------------------
+
+    def poll(self) -> None:
+        if self.control.poll():
+            self.apply_control(self.control.state)
+        if self.tables.poll():
+            table = self.tables.state
+            strategy = self.worker.strategy
+            if self.tracer is not None:
+                self.tracer.epoch, self.tracer.seq = table.epoch, table.seq
+            if isinstance(strategy, TableStrategy):
+                strategy.set_table(table)
+                self.check_mode()
+
+    def apply_control(self, control: m.Control) -> None:
+        w = self.worker
+        drained = frozenset(control.drained)
+        down = frozenset(control.down)
+        if drained != self.drained or down != self.down:
+            self.drained, self.down = drained, down
+            for b in w.backends:
+                b.available = b.weight > 0 and b.name not in drained and b.name not in down
+            w.strategy.refresh()
+        pinned = control.pinned_strategy if control.pinned_strategy in STRATEGIES else ""
+        if pinned != self.pinned:
+            self.pinned = pinned
+            self.switch_strategy(pinned or w.cfg.strategy)
+
+    def switch_strategy(self, name: str) -> None:
+        w = self.worker
+        if w.strategy.name == name:
+            return
+        cfg = w.cfg
+        strategy = make_strategy(
+            name, w.backends, decay=cfg.balancer.ewma_decay,
+            seed=(cfg.balancer.seed + w.slot) if cfg.balancer.seed else 0,
+            class_names=cfg.class_names,
+        )
+        if isinstance(strategy, TableStrategy) and self.tables.state is not None:
+            strategy.set_table(self.tables.state)
+        w.strategy = strategy
+        log("strategy_switched", slot=w.slot, pid=self.pid, strategy=name,
+            pinned=bool(self.pinned))
+        self.mode = None
+        self.check_mode()
+
+    def check_mode(self) -> None:
+        strategy = self.worker.strategy
+        if not isinstance(strategy, TableStrategy):
+            return
+        mode = strategy.check(time.time())
+        if mode != self.mode:
+            self.mode = mode
+            log("policy_mode", slot=self.worker.slot, pid=self.pid,
+                mode="learned" if mode[0] else "fallback", reason=mode[1])
+
+    # -- out ------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        try:
+            self.poll()
+            self.check_mode()
+            self.send()
+        finally:
+            self.loop.call_later(self.interval, self._tick)
+
+    def send(self) -> None:
+        w = self.worker
+        self.seq += 1
+        counters = {
+            "connections": len(w.conns), "accepted": w.accepted, "requests": w.requests,
+            "rejected": w.rejected, "timeouts": w.timeouts, "no_backend": w.no_backend,
+        }
+        stats = build_stats(
+            w.backends, self.class_names, slot=w.slot, pid=self.pid, generation=self.generation,
+            seq=self.seq, ts=time.time(), counters=counters, strategy=w.strategy,
+            traces=self.tracer.drain() if self.tracer is not None else (),
+        )
+        try:
+            self.pub.send_multipart((m.TOPIC_STATS, m.encode(stats)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
