@@ -48,6 +48,12 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_train(args) -> int:
+    from inference.train import cmd_train as train
+
+    return train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lb", description="A self-optimizing HTTP load balancer.")
     ap.add_argument("--version", action="version", version=f"lb {__version__}")
@@ -68,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--strategy", default="p2c_ewma", choices=cfgmod.STRATEGIES)
     demo.add_argument("--port", type=int, default=8080, help="lb listen port (default 8080)")
     demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="fit a routing model on captured traces, export it to ONNX")
+    train.add_argument("paths", nargs="+", metavar="PATH", help="trace files (.npz) or directories of them")
+    train.add_argument("-o", "--output", required=True, help="model file to write (.onnx)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0): same traces + seed, same model")
+    train.set_defaults(func=cmd_train)
     return ap
 
 

@@ -1,0 +1,208 @@
+"""The inference process: `python -m inference --runtime DIR` (config msgpack on stdin).
+
+Sockets (endpoints from `lb.messages.endpoints(DIR)`):
+  * SUB bound on `stats_inference` (topic b"stats"): `WorkerStats` from every worker;
+  * `lb.clone.Publisher` on `tables` / `tables_snapshot`: one `Table` per tick;
+  * `lb.clone.Subscriber` on `control` / `control_snapshot`: the admin's
+    `Control` (drained / down backends); the admin may be absent.
+
+One loop: poll every socket with a timeout up to the next tick, drain the
+stats, answer snapshot requests, apply control changes, and when due run one
+tick of the `Engine` and publish its table.  `R` is written on fd 1 once the
+sockets are bound, `H` every second from inside the loop.  SIGTERM/SIGINT
+stop within one poll timeout (exit 0); SIGQUIT stops at once.  Exit code 3:
+could not boot (bad config on stdin, socket already bound...).  A missing or
+bad model does not stop the process: tables say `mode="fallback"`,
+`reason="model_error"` and the workers route with p2c_ewma.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import msgspec
+import zmq
+
+from inference.engine import Engine
+from inference.model import DEFAULT_MODEL, Model, ModelError
+from lb import config as cfgmod
+from lb.clone import Publisher, Subscriber
+from lb.log import log
+from lb.messages import TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, control_decoder, encode, endpoints, stats_decoder
+
+HEARTBEAT = 1.0
+MAX_DRAIN = 10_000  # stats messages taken per loop iteration at most
+
+
+def _write(b: bytes) -> None:
+    try:
+        os.write(1, b)
+    except OSError:
+        pass  # the supervisor went away; it is not ours to die for that
+
+
+def load_model(cfg: cfgmod.Config) -> tuple[Model | None, str]:
+    path = cfg.learning.model or DEFAULT_MODEL
+    try:
+        return Model.load(path), ""
+    except ModelError as exc:
+        return None, str(exc)
+
+
+class InferenceProcess:
+    def __init__(self, cfg: cfgmod.Config, runtime_dir: str) -> None:
+        self.cfg = cfg
+        self.runtime_dir = runtime_dir
+        self.stop = False
+        self.ctx = zmq.Context.instance()
+        ep = endpoints(runtime_dir)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 10_000)
+        self.sub.setsockopt(zmq.SUBSCRIBE, TOPIC_STATS)
+        self.sub.bind(ep["stats_inference"])
+        self.pub = Publisher(self.ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE)
+        self.control = Subscriber(self.ctx, ep["control"], ep["control_snapshot"], TOPIC_CONTROL,
+                                  control_decoder.decode)
+        model, err = load_model(cfg)
+        if model is None:
+            log("model_error", error=err)
+        else:
+            log("model_loaded", path=model.path, version=model.version)
+        self.engine = Engine(cfg, model, now=time.time(), model_error=err)
+        self.writer = None
+        if cfg.learning.traces:
+            from inference.traces import TraceWriter
+
+            self.writer = TraceWriter(cfg.learning.traces)
+        self.retrainer = None
+        if cfg.learning.retrain_interval > 0:
+            from inference.retrain import Retrainer
+
+            self.retrainer = Retrainer(runtime_dir, cfg.learning.retrain_interval, seed=cfg.balancer.seed)
+        self.bad_stats = 0
+
+    def run(self) -> int:
+        interval = self.cfg.learning.interval
+        poller = zmq.Poller()
+        for s in (self.sub, self.pub.router, self.control.sub, self.control.dealer):
+            poller.register(s, zmq.POLLIN)
+        _write(b"R")
+        log("inference_ready", backends=len(self.cfg.backends), classes=len(self.cfg.class_names),
+            interval=interval, epoch=self.pub.epoch)
+        next_tick = time.monotonic() + interval
+        next_beat = time.monotonic() + HEARTBEAT
+        while not self.stop:
+            timeout = max(0.0, min(next_tick, next_beat) - time.monotonic())
+            try:
+                poller.poll(timeout * 1000)
+            except zmq.ZMQError:
+                pass  # interrupted by a signal
+            self._drain_stats()
+            self.pub.serve_snapshots()
+            if self.control.poll():
+                self.engine.set_control(self.control.state)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick()
+                next_tick += interval
+                if next_tick < now:  # fell behind (machine busy): do not burst to catch up
+                    next_tick = now + interval
+            if now >= next_beat:
+                _write(b"H")
+                next_beat = now + HEARTBEAT
+            if self.retrainer is not None:
+                self._retrain_poll()
+        return 0
+
+    def _drain_stats(self) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.bad_stats += 1
+                continue
+            try:
+                stats = stats_decoder.decode(frames[1])
+            except msgspec.DecodeError:
+                self.bad_stats += 1
+                if self.bad_stats in (1, 100, 10_000):
+                    log("bad_stats", count=self.bad_stats)
+                continue
+            self.engine.ingest(stats, time.time())
+
+    def _tick(self) -> None:
+        epoch, seq = self.pub.next_version()
+        table = self.engine.tick(time.time(), epoch, seq)
+        self.pub.publish(encode(table))
+        for event, fields in self.engine.take_events():
+            log(event, **fields)
+        records = self.engine.take_records()
+        if records is not None:
+            if self.writer is not None:
+                try:
+                    self.writer.add(records)
+                except OSError as exc:
+                    log("trace_write_failed", error=str(exc))
+                    self.writer = None
+            if self.retrainer is not None:
+                self.retrainer.add(records)
+
+    def _retrain_poll(self) -> None:
+        done = self.retrainer.poll(self.engine.model)
+        if done is None:
+            return
+        event, fields, model = done
+        if model is not None:
+            self.engine.set_model(model)
+        log(event, **fields)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.flush()
+            except OSError:
+                pass
+        if self.retrainer is not None:
+            self.retrainer.stop()
+        self.sub.close()
+        self.pub.close()
+        self.control.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inference")
+    ap.add_argument("--runtime", required=True, help="runtime directory (ipc endpoints)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = cfgmod.decode(sys.stdin.buffer.read())
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log("boot_failed", error=f"config on stdin: {exc}")
+        return 3
+    proc: InferenceProcess | None = None
+
+    def on_stop(signum, frame) -> None:
+        if proc is not None:
+            proc.stop = True
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGQUIT, lambda s, f: os._exit(0))
+    try:
+        proc = InferenceProcess(cfg, args.runtime)
+    except zmq.ZMQError as exc:
+        log("boot_failed", error=f"{args.runtime}: {exc}")
+        return 3
+    try:
+        return proc.run()
+    finally:
+        proc.close()
+        log("inference_stopped")

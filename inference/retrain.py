@@ -1,0 +1,152 @@
+"""Continuous learning: refit in a child process, swap only a better model.
+
+The inference process keeps the most recent joined trace records
+(`Retrainer.add`).  Every `learning.retrain_interval` seconds, if no refit is
+running and enough records arrived since the last one, it writes them to the
+runtime directory and starts
+
+    python -m inference.retrain --input RECORDS.npz --live LIVE.onnx --output NEW.onnx --seed N
+
+at a lower CPU priority.  The child fits a challenger on the older 80% of the
+records, scores the challenger and the live model on the most recent 20%
+(`inference.train.evaluate_challenger`) and prints one JSON line.  The
+parent polls the child from its loop (never waits for it) and hot-swaps the
+model only when the child says the challenger is better.  A separate process
+keeps the tick loop free of the GIL while scikit-learn fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from inference.model import Model, ModelError
+
+MIN_RECORDS = 500  # records before a refit is attempted
+MAX_RECORDS = 50_000  # most recent records kept for refits
+
+
+class Retrainer:
+    def __init__(self, runtime_dir: str, interval: float, *, seed: int = 0, max_iter: int = 200) -> None:
+        self.dir = runtime_dir
+        self.interval = interval
+        self.seed = seed
+        self.max_iter = max_iter
+        self.chunks: list[dict[str, np.ndarray]] = []
+        self.n = 0
+        self.new_since_fit = 0
+        self.next_run = time.monotonic() + interval
+        self.child: subprocess.Popen | None = None
+        self.child_out = ""
+        self.round = 0
+
+    def add(self, records: dict[str, np.ndarray]) -> None:
+        self.chunks.append(records)
+        k = len(records["latency"])
+        self.n += k
+        self.new_since_fit += k
+        while self.n - len(self.chunks[0]["latency"]) >= MAX_RECORDS:
+            self.n -= len(self.chunks.pop(0)["latency"])
+
+    def poll(self, live: Model | None) -> tuple[str, dict, Model | None] | None:
+        """Advance: start a refit when due, collect a finished one.
+
+        Returns None, or (event, fields, new model or None) when a refit ended."""
+        if self.child is not None:
+            if self.child.poll() is None:
+                return None
+            return self._collect(live)
+        if time.monotonic() < self.next_run or self.new_since_fit < MIN_RECORDS // 5 or self.n < MIN_RECORDS:
+            return None
+        self._start(live)
+        return None
+
+    def _start(self, live: Model | None) -> None:
+        from inference.traces import concat, write
+
+        self.round += 1
+        self.next_run = time.monotonic() + self.interval
+        self.new_since_fit = 0
+        data = concat(self.chunks)
+        order = np.argsort(data["ts"], kind="stable")
+        data = {k: v[order] for k, v in data.items()}
+        inp = write(self.dir, data, name="retrain-input.npz")
+        self.out = os.path.join(self.dir, f"model-{os.getpid()}-{self.round}.onnx")
+        cmd = [sys.executable, "-m", "inference.retrain", "--input", inp, "--output", self.out,
+               "--seed", str(self.seed), "--max-iter", str(self.max_iter)]
+        if live is not None:
+            cmd += ["--live", live.path]
+        self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(10))
+
+    def _collect(self, live: Model | None) -> tuple[str, dict, Model | None]:
+        child, self.child = self.child, None
+        out, err = child.communicate()
+        try:
+            result = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            msg = err.decode(errors="replace").strip().splitlines()
+            return "retrain_failed", {"error": msg[-1][:300] if msg else f"exit code {child.returncode}"}, None
+        fields = {"live_score": result.get("live"), "challenger_score": result.get("challenger"),
+                  "records": result.get("records"), "previous": live.version if live is not None else ""}
+        if not result.get("swap"):
+            try:
+                os.unlink(self.out)
+            except OSError:
+                pass
+            return "model_kept", fields, None
+        try:
+            model = Model.load(self.out)
+        except ModelError as exc:
+            return "retrain_failed", {"error": str(exc)}, None
+        fields["version"] = model.version
+        return "model_swapped", fields, model
+
+    def stop(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inference.train import TrainError, evaluate_challenger, fit, score, split_recent
+    from inference.traces import TraceError, read
+
+    ap = argparse.ArgumentParser(prog="python -m inference.retrain")
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--live", default="")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-iter", type=int, default=200)
+    args = ap.parse_args(argv)
+    try:
+        data = read([args.input])
+        older, heldout = split_recent(data)
+        blob = fit(older, seed=args.seed, max_iter=args.max_iter)
+        challenger = Model.from_bytes(blob, args.output)
+        live = Model.load(args.live) if args.live else None
+    except (TraceError, TrainError, ModelError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    swap = evaluate_challenger(live, challenger, heldout)
+    if swap:
+        tmp = args.output + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, args.output)
+    print(json.dumps({
+        "swap": swap, "records": len(data["latency"]),
+        "live": round(score(live, heldout), 4) if live is not None else None,
+        "challenger": round(score(challenger, heldout), 4),
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The inference Engine (I/O free) and model loading: fallbacks, weights, trace joins.
+
+Stats come from `inference.synthetic.SyntheticWorker` (cumulative counters
+exactly as workers send them); models are real ONNX files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from inference import policy, synthetic
+from inference.engine import Engine
+from inference.features import FEATURES, N_FEATURES
+from inference.model import DEFAULT_MODEL, Model, ModelError
+from lb.messages import Control
+
+
+def constant_model(path, latency: float, error: float, *, features=FEATURES, input_name="X",
+                   outputs=("latency", "error"), version="const") -> str:
+    """An ONNX model predicting the same latency and error for every row."""
+    F = len(features)
+    nodes = [
+        helper.make_node("ReduceSum", [input_name], ["s"], axes=[1], keepdims=0),
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Add", ["z", "c_lat"], [outputs[0]]),
+        helper.make_node("Add", ["z", "c_err"], [outputs[1]]),
+    ]
+    graph = helper.make_graph(
+        nodes, "const",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, F])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None]) for o in outputs],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("c_lat", TensorProto.FLOAT, [], [latency]),
+         helper.make_tensor("c_err", TensorProto.FLOAT, [], [error])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    m.ir_version = 8
+    for k, v in (("lb.features", ",".join(features)), ("lb.version", version)):
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(m, str(path))
+    return str(path)
+
+
+def rows_ok(table, live_mask=None) -> None:
+    w = np.array(table.weights)
+    assert w.shape == (len(table.classes), len(table.backends))
+    assert np.allclose(w.sum(axis=1), 1.0)
+    assert (w >= 0).all()
+
+
+# -- model files -------------------------------------------------------------------------------------------
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ModelError, match=r"nope\.onnx: no such model file"):
+        Model.load(str(tmp_path / "nope.onnx"))
+
+
+def test_not_onnx(tmp_path):
+    p = tmp_path / "garbage.onnx"
+    p.write_bytes(b"this is not a model\n" * 10)
+    with pytest.raises(ModelError, match=r"garbage\.onnx: not a valid ONNX model"):
+        Model.load(str(p))
+
+
+def test_wrong_features_inputs_outputs(tmp_path):
+    other = FEATURES[1:] + FEATURES[:1]  # same names, other order
+    with pytest.raises(ModelError, match="feature list mismatch"):
+        Model.load(constant_model(tmp_path / "a.onnx", 0.01, 0.0, features=other))
+    with pytest.raises(ModelError, match="expected one input named X"):
+        Model.load(constant_model(tmp_path / "b.onnx", 0.01, 0.0, input_name="features"))
+    with pytest.raises(ModelError, match="expected outputs 'latency' and 'error'"):
+        Model.load(constant_model(tmp_path / "c.onnx", 0.01, 0.0, outputs=("lat_out", "err_out")))
+    with pytest.raises(ModelError, match=r"shape"):
+        Model.load(constant_model(tmp_path / "d.onnx", 0.01, 0.0, features=FEATURES + ("extra",)))
+    m = Model.load(constant_model(tmp_path / "ok.onnx", 0.02, 0.1, version="v7"))
+    lat, err = m.predict(np.zeros((5, N_FEATURES), np.float32))
+    assert m.version == "v7" and np.allclose(lat, 0.02) and np.allclose(err, 0.1)
+
+
+def test_shipped_model_loads():
+    m = Model.load(DEFAULT_MODEL)
+    assert m.features == FEATURES and m.version
+    lat, err = m.predict(np.zeros((8000, N_FEATURES), np.float32))
+    assert lat.shape == err.shape == (8000,) and (lat > 0).all() and ((0 <= err) & (err <= 1)).all()
+
+
+# -- fallbacks ----------------------------------------------------------------------------------------------
+
+
+def test_no_model_is_fallback_model_error_and_routing_continues():
+    cfg = synthetic.config()
+    e = Engine(cfg, None, now=0.0, model_error="/x/m.onnx: no such model file")
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names)
+    table = synthetic.run(e, w, 1.0)
+    assert (table.mode, table.reason, table.model_version) == ("fallback", "model_error", "")
+    rows_ok(table)
+    events = e.take_events()
+    assert [ev for ev, _ in events] == ["policy_mode"]  # logged once, on the change
+    assert events[0][1]["error"] == "/x/m.onnx: no such model file"
+
+
+def test_warming_up_then_learned(tmp_path):
+    cfg = synthetic.config()
+    e = Engine(cfg, Model.load(DEFAULT_MODEL), now=0.0)
+    t0 = e.tick(0.1, 1, 1)
+    assert (t0.mode, t0.reason) == ("fallback", "warming_up")
+    rows_ok(t0)
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names, start=0.1)
+    table = synthetic.run(e, w, 5.0, start=0.1, seq=1)
+    assert (table.mode, table.reason) == ("learned", "")
+    assert table.model_version == Model.load(DEFAULT_MODEL).version
+    assert 0 <= table.prediction_error < cfg.learning.max_prediction_error
+    assert len(table.latency) == len(table.error) == len(cfg.class_names)
+    modes = [f["mode"] for ev, f in e.take_events() if ev == "policy_mode"]
+    assert modes == ["fallback", "learned"]
+
+
+def test_low_confidence_with_a_model_that_predicts_badly(tmp_path):
+    cfg = synthetic.config(max_prediction_error=0.8)
+    bad = Model.load(constant_model(tmp_path / "bad.onnx", 5.0, 0.0))  # 5 s for ~5 ms answers
+    e = Engine(cfg, bad, now=0.0)
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names)
+    table = synthetic.run(e, w, 3.0)
+    assert (table.mode, table.reason) == ("fallback", "low_confidence")
+    assert table.prediction_error > 3.0  # |ln(0.005 / 5)| is about 7
+    rows_ok(table)
+    # a good model swapped in starts a fresh track record and takes over
+    e.set_model(Model.load(DEFAULT_MODEL))
+    table = synthetic.run(e, w, 5.0, start=3.0, seq=30)
+    assert table.mode == "learned"
+
+
+# -- weights ------------------------------------------------------------------------------------------------
+
+
+def test_weights_floor_soft_and_errors_weigh_heavily():
+    exploration = 0.05
+    # backend 0 good, 1 twice as slow, 2 fails fast (80% in 0.3 ms), 3 drained
+    lat = np.array([[0.004, 0.008, 0.0003, 0.001]])
+    err = np.array([[0.0, 0.0, 0.8, 0.0]])
+    live = np.array([True, True, True, False])
+    w = policy.weights(lat, err, live, exploration)[0]
+    assert np.isclose(w.sum(), 1.0) and w[3] == 0.0
+    floor = exploration / 3
+    assert (w[:3] >= floor - 1e-12).all()
+    assert w[2] < floor + 0.001  # the fast failure gets (almost) only the exploration floor
+    assert w[0] > w[1] > w[2]
+    assert w[0] < 1 - floor  # never all-in
+    assert 3.0 < (w[0] - floor) / (w[1] - floor) < 5.0  # soft: 2x slower -> ~1/4 of the share
+
+
+def test_drained_and_down_backends_get_zero(tmp_path):
+    cfg = synthetic.config()
+    e = Engine(cfg, Model.load(DEFAULT_MODEL), now=0.0)
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names)
+    synthetic.run(e, w, 2.0)
+    e.set_control(Control(epoch=1, seq=1, ts=0.0, drained=["fast"], down=["slow"]))
+    table = synthetic.run(e, w, 1.0, start=2.0, seq=20)
+    weights = np.array(table.weights)
+    for name in ("fast", "slow"):
+        assert (weights[:, table.backends.index(name)] == 0).all()
+    rows_ok(table)
+    e.set_control(Control(epoch=1, seq=2, ts=0.0, down=["fast", "slow", "medium", "failing"]))
+    table = synthetic.run(e, w, 0.2, start=3.0, seq=40)
+    assert (table.mode, table.reason) == ("fallback", "no_live_backend")
+    rows_ok(table)
+
+
+def test_learned_routing_avoids_the_failing_backend():
+    cfg = synthetic.config()
+    e = Engine(cfg, Model.load(DEFAULT_MODEL), now=0.0)
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names, rate=300, seed=5)
+    table = synthetic.run(e, w, 10.0)
+    assert table.mode == "learned"
+    weights = np.array(table.weights)
+    fast, failing = table.backends.index("fast"), table.backends.index("failing")
+    assert (weights[:, failing] < 0.05).all()
+    assert (weights[:, fast] > 0.4).all()
+    lat = np.array(table.latency)
+    assert (np.array(table.error)[:, failing] > 0.3).all()
+    assert lat[0, table.backends.index("slow")] > lat[0, fast]
+
+
+# -- traces -------------------------------------------------------------------------------------------------
+
+
+def test_trace_samples_join_the_features_of_their_table():
+    cfg = synthetic.config()
+    e = Engine(cfg, None, now=0.0)
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names, sample=1.0)
+    synthetic.run(e, w, 2.0)
+    rec = e.take_records()
+    assert rec is not None and len(rec["latency"]) > 100
+    assert rec["features"].shape == (len(rec["latency"]), N_FEATURES)
+    assert set(rec["backend"]) <= set(cfg_b.name for cfg_b in cfg.backends)
+    # every joined row is a row of a table the engine published
+    kept = np.concatenate(list(e.tables.values()))
+    some = rec["features"][-50:]
+    assert all((kept == row).all(axis=1).any() for row in some)
+    assert e.take_records() is None  # taken once
+    # samples stamped with an unknown table are counted, not joined
+    st = w.report(2.1)
+    for s in st.traces:
+        s.table_seq = 10**9
+    e.ingest(st, 2.1)
+    assert e.take_records() is None and e.unjoined > 0
