@@ -147,7 +147,8 @@ class LoadGen:
     def _record(self, req: tuple[float, int, float], status: int, backend: str) -> None:
         latency = time.monotonic() - self.start - req[0]
         if latency > self.timeout:
-            status, latency = 0, self.timeout  # answered, but after the client gave up
+            # answered, but after the client gave up (between two sweeps)
+            status, latency, backend = 0, self.timeout, "-"
         self.records.append((req[2], latency, status, backend))
         self.outstanding -= 1
         if self.outstanding == 0 and self._all_done is not None and not self._all_done.done():

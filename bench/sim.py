@@ -23,7 +23,7 @@ no inference process: on its P2C-EWMA fallback (the table says so).
 
     python bench/sim.py [--scenario NAME|all] [--policies a,b] [--duration 60]
                         [--rate R] [--workers 1] [--seed 1] [--json FILE]
-                        [--model PATH] [--traces FILE]
+                        [--model PATH] [--traces DIR]
 
 Exit codes: 0 ok, 2 bad usage.
 """
@@ -124,7 +124,8 @@ class Worker:
 class Simulation:
     def __init__(self, sc: scn.Scenario, policy: str, *, duration: float = 60.0,
                  rate: float | None = None, workers: int = 1, seed: int = 1,
-                 timeout: float = 5.0, model: str | None = None) -> None:
+                 timeout: float = 2.0, model: str | None = None,
+                 traces: str | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
         if workers < 1:
@@ -142,11 +143,12 @@ class Simulation:
         self.seq = 0
         self.now = 0.0
         self.note = ""
+        self.seed = seed
         self.bridge = None
         if policy == "ml":
             import sim_ml  # bench/sim_ml.py
 
-            self.bridge, self.note = sim_ml.attach(self, model)
+            self.bridge, self.note = sim_ml.attach(self, model, traces)
 
     # -- events ---------------------------------------------------------------
 
@@ -183,6 +185,9 @@ class Simulation:
                 self._dispatch(Request(sched, cls, w), sched, None)
             else:
                 break
+        if self.bridge is not None:
+            self.note = self.bridge.note()
+            self.bridge.write_traces()
         return self.records
 
     def _dispatch(self, req: Request, now: float, backend) -> None:
@@ -285,10 +290,11 @@ def parse_args(argv=None):
     ap.add_argument("--rate", type=float, help="base arrival rate, req/s (default: the scenario's)")
     ap.add_argument("--workers", type=int, default=1, help="simulated lb workers (default 1)")
     ap.add_argument("--seed", type=int, default=1, help="seed (default 1)")
-    ap.add_argument("--timeout", type=float, default=5.0, help="client timeout, s (default 5)")
+    ap.add_argument("--timeout", type=float, default=2.0, help="client timeout, s (default 2)")
     ap.add_argument("--model", help="ONNX model for ml (default: the inference default)")
-    ap.add_argument("--traces", metavar="FILE",
-                    help="ml only: write the sampled request traces to FILE")
+    ap.add_argument("--traces", metavar="DIR",
+                    help="ml only: write sampled request traces (the inference process's "
+                         "format, for `lb train`) to DIR/sim-SCENARIO-seedN.npz")
     ap.add_argument("--json", metavar="FILE", help="write the summaries as JSON")
     args = ap.parse_args(argv)
     if args.scenario != "all" and args.scenario not in scn.SCENARIOS:
@@ -311,8 +317,6 @@ def main(argv=None) -> int:
     names = list(scn.SCENARIOS) if args.scenario == "all" else [args.scenario]
     out: dict = {"duration": args.duration, "workers": args.workers, "seed": args.seed,
                  "scenarios": {}}
-    if args.traces and "ml" in args.policies:
-        os.environ["LB_SIM_TRACES"] = args.traces  # read by sim_ml
     for name in names:
         sc = scn.SCENARIOS[name]
         rate = args.rate or sc.rate
@@ -325,7 +329,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             rows.append(simulate(sc, policy, duration=args.duration, rate=args.rate,
                                  workers=args.workers, seed=args.seed, timeout=args.timeout,
-                                 model=args.model))
+                                 model=args.model, traces=args.traces))
             rows[-1].wall = time.perf_counter() - t0  # type: ignore[attr-defined]
         print(scn.table(sc, rows))
         print(f"({sum(r.requests for r in rows)} requests simulated in "

@@ -1,90 +1,118 @@
 """The `ml` policy in the simulator: real worker telemetry into the real inference engine.
 
-Every `STATS_INTERVAL` simulated seconds each simulated worker builds its
-`lb.messages.WorkerStats` with `workers.telemetry.build_stats` (the same
-function a worker uses before sending), the engine ingests them and computes
-a `lb.messages.Table`, and every worker's `TableStrategy` gets it, exactly as
-a worker does when a table arrives.  Simulated time stands in for the clock
-everywhere (stats timestamps, table age, the engine's `now`).
+Every `sim.STATS_INTERVAL` simulated seconds each simulated worker builds its
+`lb.messages.WorkerStats` with `workers.telemetry.build_stats` (what a worker
+sends), `inference.engine.Engine` ingests them and computes a
+`lb.messages.Table` in one tick, and every worker's `TableStrategy` gets it
+(`set_table`, then `check` for its mode), as a worker does when a table
+arrives.  Simulated time stands in for the clock everywhere: stats
+timestamps, table timestamps and age, the engine's `now`.
+
+Trace samples are taken by the workers' own `Tracer` (the `learning.
+trace_sample` share of requests, stamped with the table they were routed
+with); the engine joins them with that table's features, and with `--traces
+DIR` the joined records are written in the inference process's format
+(`inference.traces`), ready for `lb train`.
 
 When the inference code is not importable, `attach` returns no bridge and
-`ml` runs on its fallback (P2C-EWMA), which is what lb does with no table.
+`ml` runs as a worker does without tables: on its P2C-EWMA fallback.
 """
 
 from __future__ import annotations
 
 import os
 
-import msgspec
-
 import scenarios as scn  # bench/scenarios.py
 
 
-def attach(sim, model_path: str | None):
+def attach(sim, model_path: str | None, traces_dir: str | None = None):
     """(bridge or None, note for the results table)."""
     try:
         from inference.engine import Engine
-        from inference.model import Model
-        from workers.telemetry import build_stats
+        from inference.model import DEFAULT_MODEL, Model
+        from workers.telemetry import Tracer, build_stats
     except ImportError as exc:
-        return None, f"fallback: {exc.name or 'inference'} missing"
+        return None, f"fallback: {exc.name or 'inference'} not importable"
     try:
-        return Bridge(sim, Engine, Model, build_stats, model_path), ""
-    except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-        return None, f"fallback: {type(exc).__name__}: {exc}"[:80]
+        model = Model.load(model_path or DEFAULT_MODEL)
+    except Exception as exc:  # noqa: BLE001 - e.g. ModelError: the run goes on, on the fallback
+        return None, f"fallback: {exc}"[:80]
+    return Bridge(sim, Engine, model, Tracer, build_stats, traces_dir), ""
 
 
-def _engine_config(sim):
-    """The lb config the engine would get from the supervisor for this scenario."""
-    from lb.config import Config
+def engine_config(sim, trace_sample: float):
+    """The lb config the inference process would get for this scenario."""
+    from lb.config import from_dict
 
-    backends = [{"address": f"127.0.0.1:{20000 + i}", "name": s.name, "weight": s.weight}
-                for i, s in enumerate(sim.sc.backends)]
-    raw = {"backends": backends, "strategy": "ml",
-           "classes": [{"name": "heavy", "path_prefix": "/heavy"}]}
-    return msgspec.convert(raw, Config)
+    return from_dict({
+        "strategy": "ml",
+        "backends": [{"address": f"127.0.0.1:{20000 + i}", "name": s.name, "weight": s.weight}
+                     for i, s in enumerate(sim.sc.backends)],
+        "classes": [{"name": scn.CLASSES[1], "path_prefix": scn.PATHS[1]}],
+        "learning": {"trace_sample": trace_sample},
+    }, "<simulated>")
 
 
 class Bridge:
-    def __init__(self, sim, Engine, Model, build_stats, model_path: str | None) -> None:
+    def __init__(self, sim, Engine, model, Tracer, build_stats, traces_dir: str | None) -> None:
         self.sim = sim
         self.build_stats = build_stats
-        cfg = _engine_config(sim)
-        model = Model.load(model_path) if model_path else Model.load(_default_model_path(cfg))
+        self.traces_dir = traces_dir
+        # Sampling costs simulated work only: take more when traces are wanted.
+        sample = 0.02 if traces_dir is None else 0.2
+        cfg = engine_config(sim, sample)
+        if list(cfg.class_names) != list(scn.CLASSES):
+            raise ValueError(f"class names {cfg.class_names} != {scn.CLASSES}")
         self.engine = Engine(cfg, model, now=0.0)
         self.engine.set_control(None)
-        self.epoch = 1
+        self.epoch = 1 + sim.seed
         self.seq = 0
-        self.tables = 0
-        self.traces_path = os.environ.get("LB_SIM_TRACES") or None
+        self.modes: dict[str, int] = {}  # table mode/reason -> ticks
+        self.records: list = []
+        self.tracers = []
+        for w in sim.workers:
+            tracer = Tracer(sample, seed=1000 + w.slot)
+            for b in w.backends:
+                b.tracer = tracer
+            self.tracers.append(tracer)
 
     def tick(self, now: float) -> None:
-        for w in self.sim.workers:
+        for w, tracer in zip(self.sim.workers, self.tracers):
             w.seq += 1
             counters = {"connections": 0, "accepted": w.requests, "requests": w.requests,
                         "rejected": 0, "timeouts": w.timeouts, "no_backend": w.no_backend}
             stats = self.build_stats(
                 w.backends, scn.CLASSES, slot=w.slot, pid=100000 + w.slot, generation=1,
                 seq=w.seq, ts=now, counters=counters, strategy=w.strategy,
+                traces=tracer.drain(),
             )
             self.engine.ingest(stats, now)
         self.seq += 1
         table = self.engine.tick(now, self.epoch, self.seq)
-        if table is None:
-            return
-        self.tables += 1
-        for w in self.sim.workers:
+        key = table.mode + (f": {table.reason}" if table.reason else "")
+        self.modes[key] = self.modes.get(key, 0) + 1
+        for w, tracer in zip(self.sim.workers, self.tracers):
             w.strategy.set_table(table)
-            check = getattr(w.strategy, "check", None)
-            if check is not None:
-                check(now)
+            w.strategy.check(now)
+            tracer.epoch, tracer.seq = table.epoch, table.seq
+        if self.traces_dir is not None:
+            rec = self.engine.take_records()
+            if rec is not None:
+                self.records.append(rec)
 
+    def note(self) -> str:
+        """How the tables' modes were spread over the run, e.g. 'learned 97%'."""
+        total = sum(self.modes.values()) or 1
+        top = [kv for kv in sorted(self.modes.items(), key=lambda kv: -kv[1])[:2]
+               if kv[1] / total >= 0.01]
+        return ", ".join(f"{k} {v / total:.0%}" for k, v in top)
 
-def _default_model_path(cfg) -> str:
-    from inference import model as im
+    def write_traces(self) -> str | None:
+        """This run's joined records as one trace file (npz, the inference format)."""
+        if self.traces_dir is None or not self.records:
+            return None
+        from inference import traces
 
-    path = getattr(im, "DEFAULT_MODEL", None) or cfg.learning.model
-    if not path:
-        raise FileNotFoundError("no default model path in inference.model")
-    return path
-
+        os.makedirs(self.traces_dir, exist_ok=True)
+        name = f"sim-{self.sim.sc.name}-seed{self.sim.seed}.npz"
+        return traces.write(self.traces_dir, traces.concat(self.records), name)

@@ -1,0 +1,98 @@
+"""The discrete-event simulator (bench/sim.py): deterministic, and it shows the
+known behaviours of the real strategies it runs (exact, fast assertions)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import scenarios as scn  # noqa: E402
+import sim  # noqa: E402
+
+
+def run(name: str, policy: str, **kw) -> sim.Simulation:
+    s = sim.Simulation(scn.get(name), policy, **kw)
+    s.run()
+    return s
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    a = run("slowdown", "p2c_ewma", duration=8, seed=3)
+    b = run("slowdown", "p2c_ewma", duration=8, seed=3)
+    c = run("slowdown", "p2c_ewma", duration=8, seed=4)
+    assert len(a.records) > 5000
+    assert a.records == b.records
+    assert a.summary().as_dict() == b.summary().as_dict()
+    assert a.records != c.records
+
+
+def test_every_request_has_exactly_one_outcome():
+    s = run("coldjoin", "round_robin", duration=6, workers=3)
+    assert len(s.records) == len(s.arrivals)
+    assert sorted(r[0] for r in s.records) == [t for t, _ in s.arrivals]
+    # Before b4 joins its refused connects are retried elsewhere: nothing fails,
+    # and b4 answers nothing.
+    before = [r for r in s.records if r[0] < 0.4 * 6 - 0.01]
+    assert before and all(r[2] == 200 and r[3] != "b4" for r in before)
+    assert any(r[3] == "b4" for r in s.records if r[0] > 0.5 * 6)
+
+
+def test_least_connections_herds_onto_the_fast_failing_backend():
+    s = run("fastfail", "least_connections", duration=10).summary()
+    rr = run("fastfail", "round_robin", duration=10).summary()
+    assert s.share["b4"] > 0.4
+    assert s.share["b4"] > 2 * max(s.share["b1"], s.share["b2"], s.share["b3"])
+    assert s.error_rate > 0.35  # 90% of the requests it sends there fail
+    assert rr.error_rate < 0.25  # round robin only sends it a quarter
+
+
+def test_p2c_ewma_beats_round_robin_on_heterogeneous_backends():
+    p2c = run("heterogeneous", "p2c_ewma", duration=10).summary()
+    rr = run("heterogeneous", "round_robin", duration=10).summary()
+    assert p2c.p99 < 0.2 * rr.p99
+    assert p2c.error_rate == 0.0 < rr.error_rate  # round robin overflows "tiny" into timeouts
+    assert p2c.share["big"] > p2c.share["medium"] > p2c.share["small"] > p2c.share["tiny"]
+
+
+def test_ml_is_driven_by_the_inference_engine():
+    pytest.importorskip("inference.engine")
+    s = run("identical", "ml", duration=3, workers=2)
+    assert s.bridge is not None, s.note
+    ticks = sum(s.bridge.modes.values())
+    assert ticks == 29  # one table per 0.1 simulated s, the first at 0.1 s
+    for w in s.workers:
+        assert w.strategy.table is not None
+        assert w.strategy.table.seq == ticks
+        assert w.strategy.table.backends == ["b1", "b2", "b3", "b4"]
+    assert s.note  # the modes the tables were in
+
+
+def test_ml_traces_are_readable_by_the_training_code(tmp_path):
+    traces = pytest.importorskip("inference.traces")
+    s = run("heterogeneous", "ml", duration=4, traces=str(tmp_path))
+    assert s.bridge is not None, s.note
+    data = traces.read([str(tmp_path)])
+    n = len(data["latency"])
+    assert n > 100
+    assert set(data["backend"]) <= {"big", "medium", "small", "tiny"}
+    assert set(data["cls"]) == {"default", "heavy"}
+    assert (data["latency"] > 0).all()
+
+
+def test_cli_table_and_bad_usage():
+    p = subprocess.run([sys.executable, "bench/sim.py", "--scenario", "identical", "--duration", "2",
+                        "--policies", "round_robin,random"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "round_robin" in p.stdout and "% b4" in p.stdout
+    for bad in (["--scenario", "nope"], ["--policies", "fastest"], ["--duration", "0"]):
+        p = subprocess.run([sys.executable, "bench/sim.py", *bad], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2
+        assert "Traceback" not in p.stderr and "error:" in p.stderr
