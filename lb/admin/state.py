@@ -86,7 +86,7 @@ class AdminState:
         self.poll()
         self.control.tick()
         self.agg.retire()
-        self.agg.sample()
+        self.agg.sample().weights = self.effective_weights()
         mode = self.mode()
         if mode != self.last_mode and self.strategy() == "ml":
             log.log("policy_mode", mode=mode[0], reason=mode[1])
@@ -152,6 +152,27 @@ class AdminState:
         weights = self.config_weights()
         return [n for n in self.backend_names()
                 if weights.get(n, 0) > 0 and n not in self.control.drained and n not in self.control.down]
+
+    def effective_weights(self) -> dict[str, float]:
+        """The share each backend is meant to get now: the table's weights
+        (averaged over classes) when the learned policy routes, else the
+        configured weights (weighted strategies) or equal shares."""
+        names = self.backend_names()
+        cfgw = self.config_weights()
+        routable = set(self.routable())
+        strategy = self.strategy()
+        t = self.table
+        if strategy == "ml" and t is not None and t.weights and self.mode()[0] == "learned":
+            out = {}
+            for n in names:
+                w = self.table_weight(n)
+                out[n] = (sum(w.values()) / len(w)) if w and n in routable else 0.0
+        elif strategy in ("weighted_round_robin", "p2c_ewma", "ml"):
+            out = {n: float(cfgw.get(n, 0)) if n in routable else 0.0 for n in names}
+        else:
+            out = {n: 1.0 if n in routable else 0.0 for n in names}
+        total = sum(out.values())
+        return {n: (w / total if total else 0.0) for n, w in out.items()}
 
     def close(self) -> None:
         self.stats.close()

@@ -163,6 +163,7 @@ class Sample:
     errors: dict[str, int]
     hist: dict[str, list[int]]
     workers: dict[str, int]
+    weights: dict[str, float] = field(default_factory=dict)  # intended shares at that time
 
 
 class Aggregator:

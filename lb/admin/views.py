@@ -52,26 +52,6 @@ def backend_state(s: AdminState, name: str, weight: int) -> str:
     return "up"
 
 
-def effective_weights(s: AdminState) -> dict[str, float]:
-    """The share each backend is meant to get now: the table's weights
-    (averaged over classes) in learned mode, else the configured weights."""
-    names = s.backend_names()
-    cfgw = s.config_weights()
-    routable = set(s.routable())
-    t = s.table
-    if s.strategy() == "ml" and t is not None and s.mode()[0] == "learned" and t.weights:
-        out = {}
-        for n in names:
-            w = s.table_weight(n)
-            out[n] = (sum(w.values()) / len(w)) if w and n in routable else 0.0
-    elif s.strategy() in ("weighted_round_robin", "p2c_ewma", "ml"):
-        out = {n: float(cfgw.get(n, 0)) if n in routable else 0.0 for n in names}
-    else:
-        out = {n: 1.0 if n in routable else 0.0 for n in names}
-    total = sum(out.values())
-    return {n: (w / total if total else 0.0) for n, w in out.items()}
-
-
 def backends(s: AdminState) -> list[dict]:
     g = s.agg.gauges()
     t = s.agg.totals()
@@ -110,7 +90,7 @@ def live_metrics(s: AdminState, window: float = LIVE_WINDOW) -> dict:
     names = s.backend_names()
     w = s.agg.window(window)
     rs = rates(w[0], w[1], names) if w else {}
-    eff = effective_weights(s)
+    eff = s.effective_weights()
     per = []
     for b in backends(s):
         n = b["name"]
@@ -144,8 +124,9 @@ def route(s: AdminState) -> dict:
     }
 
 
-def _point(old: Sample, new: Sample, names: list[str], weights: dict[str, float]) -> dict:
+def _point(old: Sample, new: Sample, names: list[str]) -> dict:
     rs = rates(old, new, names)
+    weights = new.weights
     return {"ts": round(new.ts, 3),
             "b": {n: {"rps": round(r.rps, 3), "share": round(r.share, 4), "p50": _r(r.p50),
                       "p99": _r(r.p99), "err": round(r.errors_per_s, 3),
@@ -155,17 +136,15 @@ def _point(old: Sample, new: Sample, names: list[str], weights: dict[str, float]
 def history(s: AdminState) -> list[dict]:
     """One point per second over the kept history (weights as they are now)."""
     names = s.backend_names()
-    weights = effective_weights(s)
     h = list(s.agg.history)
-    return [_point(a, b, names, weights) for a, b in zip(h, h[1:])]
+    return [_point(a, b, names) for a, b in zip(h, h[1:])]
 
 
 def snapshot(s: AdminState) -> dict:
     """The dashboard's once-a-second event."""
     names = s.backend_names()
     h = s.agg.history
-    weights = effective_weights(s)
-    point = _point(h[-2], h[-1], names, weights) if len(h) >= 2 else {"ts": time.time(), "b": {}}
+    point = _point(h[-2], h[-1], names) if len(h) >= 2 else {"ts": time.time(), "b": {}}
     code, hv = health(s)
     t = s.table
     mode, reason = s.mode()
