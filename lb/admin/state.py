@@ -20,7 +20,7 @@ import zmq
 
 from lb import log
 from lb.clone import Subscriber
-from lb.config import Config
+from lb.config import Config, ConfigError, load
 from lb.messages import (
     TOPIC_STATS,
     TOPIC_STATUS,
@@ -55,6 +55,7 @@ class AdminState:
         self.control = ControlState(self.ctx, runtime_dir)
         self.agg = Aggregator([b.name for b in cfg.backends])
         self.last_mode: tuple[str, str] | None = None
+        self.generation: int | None = None
 
     # -- input ---------------------------------------------------------------
 
@@ -75,11 +76,33 @@ class AdminState:
                 if topic == TOPIC_STATS:
                     self.agg.offer_stats(stats_decoder.decode(payload))
                 elif topic == TOPIC_STATUS:
-                    self.agg.offer_status(status_decoder.decode(payload))
+                    st = status_decoder.decode(payload)
+                    self.agg.offer_status(st)
+                    self._follow_generation(st.generation, st.config_path)
             except msgspec.DecodeError:
                 self.agg.bad += 1
         self.tables.poll()
         self.control.publisher.serve_snapshots()
+
+    def _follow_generation(self, generation: int, path: str) -> None:
+        """After a reload the supervisor reports a new generation: read the
+        config it now runs (request classes, backends, token) from its file.
+        The admin process keeps its counters and history instead of restarting."""
+        if self.generation is None:
+            self.generation = generation  # the config on stdin is this generation's
+            return
+        if generation == self.generation:
+            return
+        self.generation = generation
+        if not path:
+            return
+        try:
+            cfg = load(path)
+        except ConfigError as exc:
+            log.log("admin_config_unreadable", generation=generation, error=str(exc))
+            return
+        self.cfg = cfg
+        log.log("admin_config_reloaded", generation=generation, path=path)
 
     def tick(self) -> None:
         """Once a second: history sample, control republish, pid retirement."""
@@ -113,10 +136,15 @@ class AdminState:
         return self.control.pinned or self.config_strategy()
 
     def backend_names(self) -> list[str]:
-        names = list(self.agg.order)
+        """The config's backends, then any other one live workers or the table
+        name (a reload in flight), in a stable order."""
+        names = [b.name for b in self.cfg.backends]
+        extra = {b.name for ws in self.agg.live_workers() for b in ws.backends}
         t = self.table
         if t is not None:
-            names += [b for b in t.backends if b not in names]
+            extra.update(t.backends)
+        names += [n for n in self.agg.order if n in extra and n not in names]
+        names += sorted(n for n in extra if n not in names)
         return names
 
     def config_weights(self) -> dict[str, int]:
