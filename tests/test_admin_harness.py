@@ -300,7 +300,20 @@ def test_boot_ready_and_sigterm():
         assert admin.read_stdout(1, 3) == b"H"  # heartbeat within a second or so
         status, _, body = admin.get("/api/health")
         assert status == 503 and body["live"] is True  # no supervisor status yet
+        # open connections (an event stream, an idle keep-alive one) do not hold up the stop
+        stream = socket.create_connection(("127.0.0.1", admin.port), timeout=5)
+        stream.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle = socket.create_connection(("127.0.0.1", admin.port), timeout=5)
+        idle.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stream.recv(100).startswith(b"HTTP/1.1 200") and idle.recv(100).startswith(b"HTTP/1.1 503")
+        t0 = time.monotonic()
         assert admin.stop() == 0
+        assert time.monotonic() - t0 < 2
+        stream.close()
+        idle.close()
+        time.sleep(0.1)
         assert any('"admin_exit"' in line for line in admin.stderr)
+        for line in admin.stderr:  # nothing but JSON events: no traceback on the way out
+            json.loads(line)
     finally:
         admin.cleanup()

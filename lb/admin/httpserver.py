@@ -157,7 +157,9 @@ class Server:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
         except asyncio.CancelledError:
-            raise
+            # Shutdown cancels open connections; ending normally keeps asyncio's
+            # stream callback from printing a traceback for each one.
+            pass
         finally:
             self.connections.discard(writer)
             writer.close()
