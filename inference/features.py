@@ -58,7 +58,7 @@ class _Worker:
     """The last cumulative counters of one worker pid, in its own backend order."""
 
     __slots__ = ("names", "classes", "bidx", "cidx", "requests", "nores", "resp", "errs", "lsum",
-                 "hist", "inflight", "ewma", "seen")
+                 "hist", "inflight", "ewma", "seen", "resp_lists")
 
     def __init__(self, stats: WorkerStats, bindex: dict[str, int], cindex: dict[str, int]) -> None:
         self.names = tuple(b.name for b in stats.backends)
@@ -67,24 +67,38 @@ class _Worker:
         self.bidx = np.array([bindex.get(n, -1) for n in self.names], dtype=np.int64)
         self.cidx = np.array([cindex.get(n, -1) for n in self.classes], dtype=np.int64)
         self.seen = 0.0
+        self.resp_lists = None
 
 
-def _arrays(stats: WorkerStats, nc: int):
-    """Cumulative counters of one report as arrays (backend-major)."""
+def _arrays(stats: WorkerStats, nc: int, prev: "_Worker | None"):
+    """Cumulative counters of one report as arrays (backend-major).
+
+    Converting the histograms is most of the cost (backends x classes x 23
+    Python ints), so a backend whose per-class response counts did not change
+    since the worker's previous report keeps its previous histogram rows."""
     bs = stats.backends
     nb = len(bs)
     requests = np.fromiter((b.requests for b in bs), dtype=np.float64, count=nb)
     nores = np.fromiter((b.responses[0] if b.responses else 0 for b in bs), dtype=np.float64, count=nb)
     inflight = np.fromiter((b.inflight for b in bs), dtype=np.float64, count=nb)
     ewma = np.fromiter((b.ewma for b in bs), dtype=np.float64, count=nb)
+    resp_lists = [b.class_responses for b in bs]
     try:
-        resp = np.array([b.class_responses for b in bs], dtype=np.float64).reshape(nb, nc)
+        resp = np.array(resp_lists, dtype=np.float64).reshape(nb, nc)
         errs = np.array([b.class_errors for b in bs], dtype=np.float64).reshape(nb, nc)
         lsum = np.array([b.class_latency_sum for b in bs], dtype=np.float64).reshape(nb, nc)
-        hist = np.array([b.class_latency for b in bs], dtype=np.float64).reshape(nb, nc, N_BUCKETS)
+        if prev is not None and getattr(prev, "resp_lists", None) is not None:
+            old = prev.resp_lists
+            changed = [i for i in range(nb) if resp_lists[i] != old[i]]
+            hist = prev.hist.copy()
+            if changed:
+                hist[changed] = np.array([bs[i].class_latency for i in changed],
+                                         dtype=np.float64).reshape(len(changed), nc, N_BUCKETS)
+        else:
+            hist = np.array([b.class_latency for b in bs], dtype=np.float64).reshape(nb, nc, N_BUCKETS)
     except ValueError:
         return None  # ragged or mis-sized per-class lists: the report is ignored
-    return requests, nores, inflight, ewma, resp, errs, lsum, hist
+    return requests, nores, inflight, ewma, resp, errs, lsum, hist, resp_lists
 
 
 class StatsFolder:
@@ -130,10 +144,10 @@ class StatsFolder:
             first = True
         else:
             first = False
-        arrs = _arrays(stats, len(stats.classes))
+        arrs = _arrays(stats, len(stats.classes), None if first else w)
         if arrs is None:
             return False
-        requests, nores, inflight, ewma, resp, errs, lsum, hist = arrs
+        requests, nores, inflight, ewma, resp, errs, lsum, hist, w.resp_lists = arrs
         w.inflight, w.ewma, w.seen = inflight, ewma, now
         if first or (requests < w.requests).any() or (resp < w.resp).any():
             # a new worker (or one whose counters went back): this report is the baseline

@@ -33,7 +33,7 @@ from inference.features import BUCKET_LOG_MID
 ERROR_POWER = 8.0
 LATENCY_POWER = 2.0
 CONFIDENCE_TAU = 5.0  # seconds: smoothing of the online prediction error
-CONFIDENCE_MIN_COUNT = 20.0  # responses (decayed) before the error is judged
+CONFIDENCE_MIN_COUNT = 50.0  # responses (decayed) before the error is judged
 RECOVER_RATIO = 0.8  # leave low_confidence below this share of the threshold
 
 

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("paths", nargs="+", metavar="PATH", help="trace files (.npz) or directories of them")
     train.add_argument("-o", "--output", required=True, help="model file to write (.onnx)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0): same traces + seed, same model")
+    train.add_argument("--max-iter", type=int, default=200, help="training epochs at most (default 200)")
     train.set_defaults(func=cmd_train)
     return ap
 

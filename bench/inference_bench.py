@@ -1,0 +1,144 @@
+"""Inference microbenchmarks: batched scoring, features, a whole tick, table propagation.
+
+    python bench/inference_bench.py [--runs 300] [--backends 1000] [--classes 8]
+
+* scoring: ONE onnxruntime call over (backends x classes) rows with the
+  shipped model (target <= 2 ms for 1,000 x 8);
+* features: building the (backends x classes, F) matrix from the folded stats;
+* ingest: one WorkerStats report of all the backends (per worker, per 100 ms);
+* tick: a whole Engine.tick (fold, features, scoring, weights, the Table);
+* propagation: a Table of that size published with lb.clone.Publisher and
+  received by lb.clone.Subscriber in ANOTHER process, from `Table.ts` (set
+  just before encoding, as the inference process does) to the moment the
+  subscriber holds it (target <= 100 ms).
+Medians and p99 over `--runs` repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from inference import synthetic  # noqa: E402
+from inference.engine import Engine  # noqa: E402
+from inference.model import DEFAULT_MODEL, Model  # noqa: E402
+
+
+def stats(samples: list[float]) -> str:
+    a = np.array(samples) * 1e3
+    return f"median {np.median(a):7.3f} ms   p99 {np.percentile(a, 99):7.3f} ms   ({len(a)} runs)"
+
+
+def timed(fn, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def build(n_backends: int, n_classes: int):
+    specs = [synthetic.SynthBackend(f"b{i}", capacity=8, service=0.002 + 0.00002 * i) for i in range(n_backends)]
+    classes = tuple(f"c{i}" for i in range(1, n_classes))
+    cfg = synthetic.config(specs, classes=classes)
+    engine = Engine(cfg, Model.load(DEFAULT_MODEL), now=0.0)
+    worker = synthetic.SyntheticWorker(specs, cfg.class_names, rate=20_000, seed=1)
+    synthetic.run(engine, worker, 0.5)
+    return cfg, engine, worker
+
+
+SUBSCRIBER = r"""
+import json, sys, time, zmq
+from lb.clone import Subscriber
+from lb.messages import TOPIC_TABLE, endpoints, table_decoder
+ep = endpoints(sys.argv[1]); n = int(sys.argv[2])
+ctx = zmq.Context()
+sub = Subscriber(ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE, table_decoder.decode)
+poller = zmq.Poller(); poller.register(sub.sub, zmq.POLLIN); poller.register(sub.dealer, zmq.POLLIN)
+print("ready", flush=True)
+delays = []
+deadline = time.monotonic() + 60
+while len(delays) < n and time.monotonic() < deadline:
+    poller.poll(100)
+    if sub.poll() and sub.state.model_version == "bench":
+        delays.append(time.time() - sub.state.ts)
+print(json.dumps(delays), flush=True)
+"""
+
+
+def propagation(engine: Engine, runs: int) -> list[float]:
+    import zmq
+
+    from lb.clone import Publisher
+    from lb.messages import TOPIC_TABLE, encode, endpoints
+
+    d = tempfile.mkdtemp(prefix="lbb-", dir="/tmp")
+    ep = endpoints(d)
+    ctx = zmq.Context()
+    pub = Publisher(ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE)
+    child = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, d, str(runs)], stdout=subprocess.PIPE,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert child.stdout.readline().strip() == b"ready"
+    time.sleep(0.3)  # the SUB connection settles
+    t = 1.0
+    for _ in range(runs):
+        epoch, seq = pub.next_version()
+        table = engine.tick(t, epoch, seq)  # a real tick's table (1000 x 8 weights, latency, error)
+        table.model_version = "bench"
+        table.ts = time.time()
+        pub.publish(encode(table))
+        pub.serve_snapshots()
+        t += 0.1
+        time.sleep(0.02)
+    out, _ = child.communicate(timeout=60)
+    pub.close()
+    ctx.term()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--backends", type=int, default=1000)
+    ap.add_argument("--classes", type=int, default=8)
+    args = ap.parse_args()
+    cfg, engine, worker = build(args.backends, args.classes)
+    B, C = args.backends, args.classes
+    X = engine.folder.features(1.0)
+    model = engine.model
+    print(f"inference microbenchmarks: {B} backends x {C} classes = {B * C} rows, "
+          f"{X.shape[1]} features, model {model.version}")
+    for _ in range(20):
+        model.predict(X)  # warm up
+    print(f"  scoring (one batched onnxruntime call)   {stats(timed(lambda: model.predict(X), args.runs))}")
+    print(f"  feature matrix                           "
+          f"{stats(timed(lambda: engine.folder.features(1.0), args.runs))}")
+    # successive reports of a busy worker (every backend's counters move between two)
+    n_ing = min(args.runs, 100)
+    reports = iter([worker.report(0.6 + 0.1 * i) for i in range(n_ing)])
+    print(f"  ingest one WorkerStats ({B} backends)     "
+          f"{stats(timed(lambda: engine.folder.ingest(next(reports), 0.6), n_ing))}")
+    seq = [1000]
+
+    def tick():
+        seq[0] += 1
+        engine.tick(1.0 + seq[0] * 0.1, 1, seq[0])
+
+    print(f"  whole tick (fold, features, score, weights, Table)  {stats(timed(tick, min(args.runs, 100)))}")
+    delays = propagation(engine, min(args.runs, 200))
+    print(f"  table propagation to another process     {stats(delays)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

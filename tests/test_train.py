@@ -1,0 +1,97 @@
+"""`lb train` and the challenger-vs-live decision, with real (small) models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from inference import synthetic, traces, train
+from inference.engine import Engine
+from inference.model import Model
+from tests.test_inference_engine import constant_model
+
+
+@pytest.fixture(scope="module")
+def trace_data():
+    """~3,000 joined records from the synthetic cluster (random routing)."""
+    cfg = synthetic.config()
+    e = Engine(cfg, None, now=0.0)
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names, rate=400, sample=0.5, seed=11)
+    synthetic.run(e, w, 15.0)
+    return e.take_records()
+
+
+def lb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lb", *args], capture_output=True, timeout=timeout)
+
+
+def test_lb_train_writes_a_model_that_loads_deterministically(trace_data, tmp_path):
+    d = tmp_path / "traces"
+    d.mkdir()
+    half = len(trace_data["latency"]) // 2
+    traces.write(str(d), {k: v[:half] for k, v in trace_data.items()}, name="trace-1.npz")
+    traces.write(str(d), {k: v[half:] for k, v in trace_data.items()}, name="trace-2.npz")
+    r1 = lb("train", str(d), "-o", str(tmp_path / "a.onnx"), "--max-iter", "60")
+    assert r1.returncode == 0, r1.stderr
+    r2 = lb("train", str(d / "trace-1.npz"), str(d / "trace-2.npz"), "-o", str(tmp_path / "b.onnx"), "--seed", "0",
+            "--max-iter", "60")
+    assert r2.returncode == 0, r2.stderr
+    a, b = Model.load(str(tmp_path / "a.onnx")), Model.load(str(tmp_path / "b.onnx"))
+    assert a.version == b.version and a.version.startswith("mlp-")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert a.version.encode() in r1.stdout
+    # it learned something: the fast-failing backend is predicted to fail, the slow one to be slow
+    X, be = trace_data["features"], trace_data["backend"]
+    lat, err = a.predict(X)
+    assert err[be == "failing"].mean() > 0.5 > err[be == "fast"].mean() + 0.3
+    assert np.median(lat[be == "slow"]) > 3 * np.median(lat[be == "fast"])
+
+
+def test_onnx_export_matches_scikit_learn(trace_data, tmp_path):
+    pipe, X, version = train.fit_pipeline(trace_data, seed=3, max_iter=40)
+    blob = train.export(pipe, version, X.min(axis=0), X.max(axis=0))
+    model = Model.from_bytes(blob)
+    lat, err = model.predict(X[:500])
+    ref = pipe.predict(X[:500])
+    assert np.allclose(np.log(lat), np.clip(ref[:, 0], np.log(1e-5), np.log(60.0)), atol=1e-4)
+    assert np.allclose(err, np.clip(ref[:, 1], 0, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("empty_dir", "no .npz trace files in this directory"),
+    ("garbage", "not a trace file"),
+    ("missing", "no such file or directory"),
+    ("few", "too few trace records"),
+])
+def test_bad_trace_input_is_one_line_exit_2(setup, message, trace_data, tmp_path):
+    if setup == "empty_dir":
+        path = tmp_path / "empty"
+        path.mkdir()
+    elif setup == "garbage":
+        path = tmp_path / "x.npz"
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    elif setup == "missing":
+        path = tmp_path / "nothing-here"
+    else:
+        path = traces.write(str(tmp_path), {k: v[:10] for k, v in trace_data.items()}, name="few.npz")
+    r = lb("train", str(path), "-o", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2
+    err = r.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith("lb train: ") and message in err, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_evaluate_challenger_swaps_only_a_better_model(trace_data, tmp_path):
+    older, heldout = train.split_recent(trace_data)
+    assert heldout["ts"].min() >= older["ts"].max()  # the held-out part is the most recent
+    good = Model.from_bytes(train.fit(older, seed=0, max_iter=60), "good")
+    bad = Model.load(constant_model(tmp_path / "bad.onnx", 1.0, 0.5))
+    assert train.score(good, heldout) < train.score(bad, heldout)
+    assert train.evaluate_challenger(bad, good, heldout) is True
+    assert train.evaluate_challenger(good, bad, heldout) is False
+    # an equal model is not "better": no churn
+    assert train.evaluate_challenger(good, good, heldout) is False
+    assert train.evaluate_challenger(None, bad, heldout) is True  # nothing live yet
