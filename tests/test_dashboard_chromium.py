@@ -150,7 +150,8 @@ def test_dashboard_live_in_chromium(env, tmp_path):
 
     # live numbers: at least three events rendered, every backend's row with a request rate
     def rendered():
-        n = b.evaluate("Number(document.body.dataset.events || 0)")
+        # (the navigation may still be under way: no body yet)
+        n = b.evaluate("document.body ? Number(document.body.dataset.events || 0) : 0")
         return n >= 3 and n
     wait_until(rendered, timeout=15, interval=0.3)
     rows = b.evaluate("""Array.from(document.querySelectorAll('#backends tr')).map(
