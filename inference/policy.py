@@ -17,9 +17,15 @@ Weights (per class, over live backends):
 * Every live backend keeps `exploration / n_live` (nothing starves, every
   backend keeps producing fresh data for the features and for training).
 
-Workers pick with two weighted draws and keep the higher
-weight / (local in-flight + 1), which sharpens the split a little further
-towards the heavy backends while reacting to bursts between two tables.
+Workers pick with two weighted draws and keep the higher weight / (local
+in-flight + 1).  With equal in-flight counts that squares small weights (a
+backend with weight w wins about w^2 of the picks when every other weight is
+higher); the in-flight term gives them their chances back whenever the
+favourites are busy.  The weights are deliberately NOT pre-compensated for the
+squaring: a backend that fails fast never has requests in flight, so a larger
+floor weight would make it win every comparison against a busy healthy
+backend (measured: 7-18% of the traffic to an 80%-failing backend instead of
+2-3%).
 """
 
 from __future__ import annotations

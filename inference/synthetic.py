@@ -63,8 +63,11 @@ class SyntheticWorker:
     def _pick(self, cls: int) -> int:
         t = self.table
         if t is not None and t.mode == "learned" and t.weights:
+            # the workers' pick: two weighted draws, the higher weight / (in-flight + 1) wins
             row = t.weights[cls]
-            return self.rng.choices(range(len(row)), weights=row)[0]
+            a, b = self.rng.choices(range(len(row)), weights=row, k=2)
+            fa, fb = len(self.finishes[a]), len(self.finishes[b])
+            return a if row[a] / (fa + 1) >= row[b] / (fb + 1) else b
         return self.rng.randrange(len(self.specs))
 
     def run_until(self, now: float) -> None:
