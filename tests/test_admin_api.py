@@ -59,8 +59,9 @@ def test_live_metrics(env):
     assert status == 200 and hdrs["Content-Type"] == "application/json"
     b = by_name(body["backends"])
     assert set(b) == {"fast", "slow", "flaky"}
-    # The feeder sends 6/3/2 requests per 0.1 s per worker (two workers).
-    assert 60 < b["fast"]["rps"] < 240 and 30 < b["slow"]["rps"] < 120
+    # The feeder sends 6/3/2 requests per 0.1 s per worker (two workers): at most
+    # 120/60/40 per second, less when a loaded machine delays its thread.
+    assert 20 < b["fast"]["rps"] < 240 and 10 < b["slow"]["rps"] < 120
     assert abs(sum(x["share"] for x in b.values()) - 1) < 0.01
     assert b["fast"]["share"] > b["slow"]["share"] > b["flaky"]["share"]
     assert 0.1 < b["flaky"]["error_ratio"] < 0.6 and b["fast"]["error_ratio"] == 0
