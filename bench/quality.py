@@ -134,21 +134,34 @@ def start_proxy(tmp: str, policy: str, port: int, sc: scn.Scenario, ports: list[
     return proc
 
 
-def lb_mode(proc: Proc) -> str:
-    """For ml: the last policy mode the worker logged ("" if none)."""
-    mode = ""
+def lb_modes(proc: Proc, t0: float, t1: float) -> str:
+    """For ml: how the worker's routing mode was spread over the load, from its
+    `policy_mode` log events, e.g. "learned 70%, fallback: low_confidence 30%"."""
+    changes: list[tuple[float, str]] = []
     try:
         with open(proc.log_path, "rb") as f:
             for raw in f:
-                if b'"policy_mode"' in raw:
-                    try:
-                        ev = json.loads(raw)
-                    except ValueError:
-                        continue
-                    mode = ev.get("mode", "") + (f": {ev['reason']}" if ev.get("reason") else "")
+                if b'"policy_mode"' not in raw or b'"slot"' not in raw:
+                    continue
+                try:
+                    ev = json.loads(raw)
+                    changes.append((float(ev["ts"]), ev["mode"] + (
+                        f": {ev['reason']}" if ev.get("reason") else "")))
+                except (ValueError, KeyError, TypeError):
+                    continue
     except OSError:
-        pass
-    return mode
+        return ""
+    spent: dict[str, float] = {}
+    for i, (ts, mode) in enumerate(changes):
+        end = changes[i + 1][0] if i + 1 < len(changes) else t1
+        lo, hi = max(ts, t0), min(end, t1)
+        if hi > lo:
+            spent[mode] = spent.get(mode, 0.0) + hi - lo
+    total = sum(spent.values())
+    if not total:
+        return changes[-1][1] if changes else ""
+    top = sorted(spent.items(), key=lambda kv: -kv[1])[:2]  # the table stays readable
+    return ", ".join(f"{m} {v / total:.0%}" for m, v in top if v / total >= 0.01)
 
 
 # --------------------------------------------------------------------------
@@ -168,13 +181,14 @@ def run_one(sc: scn.Scenario, policy: str, args, tmp_root: str) -> scn.Summary:
         proxy = start_proxy(tmp, policy, pport, sc, bports, args)
         procs.append(proxy)
         schedule = scn.arrivals(sc, args.duration, args.rate, seed=sc.seed * 7919 + args.seed)
+        t0 = time.time()
         records, gen = loadgen.run_load(
             pport, schedule, timeout=args.timeout, max_connections=args.connections,
             on_start=lambda: os.kill(backends.pid, signal.SIGUSR1))
         for p in procs:
             if not p.alive():
                 raise BenchError(f"{p.name} died during the run; log {p.log_path}:\n{p.log_tail()}")
-        note = lb_mode(proxy) if policy == "ml" else ""
+        note = lb_modes(proxy, t0, t0 + args.duration) if policy == "ml" else ""
         s = scn.summarize(LABELS.get(policy, policy), records, [b.name for b in sc.backends], note)
         s.late = gen.late_sends  # type: ignore[attr-defined]
         s.connections = gen.opened  # type: ignore[attr-defined]
