@@ -170,10 +170,79 @@ class Upstream(Base):
 class Balancer(Base):
     ewma_decay: float = 10.0  # seconds; peak-EWMA time constant for p2c_ewma
     seed: int = 0  # 0: seeded from the OS
+    slow_start: float = 10.0  # seconds over which a returning backend ramps up to its full share; 0 = off
+    panic_threshold: int = 50  # percent: below this share of routable backends, route to all of them
 
     def __post_init__(self):
         if self.ewma_decay <= 0:
             raise ValueError("ewma_decay: must be > 0")
+        if not 0 <= self.slow_start <= 3600:
+            raise ValueError("slow_start: must be between 0 and 3600 seconds")
+        if not 0 <= self.panic_threshold <= 100:
+            raise ValueError("panic_threshold: must be between 0 and 100")
+
+
+class Health(Base):
+    """Active HTTP health checks, run once for the whole instance (admin process)."""
+
+    path: str = ""  # "" = no active checks
+    interval: float = 2.0  # seconds between two checks of one backend
+    timeout: float = 1.0
+    rise: int = 2  # consecutive passes to mark a down backend up
+    fall: int = 3  # consecutive failures to mark an up backend down
+    expect_status: list[int] = []  # [] = any 2xx or 3xx
+    host: str = ""  # Host header; "" = the backend's address
+
+    def __post_init__(self):
+        if self.path and not self.path.startswith("/"):
+            raise ValueError("path: must start with '/'")
+        if not 0.05 <= self.interval <= 3600:
+            raise ValueError("interval: must be between 0.05 and 3600 seconds")
+        if not 0 < self.timeout <= self.interval:
+            raise ValueError("timeout: must be > 0 and at most interval")
+        if not 1 <= self.rise <= 100 or not 1 <= self.fall <= 100:
+            raise ValueError("rise/fall: must be between 1 and 100")
+        for st in self.expect_status:
+            if not 100 <= st <= 599:
+                raise ValueError(f"expect_status: {st} is not an HTTP status")
+
+
+class Outlier(Base):
+    """Passive outlier detection from real traffic, in each worker."""
+
+    consecutive_failures: int = 5  # 5xx or failed connects in a row -> eject; 0 = off
+    base_ejection: float = 10.0  # seconds; the n-th ejection in a row lasts n x this
+    max_ejection: float = 300.0  # seconds, cap
+    max_ejected_percent: int = 50  # never eject more than this share of the backends
+
+    def __post_init__(self):
+        if not 0 <= self.consecutive_failures <= 10000:
+            raise ValueError("consecutive_failures: must be between 0 and 10000")
+        if self.base_ejection <= 0 or self.max_ejection < self.base_ejection:
+            raise ValueError("base_ejection/max_ejection: need 0 < base_ejection <= max_ejection")
+        if not 0 <= self.max_ejected_percent <= 100:
+            raise ValueError("max_ejected_percent: must be between 0 and 100")
+
+
+class Protection(Base):
+    """Circuit breaking, load shedding and rate limiting.  Limits are for the
+    whole instance; each worker enforces its even share (see docs)."""
+
+    max_inflight: int = 0  # requests in flight to backends -> 503 beyond; 0 = no cap
+    backend_max_connections: int = 0  # concurrent requests to one backend -> another or 503; 0 = no cap
+    backend_max_pending: int = 0  # requests waiting for a new connection to one backend; 0 = no cap
+    rate_limit: float = 0.0  # requests per second per client IP -> 429 beyond; 0 = off
+    rate_burst: int = 0  # bucket size; 0 = one second's worth
+    retry_after: int = 1  # seconds, sent with 429 and 503
+
+    def __post_init__(self):
+        for field in ("max_inflight", "backend_max_connections", "backend_max_pending", "rate_burst"):
+            if not 0 <= getattr(self, field) <= 10_000_000:
+                raise ValueError(f"{field}: must be between 0 and 10000000")
+        if self.rate_limit < 0:
+            raise ValueError("rate_limit: must be >= 0")
+        if not 0 <= self.retry_after <= 3600:
+            raise ValueError("retry_after: must be between 0 and 3600")
 
 
 class RequestClass(Base):
@@ -242,6 +311,9 @@ class Config(Base):
     upstream: Upstream = msgspec.field(default_factory=Upstream)
     balancer: Balancer = msgspec.field(default_factory=Balancer)
     learning: Learning = msgspec.field(default_factory=Learning)
+    health: Health = msgspec.field(default_factory=Health)
+    outlier: Outlier = msgspec.field(default_factory=Outlier)
+    protection: Protection = msgspec.field(default_factory=Protection)
     classes: list[RequestClass] = []
     runtime_dir: str = ""  # ipc sockets between lb's processes; "" = a private temp dir
 

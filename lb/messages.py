@@ -77,6 +77,10 @@ class BackendStats(Msg, array_like=True):
     class_errors: list[int]  # 5xx heads + failures without a response, per class
     class_latency_sum: list[float]  # seconds, per class
     class_latency: list[list[int]]  # histogram of time to response head, per class
+    unavailable: bool = False  # gauge: not routed to (drained, down, ejected; not in panic)
+    ramp: float = 1.0  # gauge: slow start, share of picks kept (1 = full)
+    ejections: int = 0  # passive outlier ejections by this worker
+    overflows: int = 0  # requests turned away by this backend's circuit breaker
 
 
 class TraceSample(Msg, array_like=True):
@@ -107,6 +111,7 @@ class WorkerStats(Msg):
     no_backend: int  # 503: nothing to route to
     shed: int = 0  # 503 by a protection limit
     limited: int = 0  # 429 by the per-client rate limit
+    panic: bool = False  # gauge: too few healthy backends, routing to all routable ones
     strategy: str = ""  # the strategy in force
     mode: str = ""  # ml only: "learned" or "fallback"
     mode_reason: str = ""  # why fallback: no_table, stale, inference_fallback, ...

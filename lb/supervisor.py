@@ -21,6 +21,7 @@ import socket
 import tempfile
 import time
 
+import msgspec
 import zmq
 
 from lb import children
@@ -99,7 +100,7 @@ class Supervisor:
         self.sockets: list[socket.socket] = []
         self.children: dict[int, Child] = {}
         self.generation = 0
-        self.blob = cfgmod.encode(cfg)
+        self.blob = self.encode(cfg)
         self.queue: list[int] = []
         self.stopping = False
         self.stop_deadline = 0.0
@@ -128,6 +129,11 @@ class Supervisor:
         self.next_status = 0.0
 
     # -- setup ----------------------------------------------------------------
+
+    def encode(self, cfg: cfgmod.Config) -> bytes:
+        """The config as children get it: `workers` is the real count (-w wins),
+        which workers use to take their share of instance-wide limits."""
+        return cfgmod.encode(msgspec.structs.replace(cfg, workers=self.n_workers))
 
     def bind(self) -> None:
         ensure_free(self.cfg.listen)
@@ -379,7 +385,7 @@ class Supervisor:
             self.retire_deadline = time.monotonic() + 3.0
             self.generation = gen
             self.cfg = self.pending_cfg
-            self.blob = cfgmod.encode(self.cfg)
+            self.blob = self.encode(self.cfg)
             self.pending_generation = self.pending_cfg = None
             self.reloads += 1
             log("reload_switched", generation=gen)
@@ -427,7 +433,7 @@ class Supervisor:
             self.abort_reload("a newer SIGHUP replaces it", event="reload_superseded")
         self.last_generation += 1
         gen = self.last_generation
-        blob = cfgmod.encode(cfg)
+        blob = self.encode(cfg)
         for slot in range(self.n_workers):
             self.spawn(slot, gen, blob)
         self.pending_generation = gen

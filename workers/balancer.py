@@ -48,6 +48,16 @@ class Backend:
         "cls_lat_sum",
         "cls_hist",
         "tracer",
+        # health and protection (workers/health.py, workers/dispatch.py)
+        "failures",
+        "eject_after",
+        "on_outlier",
+        "ejections",
+        "ramp",
+        "max_conns",
+        "max_pending",
+        "connecting",
+        "overflows",
     )
 
     def __init__(self, cfg: BackendConfig, n_classes: int = 1, idx: int = 0) -> None:
@@ -74,6 +84,15 @@ class Backend:
         self.cls_lat_sum = [0.0] * n_classes
         self.cls_hist = [[0] * N_BUCKETS for _ in range(n_classes)]
         self.tracer = None  # workers.telemetry.Tracer when traces are sampled
+        self.failures = 0  # consecutive failed outcomes
+        self.eject_after = 1 << 62
+        self.on_outlier = None  # HealthState.eject
+        self.ejections = 0
+        self.ramp = 1.0  # slow start: share of picks kept (1 = full)
+        self.max_conns = 1 << 62  # circuit breaking, this worker's share
+        self.max_pending = 1 << 62
+        self.connecting = 0  # new connections being opened for requests
+        self.overflows = 0  # requests turned away by this backend's circuit breaker
 
     def record(self, cls: int, latency: float, error: bool) -> None:
         """One outcome of a request of class `cls` sent here: a response head
@@ -81,6 +100,11 @@ class Backend:
         self.cls_responses[cls] += 1
         if error:
             self.cls_errors[cls] += 1
+            self.failures += 1
+            if self.failures >= self.eject_after:
+                self.on_outlier(self)
+        elif self.failures:
+            self.failures = 0
         self.cls_lat_sum[cls] += latency
         self.cls_hist[cls][bisect_left(LATENCY_BOUNDS, latency)] += 1
         t = self.tracer

@@ -21,13 +21,29 @@ class Dispatcher:
     def _dispatch(self, ex: Exchange, backend=None) -> None:
         w = self.worker
         if backend is None:
+            if w.active >= w.max_active:
+                w.shed += 1  # load shedding: the instance-wide in-flight cap
+                self._write_error(ex, 503)
+                return
             backend = w.strategy.pick((), ex.cls)
-        if backend is None:
-            w.no_backend += 1
+            if backend is None:
+                w.no_backend += 1
+                self._write_error(ex, 503)
+                return
+            if backend.ramp < 1.0 or backend.inflight >= backend.max_conns:
+                backend = self._second_choice(backend, ex)
+                if backend is None:
+                    w.shed += 1  # every candidate's circuit breaker is open
+                    self._write_error(ex, 503)
+                    return
+        elif backend.inflight >= backend.max_conns:
+            backend.overflows += 1
+            w.shed += 1
             self._write_error(ex, 503)
             return
         backend.requests += 1
         backend.inflight += 1
+        w.active += 1
         ex.backend = backend
         ex.bound = True
         ex.t0 = monotonic()
@@ -40,8 +56,34 @@ class Dispatcher:
             # else: the caller flushes the body collected so far (after the
             # parser returns, or right away when called from outside it)
             return
+        if backend.connecting >= backend.max_pending:
+            backend.overflows += 1
+            w.shed += 1
+            ex.unbind()
+            self._write_error(ex, 503)
+            return
         task = ex.connecting = backend.pool.connect()
         task.add_done_callback(ex.on_connected)
+
+    def _second_choice(self, first, ex: Exchange):
+        """`first` is slow-starting or full: keep it with probability `ramp` if
+        it has room, else pick another backend with room; None if none has."""
+        w = self.worker
+        room = first.inflight < first.max_conns
+        if room and w.rng() < first.ramp:
+            return first
+        if not room:
+            first.overflows += 1
+        exclude = [first]
+        while True:
+            alt = w.strategy.pick(exclude, ex.cls)
+            if alt is None:
+                break
+            if alt.inflight < alt.max_conns:
+                return alt
+            alt.overflows += 1
+            exclude.append(alt)
+        return first if room else None
 
     def upstream_connected(self, ex: Exchange, task) -> None:
         if ex.connecting is not task:

@@ -242,6 +242,14 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 ex.plain = False
             if w.classify is not None:
                 ex.cls = w.classify(method, url, 0)
+            if w.limiter is not None and not w.limiter.allow(self.client_ip):
+                w.limited += 1
+                ex.error = 429
+                if self.ex is None:
+                    self._start(ex)
+                else:
+                    self._enqueue(ex)
+                return
             if self.ex is None:
                 self.ex = ex
                 self._dispatch(ex)
@@ -253,6 +261,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
     def _full_head(self, p, specials) -> None:
         w = self.worker
         ex = build_exchange(self, p, self.url, self.headers, specials, w)
+        if w.limiter is not None and not w.limiter.allow(self.client_ip):
+            w.limited += 1
+            ex.error = 429
         self.headers = []
         self.specials = []
         self.url = b""

@@ -57,6 +57,7 @@ class Exchange:
         if self.bound:
             self.bound = False
             self.backend.inflight -= 1
+            self.conn.worker.active -= 1
 
     def on_connected(self, task) -> None:
         self.conn.upstream_connected(self, task)

@@ -108,9 +108,10 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
 class DateCache:
     """The Date header value, refreshed by the worker's one-second tick."""
 
-    __slots__ = ("header", "_second", "_errors")
+    __slots__ = ("header", "_second", "_errors", "retry_after")
 
     def __init__(self) -> None:
+        self.retry_after = b"Retry-After: 1\r\n"  # sent with 429 and 503
         self._second = -1
         self.header = b""
         self._errors: dict[tuple[int, bool], bytes] = {}
@@ -131,8 +132,8 @@ class DateCache:
             phrase = status_line(status)[13:-2]
             body = phrase + b"\n"
             extra = b""
-            if status == 503:
-                extra = b"Retry-After: 1\r\n"
+            if status == 503 or status == 429:
+                extra = self.retry_after
             resp = b"".join(
                 (
                     status_line(status),

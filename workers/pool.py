@@ -48,9 +48,16 @@ class Pool:
             pass
 
     def connect(self) -> asyncio.Task:
-        """Open a new connection; the task's result is (transport, protocol)."""
+        """Open a new connection; the task's result is (transport, protocol).
+        `backend.connecting` counts the ones still opening (max_pending)."""
         b = self.backend
-        return self.loop.create_task(self.loop.create_connection(self.factory, b.host, b.port))
+        b.connecting += 1
+        task = self.loop.create_task(self.loop.create_connection(self.factory, b.host, b.port))
+        task.add_done_callback(self._opened)
+        return task
+
+    def _opened(self, _task) -> None:
+        self.backend.connecting -= 1
 
     def expire(self, now: float) -> None:
         idle = self.idle

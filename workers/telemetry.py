@@ -67,6 +67,7 @@ def build_stats(backends, class_names, *, slot: int, pid: int, generation: int, 
             b.retries, b.resets, b.inflight, len(b.pool.idle) if b.pool is not None else 0,
             b.ewma, list(b.cls_responses), list(b.cls_errors), list(b.cls_lat_sum),
             [list(h) for h in b.cls_hist],
+            not b.available, b.ramp, b.ejections, b.overflows,
         )
         for b in backends
     ]
@@ -113,8 +114,6 @@ class Telemetry:
             for b in worker.backends:
                 b.tracer = self.tracer
         self.mode: tuple[bool, str] | None = None
-        self.drained: frozenset[str] = frozenset()
-        self.down: frozenset[str] = frozenset()
         self.pinned = ""
         self.loop = None
 
@@ -155,13 +154,7 @@ class Telemetry:
 
     def apply_control(self, control: m.Control) -> None:
         w = self.worker
-        drained = frozenset(control.drained)
-        down = frozenset(control.down)
-        if drained != self.drained or down != self.down:
-            self.drained, self.down = drained, down
-            for b in w.backends:
-                b.available = b.weight > 0 and b.name not in drained and b.name not in down
-            w.strategy.refresh()
+        w.health.set_control(control.drained, control.down)
         pinned = control.pinned_strategy if control.pinned_strategy in STRATEGIES else ""
         if pinned != self.pinned:
             self.pinned = pinned
@@ -211,6 +204,7 @@ class Telemetry:
         counters = {
             "connections": len(w.conns), "accepted": w.accepted, "requests": w.requests,
             "rejected": w.rejected, "timeouts": w.timeouts, "no_backend": w.no_backend,
+            "shed": w.shed, "limited": w.limited, "panic": w.health.panic,
         }
         stats = build_stats(
             w.backends, self.class_names, slot=w.slot, pid=self.pid, generation=self.generation,

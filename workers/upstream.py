@@ -319,6 +319,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex.bound:
             ex.bound = False
             backend.inflight -= 1
+            self.worker.active -= 1
         backend.responses[ex.status // 100] += 1
         if self.keep_alive and ex.body_done and not ex.upgrade:
             self.pool.release(self)

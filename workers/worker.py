@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import random
 import signal
 import socket
 import sys
@@ -20,9 +21,11 @@ from lb import config as cfgmod
 from lb.log import log
 from workers.balancer import Backend, make_strategy
 from workers.classes import make_classifier
+from workers.health import NEVER, HealthState
 from workers.downstream import Downstream
 from workers.http import DATE
 from workers.pool import Pool
+from workers.ratelimit import RateLimiter
 from workers.telemetry import Telemetry
 from workers.timers import CLOCK, SWEEP_INTERVAL
 from workers.upstream import UpstreamConnection
@@ -74,16 +77,33 @@ class Worker:
         self.rejected = 0
         self.timeouts = 0
         self.no_backend = 0
+        self.shed = 0  # 503: in-flight cap or every circuit breaker open
+        self.limited = 0  # 429: per-client rate limit
+        self.active = 0  # requests bound to a backend (in flight upstream)
+        prot = cfg.protection
+        n = max(1, cfg.workers)
+
+        def share(limit: int) -> int:  # this worker's even share of an instance-wide limit
+            return -(-limit // n) if limit else NEVER
+
+        self.max_active = share(prot.max_inflight)
+        self.limiter = RateLimiter(prot.rate_limit, prot.rate_burst) if prot.rate_limit else None
+        DATE.retry_after = b"Retry-After: %d\r\n" % prot.retry_after
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server = None
         n_classes = len(cfg.class_names)
         self.classify = make_classifier(cfg.classes)
         self.backends = [Backend(b, n_classes, i) for i, b in enumerate(cfg.backends)]
+        for b in self.backends:
+            b.max_conns = share(prot.backend_max_connections)
+            b.max_pending = share(prot.backend_max_pending)
         self.strategy = make_strategy(
             cfg.strategy, self.backends, decay=cfg.balancer.ewma_decay,
             seed=(cfg.balancer.seed + slot) if cfg.balancer.seed else 0,
             class_names=cfg.class_names,
         )
+        self.rng = random.Random(cfg.balancer.seed + slot if cfg.balancer.seed else None).random
+        self.health = HealthState(self)
         self._stopped: asyncio.Future | None = None
         self._ppid = os.getppid()
         self._next_beat = 0.0
@@ -168,6 +188,9 @@ class Worker:
                     c.upstream_timeout(ex)
         for b in self.backends:
             b.pool.expire(now)
+        self.health.sweep(now)
+        if self.limiter is not None:
+            self.limiter.sweep(now)
         if now >= self._next_beat:
             self._next_beat = now + 1.0
             tell_supervisor(b"H")  # heartbeat: this loop is alive
