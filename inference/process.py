@@ -58,6 +58,7 @@ class InferenceProcess:
         self.cfg = cfg
         self.runtime_dir = runtime_dir
         self.stop = False
+        self.parent = os.getppid()  # a different parent later: the supervisor is gone
         self.ctx = zmq.Context.instance()
         ep = endpoints(runtime_dir)
         self.sub = self.ctx.socket(zmq.SUB)
@@ -115,6 +116,9 @@ class InferenceProcess:
             if now >= next_beat:
                 _write(b"H")
                 next_beat = now + HEARTBEAT
+                if os.getppid() != self.parent:
+                    log("inference_orphaned")
+                    break
             if self.retrainer is not None:
                 self._retrain_poll()
         return 0
@@ -186,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         log("boot_failed", error=f"config on stdin: {exc}")
         return 3
     proc: InferenceProcess | None = None
+    stop_requested = False
 
     def on_stop(signum, frame) -> None:
+        # Only a flag: raising here could unwind through onnxruntime while it
+        # loads the model.  The loop (or the end of boot) sees it.
+        nonlocal stop_requested
+        stop_requested = True
         if proc is not None:
             proc.stop = True
-        else:
-            raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -201,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         log("boot_failed", error=f"{args.runtime}: {exc}")
         return 3
+    if stop_requested:
+        proc.close()
+        log("inference_stopped")
+        return 0
     try:
         return proc.run()
     finally:

@@ -89,6 +89,10 @@ def start(kind: str, slot: int, generation: int, blob: bytes, runtime_dir: str,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         pass_fds=(sock.fileno(),) if sock is not None else (),
+        # Its own process group: a terminal's Ctrl-C reaches only the supervisor,
+        # which stops the children in order (a child still importing its modules
+        # would otherwise die of KeyboardInterrupt with a traceback).
+        process_group=0,
     )
     try:
         proc.stdin.write(blob)

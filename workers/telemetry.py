@@ -116,15 +116,20 @@ class Telemetry:
         self.mode: tuple[bool, str] | None = None
         self.pinned = ""
         self.loop = None
+        self.timer = None
+        self.closed = False
 
     def start(self, loop) -> None:
         self.loop = loop
         for sub in (self.tables, self.control):
             for fd in sub.fds():
                 loop.add_reader(fd, self.poll)
-        loop.call_later(self.interval, self._tick)
+        self.timer = loop.call_later(self.interval, self._tick)
 
     def close(self) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
         if self.loop is not None:
             for sub in (self.tables, self.control):
                 for fd in sub.fds():
@@ -141,6 +146,8 @@ class Telemetry:
     # -- in -------------------------------------------------------------------
 
     def poll(self) -> None:
+        if self.closed:
+            return
         if self.control.poll():
             self.apply_control(self.control.state)
         if self.tables.poll():
@@ -191,12 +198,14 @@ class Telemetry:
     # -- out ------------------------------------------------------------------
 
     def _tick(self) -> None:
+        if self.closed:
+            return
         try:
             self.poll()
             self.check_mode()
             self.send()
         finally:
-            self.loop.call_later(self.interval, self._tick)
+            self.timer = self.loop.call_later(self.interval, self._tick)
 
     def send(self) -> None:
         w = self.worker

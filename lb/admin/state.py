@@ -20,7 +20,7 @@ import zmq
 
 from lb import log
 from lb.clone import Subscriber
-from lb.config import Config, ConfigError, load
+from lb.config import Config, ConfigError, decode, load
 from lb.messages import (
     TOPIC_STATS,
     TOPIC_STATUS,
@@ -78,15 +78,16 @@ class AdminState:
                 elif topic == TOPIC_STATUS:
                     st = status_decoder.decode(payload)
                     self.agg.offer_status(st)
-                    self._follow_generation(st.generation, st.config_path)
+                    self._follow_generation(st.generation, st.config, st.config_path)
             except msgspec.DecodeError:
                 self.agg.bad += 1
         self.tables.poll()
         self.control.publisher.serve_snapshots()
 
-    def _follow_generation(self, generation: int, path: str) -> None:
-        """After a reload the supervisor reports a new generation: read the
-        config it now runs (request classes, backends, token) from its file.
+    def _follow_generation(self, generation: int, blob: bytes, path: str) -> None:
+        """After a reload the supervisor reports a new generation with the
+        config it now runs (request classes, backends, token), as msgpack; the
+        file may have changed again since, so it is read only as a fallback.
         The admin process keeps its counters and history instead of restarting."""
         if self.generation is None:
             self.generation = generation  # the config on stdin is this generation's
@@ -94,6 +95,13 @@ class AdminState:
         if generation == self.generation:
             return
         self.generation = generation
+        if blob:
+            try:
+                self.cfg = decode(blob)
+                log.log("admin_config_reloaded", generation=generation, source="supervisor")
+                return
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.log("admin_config_unreadable", generation=generation, error=str(exc))
         if not path:
             return
         try:
