@@ -76,9 +76,9 @@ class LogReader(threading.Thread):
 
 
 class BackendProc:
-    def __init__(self, name: str, keepalive_timeout: float | None = None) -> None:
+    def __init__(self, name: str, keepalive_timeout: float | None = None, port: int | None = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         args = [sys.executable, "-m", "tests.backend", "--port", str(self.port), "--name", name]
         if keepalive_timeout is not None:
             args += ["--keepalive-timeout", str(keepalive_timeout)]

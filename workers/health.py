@@ -57,6 +57,10 @@ class HealthState:
                 log("backend_down", slot=self.worker.slot, backend=name, source="health_check")
             for name in sorted(self.down - down):
                 log("backend_up", slot=self.worker.slot, backend=name, source="health_check")
+                # Passing active checks again also ends a passive ejection
+                # (it was most likely caused by the same outage).
+                if self.ejected_until.pop(name, None) is not None:
+                    self.streak.pop(name, None)
             self.drained, self.down = drained, down
             self.recompute(time.monotonic())
 

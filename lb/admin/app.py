@@ -23,6 +23,7 @@ from lb import log
 from lb.config import Config, decode
 
 from .api import API
+from .health import HealthChecker
 from .httpserver import Server
 from .state import AdminState
 
@@ -52,6 +53,8 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
     api = API(state)
     server = Server(api.router, sock)
     await server.start()
+    checker = HealthChecker(state)
+    checker.start()
     fds = state.fds()
     for fd in fds:
         loop.add_reader(fd, state.poll)
@@ -77,6 +80,7 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
                 break
     log.log("admin_stopping")
     api.stopping.set()
+    await checker.stop()
     for fd in fds:
         loop.remove_reader(fd)
     await server.close()

@@ -101,6 +101,12 @@ class ControlState:
         self._changed("strategy_pinned" if strategy else "strategy_unpinned", strategy=strategy)
         return True
 
+    def set_down(self, down: list[str]) -> None:
+        """The active health checks' verdict (not persisted: checks run again)."""
+        if down != self.down:
+            self.down = list(down)
+            self.publish()
+
     def _changed(self, event: str, **fields) -> None:
         log.log(event, **fields)
         self._save()

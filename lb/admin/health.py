@@ -1,0 +1,113 @@
+"""Active HTTP health checks, run once for the whole instance.
+
+One asyncio task per backend sends `GET <health.path>` every `interval` on a
+fresh connection (so the check sees what a new client connection would) and
+reads the status line within `timeout`.  A backend goes down after `fall`
+failed checks in a row and comes back after `rise` passed ones; it starts up.
+The result is the `down` list of the control state (lb/admin/control.py),
+published at once on every change: every worker and the inference process
+receive it within milliseconds, and workers stop routing to a down backend
+(then ramp it up again through slow start when it comes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from lb import log
+
+MAX_HEAD = 8192
+
+
+class HealthChecker:
+    def __init__(self, state) -> None:
+        self.state = state  # AdminState: .cfg, .control
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.signature = None
+        self.down: set[str] = set()
+        self.watcher: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        tasks = list(self.tasks.values())
+        if self.watcher is not None:
+            tasks.append(self.watcher)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    async def _watch(self) -> None:
+        """(Re)start the per-backend tasks when the config changes (reload)."""
+        while True:
+            cfg = self.state.cfg
+            sig = (cfg.health, tuple((b.name, b.address) for b in cfg.backends))
+            if sig != self.signature:
+                self.signature = sig
+                for t in self.tasks.values():
+                    t.cancel()
+                self.tasks.clear()
+                names = {b.name for b in cfg.backends}
+                if not cfg.health.path:
+                    names = set()
+                stale = self.down - names
+                if stale:
+                    self.down -= stale
+                    self._publish()
+                if cfg.health.path:
+                    loop = asyncio.get_running_loop()
+                    for b in cfg.backends:
+                        self.tasks[b.name] = loop.create_task(self._check_loop(b, cfg.health))
+            await asyncio.sleep(1.0)
+
+    async def _check_loop(self, backend, hc) -> None:
+        host, _, port = backend.address.rpartition(":")
+        host = host.strip("[]")
+        request = (f"GET {hc.path} HTTP/1.1\r\nHost: {hc.host or backend.address}\r\n"
+                   f"User-Agent: lb-health-check\r\nConnection: close\r\n\r\n").encode()
+        passes = fails = 0
+        while True:
+            ok, detail = await self._check(host, int(port), request, hc)
+            if ok:
+                passes, fails = passes + 1, 0
+                if backend.name in self.down and passes >= hc.rise:
+                    self.down.discard(backend.name)
+                    log.log("health_change", backend=backend.name, up=True, checks=passes)
+                    self._publish()
+            else:
+                passes, fails = 0, fails + 1
+                if backend.name not in self.down and fails >= hc.fall:
+                    self.down.add(backend.name)
+                    log.log("health_change", backend=backend.name, up=False, checks=fails,
+                            reason=detail)
+                    self._publish()
+            await asyncio.sleep(hc.interval)
+
+    async def _check(self, host: str, port: int, request: bytes, hc) -> tuple[bool, str]:
+        writer = None
+        try:
+            async with asyncio.timeout(hc.timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(request)
+                line = await reader.readuntil(b"\r\n")
+        except TimeoutError:
+            return False, "timeout"
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            return False, type(exc).__name__
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            return False, "not an HTTP response"
+        status = int(parts[1])
+        if hc.expect_status:
+            good = status in hc.expect_status
+        else:
+            good = 200 <= status < 400
+        return good, f"status {status}"
+
+    def _publish(self) -> None:
+        self.state.control.set_down(sorted(self.down))

@@ -1,0 +1,86 @@
+"""kill -9 of one of three backends under GET load: no client error; active
+health checks mark it down within fall x interval, and up again within
+rise x interval once it is back, after which its share ramps up."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+
+from tests.conftest import BackendProc
+
+HEALTH = """[health]
+path = "/"
+interval = 0.2
+timeout = 0.2
+rise = 2
+fall = 2
+[balancer]
+slow_start = 2.0
+"""
+
+
+class Load(threading.Thread):
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.results: list[tuple[float, str]] = []  # (time, backend or error)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        conn = None
+        while not self.stop.is_set():
+            t = time.time()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/")
+                r = conn.getresponse()
+                r.read()
+                self.results.append((t, r.getheader("X-Backend") if r.status == 200 else f"status {r.status}"))
+            except (OSError, http.client.HTTPException) as exc:
+                self.results.append((t, f"error {exc!r}"))
+                conn = None
+            time.sleep(0.003)
+
+    def errors(self) -> list:
+        return [r for r in self.results if r[1].startswith(("error", "status"))]
+
+    def share(self, name: str, t0: float, t1: float) -> float:
+        window = [b for t, b in self.results if t0 <= t < t1]
+        return sum(b == name for b in window) / max(1, len(window))
+
+
+def test_killed_backend_is_routed_around_marked_down_and_ramps_back(backend_factory, lb_factory):
+    a, b, c = backend_factory("a"), backend_factory("b"), backend_factory("c")
+    lb = lb_factory([a, b, c], strategy="round_robin", workers=2, extra=HEALTH)
+    load = Load(lb.port)
+    load.start()
+    try:
+        time.sleep(1.0)
+        t_kill = time.time()
+        c.kill()
+        down = lb.log.wait_for("health_change", timeout=5)[0]
+        assert down["backend"] == "c" and down["up"] is False
+        assert down["ts"] - t_kill < 2 * 0.2 + 0.2 + 0.5  # fall x interval (+ timeout, + slack)
+        time.sleep(0.5)
+        c2 = BackendProc("c", port=c.port)
+        t_back = time.time()
+        try:
+            up = lb.log.wait_for("health_change", count=2, timeout=5)[1]
+            assert up["backend"] == "c" and up["up"] is True
+            assert up["ts"] - t_back < 2 * 0.2 + 0.2 + 0.5  # rise x interval (+ slack)
+            time.sleep(2.5)
+        finally:
+            load.stop.set()
+            load.join(10)
+            c2.kill()
+    finally:
+        load.stop.set()
+    assert load.errors() == [], load.errors()[:5]
+    assert load.share("c", down["ts"] + 0.2, up["ts"]) == 0.0  # down: no traffic
+    early = load.share("c", up["ts"], up["ts"] + 0.6)
+    late = load.share("c", up["ts"] + 2.1, up["ts"] + 2.5)
+    assert early < late, (early, late)
+    assert late > 0.25, late  # back to about a third
