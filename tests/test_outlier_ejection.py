@@ -4,6 +4,7 @@ backend for a time that grows with repeated ejections; never more than
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -24,6 +25,17 @@ def servers():
     yield make
     for s in made:
         s.close()
+
+
+def wait_metric(admin_port: int, line: str, timeout: float = 5.0) -> str:
+    """The admin's /metrics once it contains `line` (stats arrive every 0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = get(admin_port, "/metrics")[2].decode()
+        if line in text or time.monotonic() > deadline:
+            assert line in text, text[-2000:]
+            return text
+        time.sleep(0.1)
 
 
 def hits(port: int, n: int) -> Counter:
@@ -51,6 +63,8 @@ def test_a_failing_backend_is_ejected_then_returns(servers, lb_factory):
     assert seen[("a", 200)] + seen[("b", 200)] == 27
     ejected = lb.log.wait_for("backend_ejected")[0]
     assert ejected["backend"] == "c" and ejected["seconds"] == 1.0
+    metrics = wait_metric(lb.admin_port, 'lb_backend_ejections_total{backend="c"} 1.0')
+    assert 'lb_backend_unavailable_workers{backend="c"} 1.0' in metrics
     c.status = 200
     lb.log.wait_for("backend_returned", timeout=5)
     seen = hits(lb.port, 30)

@@ -65,6 +65,12 @@ class AdminCollector(Collector):
                                       labels=["backend"])
         resets = CounterMetricFamily("lb_backend_resets", "Upstream connections reset by the backend.",
                                      labels=["backend"])
+        ejections = CounterMetricFamily("lb_backend_ejections",
+                                        "Passive outlier ejections of a backend (summed over workers).",
+                                        labels=["backend"])
+        overflows = CounterMetricFamily("lb_backend_overflows",
+                                        "Requests turned away by a backend's circuit breaker.",
+                                        labels=["backend"])
         lat = HistogramMetricFamily("lb_upstream_latency_seconds",
                                     "Time from sending the request to the upstream response head.",
                                     labels=["backend", "class"])
@@ -83,6 +89,8 @@ class AdminCollector(Collector):
             tmo.add_metric([n], b.timeouts)
             retries.add_metric([n], b.retries)
             resets.add_metric([n], b.resets)
+            ejections.add_metric([n], b.ejections)
+            overflows.add_metric([n], b.overflows)
             for c, h in b.class_latency.items():
                 cum, buckets = 0, []
                 for bound, count in zip(LATENCY_BOUNDS, h):
@@ -90,7 +98,8 @@ class AdminCollector(Collector):
                     buckets.append((_le(bound), cum))
                 buckets.append(("+Inf", sum(h)))
                 lat.add_metric([n, c], buckets, b.class_latency_sum.get(c, 0.0))
-        yield from (req, resp, cls_resp, cls_err, conn_err, tmo, retries, resets, lat)
+        yield from (req, resp, cls_resp, cls_err, conn_err, tmo, retries, resets, ejections,
+                    overflows, lat)
 
         # -- per backend, gauges and operator state -------------------------------------
         inflight = GaugeMetricFamily("lb_backend_inflight", "Requests in flight to a backend.", labels=["backend"])
@@ -108,6 +117,12 @@ class AdminCollector(Collector):
         tweight = GaugeMetricFamily("lb_backend_table_weight",
                                     "Share of a request class the routing table gives the backend.",
                                     labels=["backend", "class"])
+        unavail = GaugeMetricFamily("lb_backend_unavailable_workers",
+                                    "Workers not routing to the backend (drained, down or ejected).",
+                                    labels=["backend"])
+        ramp = GaugeMetricFamily("lb_backend_slow_start_ramp",
+                                 "Slow start: share of picks a returning backend keeps (1 = full), lowest over workers.",
+                                 labels=["backend"])
         routable_set = set(s.routable())
         cfgw = s.config_weights()
         for n in names:
@@ -119,9 +134,13 @@ class AdminCollector(Collector):
             drained.add_metric([n], 1 if n in s.control.drained else 0)
             routable.add_metric([n], 1 if n in routable_set else 0)
             cweight.add_metric([n], cfgw.get(n, 0))
+            unavail.add_metric([n], g.unavailable.get(n, 0))
+            ramp.add_metric([n], g.ramp.get(n, 1.0))
             for c, w in s.table_weight(n).items():
                 tweight.add_metric([n, c], w)
-        yield from (inflight, idle, ewma, up, drained, routable, cweight, tweight)
+        yield from (inflight, idle, ewma, up, drained, routable, cweight, tweight, unavail, ramp)
+        yield GaugeMetricFamily("lb_panic_workers", "Workers in panic mode (too few healthy backends).",
+                                value=g.panic)
 
         # -- instance-wide counters from the workers ------------------------------------------
         for key, (name, doc) in WORKER_COUNTER_HELP.items():

@@ -36,6 +36,8 @@ class BackendTotals:
     timeouts: int = 0
     retries: int = 0
     resets: int = 0
+    ejections: int = 0
+    overflows: int = 0
     class_responses: dict[str, int] = field(default_factory=dict)
     class_errors: dict[str, int] = field(default_factory=dict)
     class_latency_sum: dict[str, float] = field(default_factory=dict)
@@ -78,6 +80,8 @@ class Totals:
             t.timeouts += b.timeouts
             t.retries += b.retries
             t.resets += b.resets
+            t.ejections += b.ejections
+            t.overflows += b.overflows
             for i, cls in enumerate(classes):
                 if i < len(b.class_responses):
                     t.class_responses[cls] = t.class_responses.get(cls, 0) + b.class_responses[i]
@@ -105,6 +109,8 @@ class Totals:
                 t.timeouts += b.timeouts
                 t.retries += b.retries
                 t.resets += b.resets
+                t.ejections += b.ejections
+                t.overflows += b.overflows
                 for cls, n in b.class_responses.items():
                     t.class_responses[cls] = t.class_responses.get(cls, 0) + n
                 for cls, n in b.class_errors.items():
@@ -128,6 +134,9 @@ class Gauges:
     idle: dict[str, int] = field(default_factory=dict)
     ewma: dict[str, float] = field(default_factory=dict)  # mean over workers
     config_weight: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, int] = field(default_factory=dict)  # workers not routing to it
+    ramp: dict[str, float] = field(default_factory=dict)  # slow start, lowest over workers
+    panic: int = 0  # workers in panic mode
     # (strategy, mode, reason) -> number of workers
     modes: dict[tuple[str, str, str], int] = field(default_factory=dict)
     table_seq_min: int = 0
@@ -236,6 +245,9 @@ class Aggregator:
                 g.ewma[b.name] = g.ewma.get(b.name, 0.0) + b.ewma
                 ewma_n[b.name] = ewma_n.get(b.name, 0) + 1
                 g.config_weight[b.name] = b.weight
+                g.unavailable[b.name] = g.unavailable.get(b.name, 0) + bool(b.unavailable)
+                g.ramp[b.name] = min(g.ramp.get(b.name, 1.0), b.ramp)
+            g.panic += bool(ws.panic)
             key = (ws.strategy, ws.mode, ws.mode_reason)
             g.modes[key] = g.modes.get(key, 0) + 1
             if ws.table_age >= 0:
