@@ -31,7 +31,7 @@ from inference.engine import Engine
 from inference.model import DEFAULT_MODEL, Model, ModelError
 from lb import config as cfgmod
 from lb.clone import Publisher, Subscriber
-from lb.log import log
+from lb.log import log, reopen
 from lb.messages import TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, control_decoder, encode, endpoints, stats_decoder
 
 HEARTBEAT = 1.0
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGQUIT, lambda s, f: os._exit(0))
+    signal.signal(signal.SIGUSR1, lambda s, f: reopen() and log("logs_reopened"))
     try:
         proc = InferenceProcess(cfg, args.runtime)
     except zmq.ZMQError as exc:

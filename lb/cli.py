@@ -36,6 +36,18 @@ def cmd_run(args) -> int:
         return _error(str(exc), 2)
     if args.workers is not None and not 1 <= args.workers <= 256:
         return _error("-w/--workers: must be between 1 and 256", 2)
+    if args.log_file:
+        import os
+
+        from lb.log import LOG_FILE_ENV, reopen
+
+        path = os.path.abspath(args.log_file)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        except OSError as exc:
+            return _error(f"--log-file {args.log_file}: {exc.strerror or exc}", 2)
+        os.environ[LOG_FILE_ENV] = path
+        reopen()
     try:
         return Supervisor(cfg, args.config, args.workers).run()
     except SupervisorError as exc:
@@ -62,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the load balancer in the foreground")
     run.add_argument("-c", "--config", required=True, help="TOML config file")
     run.add_argument("-w", "--workers", type=int, help="worker processes (default: config 'workers')")
+    run.add_argument("--log-file", help="append logs here instead of stderr; SIGUSR1 reopens it (rotation)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config file and exit")

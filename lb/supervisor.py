@@ -28,7 +28,7 @@ from lb import children
 from lb import config as cfgmod
 from lb import messages
 from lb.children import ADMIN, HEARTBEAT_TIMEOUT, INFERENCE, WORKER, Child
-from lb.log import log
+from lb.log import log, reopen
 
 EXIT_BOOT = 3  # a worker that could not start (see workers.worker)
 READY_TIMEOUT = 15.0
@@ -473,7 +473,14 @@ class Supervisor:
         self.begin_stop(graceful=False)
 
     def handle_usr1(self) -> None:
-        log("reopen_logs")  # logs go to stderr; the service manager owns the file
+        """Log rotation: reopen --log-file, and have every child do the same."""
+        if reopen():
+            log("logs_reopened")
+            for c in self.children.values():
+                if c.ready:  # one still booting has no handler yet, and opens the new file anyway
+                    c.send(signal.SIGUSR1)
+        else:
+            log("logs_not_reopened", reason="no --log-file: stderr belongs to the service manager")
 
     def handle_chld(self) -> None:
         pass  # reap() runs after every dispatch

@@ -18,7 +18,7 @@ import sys
 import uvloop
 
 from lb import config as cfgmod
-from lb.log import log
+from lb.log import log, reopen
 from workers.balancer import Backend, make_strategy
 from workers.classes import make_classifier
 from workers.health import NEVER, HealthState
@@ -134,12 +134,17 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         loop.call_later(SWEEP_INTERVAL, self._sweep)
         tell_supervisor(b"R")  # readiness: first, as we accept now
         log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name)
         await self._stopped
         if self.telemetry is not None:
             self.telemetry.close()
+
+    def reopen_logs(self) -> None:
+        if reopen():
+            log("logs_reopened", slot=self.slot)
 
     def _upstream_factory(self, backend):
         def factory():

@@ -50,6 +50,7 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(0))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: log.reopen() and log.log("logs_reopened"))
     api = API(state)
     server = Server(api.router, sock)
     await server.start()
