@@ -57,6 +57,12 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from lb.demo import run_demo
 
+    args.duration_given = args.duration is not None
+    if args.duration is None:
+        args.duration = 30.0
+    if args.duration <= 0 or args.rate <= 0:
+        return _error("demo: --duration and --rate must be > 0", 2)
+
     return run_demo(args)
 
 
@@ -82,10 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     demo = sub.add_parser("demo", help="run lb in front of simulated backends with built-in load")
-    demo.add_argument("--duration", type=float, default=30.0, help="seconds (default 30)")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="seconds (default 30; with --compare: per strategy, default 12)")
     demo.add_argument("--rate", type=float, default=300.0, help="requests per second (default 300)")
-    demo.add_argument("--strategy", default="p2c_ewma", choices=cfgmod.STRATEGIES)
+    demo.add_argument("--strategy", default="ml", choices=cfgmod.STRATEGIES)
     demo.add_argument("--port", type=int, default=8080, help="lb listen port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9900,
+                      help="admin/dashboard port (default 9900, or a free one if taken)")
+    demo.add_argument("--compare", action="store_true",
+                      help="run the same seeded scenario under every strategy, print one table")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="fit a routing model on captured traces, export it to ONNX")

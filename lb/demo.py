@@ -16,13 +16,16 @@ p50/p99 latency and errors, plus the totals.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from lb.config import STRATEGIES
 from lb.demo_backends import SIMULATED, free_port
 
 
@@ -45,6 +48,9 @@ class Load:
         self.window: list[tuple[str, float, bool]] = []  # (backend, latency, ok)
         self.total = 0
         self.errors = 0
+        self.all: list[tuple[str, float, bool]] = []  # kept for --compare
+        self.record_after: float | None = None  # seconds into the run; None: keep nothing
+        self.started = time.monotonic()
 
     async def _conn(self):
         if self.idle:
@@ -81,10 +87,12 @@ class Load:
         if not ok:
             self.errors += 1
         self.window.append((backend, latency, ok))
+        if self.record_after is not None and scheduled - self.started >= self.record_after:
+            self.all.append((backend, latency, ok))
 
     async def run(self, duration: float, on_tick) -> None:
         loop = asyncio.get_running_loop()
-        start = time.monotonic()
+        start = self.started = time.monotonic()
         interval = 1.0 / self.rate
         n = 0
         tasks: set = set()
@@ -111,64 +119,207 @@ class Load:
             w.close()
 
 
-def _print_tick(load: Load, elapsed: float) -> None:
-    rows: dict[str, list] = {}
-    for backend, latency, ok in load.window:
-        rows.setdefault(backend, []).append((latency, ok))
-    n = max(1, len(load.window))
-    print(f"\n t={elapsed:5.1f}s  {len(load.window)} req/s  total={load.total}  errors={load.errors}")
-    print(f"   {'backend':<12}{'share':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    for name in sorted(rows):
-        lat = sorted(x[0] for x in rows[name])
-        errs = sum(1 for x in rows[name] if not x[1])
-        print(f"   {name:<12}{len(lat) / n * 100:6.1f}%{_percentile(lat, .5) * 1e3:9.1f}"
-              f"{_percentile(lat, .99) * 1e3:9.1f}{errs:8d}")
-    sys.stdout.flush()
-
-
-def run_demo(args) -> int:
-    procs: list[subprocess.Popen] = []
-    tmp = tempfile.TemporaryDirectory(prefix="lb-demo-")
-    ports = [free_port() for _ in SIMULATED]
+async def _fetch_json(port: int, path: str) -> dict | None:
+    """GET a JSON document from the admin server (None if it is not there yet)."""
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "lb.demo_backends", *map(str, ports)], stdout=subprocess.PIPE))
-        if procs[0].stdout.readline().strip() != b"ready":
-            print("lb demo: simulated backends failed to start", file=sys.stderr)
-            return 1
-        cfg = os.path.join(tmp.name, "demo.toml")
-        lines = [f'listen = "127.0.0.1:{args.port}"', f'strategy = "{args.strategy}"',
-                 "[admin]", f'listen = "127.0.0.1:{free_port()}"']
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 2)
+        head, _, body = data.partition(b"\r\n\r\n")
+        return json.loads(body) if head.startswith(b"HTTP/1.1 200") else None
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return None
+    finally:
+        writer.close()
+
+
+class View:
+    """The terminal view: per-backend rows from the load's own measurements,
+    weights and the policy mode from the admin API."""
+
+    def __init__(self, admin_port: int) -> None:
+        self.admin_port = admin_port
+        self.route: dict | None = None
+        self.task: asyncio.Task | None = None
+
+    def tick(self, load: Load, elapsed: float) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._refresh())
+        self.print(load, elapsed)
+
+    async def _refresh(self) -> None:
+        route = await _fetch_json(self.admin_port, "/api/route")
+        if route is not None:
+            self.route = route
+
+    def weights(self) -> dict[str, float]:
+        table = (self.route or {}).get("table") or {}
+        return (table.get("weights") or {}).get("default", {})
+
+    def policy(self) -> str:
+        r = self.route
+        if not r:
+            return "policy: (waiting for the admin API)"
+        if r.get("strategy") != "ml":
+            return f"policy: {r.get('strategy')}"
+        table = r.get("table") or {}
+        line = f"policy: ml, {r.get('mode')}"
+        if r.get("reason"):
+            line += f" ({r['reason']})"
+        if table:
+            line += f", model {table.get('model_version')}, table #{table.get('seq')}"
+        return line
+
+    def print(self, load: Load, elapsed: float) -> None:
+        rows: dict[str, list] = {}
+        for backend, latency, ok in load.window:
+            rows.setdefault(backend, []).append((latency, ok))
+        n = max(1, len(load.window))
+        weights = self.weights()
+        print(f"\n t={elapsed:5.1f}s  {len(load.window)} req/s  total={load.total}  "
+              f"errors={load.errors}   {self.policy()}")
+        print(f"   {'backend':<12}{'share':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'weight':>8}")
+        for name in sorted(set(rows) | set(weights)):
+            lat = sorted(x[0] for x in rows.get(name, []))
+            errs = sum(1 for x in rows.get(name, []) if not x[1])
+            w = f"{weights[name]:8.2f}" if name in weights else f"{'-':>8}"
+            print(f"   {name:<12}{len(lat) / n * 100:6.1f}%{_percentile(lat, .5) * 1e3:9.1f}"
+                  f"{_percentile(lat, .99) * 1e3:9.1f}{errs:8d}{w}")
+        sys.stdout.flush()
+
+
+def _port_or_free(port: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            return free_port()
+
+
+class Stack:
+    """The simulated backends and one `lb run`, started together, stopped together."""
+
+    def __init__(self, port: int, admin_port: int, strategy: str, offset: float = 0.0) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.TemporaryDirectory(prefix="lb-demo-")
+        self.port = port
+        self.admin_port = admin_port
+        self.strategy = strategy
+        self.offset = offset
+
+    def start(self) -> str | None:
+        """Start everything; an error message if something did not come up."""
+        ports = [free_port() for _ in SIMULATED]
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "lb.demo_backends", "--offset", str(self.offset), *map(str, ports)],
+            stdout=subprocess.PIPE))
+        if self.procs[0].stdout.readline().strip() != b"ready":
+            return "simulated backends failed to start"
+        cfg = os.path.join(self.tmp.name, "demo.toml")
+        lines = [f'listen = "127.0.0.1:{self.port}"', f'strategy = "{self.strategy}"',
+                 "[admin]", f'listen = "127.0.0.1:{self.admin_port}"',
+                 "[balancer]", "seed = 1",
+                 "[[classes]]", 'name = "report"', 'path_prefix = "/api/report"']
         for spec, port in zip(SIMULATED, ports):
             lines += ["[[backends]]", f'name = "{spec.name}"', f'address = "127.0.0.1:{port}"']
         with open(cfg, "w") as f:
             f.write("\n".join(lines) + "\n")
         lb = subprocess.Popen([sys.executable, "-m", "lb", "run", "-c", cfg, "-w", "2"],
                               stderr=subprocess.DEVNULL)
-        procs.append(lb)
-        time.sleep(1.5)
-        if lb.poll() is not None:
-            print(f"lb demo: lb failed to start (is port {args.port} free? use --port)", file=sys.stderr)
+        self.procs.append(lb)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if lb.poll() is not None:
+                return f"lb failed to start (are ports {self.port} and {self.admin_port} free? use --port)"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return None
+            except OSError:
+                time.sleep(0.1)
+        return "lb did not start listening within 20 s"
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.tmp.cleanup()
+
+
+def run_demo(args) -> int:
+    if args.compare:
+        return run_compare(args)
+    admin_port = _port_or_free(args.admin_port)
+    stack = Stack(args.port, admin_port, args.strategy)
+    try:
+        err = stack.start()
+        if err:
+            print(f"lb demo: {err}", file=sys.stderr)
             return 1
         print(f"lb demo: lb on http://127.0.0.1:{args.port}/ strategy={args.strategy}, "
               f"{len(SIMULATED)} simulated backends "
               f"({', '.join(s.describe() for s in SIMULATED)}), "
               f"{args.rate:.0f} req/s for {args.duration:.0f}s. Ctrl-C stops.")
+        print(f"lb demo: dashboard http://127.0.0.1:{admin_port}/  "
+              f"(metrics: http://127.0.0.1:{admin_port}/metrics)")
+        sys.stdout.flush()
         load = Load(args.port, args.rate)
+        view = View(admin_port)
         try:
-            asyncio.run(load.run(args.duration, _print_tick))
+            asyncio.run(load.run(args.duration, view.tick))
         except KeyboardInterrupt:
             pass
         print(f"\nlb demo: {load.total} requests, {load.errors} errors "
               f"({load.errors / max(1, load.total) * 100:.2f}%)")
         return 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
+        stack.stop()
+
+
+WARMUP = 2.0  # seconds of each --compare run not counted (every strategy alike)
+
+
+def run_compare(args) -> int:
+    """The same seeded scenario under each strategy in turn, one table at the end."""
+    duration = args.duration if args.duration_given else 12.0
+    # The degrading backend slows down 10x from 10 s to 20 s of its 30 s cycle:
+    # start each run 6 s into the cycle so every run sees the same slowdown.
+    offset = 6.0
+    results = []
+    print(f"lb demo --compare: {len(STRATEGIES)} strategies x {duration:.0f}s at {args.rate:.0f} req/s, "
+          f"same backends and load each time (first {WARMUP:.0f}s of each run not counted)")
+    for strategy in STRATEGIES:
+        stack = Stack(args.port, _port_or_free(args.admin_port), strategy, offset=offset)
+        try:
+            err = stack.start()
+            if err:
+                print(f"lb demo: {err}", file=sys.stderr)
+                return 1
+            load = Load(args.port, args.rate)
+            load.record_after = WARMUP
             try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        tmp.cleanup()
+                asyncio.run(load.run(duration, lambda *_: None))
+            except KeyboardInterrupt:
+                print("\nlb demo: interrupted")
+                return 130
+        finally:
+            stack.stop()
+        lat = sorted(x[1] for x in load.all)
+        errors = sum(1 for x in load.all if not x[2])
+        results.append((strategy, len(lat), _percentile(lat, .5), _percentile(lat, .99),
+                        _percentile(lat, .999), errors / max(1, len(lat))))
+        print(f"  {strategy:<22} done: {len(lat)} requests, {errors} errors")
+        sys.stdout.flush()
+    print(f"\n  {'strategy':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>9}")
+    for strategy, n, p50, p99, p999, err in results:
+        print(f"  {strategy:<22}{n:9d}{p50 * 1e3:9.1f}{p99 * 1e3:9.1f}{p999 * 1e3:10.1f}{err * 100:8.2f}%")
+    return 0

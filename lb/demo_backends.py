@@ -49,11 +49,11 @@ def free_port() -> int:
 
 
 class Simulated:
-    def __init__(self, spec: Spec, seed: int) -> None:
+    def __init__(self, spec: Spec, seed: int, offset: float = 0.0) -> None:
         self.spec = spec
         self.slots = asyncio.Semaphore(spec.capacity)
         self.rng = random.Random(seed)
-        self.start = time.monotonic()
+        self.start = time.monotonic() - offset  # offset: start this far into the cycle
         self.header = f"X-Backend: {spec.name}\r\n".encode()
 
     def service_time(self) -> float:
@@ -92,21 +92,27 @@ class Simulated:
             writer.close()
 
 
-async def serve(ports: list[int]) -> None:
+async def serve(ports: list[int], offset: float = 0.0) -> None:
     servers = []
     for i, (spec, port) in enumerate(zip(SIMULATED, ports)):
-        sim = Simulated(spec, seed=i + 1)
+        sim = Simulated(spec, seed=i + 1, offset=offset)
         servers.append(await asyncio.start_server(sim.handle, "127.0.0.1", port, reuse_address=True))
     print("ready", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 def main() -> None:
-    ports = [int(p) for p in sys.argv[1:]]
+    args = sys.argv[1:]
+    offset = 0.0
+    if args[:1] == ["--offset"]:
+        offset = float(args[1])
+        args = args[2:]
+    ports = [int(p) for p in args]
     if len(ports) != len(SIMULATED):
-        raise SystemExit(f"usage: python -m lb.demo_backends {' '.join('PORT' for _ in SIMULATED)}")
+        raise SystemExit("usage: python -m lb.demo_backends [--offset S] "
+                         + " ".join("PORT" for _ in SIMULATED))
     try:
-        asyncio.run(serve(ports))
+        asyncio.run(serve(ports, offset))
     except KeyboardInterrupt:
         pass
 

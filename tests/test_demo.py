@@ -11,17 +11,19 @@ import time
 
 import psutil
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, get
 
 NAMES = ("fast", "slow", "degrading", "failing")
-ROW = re.compile(r"^\s+(\S+)\s+(\d+\.\d)%\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+)\s*$")
+ROW = re.compile(r"^\s+(\S+)\s+(\d+\.\d)%\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+)(\s+(\d+\.\d\d|-))?\s*$")
 
 
 def test_demo_runs_and_cleans_up():
     port = free_port()
+    admin_port = free_port()
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lb", "demo", "--duration", "3", "--rate", "50", "--port", str(port)],
+        [sys.executable, "-m", "lb", "demo", "--duration", "5", "--rate", "50", "--port", str(port),
+         "--admin-port", str(admin_port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     out: list[bytes] = []
@@ -33,8 +35,11 @@ def test_demo_runs_and_cleans_up():
 
     # Every process the demo starts (backends, lb, lb's workers), sampled while it runs.
     descendants: dict[int, str] = {}
+    dashboard = None
     try:
-        while proc.poll() is None and time.monotonic() - t0 < 15:
+        while proc.poll() is None and time.monotonic() - t0 < 20:
+            if dashboard is None and f"dashboard http://127.0.0.1:{admin_port}/" in b"".join(out).decode():
+                dashboard = get(admin_port, "/")
             try:
                 for c in psutil.Process(proc.pid).children(recursive=True):
                     try:
@@ -44,7 +49,7 @@ def test_demo_runs_and_cleans_up():
             except psutil.NoSuchProcess:
                 pass
             time.sleep(0.05)
-        assert proc.poll() is not None, "lb demo still running 15 s after it started"
+        assert proc.poll() is not None, "lb demo still running 20 s after it started"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -62,6 +67,13 @@ def test_demo_runs_and_cleans_up():
     assert any("lb.demo_backends" in c for c in cmds), cmds
     assert any(" lb run " in f" {c} " for c in cmds), cmds
     assert any("-m workers" in c for c in cmds), cmds
+    assert any("-m inference" in c for c in cmds), cmds
+    assert any("-m lb.admin" in c for c in cmds), cmds
+
+    # The dashboard was served while the demo ran, and the view shows the policy.
+    assert dashboard is not None and dashboard[0] == 200, stdout[:2000]
+    assert b"<html" in dashboard[2].lower()
+    assert "policy: ml" in stdout, stdout[-2000:]
 
     # Per-backend rows of the table, and every simulated backend named.
     for name in NAMES:
@@ -104,3 +116,21 @@ def test_demo_runs_and_cleans_up():
     except OSError:
         listening = False
     assert not listening, f"something still listens on the demo port {port}"
+
+
+def test_demo_compare_prints_one_row_per_strategy():
+    r = subprocess.run(
+        [sys.executable, "-m", "lb", "demo", "--compare", "--duration", "2.5", "--rate", "40",
+         "--port", str(free_port()), "--admin-port", str(free_port())],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    table = r.stdout.split("p99.9 ms")[1].strip().splitlines()[1:]  # after the header
+    strategies = [line.split()[0] for line in table]
+    assert strategies == ["round_robin", "weighted_round_robin", "least_connections", "random",
+                          "p2c_ewma", "ml"]
+    for line in table:
+        name, n, p50, p99, p999, err = line.split()
+        assert int(n) >= 10 and 0 < float(p50) <= float(p99) <= float(p999), line
+        assert err.endswith("%")
