@@ -97,7 +97,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.client_ip = ip = (peer[0] if peer else "unknown").encode()
         self.xff_line = b"X-Forwarded-For: " + ip + CRLF
         self.xff_tail = CRLF + self.xff_line + XFP_HTTP + CRLF
-        self.deadline = CLOCK.now + w.t_client_header
+        # Timers that start rarely read the exact time: the coarse clock may lag
+        # by a sweep interval (more on a loaded machine) and would fire them early.
+        self.deadline = CLOCK.tick() + w.t_client_header
         w.conns.add(self)
         w.accepted += 1
         if w.draining:
@@ -119,7 +121,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self.queue.clear()
 
     def pause_writing(self) -> None:
-        self.send_deadline = CLOCK.now + self.worker.t_send
+        self.send_deadline = CLOCK.tick() + self.worker.t_send
         up = self._upstream()
         if up is not None:
             up.gate.pause(flow.PEER_FULL)
@@ -182,7 +184,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         if not self.head_bytes:
             # First sight of this head: `head_bytes` > 0 from now on marks it started.
             self.head_bytes = 1
-            self.deadline = CLOCK.now + w.t_client_header
+            self.deadline = CLOCK.tick() + w.t_client_header
         if self.head_bytes > w.max_head_bytes or len(self.url) > w.max_request_line:
             self._reject(414 if len(self.url) > w.max_request_line else 431)
 
@@ -272,7 +274,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         if ex.pending is not None:  # a body (or upgrade) follows
             self.reading = ex
             if ex.has_body:
-                self.deadline = CLOCK.now + w.t_client_body
+                self.deadline = CLOCK.tick() + w.t_client_body
         if self.ex is None:
             self._start(ex)
         else:
@@ -295,7 +297,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         else:
             ex.pending.append(data)
         ex.buffered += len(data)
-        self.deadline = CLOCK.now + w.t_client_body
+        self.deadline = CLOCK.tick() + w.t_client_body
 
     def on_message_complete(self) -> None:
         ex = self.reading
