@@ -21,6 +21,7 @@ def _error(msg: str, code: int) -> int:
 def cmd_check(args) -> int:
     try:
         cfg = cfgmod.load(args.config)
+        cfgmod.check_paths(cfg, args.config)
     except cfgmod.ConfigError as exc:
         return _error(str(exc), 2)
     print(f"{args.config}: ok ({len(cfg.backends)} backends, strategy {cfg.strategy}, listen {cfg.listen})")
@@ -32,6 +33,7 @@ def cmd_run(args) -> int:
 
     try:
         cfg = cfgmod.load(args.config)
+        cfgmod.check_paths(cfg, args.config)
     except cfgmod.ConfigError as exc:
         return _error(str(exc), 2)
     if args.workers is not None and not 1 <= args.workers <= 256:

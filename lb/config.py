@@ -9,6 +9,7 @@ the file and the field and is printed by the CLI as one line (exit code 2).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from typing import Literal, Union
@@ -130,6 +131,7 @@ class Timeouts(Base):
     upstream_response: float = 60.0  # request sent -> first byte, and between reads
     upstream_idle: float = 60.0  # pooled idle upstream connection lifetime
     drain: float = 30.0  # graceful stop: hard stop after this long
+    heartbeat: float = 10.0  # a child process silent this long is stuck: killed and replaced
 
     def __post_init__(self):
         for field in self.__struct_fields__:
@@ -155,10 +157,26 @@ class Limits(Base):
             raise ValueError("max_headers: must be between 1 and 10000")
 
 
+class AccessLog(Base):
+    """Optional access log: JSON lines, sampled and buffered per worker."""
+
+    path: str = ""  # "" = off
+    sample: float = 1.0  # share of requests logged
+    buffer: Size = "64KiB"  # flushed when full and every 0.25 s
+
+    def __post_init__(self):
+        if not 0 < self.sample <= 1:
+            raise ValueError("sample: must be > 0 and <= 1")
+        self.buffer = _checked("buffer", parse_size, self.buffer)
+        if not 512 <= self.buffer <= 64 * 1024 * 1024:
+            raise ValueError("buffer: must be between 512 bytes and 64MiB")
+
+
 class Upstream(Base):
     keepalive: int = 64  # idle connections kept per backend per worker
     retries: int = 1  # extra attempts on another backend (see docs/configuration.md)
     retry_connect_non_idempotent: bool = True  # a failed connect sent nothing: safe to retry
+    request_id: bool = True  # add X-Request-Id when the request has none (kept when it has one)
 
     def __post_init__(self):
         if not 0 <= self.keepalive <= 10000:
@@ -314,6 +332,7 @@ class Config(Base):
     health: Health = msgspec.field(default_factory=Health)
     outlier: Outlier = msgspec.field(default_factory=Outlier)
     protection: Protection = msgspec.field(default_factory=Protection)
+    access_log: AccessLog = msgspec.field(default_factory=AccessLog)
     classes: list[RequestClass] = []
     runtime_dir: str = ""  # ipc sockets between lb's processes; "" = a private temp dir
 
@@ -394,6 +413,16 @@ def load(path: str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, None, f"invalid TOML: {exc}") from None
     return from_dict(data, path)
+
+
+def check_paths(cfg: Config, path: str) -> None:
+    """Files lb will write: fail now, naming the field, rather than at worker boot."""
+    if cfg.access_log.path:
+        try:
+            os.close(os.open(cfg.access_log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        except OSError as exc:
+            raise ConfigError(path, "access_log.path",
+                              f"cannot open {cfg.access_log.path}: {exc.strerror or exc}") from None
 
 
 def encode(cfg: Config) -> bytes:

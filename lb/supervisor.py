@@ -27,7 +27,7 @@ import zmq
 from lb import children
 from lb import config as cfgmod
 from lb import messages
-from lb.children import ADMIN, HEARTBEAT_TIMEOUT, INFERENCE, WORKER, Child
+from lb.children import ADMIN, INFERENCE, WORKER, Child
 from lb.log import log, reopen
 
 EXIT_BOOT = 3  # a worker that could not start (see workers.worker)
@@ -262,17 +262,18 @@ class Supervisor:
                     log("child_ready", kind=child.kind, pid=child.pid)
 
     def check_heartbeats(self) -> None:
-        """Kill a child whose event loop is stuck (no byte for HEARTBEAT_TIMEOUT),
+        """Kill a child whose event loop is stuck (no byte for timeouts.heartbeat),
         or an auxiliary child that never became ready; reap() replaces it."""
         now = time.monotonic()
         for c in self.children.values():
-            if c.stopping:
+            if c.stopping or c.killed:
                 continue
-            stuck = c.ready and c.silent_for(now) > HEARTBEAT_TIMEOUT
+            stuck = c.ready and c.silent_for(now) > self.cfg.timeouts.heartbeat
             slow_boot = c.kind != WORKER and not c.ready and now - c.started > children.BOOT_TIMEOUT
             if stuck or slow_boot:
                 log("child_stuck", kind=c.kind, slot=c.slot, pid=c.pid,
                     silent=round(c.silent_for(now), 1), ready=c.ready)
+                c.killed = True
                 c.send(signal.SIGKILL)
 
     def start_due(self) -> None:
@@ -380,7 +381,7 @@ class Supervisor:
             for c in self.children.values():
                 if c.generation != gen and not c.stopping:
                     c.stopping = True
-                    c.proc.send_signal(signal.SIGTERM)
+                    c.send(signal.SIGTERM)
                     self.retiring.append(c)
             self.retire_deadline = time.monotonic() + 3.0
             self.generation = gen
@@ -406,7 +407,7 @@ class Supervisor:
                 # SIGTERM, not SIGKILL: a worker may accept from the shared sockets
                 # before its "R" is read; it drains what it took.  One still booting
                 # has no handler yet and dies of it at once.
-                c.proc.send_signal(signal.SIGTERM)
+                c.send(signal.SIGTERM)
         self.pending_generation = self.pending_cfg = None
         if event == "reload_failed":
             self.reloads_failed += 1
@@ -458,10 +459,7 @@ class Supervisor:
 
     def kill_all(self, sig: int) -> None:
         for child in self.children.values():
-            try:
-                child.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+            child.send(sig)
 
     def handle_term(self) -> None:
         self.begin_stop(graceful=True)

@@ -43,7 +43,7 @@ def test_reference_config_lists_every_key():
         if field not in data:
             missing.append(field)
     for section in ("admin", "timeouts", "limits", "upstream", "balancer", "health", "outlier",
-                    "protection", "learning"):
+                    "protection", "learning", "access_log"):
         sub = msgspec.inspect.type_info(cfg).fields
         ftype = next(f.type for f in sub if f.name == section).cls
         for key in _keys(ftype) - set(data.get(section, {})):

@@ -273,13 +273,22 @@ class P2CEwma(Strategy):
 
 
 class TableStrategy(P2CEwma):
-    """Routes by the inference process's weight tables (the `ml` strategy).
+    """Routes by the inference process's tables (the `ml` strategy).
 
     A table (`lb.messages.Table`) holds, per request class, a weight for every
-    backend.  The pick is two weighted-random draws from the class's row, and
-    the one with the higher weight / (local in-flight + 1) wins: the table says
-    where traffic should go, the worker's live in-flight counts keep a burst
-    from piling onto one backend between two tables.
+    backend (where traffic should go) and the model's expected cost of a
+    request there (predicted latency, penalised by predicted error).  A pick:
+
+    * with probability `table.exploration`, one uniform draw over the class's
+      backends (every backend the table routes to keeps producing data);
+    * otherwise two weighted draws from the class's row, and the one with the
+      lower cost x (local in-flight + 1) / (in-flight when the table came + 1)
+      wins.  The model supplies what one worker cannot see (per-class cost,
+      error probability, load from every worker); the worker supplies what the
+      model cannot know yet: requests it has sent since the table was made.
+
+    A table without costs (older publishers) is compared by weight / (local
+    in-flight + 1) instead.
 
     It falls back to P2C-EWMA (`learned` False, `reason` says why) when it has
     no table, when the table is older than twice its publish interval (the
@@ -288,6 +297,7 @@ class TableStrategy(P2CEwma):
     """
 
     name = "ml"
+    REF_KEEP = 0.5  # smoothing of the reference in-flight counts, per table
 
     def __init__(self, backends, *, class_names=("default",), **kw) -> None:
         super().__init__(backends, **kw)
@@ -295,14 +305,27 @@ class TableStrategy(P2CEwma):
         self.table = None
         self.learned = False
         self.reason = "no_table"
-        self.received = 0.0  # time.time() the table was computed (its `ts`)
         self.stale_after = 0.0
-        # per local class: (candidates, cumulative weights, weight by backend idx)
+        self.explore = 0.0
+        # per backend idx: 1 / (reference in-flight + 1), refreshed with every table
+        self._ref = [0.0] * len(backends)
+        self._inv_ref = [1.0] * len(backends)
+        self._ewma_ref = [0.0] * len(backends)
+        # per local class: (candidates, cumulative weights, cost by backend idx)
         self._rows: list[tuple[list[Backend], list[float], list[float]]] = []
 
     def set_table(self, table) -> None:
         self.table = table
         self.stale_after = table.ts + 2 * table.interval
+        self.explore = table.exploration if table.cost else 0.0
+        keep = self.REF_KEEP
+        ref, inv = self._ref, self._inv_ref
+        scaled = bool(table.cost)
+        eref = self._ewma_ref
+        for b in self.backends:
+            r = ref[b.idx] = keep * ref[b.idx] + (1.0 - keep) * b.inflight
+            e = eref[b.idx] = keep * eref[b.idx] + (1.0 - keep) * b.ewma if eref[b.idx] else b.ewma
+            inv[b.idx] = 1.0 / ((r + 1.0) * e) if scaled else 1.0
         self.refresh()
 
     def refresh(self) -> None:
@@ -314,15 +337,26 @@ class TableStrategy(P2CEwma):
         col = {name: i for i, name in enumerate(table.backends)}
         rows_by_name = dict(zip(table.classes, table.weights))
         default = rows_by_name.get("default") or (table.weights[0] if table.weights else [])
+        costs_by_name = dict(zip(table.classes, table.cost)) if table.cost else {}
+        default_cost = costs_by_name.get("default") or (table.cost[0] if table.cost else None)
         rows = []
         for cname in self.class_names:
             trow = rows_by_name.get(cname, default)
-            by_idx = []
+            crow = costs_by_name.get(cname, default_cost)
+            weight = []
+            cost = []
             for b in self.backends:
                 i = col.get(b.name)
-                by_idx.append(trow[i] if i is not None and i < len(trow) and b.available else 0.0)
-            cands = [b for b in self.backends if by_idx[b.idx] > 0]
-            rows.append((cands, list(accumulate(by_idx[b.idx] for b in cands)), by_idx))
+                ok = i is not None and i < len(trow) and b.available
+                w = trow[i] if ok else 0.0
+                weight.append(w)
+                if crow is not None and ok and i < len(crow):
+                    cost.append(max(crow[i], 1e-9))
+                else:
+                    # no cost: compare by weight (a higher weight is a lower cost)
+                    cost.append(1.0 / w if w > 0 else 1e9)
+            cands = [b for b in self.backends if weight[b.idx] > 0]
+            rows.append((cands, list(accumulate(weight[b.idx] for b in cands)), cost))
         self._rows = rows
 
     def check(self, now: float) -> tuple[bool, str]:
@@ -345,14 +379,25 @@ class TableStrategy(P2CEwma):
     def pick(self, exclude=(), cls=0):
         if not self.learned or exclude:
             return super().pick(exclude)
-        cands, cum, weight = self._rows[cls]
+        cands, cum, cost = self._rows[cls]
         if not cum:
             return super().pick(exclude)
         rnd = self.rng.random
+        r = rnd()
+        explore = self.explore
+        if r < explore:
+            return cands[int(r / explore * len(cands))]
         top = cum[-1]
         a = cands[bisect_right(cum, rnd() * top)]
         b = cands[bisect_right(cum, rnd() * top)]
-        return a if weight[a.idx] / (a.inflight + 1) >= weight[b.idx] / (b.inflight + 1) else b
+        if a is b:
+            return a
+        inv = self._inv_ref
+        ia, ib = a.idx, b.idx
+        if (cost[ia] * (a.inflight + 1) * a.ewma * (a.failures + 1) * inv[ia]
+                <= cost[ib] * (b.inflight + 1) * b.ewma * (b.failures + 1) * inv[ib]):
+            return a
+        return b
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

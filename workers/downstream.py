@@ -226,8 +226,16 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 raise Reject(431)
             host = specials[0][1]
             url = self.url
-            head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
-                             b"\r\nX-Forwarded-Host: ", host, self.xff_tail))
+            if w.request_id:
+                w.rid_n += 1
+                rid = w.rid_prefix + b"%x" % w.rid_n
+                head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
+                                 b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Request-Id: ", rid,
+                                 self.xff_tail))
+            else:
+                rid = b""
+                head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
+                                 b"\r\nX-Forwarded-Host: ", host, self.xff_tail))
             if len(head) > w.small_head:  # below it neither limit can be exceeded
                 if len(url) > w.max_request_line:
                     raise Reject(414)
@@ -240,6 +248,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 self.head_bytes = 0
             w.requests += 1
             ex = Exchange(self, method, head)
+            ex.rid = rid
             if method == b"HEAD":
                 ex.plain = False
             if w.classify is not None:
@@ -341,6 +350,11 @@ class Downstream(Dispatcher, asyncio.Protocol):
             return
         self.ex = None
         w = self.worker
+        al = w.access_log
+        if al is not None:
+            al.countdown -= 1
+            if al.countdown <= 0:
+                al.record(self, ex)
         if not ex.keep_alive or w.draining:
             self.transport.close()
             return

@@ -31,6 +31,7 @@ class Exchange:
     last_io = 0.0  # request fully sent / last response bytes (response timeout); 0: use t0
     error = 0  # a queued lb-generated error (status) instead of a forwarded request
     cls = 0  # request class (workers/classes.py); 0 = "default"
+    rid = b""  # X-Request-Id as forwarded
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it

@@ -42,6 +42,7 @@ H_UPGRADE = 6
 H_EXPECT = 7
 H_XFF = 8
 H_XF_DROP = 9  # x-forwarded-proto / x-forwarded-host: we set them ourselves
+H_REQUEST_ID = 10
 
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
@@ -57,6 +58,7 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"x-forwarded-for": H_XFF,
     b"x-forwarded-proto": H_XF_DROP,
     b"x-forwarded-host": H_XF_DROP,
+    b"x-request-id": H_REQUEST_ID,
 }
 
 # Response heads are forwarded as the bytes llhttp validated, minus these lines

@@ -23,6 +23,7 @@ from workers.http import (
     H_HOST,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
+    H_REQUEST_ID,
     H_XFF,
     PLAIN_CONNECTION_TOKENS,
     REQUEST_SPECIAL,
@@ -65,7 +66,7 @@ def drop_named(headers: list, tokens: set) -> list:
 def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exchange:
     """Apply every request-head rule; return the exchange to forward, or raise Reject."""
     method = p.get_method()
-    host = cl = te = conn_values = upgrade = expect = xff = None
+    host = cl = te = conn_values = upgrade = expect = xff = rid = None
     hosts = 0
     for tag, value in specials:
         if tag == H_HOST:
@@ -83,6 +84,9 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
             expect = value
         elif tag == H_XFF:
             xff = value if xff is None else xff + b", " + value
+        elif tag == H_REQUEST_ID:
+            if rid is None:
+                rid = value  # the first one is kept, the others dropped
     keep_alive = p.should_keep_alive()
     if keep_alive and conn_values is None:
         http10 = False  # only HTTP/1.1 keeps alive without a Connection header
@@ -114,6 +118,10 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
     else:
         parts += (b"X-Forwarded-For: ", xff, b", ", conn.client_ip, CRLF)
     parts.append(XFP_HTTP)
+    if rid is None and w.request_id:
+        rid = w.new_request_id()
+    if rid is not None:
+        parts += (b"X-Request-Id: ", rid, CRLF)
     chunked = is_upgrade = expect_continue = False
     has_body = False
     if te is not None:
@@ -144,6 +152,8 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
     if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
         raise Reject(431)
     ex = Exchange(conn, method, head)
+    if rid is not None:
+        ex.rid = rid
     if has_body or is_upgrade:
         ex.pending = [head]
         ex.body_done = False

@@ -19,6 +19,7 @@ import uvloop
 
 from lb import config as cfgmod
 from lb.log import log, reopen
+from workers.accesslog import AccessLog
 from workers.balancer import Backend, make_strategy
 from workers.classes import make_classifier
 from workers.health import NEVER, HealthState
@@ -69,6 +70,12 @@ class Worker:
         self.retries = cfg.upstream.retries
         self.retry_connect_non_idempotent = cfg.upstream.retry_connect_non_idempotent
         self.listen_host = cfg.listen.encode()  # Host for HTTP/1.0 requests that have none
+        self.request_id = cfg.upstream.request_id
+        # X-Request-Id: a per-process random prefix and a counter (unique, cheap)
+        self.rid_prefix = b"%08x%02x-" % (random.getrandbits(32), slot % 256)
+        self.rid_n = 0
+        al = cfg.access_log
+        self.access_log = AccessLog(al.path, al.sample, al.buffer, slot) if al.path else None
         self.conns: set[Downstream] = set()
         self.draining = False
         # counters
@@ -141,10 +148,18 @@ class Worker:
         await self._stopped
         if self.telemetry is not None:
             self.telemetry.close()
+        if self.access_log is not None:
+            self.access_log.close()
+
+    def new_request_id(self) -> bytes:
+        self.rid_n += 1
+        return self.rid_prefix + b"%x" % self.rid_n
 
     def reopen_logs(self) -> None:
         if reopen():
             log("logs_reopened", slot=self.slot)
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def _upstream_factory(self, backend):
         def factory():
@@ -194,6 +209,8 @@ class Worker:
         for b in self.backends:
             b.pool.expire(now)
         self.health.sweep(now)
+        if self.access_log is not None:
+            self.access_log.flush()
         if self.limiter is not None:
             self.limiter.sweep(now)
         if now >= self._next_beat:
@@ -223,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor by exit code
         log("worker_boot_failed", slot=args.slot, error=str(exc))
         return EXIT_BOOT
-    worker = Worker(cfg, args.slot, runtime_dir=args.runtime, generation=args.generation)
+    try:
+        worker = Worker(cfg, args.slot, runtime_dir=args.runtime, generation=args.generation)
+    except OSError as exc:  # e.g. the access log cannot be opened
+        log("worker_boot_failed", slot=args.slot, error=f"{exc.filename}: {exc.strerror or exc}")
+        return EXIT_BOOT
     uvloop.run(worker.serve(sock))
     log("worker_exit", slot=args.slot, pid=os.getpid())
     return EXIT_OK
