@@ -1,7 +1,9 @@
 # lb: a self-optimizing HTTP load balancer.
 #   docker build -t lb .
-#   docker run --rm -p 8080:8080 -p 9900:9900 -v $PWD/lb.toml:/etc/lb/lb.toml:ro lb
-# The config must listen on 0.0.0.0 inside the container.
+#   docker run --rm -p 8080:8080 -p 9900:9900 -e LB_ADMIN_TOKEN=secret \
+#       -v $PWD/lb.toml:/etc/lb/lb.toml:ro lb run -c /etc/lb/lb.toml -w 4
+# A config used in a container must listen on 0.0.0.0 (as configs/docker.toml,
+# the default, does); the admin port serves /api/health for the HEALTHCHECK.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -18,11 +20,12 @@ RUN pip install . && rm -rf /src
 
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin lb \
     && mkdir -p /etc/lb
-COPY configs/lb.toml /etc/lb/lb.toml
+COPY configs/docker.toml /etc/lb/lb.toml
 
 USER lb
 EXPOSE 8080 9900
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9900/api/health', timeout=2).status == 200 else 1)"
+    CMD ["python", "-c", "import sys, urllib.request\ntry:\n    urllib.request.urlopen('http://127.0.0.1:9900/api/health', timeout=2)\nexcept Exception:\n    sys.exit(1)"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["lb", "run", "-c", "/etc/lb/lb.toml"]
+ENTRYPOINT ["lb"]
+CMD ["run", "-c", "/etc/lb/lb.toml"]
