@@ -238,3 +238,27 @@ def test_after_a_failed_reload_a_respawned_worker_uses_the_running_config(backen
     os.kill(pids[0], signal.SIGKILL)
     lb.log.wait_for("worker_ready", 3, timeout=5)
     assert backends_seen(lb.port, 30) == {"b1"}, "workers of one generation serve different configs"
+
+
+def test_reloads_with_the_ml_strategy_restart_inference_and_lose_no_request(backend_factory, lb_factory):
+    from tests.test_backend_failover import Load
+
+    b1, b2 = backend_factory("b1"), backend_factory("b2")
+    lb = lb_factory([b1, b2], workers=2, strategy="ml")
+    lb.log.wait_for("inference_ready", timeout=20)
+    load = Load(lb.port)
+    load.start()
+    try:
+        for i, weights in enumerate(({"b1": 3, "b2": 1}, {"b1": 1, "b2": 5}), 1):
+            time.sleep(0.8)
+            write_config(lb, [b1, b2], strategy="ml", weights=weights)
+            lb.proc.send_signal(signal.SIGHUP)
+            lb.log.wait_for("reload_done", i, timeout=15)
+            lb.log.wait_for("inference_ready", i + 1, timeout=20)  # restarted with the new config
+        time.sleep(0.8)
+    finally:
+        load.stop.set()
+        load.join(10)
+    assert load.errors() == [], load.errors()[:5]
+    assert len(load.results) > 200
+    assert lb.log.events("child_died") == []  # restarted on purpose, not crashed
