@@ -31,6 +31,7 @@ from inference.engine import Engine
 from inference.model import DEFAULT_MODEL, Model, ModelError
 from lb import config as cfgmod
 from lb.clone import Publisher, Subscriber
+from lb.children import supervisor_pid
 from lb.log import log, reopen
 from lb.messages import TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, control_decoder, encode, endpoints, stats_decoder
 
@@ -58,7 +59,7 @@ class InferenceProcess:
         self.cfg = cfg
         self.runtime_dir = runtime_dir
         self.stop = False
-        self.parent = os.getppid()  # a different parent later: the supervisor is gone
+        self.parent = supervisor_pid()  # a different parent: the supervisor is gone
         self.ctx = zmq.Context.instance()
         ep = endpoints(runtime_dir)
         self.sub = self.ctx.socket(zmq.SUB)

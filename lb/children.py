@@ -25,6 +25,17 @@ INFERENCE = "inference"
 ADMIN = "admin"
 
 BOOT_TIMEOUT = 15.0  # seconds for an auxiliary child to say R
+SUPERVISOR_PID_ENV = "LB_SUPERVISOR_PID"
+
+
+def supervisor_pid() -> int:
+    """The pid a child must have as its parent.  Taken from the environment,
+    not from getppid() at boot: a supervisor that died while the child was
+    still importing would otherwise leave it believing init is its parent."""
+    try:
+        return int(os.environ[SUPERVISOR_PID_ENV])
+    except (KeyError, ValueError):
+        return os.getppid()
 
 
 class Child:
@@ -88,8 +99,10 @@ def start(kind: str, slot: int, generation: int, blob: bytes, runtime_dir: str,
         argv = ["-m", "lb.admin", "--runtime", runtime_dir, "--fd", str(sock.fileno())]
     else:  # pragma: no cover - programming error
         raise ValueError(kind)
+    env = dict(os.environ, **{SUPERVISOR_PID_ENV: str(os.getpid())})
     proc = subprocess.Popen(
         [sys.executable, *argv],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         pass_fds=(sock.fileno(),) if sock is not None else (),

@@ -173,3 +173,33 @@ def test_workers_exit_when_the_supervisor_is_killed(backend, lb_factory):
     lb.proc.wait(5)
     assert still_alive(pids, timeout=5) == [], "workers outlived their supervisor"
     assert len(lb.log.wait_for("worker_orphaned", 2, timeout=2)) == 2
+
+
+def test_no_child_outlives_a_supervisor_killed_while_they_boot(backend, tmp_path):
+    # Killed at once: the inference process is still importing onnxruntime, the
+    # workers and admin are starting.  Each must notice its supervisor is gone.
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import ROOT, free_port
+
+    cfg = tmp_path / "lb.toml"
+    cfg.write_text(f'listen = "127.0.0.1:{free_port()}"\nstrategy = "ml"\n'
+                   f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
+                   f'[[backends]]\naddress = "{backend.address}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "lb", "run", "-c", str(cfg), "-w", "2"],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    children: set[int] = set()
+    deadline = time.monotonic() + 10
+    while len(children) < 4 and time.monotonic() < deadline:  # 2 workers, inference, admin
+        try:
+            children |= {c.pid for c in psutil.Process(proc.pid).children()}
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    assert len(children) == 4
+    proc.kill()
+    proc.wait(5)
+    assert still_alive(sorted(children), timeout=8) == [], "children outlived their supervisor"

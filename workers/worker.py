@@ -18,6 +18,7 @@ import sys
 import uvloop
 
 from lb import config as cfgmod
+from lb.children import supervisor_pid
 from lb.log import log, reopen
 from workers.accesslog import AccessLog
 from workers.balancer import Backend, make_strategy
@@ -112,7 +113,7 @@ class Worker:
         self.rng = random.Random(cfg.balancer.seed + slot if cfg.balancer.seed else None).random
         self.health = HealthState(self)
         self._stopped: asyncio.Future | None = None
-        self._ppid = os.getppid()
+        self._ppid = supervisor_pid()
         self._next_beat = 0.0
 
     # -- lifecycle ------------------------------------------------------------

@@ -20,6 +20,7 @@ import msgspec
 import zmq
 
 from lb import log
+from lb.children import supervisor_pid
 from lb.config import Config, decode
 
 from .api import API
@@ -59,7 +60,7 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
     fds = state.fds()
     for fd in fds:
         loop.add_reader(fd, state.poll)
-    parent = os.getppid()
+    parent = supervisor_pid()
     addr = sock.getsockname()
     _write(b"R")
     log.log("admin_ready", listen=f"{addr[0]}:{addr[1]}", runtime=state.runtime_dir)
