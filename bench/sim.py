@@ -23,7 +23,7 @@ no inference process: on its P2C-EWMA fallback (the table says so).
 
     python bench/sim.py [--scenario NAME|all] [--policies a,b] [--duration 60]
                         [--rate R] [--workers 1] [--seed 1] [--json FILE]
-                        [--model PATH] [--traces DIR]
+                        [--model PATH] [--traces DIR] [--exploration E]
 
 Exit codes: 0 ok, 2 bad usage.
 """
@@ -53,7 +53,7 @@ from workers import balancer  # noqa: E402
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "ml")
 
 HOP = 0.0001  # seconds, one way between two processes on the same host
-FAIL_FAST = 0.0003  # service time of a fast failure
+FAIL_FAST = 0.0  # service time of a fast failure (lb measures ~0.16 ms for one, hops included)
 RETRIES = 1  # lb's default upstream.retries
 EWMA_DECAY = 10.0  # lb's default balancer.ewma_decay
 STATS_INTERVAL = 0.1  # lb's default learning.stats_interval
@@ -125,7 +125,7 @@ class Simulation:
     def __init__(self, sc: scn.Scenario, policy: str, *, duration: float = 60.0,
                  rate: float | None = None, workers: int = 1, seed: int = 1,
                  timeout: float = 2.0, model: str | None = None,
-                 traces: str | None = None) -> None:
+                 traces: str | None = None, exploration: float | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
         if workers < 1:
@@ -144,8 +144,12 @@ class Simulation:
         self.now = 0.0
         self.note = ""
         self.seed = seed
+        self.exploration = exploration  # ml: learning.exploration (None: lb's default)
         self.bridge = None
-        if policy == "ml":
+        if policy == "ml" or traces:
+            # ml routes by the engine's tables; any other policy with --traces
+            # only feeds the engine (features and trace joins), as lb does when
+            # `learning.traces` is set under another strategy
             import sim_ml  # bench/sim_ml.py
 
             self.bridge, self.note = sim_ml.attach(self, model, traces)
@@ -186,7 +190,8 @@ class Simulation:
             else:
                 break
         if self.bridge is not None:
-            self.note = self.bridge.note()
+            if self.policy == "ml":
+                self.note = self.bridge.note()
             self.bridge.write_traces()
         return self.records
 
@@ -293,8 +298,10 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=2.0, help="client timeout, s (default 2)")
     ap.add_argument("--model", help="ONNX model for ml (default: the inference default)")
     ap.add_argument("--traces", metavar="DIR",
-                    help="ml only: write sampled request traces (the inference process's "
-                         "format, for `lb train`) to DIR/sim-SCENARIO-seedN.npz")
+                    help="write sampled request traces (the inference process's "
+                         "format, for `lb train`) to DIR/sim-SCENARIO-POLICY-seedN.npz")
+    ap.add_argument("--exploration", type=float,
+                    help="ml: learning.exploration (default: lb's, 0.05)")
     ap.add_argument("--json", metavar="FILE", help="write the summaries as JSON")
     args = ap.parse_args(argv)
     if args.scenario != "all" and args.scenario not in scn.SCENARIOS:
@@ -307,6 +314,8 @@ def parse_args(argv=None):
         ap.error("--duration, --rate and --timeout must be > 0")
     if not 1 <= args.workers <= 64:
         ap.error("--workers must be between 1 and 64")
+    if args.exploration is not None and not 0 <= args.exploration <= 0.5:
+        ap.error("--exploration must be between 0 and 0.5")
     if args.model and not os.path.isfile(args.model):
         ap.error(f"--model {args.model}: no such file")
     return args
@@ -329,7 +338,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             rows.append(simulate(sc, policy, duration=args.duration, rate=args.rate,
                                  workers=args.workers, seed=args.seed, timeout=args.timeout,
-                                 model=args.model, traces=args.traces))
+                                 model=args.model, traces=args.traces,
+                                 exploration=args.exploration))
             rows[-1].wall = time.perf_counter() - t0  # type: ignore[attr-defined]
         print(scn.table(sc, rows))
         print(f"({sum(r.requests for r in rows)} requests simulated in "

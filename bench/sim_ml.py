@@ -49,7 +49,9 @@ def engine_config(sim, trace_sample: float):
         "backends": [{"address": f"127.0.0.1:{20000 + i}", "name": s.name, "weight": s.weight}
                      for i, s in enumerate(sim.sc.backends)],
         "classes": [{"name": scn.CLASSES[1], "path_prefix": scn.PATHS[1]}],
-        "learning": {"trace_sample": trace_sample},
+        "learning": {"trace_sample": trace_sample,
+                     **({"exploration": sim.exploration} if getattr(sim, "exploration", None) is not None
+                        else {})},
     }, "<simulated>")
 
 
@@ -92,8 +94,9 @@ class Bridge:
         key = table.mode + (f": {table.reason}" if table.reason else "")
         self.modes[key] = self.modes.get(key, 0) + 1
         for w, tracer in zip(self.sim.workers, self.tracers):
-            w.strategy.set_table(table)
-            w.strategy.check(now)
+            if hasattr(w.strategy, "set_table"):
+                w.strategy.set_table(table)
+                w.strategy.check(now)
             tracer.epoch, tracer.seq = table.epoch, table.seq
         if self.traces_dir is not None:
             rec = self.engine.take_records()
@@ -114,5 +117,5 @@ class Bridge:
         from inference import traces
 
         os.makedirs(self.traces_dir, exist_ok=True)
-        name = f"sim-{self.sim.sc.name}-seed{self.sim.seed}.npz"
+        name = f"sim-{self.sim.sc.name}-{self.sim.policy}-seed{self.sim.seed}.npz"
         return traces.write(self.traces_dir, traces.concat(self.records), name)

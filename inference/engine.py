@@ -134,8 +134,10 @@ class Engine:
             mode, reason = "fallback", "low_confidence"
         else:
             mode, reason = "learned", ""
+        cost = None
         if mode == "learned":
             w = policy.weights(latency, error, self.live, self.learning.exploration)
+            cost = policy.costs(latency, error)
         else:
             w = policy.static_weights(self.cfg_weights, self.live, C)
         self._remember(epoch, seq, X)
@@ -156,6 +158,8 @@ class Engine:
             latency=latency.tolist() if latency is not None else [],
             error=error.tolist() if error is not None else [],
             prediction_error=pe, tick_seconds=self.tick_seconds,
+            cost=cost.tolist() if cost is not None else [],
+            exploration=self.learning.exploration if cost is not None else 0.0,
         )
 
     # -- traces ------------------------------------------------------------------------------------

@@ -52,6 +52,11 @@ _BUCKET_VALUE = np.array(list(LATENCY_BOUNDS) + [LATENCY_BOUNDS[-1] * 2], dtype=
 # the online prediction error compares predicted ln(latency) with these
 _LOWER = np.array([LATENCY_BOUNDS[0] / 2] + list(LATENCY_BOUNDS), dtype=np.float64)
 BUCKET_LOG_MID = 0.5 * (np.log(_LOWER) + np.log(_BUCKET_VALUE))
+# ln of each bucket's bounds, for judging a prediction against what a histogram can
+# tell: the first bucket reaches down to 50 us (a fast failure through lb takes
+# ~0.15 ms, well inside it), the overflow bucket up to twice the last bound
+BUCKET_LOG_LO = np.log(np.array([LATENCY_BOUNDS[0] / 10] + list(LATENCY_BOUNDS), dtype=np.float64))
+BUCKET_LOG_HI = np.log(_BUCKET_VALUE)
 
 
 class _Worker:

@@ -1,31 +1,27 @@
-"""From predictions to weights, and the model's online prediction error.
+"""From predictions to weights and costs, and the model's online prediction error.
 
-Weights (per class, over live backends):
+Per class, over live backends:
 
     score  = (1 - error) ** ERROR_POWER / latency ** LATENCY_POWER
     weight = (1 - exploration) * score / sum(score) + exploration / n_live
+    cost   = score ** (-1 / LATENCY_POWER)     (seconds: the same preference)
 
-* Errors weigh heavily: with ERROR_POWER = 8 a backend predicted to fail 80%
-  of its requests keeps ~3e-6 of its score, however fast it answers (a fast
-  503 looks "fast": latency alone would pull traffic onto it).  5% errors
-  cost a third of the score.
-* Latency is soft (LATENCY_POWER = 2): a backend predicted twice as slow gets
-  a quarter of the share, not nothing.  The predictions already include the
-  backend's current load (in-flight, rate are features), so a favourite that
-  starts to queue is predicted slower on the next tick and loses share: the
-  weights settle where predicted latencies even out instead of herding.
-* Every live backend keeps `exploration / n_live` (nothing starves, every
+* Errors weigh heavily: a fast 503 looks "fast", so its latency must not make
+  it attractive.  With ERROR_POWER = 16 a backend predicted to fail 60% keeps
+  4e-7 of its score and its cost is ~1,500x its latency; 1% predicted errors
+  cost 15% of the score.  (With 8, a backend failing 90% but predicted at 60%
+  cost 0.6 ms / 0.4^4 = 23 ms for heavy requests, as cheap as a healthy one.)
+* Latency is soft in the weights (LATENCY_POWER = 2): a backend predicted
+  twice as slow gets a quarter of the share, not nothing.  The predictions
+  include the backend's current load (in-flight, rate are features), so a
+  favourite that starts to queue is predicted slower on the next tick.
+* `exploration` goes in the table too: workers take that share of their picks
+  as one uniform draw over the class's backends (nothing starves; every
   backend keeps producing fresh data for the features and for training).
 
-Workers pick with two weighted draws and keep the higher weight / (local
-in-flight + 1).  With equal in-flight counts that squares small weights (a
-backend with weight w wins about w^2 of the picks when every other weight is
-higher); the in-flight term gives them their chances back whenever the
-favourites are busy.  The weights are deliberately NOT pre-compensated for the
-squaring: a backend that fails fast never has requests in flight, so a larger
-floor weight would make it win every comparison against a busy healthy
-backend (measured: 7-18% of the traffic to an 80%-failing backend instead of
-2-3%).
+Workers (`workers.balancer.TableStrategy`) otherwise take two weighted draws
+and keep the lower cost scaled by their own live state relative to the state
+the table was made from (in-flight, peak EWMA, consecutive failures).
 """
 
 from __future__ import annotations
@@ -34,9 +30,9 @@ import math
 
 import numpy as np
 
-from inference.features import BUCKET_LOG_MID
+from inference.features import BUCKET_LOG_HI, BUCKET_LOG_LO
 
-ERROR_POWER = 8.0
+ERROR_POWER = 16.0
 LATENCY_POWER = 2.0
 CONFIDENCE_TAU = 5.0  # seconds: smoothing of the online prediction error
 CONFIDENCE_MIN_COUNT = 50.0  # responses (decayed) before the error is judged
@@ -61,6 +57,15 @@ def weights(latency: np.ndarray, error: np.ndarray, live: np.ndarray, exploratio
     return w / w.sum(axis=1, keepdims=True)
 
 
+def costs(latency: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Expected cost per (class, backend) for the workers' pick: score ** (-1 /
+    LATENCY_POWER) = latency x (1 - error) ** (-ERROR_POWER / LATENCY_POWER),
+    the same preference as the weights, in seconds."""
+    lat = np.maximum(latency, 1e-5)
+    ok = np.clip(1.0 - error, 1e-6, 1.0)
+    return lat * ok ** (-ERROR_POWER / LATENCY_POWER)
+
+
 def static_weights(weights_cfg: np.ndarray, live: np.ndarray, n_classes: int) -> np.ndarray:
     """Fallback tables: configured weights over live backends."""
     B = len(weights_cfg)
@@ -76,10 +81,15 @@ class Confidence:
     smoothed over CONFIDENCE_TAU seconds.  The predictions made at one tick are
     compared with what was observed until the next tick, per (backend, class).
 
-    "Observed" is the mean of ln(latency) over the responses (from the
-    histogram, each bucket at its geometric middle), because the model
+    "Observed" is the mean of ln(latency) over the responses, because the model
     predicts the mean of ln(latency): an arithmetic mean would count a backend
-    whose answers mix 0.3 ms failures and 3 ms successes as mispredicted."""
+    whose answers mix 0.15 ms failures and 5 ms successes as mispredicted.  It
+    comes from the latency histogram, which only tells that each response lies
+    within its bucket's bounds: so the observation is the interval between the
+    means of the lower and of the upper bounds, and the error is the distance
+    of ln(predicted) to that interval (0 inside).  Judging against one point per
+    bucket would count a correct 0.15 ms prediction for fast failures as 0.8
+    off (the first bucket's middle is 0.35 ms)."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
@@ -104,8 +114,10 @@ class Confidence:
         has = resp > 0
         if not has.any():
             return
-        obs_log = (hist[has] @ BUCKET_LOG_MID) / resp[has]
-        ratio = np.abs(obs_log - np.log(np.maximum(self.pred[has], 1e-5)))
+        h, n = hist[has], resp[has]
+        lo, hi = (h @ BUCKET_LOG_LO) / n, (h @ BUCKET_LOG_HI) / n
+        pred = np.log(np.maximum(self.pred[has], 1e-5))
+        ratio = np.maximum(0.0, np.maximum(lo - pred, pred - hi))
         self.num += float((ratio * resp[has]).sum())
         self.den += float(resp[has].sum())
 

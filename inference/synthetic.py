@@ -63,10 +63,18 @@ class SyntheticWorker:
     def _pick(self, cls: int) -> int:
         t = self.table
         if t is not None and t.mode == "learned" and t.weights:
-            # the workers' pick: two weighted draws, the higher weight / (in-flight + 1) wins
+            # the workers' pick (workers.balancer.TableStrategy, without its smoothing of
+            # the reference in-flight and peak EWMA): a uniform draw with probability
+            # `exploration`, else two weighted draws and the lower cost x (in-flight + 1)
             row = t.weights[cls]
+            live = [i for i, w in enumerate(row) if w > 0]
+            if t.cost and self.rng.random() < t.exploration:
+                return self.rng.choice(live)
             a, b = self.rng.choices(range(len(row)), weights=row, k=2)
             fa, fb = len(self.finishes[a]), len(self.finishes[b])
+            if t.cost:
+                cost = t.cost[cls]
+                return a if cost[a] * (fa + 1) <= cost[b] * (fb + 1) else b
             return a if row[a] / (fa + 1) >= row[b] / (fb + 1) else b
         return self.rng.randrange(len(self.specs))
 

@@ -282,10 +282,15 @@ class TableStrategy(P2CEwma):
     * with probability `table.exploration`, one uniform draw over the class's
       backends (every backend the table routes to keeps producing data);
     * otherwise two weighted draws from the class's row, and the one with the
-      lower cost x (local in-flight + 1) / (in-flight when the table came + 1)
-      wins.  The model supplies what one worker cannot see (per-class cost,
-      error probability, load from every worker); the worker supplies what the
-      model cannot know yet: requests it has sent since the table was made.
+      lower   cost x (in-flight + 1) / (ref in-flight + 1)
+                   x peak EWMA / ref peak EWMA x (consecutive failures + 1)
+      wins, where "ref" is this worker's state when the tables came (smoothed
+      over the last few).  The model supplies what one worker cannot see
+      (per-class cost, error probability, capacity, load from every worker);
+      the worker supplies what the model cannot know yet: requests it sent
+      since, a backend that just turned slow (peak EWMA jumps at once) or
+      started failing.  In steady state the live terms are ~1 and the model's
+      cost decides.
 
     A table without costs (older publishers) is compared by weight / (local
     in-flight + 1) instead.
@@ -307,25 +312,26 @@ class TableStrategy(P2CEwma):
         self.reason = "no_table"
         self.stale_after = 0.0
         self.explore = 0.0
-        # per backend idx: 1 / (reference in-flight + 1), refreshed with every table
+        # per backend idx: this worker's in-flight and peak EWMA when tables came (smoothed)
         self._ref = [0.0] * len(backends)
-        self._inv_ref = [1.0] * len(backends)
         self._ewma_ref = [0.0] * len(backends)
-        # per local class: (candidates, cumulative weights, cost by backend idx)
-        self._rows: list[tuple[list[Backend], list[float], list[float]]] = []
+        # per local class: (candidates, cumulative weights, scaled cost by backend idx or
+        # None, total weight, weight by backend idx)
+        self._rows: list[tuple[list[Backend], list[float], list[float] | None, float, list[float]]] = []
 
     def set_table(self, table) -> None:
         self.table = table
         self.stale_after = table.ts + 2 * table.interval
         self.explore = table.exploration if table.cost else 0.0
+        # this worker's in-flight and peak EWMA per backend, smoothed over tables: the
+        # state the table's costs correspond to, so the pick scales a cost by how
+        # far the backend has moved from it since
         keep = self.REF_KEEP
-        ref, inv = self._ref, self._inv_ref
-        scaled = bool(table.cost)
-        eref = self._ewma_ref
+        ref, eref = self._ref, self._ewma_ref
         for b in self.backends:
-            r = ref[b.idx] = keep * ref[b.idx] + (1.0 - keep) * b.inflight
-            e = eref[b.idx] = keep * eref[b.idx] + (1.0 - keep) * b.ewma if eref[b.idx] else b.ewma
-            inv[b.idx] = 1.0 / ((r + 1.0) * e) if scaled else 1.0
+            i = b.idx
+            ref[i] = keep * ref[i] + (1.0 - keep) * b.inflight
+            eref[i] = keep * eref[i] + (1.0 - keep) * b.ewma if eref[i] > 0 else b.ewma
         self.refresh()
 
     def refresh(self) -> None:
@@ -339,24 +345,27 @@ class TableStrategy(P2CEwma):
         default = rows_by_name.get("default") or (table.weights[0] if table.weights else [])
         costs_by_name = dict(zip(table.classes, table.cost)) if table.cost else {}
         default_cost = costs_by_name.get("default") or (table.cost[0] if table.cost else None)
+        ref, eref = self._ref, self._ewma_ref
         rows = []
         for cname in self.class_names:
             trow = rows_by_name.get(cname, default)
             crow = costs_by_name.get(cname, default_cost)
             weight = []
-            cost = []
+            scaled = []  # cost / reference state, by backend idx
             for b in self.backends:
                 i = col.get(b.name)
                 ok = i is not None and i < len(trow) and b.available
                 w = trow[i] if ok else 0.0
                 weight.append(w)
                 if crow is not None and ok and i < len(crow):
-                    cost.append(max(crow[i], 1e-9))
+                    scaled.append(max(crow[i], 1e-9) / ((ref[b.idx] + 1.0) * max(eref[b.idx], 1e-6)))
                 else:
-                    # no cost: compare by weight (a higher weight is a lower cost)
-                    cost.append(1.0 / w if w > 0 else 1e9)
+                    scaled.append(-1.0)
             cands = [b for b in self.backends if weight[b.idx] > 0]
-            rows.append((cands, list(accumulate(weight[b.idx] for b in cands)), cost))
+            if any(scaled[b.idx] < 0 for b in cands):
+                scaled = None  # no costs (an older publisher): compare by weight
+            cum = list(accumulate(weight[b.idx] for b in cands))
+            rows.append((cands, cum, scaled, cum[-1] if cum else 0.0, weight))
         self._rows = rows
 
     def check(self, now: float) -> tuple[bool, str]:
@@ -379,23 +388,25 @@ class TableStrategy(P2CEwma):
     def pick(self, exclude=(), cls=0):
         if not self.learned or exclude:
             return super().pick(exclude)
-        cands, cum, cost = self._rows[cls]
-        if not cum:
+        cands, cum, scaled, top, weight = self._rows[cls]
+        if not cands:
             return super().pick(exclude)
         rnd = self.rng.random
         r = rnd()
         explore = self.explore
         if r < explore:
             return cands[int(r / explore * len(cands))]
-        top = cum[-1]
-        a = cands[bisect_right(cum, rnd() * top)]
+        # r is uniform on [explore, 1): reused for the first draw
+        a = cands[bisect_right(cum, (r - explore) / (1.0 - explore) * top)]
         b = cands[bisect_right(cum, rnd() * top)]
         if a is b:
             return a
-        inv = self._inv_ref
-        ia, ib = a.idx, b.idx
-        if (cost[ia] * (a.inflight + 1) * a.ewma * (a.failures + 1) * inv[ia]
-                <= cost[ib] * (b.inflight + 1) * b.ewma * (b.failures + 1) * inv[ib]):
+        if scaled is None:
+            return a if weight[a.idx] / (a.inflight + 1) >= weight[b.idx] / (b.inflight + 1) else b
+        # cost x (in-flight + 1) x peak EWMA x (consecutive failures + 1), the first
+        # two relative to the state when the table came (folded into `scaled`)
+        if (scaled[a.idx] * (a.inflight + 1) * a.ewma * (a.failures + 1)
+                <= scaled[b.idx] * (b.inflight + 1) * b.ewma * (b.failures + 1)):
             return a
         return b
 
