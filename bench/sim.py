@@ -63,6 +63,8 @@ STATS_INTERVAL = 0.1  # lb's default learning.stats_interval
 _PICK_TAKES_CLASS = "cls" in inspect.signature(balancer.Strategy.pick).parameters
 _BACKEND_TAKES_CLASSES = "n_classes" in inspect.signature(balancer.Backend.__init__).parameters
 _HAS_RECORD = hasattr(balancer.Backend, "record")
+# Backend.record(cls, latency, error, now) also updates the peak EWMA (one call per response).
+_RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(balancer.Backend.record).parameters
 
 _DONE, _FAILED, _TICK = 0, 1, 2  # event kinds
 
@@ -260,10 +262,13 @@ class Simulation:
         at_proxy = t + HOP
         rtt = at_proxy - req.t0
         b.inflight -= 1
-        w.strategy.observe(b, rtt, at_proxy)
         b.responses[status // 100] += 1
-        if _HAS_RECORD:
-            b.record(req.cls, rtt, status >= 500)
+        if _RECORD_OBSERVES:
+            b.record(req.cls, rtt, status >= 500, at_proxy)
+        else:
+            w.strategy.observe(b, rtt, at_proxy)
+            if _HAS_RECORD:
+                b.record(req.cls, rtt, status >= 500)
         self._record(req, at_proxy + HOP, status, b.name)
 
     def _record(self, req: Request, t: float, status: int, backend: str) -> None:

@@ -211,6 +211,24 @@ def test_peak_ewma_jumps_up_and_decays_slowly():
     assert a.ewma < 0.030
 
 
+def test_record_with_now_updates_the_peak_ewma_like_observe():
+    # The data plane records a response head with one call; the EWMA it keeps
+    # must be the strategy's (same decay, same peak rule).
+    seen, recorded = mk(("a", 1), ("b", 1))
+    s = strat("p2c_ewma", [seen, recorded], decay=5.0)
+    samples = [(0.200, 100.0), (0.010, 101.0), (0.050, 103.5), (0.010, 140.0), (0.300, 140.1)]
+    for rtt, now in samples:
+        s.observe(seen, rtt, now)
+        recorded.record(0, rtt, False, now)
+        assert recorded.ewma == pytest.approx(seen.ewma, rel=1e-12)
+        assert recorded.ewma_ts == seen.ewma_ts == now
+    assert recorded.cls_responses == [len(samples)]
+    assert seen.cls_responses == [0]  # observe alone counts nothing
+    before = recorded.ewma
+    recorded.record(0, 5.0, True)  # a failure without a head: no EWMA sample
+    assert recorded.ewma == before and recorded.cls_errors == [1]
+
+
 def test_p2c_ewma_avoids_a_slow_backend():
     bs = mk(("fast1", 1), ("fast2", 1), ("slow", 1))
     s = strat("p2c_ewma", bs, seed=3)

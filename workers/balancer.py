@@ -2,8 +2,9 @@
 
 Every strategy answers `pick(exclude)` with a `Backend` (or None when nothing
 is eligible) from state the worker holds locally: no I/O, no allocation on the
-common path.  `observe()` is called once per finished exchange with the
-time-to-first-byte, which feeds the peak-EWMA estimate.
+common path.  Each response head is recorded with one call,
+`Backend.record(cls, rtt, error, now)`, which also feeds the peak-EWMA
+estimate that `Strategy.observe()` maintains.
 
 The learned policy (`ml`) plugs in as a `TableStrategy`: it routes by a weight
 table that the worker receives from the inference process and keeps locally.
@@ -11,10 +12,10 @@ table that the worker receives from the inference process and keeps locally.
 
 from __future__ import annotations
 
-import math
 import random
 from bisect import bisect_left, bisect_right
 from itertools import accumulate
+from math import exp
 
 from lb.config import Backend as BackendConfig
 from lb.messages import LATENCY_BOUNDS, N_BUCKETS
@@ -32,6 +33,7 @@ class Backend:
         "inflight",
         "ewma",
         "ewma_ts",
+        "tau",
         "cw",
         "available",
         # counters, shipped to the supervisor with the periodic stats
@@ -70,6 +72,7 @@ class Backend:
         self.inflight = 0
         self.ewma = DEFAULT_RTT
         self.ewma_ts = 0.0
+        self.tau = 10.0  # peak-EWMA decay (seconds), set by the strategy
         self.cw = 0  # smooth weighted round robin state
         self.available = cfg.weight > 0
         self.requests = 0
@@ -94,9 +97,30 @@ class Backend:
         self.connecting = 0  # new connections being opened for requests
         self.overflows = 0  # requests turned away by this backend's circuit breaker
 
-    def record(self, cls: int, latency: float, error: bool) -> None:
+    def observe(self, rtt: float, now: float) -> None:
+        """Peak EWMA (as in Finagle/Linkerd): jump up at once, decay slowly."""
+        ewma = self.ewma
+        if rtt >= ewma:
+            self.ewma = rtt
+        else:
+            w = exp((self.ewma_ts - now) / self.tau)
+            self.ewma = ewma * w + rtt * (1.0 - w)
+        self.ewma_ts = now
+
+    def record(self, cls: int, latency: float, error: bool, now: float | None = None) -> None:
         """One outcome of a request of class `cls` sent here: a response head
-        after `latency` seconds (an error if 5xx), or a failure without one."""
+        after `latency` seconds (an error if 5xx), or a failure without one.
+        With `now` (a response head arrived then) the peak EWMA is updated too,
+        exactly as `observe(latency, now)` would: one call per response."""
+        if now is not None:
+            # observe(), inlined (tests/test_strategies.py checks they agree)
+            ewma = self.ewma
+            if latency >= ewma:
+                self.ewma = latency
+            else:
+                w = exp((self.ewma_ts - now) / self.tau)
+                self.ewma = ewma * w + latency * (1.0 - w)
+            self.ewma_ts = now
         self.cls_responses[cls] += 1
         if error:
             self.cls_errors[cls] += 1
@@ -126,6 +150,8 @@ class Strategy:
         self.backends = backends
         self.tau = decay
         self.rng = rng
+        for b in backends:
+            b.tau = decay
 
     def refresh(self) -> None:
         """Backend availability changed (operator drain, health): rebuild caches."""
@@ -137,14 +163,9 @@ class Strategy:
         raise NotImplementedError
 
     def observe(self, backend: Backend, rtt: float, now: float) -> None:
-        """Peak EWMA (as in Finagle/Linkerd): jump up at once, decay slowly."""
-        ewma = backend.ewma
-        if rtt >= ewma:
-            backend.ewma = rtt
-        else:
-            w = math.exp((backend.ewma_ts - now) / self.tau)
-            backend.ewma = ewma * w + rtt * (1.0 - w)
-        backend.ewma_ts = now
+        """Peak EWMA of `backend`'s time to first byte (the workers update it
+        through `Backend.record(..., now)`)."""
+        backend.observe(rtt, now)
 
 
 class RoundRobin(Strategy):

@@ -68,10 +68,19 @@ HOP_BY_HOP_LINES = re.compile(
     rb"[ \t]*:[^\r]*",
     re.IGNORECASE,
 )
-# Names of the hop-by-hop fields in a lower-cased head (one C-level pass).
-HOP_BY_HOP_NAMES = re.compile(
-    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade)[ \t]*:"
+# Names of the hop-by-hop fields and of Content-Length in a lower-cased head,
+# in order (one C-level pass tells both the framing and what to strip).
+RESPONSE_FIELDS = re.compile(
+    rb"\r\n(connection|content-length|keep-alive|proxy-connection|te|trailer|transfer-encoding"
+    rb"|upgrade)[ \t]*:"
 )
+# What RESPONSE_FIELDS finds in most responses (nginx sends the first two).
+FIELDS_CL_CONNECTION = [b"content-length", b"connection"]
+FIELDS_CONNECTION_CL = [b"connection", b"content-length"]
+FIELDS_CL = [b"content-length"]
+# The usual Connection line, as it appears in a lower-cased head.
+KEEP_ALIVE_LINE = b"\r\nconnection: keep-alive\r"
+KEEP_ALIVE_LINE_LEN = len(KEEP_ALIVE_LINE) - 1  # without the "\r" that ends it
 _CONNECTION_VALUES = re.compile(rb"\r\nconnection[ \t]*:[ \t]*([^\r]*)")
 UPGRADE_VALUE = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
 

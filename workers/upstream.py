@@ -22,11 +22,15 @@ from workers.http import (
     CONNECTION_KEEP_ALIVE,
     CONNECTION_UPGRADE,
     CRLF,
+    FIELDS_CL,
+    FIELDS_CL_CONNECTION,
+    FIELDS_CONNECTION_CL,
     HOP_BY_HOP_LINES,
-    HOP_BY_HOP_NAMES,
+    KEEP_ALIVE_LINE,
+    KEEP_ALIVE_LINE_LEN,
     LAST_CHUNK,
-    PLAIN_CONNECTION_TOKENS,
     TE_CHUNKED,
+    RESPONSE_FIELDS,
     UPGRADE_VALUE,
     drop_connection_named,
 )
@@ -38,7 +42,6 @@ MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1
 MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
 
 monotonic = time.monotonic
-ONLY_CONNECTION = [b"connection"]
 
 
 class _HeadResponseDone(Exception):
@@ -73,14 +76,12 @@ class UpstreamConnection(asyncio.Protocol):
         "in_head",
         "raw",
         "head_start",
-        "observe",
     )
 
     def __init__(self, backend, worker) -> None:
         self.backend = backend
         self.pool = backend.pool
         self.worker = worker
-        self.observe = worker.strategy.observe
         self.transport = None
         self.gate = None
         self.parser = _new_parser(self)
@@ -211,31 +212,27 @@ class UpstreamConnection(asyncio.Protocol):
         ex.response_started = True
         ex.status = status
         now = monotonic()
-        rtt = now - ex.t0
-        self.observe(self.backend, rtt, now)  # peak EWMA of time to first byte
-        self.backend.record(ex.cls, rtt, status >= 500)
+        # outcome and peak EWMA of the time to first byte, in one call
+        self.backend.record(ex.cls, now - ex.t0, status >= 500, now)
 
         lhead = head.lower()
-        cl = lhead.find(b"\r\ncontent-length:") >= 0  # (not `in`: it tries int() first)
-        hop = HOP_BY_HOP_NAMES.findall(lhead)
-        if not hop:
-            self.framed = cl
-            out = head
-        elif hop == ONLY_CONNECTION:
-            # What most servers send: one "Connection: keep-alive" (or close) line.
-            self.framed = cl
-            i = lhead.find(b"\r\nconnection")
-            j = lhead.find(b"\r", i + 2)
-            if lhead[lhead.find(b":", i) + 1:j].strip() in PLAIN_CONNECTION_TOKENS:
-                out = head[:i] + head[j:]
+        fields = RESPONSE_FIELDS.findall(lhead)
+        if fields == FIELDS_CL_CONNECTION or fields == FIELDS_CONNECTION_CL:
+            # What most servers send: Content-Length and one Connection line.
+            cl = self.framed = True
+            i = lhead.find(KEEP_ALIVE_LINE)
+            if i >= 0:  # spelled the usual way: cut it out
+                out = head[:i] + head[i + KEEP_ALIVE_LINE_LEN:]
             else:
-                out = HOP_BY_HOP_LINES.sub(b"", drop_connection_named(head, lhead))
+                out = self._strip_hop_by_hop(head, lhead, fields)
+        elif fields == FIELDS_CL:
+            cl = self.framed = True
+            out = head
         else:
-            self.framed = cl or b"transfer-encoding" in hop
-            if b"connection" in hop:
-                head = drop_connection_named(head, lhead)
-            out = HOP_BY_HOP_LINES.sub(b"", head)
-        if out[5:8] != b"1.1":
+            cl = b"content-length" in fields
+            self.framed = cl or b"transfer-encoding" in fields
+            out = self._strip_hop_by_hop(head, lhead, fields) if fields else head
+        if out[7] != 49 or out[5] != 49:  # not "HTTP/1.1" (bytes 5 and 7 are the digits)
             out = b"HTTP/1.1" + out[8:]
         if cl and ex.plain and status != 204 and status != 304 and not self.worker.draining:
             # The common response: Content-Length body to a keep-alive HTTP/1.1 client.
@@ -243,6 +240,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.out.append(out)
             return
         self._head_slow(ex, status, head, out, cl)
+
+    @staticmethod
+    def _strip_hop_by_hop(head: bytes, lhead: bytes, fields: list) -> bytes:
+        """`head` without its hop-by-hop lines and the lines its Connection names."""
+        if b"connection" in fields:
+            head = drop_connection_named(head, lhead)
+        return HOP_BY_HOP_LINES.sub(b"", head)
 
     def _head_slow(self, ex, status: int, head: bytes, out: bytes, cl: bool) -> None:
         if status == 101:
