@@ -75,7 +75,7 @@ def test_ml_is_driven_by_the_inference_engine():
 
 def test_ml_with_the_shipped_model_sends_heavy_requests_where_they_are_fast():
     """The shipped model's per-class costs keep /heavy off the small backends, which
-    connection counting and P2C-EWMA cannot see (the issue's 0.6x p99 target)."""
+    connection counting and P2C-EWMA cannot see (the 0.6x p99 target)."""
     pytest.importorskip("inference.engine")
     # 20 s: the first second (fallback until the model's track record builds) weighs less
     ml = run("heterogeneous", "ml", duration=20)
