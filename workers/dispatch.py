@@ -47,7 +47,12 @@ class Dispatcher:
         ex.backend = backend
         ex.bound = True
         ex.t0 = monotonic()
-        up = backend.pool.acquire()
+        # Pool.acquire() inlined for the usual case: the warmest idle connection
+        # is alive (a closed one leaves the pool in connection_lost).
+        idle = backend.pool.idle
+        up = idle.pop() if idle else None
+        if up is not None and not up.alive:
+            up = backend.pool.acquire()
         if up is not None:
             up.ex = ex
             ex.upstream = up

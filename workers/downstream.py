@@ -50,6 +50,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "queue",
         "headers",
         "specials",
+        "host",
         "url",
         "head_bytes",
         "deadline",
@@ -73,7 +74,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.reading = None  # the exchange whose request is being read
         self.queue = None  # exchanges waiting behind `ex`
         self.headers: list = []
-        self.specials: list = []
+        self.specials: list = []  # (tag, value) of the fields with a rule, but the first Host
+        self.host = None  # the first Host value (kept apart: the fast path needs only it)
         self.url = b""
         self.head_bytes = 0
         self.deadline = INF
@@ -208,65 +210,72 @@ class Downstream(Dispatcher, asyncio.Protocol):
             tag = name_tag(name)
         if not tag:
             self.headers += (name, SEP, value, CRLF)
+        elif tag == H_HOST and self.host is None:
+            self.host = value
         else:
             self.specials.append((tag, value))
 
     def on_headers_complete(self) -> None:
         p = self.parser
-        specials = self.specials
-        if len(specials) == 1 and specials[0][0] == H_HOST and p.should_keep_alive():
+        host = self.host
+        if host is not None and not self.specials and p.should_keep_alive():
             # The common request: HTTP/1.1, keep-alive, one Host, no body, no
             # header that needs a rule.  Everything else takes the full path.
             headers = self.headers
+            w = self.worker
             method = p.get_method()
             if method == b"CONNECT":
                 raise Reject(405)
-            w = self.worker
-            if len(headers) + 4 > w.max_header_fields:  # + the Host field
+            # len(headers) + 4 (Host) > max, both multiples of 4 (name, sep, value, CRLF)
+            if len(headers) >= w.max_header_fields:
                 raise Reject(431)
-            host = specials[0][1]
             url = self.url
             if w.request_id:
-                w.rid_n += 1
-                rid = w.rid_prefix + b"%x" % w.rid_n
-                head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
+                rid = w.new_request_id()
+                head = b"".join([method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
                                  b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Request-Id: ", rid,
-                                 self.xff_tail))
+                                 self.xff_tail])
             else:
                 rid = b""
-                head = b"".join((method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
-                                 b"\r\nX-Forwarded-Host: ", host, self.xff_tail))
+                head = b"".join([method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
+                                 b"\r\nX-Forwarded-Host: ", host, self.xff_tail])
             if len(head) > w.small_head:  # below it neither limit can be exceeded
                 if len(url) > w.max_request_line:
                     raise Reject(414)
                 if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
                     raise Reject(431)
             self.headers = []
-            self.specials = []
+            self.host = None
             self.url = b""
             if self.head_bytes:
                 self.head_bytes = 0
             w.requests += 1
             ex = Exchange(self, method, head)
-            ex.rid = rid
+            if rid:
+                ex.rid = rid
             if method == b"HEAD":
                 ex.plain = False
-            if w.classify is not None:
-                ex.cls = w.classify(method, url, 0)
-            if w.limiter is not None and not w.limiter.allow(self.client_ip):
-                w.limited += 1
-                ex.error = 429
-                if self.ex is None:
-                    self._start(ex)
-                else:
-                    self._enqueue(ex)
-                return
+            if w.request_checks:  # request classes or a rate limit are configured
+                if w.classify is not None:
+                    ex.cls = w.classify(method, url, 0)
+                if w.limiter is not None and not w.limiter.allow(self.client_ip):
+                    w.limited += 1
+                    ex.error = 429
+                    if self.ex is None:
+                        self._start(ex)
+                    else:
+                        self._enqueue(ex)
+                    return
             if self.ex is None:
                 self.ex = ex
                 self._dispatch(ex)
             else:
                 self._enqueue(ex)
             return
+        specials = self.specials
+        if host is not None:
+            specials.insert(0, (H_HOST, host))
+            self.host = None
         self._full_head(p, specials)
 
     def _full_head(self, p, specials) -> None:

@@ -151,8 +151,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = _new_parser(self)
             if not data.endswith(b"\r\n\r\n"):
                 self.keep_alive = False
-        if self.out:
-            self._flush()
+        out = self.out
+        if out:
+            if len(out) < 8:
+                # _flush() inlined for what one read usually brings: one write,
+                # small pieces joined (join of one item returns it as is)
+                ex.conn.transport.write(b"".join(out))
+                out.clear()
+            else:
+                self._flush()
         if self.done:
             self._finish()
         else:
@@ -326,7 +333,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.worker.active -= 1
         backend.responses[ex.status // 100] += 1
         if self.keep_alive and ex.body_done and not ex.upgrade:
-            self.pool.release(self)
+            pool = self.pool
+            idle = pool.idle
+            if len(idle) < pool.max_idle and self.alive:  # Pool.release(), inlined
+                self.idle_deadline = CLOCK.now + pool.idle_timeout
+                self.reused = True
+                idle.append(self)
+            else:
+                self.alive = False
+                self.transport.close()
         else:
             self.alive = False
             self.transport.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import random
 import signal
@@ -72,9 +73,11 @@ class Worker:
         self.retry_connect_non_idempotent = cfg.upstream.retry_connect_non_idempotent
         self.listen_host = cfg.listen.encode()  # Host for HTTP/1.0 requests that have none
         self.request_id = cfg.upstream.request_id
-        # X-Request-Id: a per-process random prefix and a counter (unique, cheap)
+        # X-Request-Id: a per-process random prefix and a counter (unique, cheap).
+        # `new_request_id()` formats the next count after the prefix; built from
+        # C callables only (map over itertools.count), so a call runs no Python code.
         self.rid_prefix = b"%08x%02x-" % (random.getrandbits(32), slot % 256)
-        self.rid_n = 0
+        self.new_request_id = map((self.rid_prefix + b"%x").__mod__, itertools.count(1)).__next__
         al = cfg.access_log
         self.access_log = AccessLog(al.path, al.sample, al.buffer, slot) if al.path else None
         self.conns: set[Downstream] = set()
@@ -101,6 +104,8 @@ class Worker:
         self.server = None
         n_classes = len(cfg.class_names)
         self.classify = make_classifier(cfg.classes)
+        # one flag for the request path: is there anything to check per request?
+        self.request_checks = self.classify is not None or self.limiter is not None
         self.backends = [Backend(b, n_classes, i) for i, b in enumerate(cfg.backends)]
         for b in self.backends:
             b.max_conns = share(prot.backend_max_connections)
@@ -151,10 +156,6 @@ class Worker:
             self.telemetry.close()
         if self.access_log is not None:
             self.access_log.close()
-
-    def new_request_id(self) -> bytes:
-        self.rid_n += 1
-        return self.rid_prefix + b"%x" % self.rid_n
 
     def reopen_logs(self) -> None:
         if reopen():
