@@ -178,7 +178,13 @@ class RoundRobin(Strategy):
     def pick(self, exclude=(), cls=0):
         backends = self.backends
         n = len(backends)
-        for _ in range(n):
+        i = self.i
+        b = backends[i % n]
+        self.i = i + 1
+        # the usual case first, without the loop (the config requires a backend)
+        if b.available and b not in exclude:
+            return b
+        for _ in range(n - 1):
             b = backends[self.i % n]
             self.i += 1
             if b.available and b not in exclude:
