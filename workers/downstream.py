@@ -364,7 +364,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             al.countdown -= 1
             if al.countdown <= 0:
                 al.record(self, ex)
-        if not ex.keep_alive or w.draining:
+        if not ex.keep_alive:
             self.transport.close()
             return
         q = self.queue
@@ -376,7 +376,14 @@ class Downstream(Dispatcher, asyncio.Protocol):
             if nxt.pending and nxt.upstream is not None:
                 self._flush_up(nxt)
         elif self.reading is None and not self.url:
-            self.deadline = CLOCK.now + w.t_keepalive
+            if w.draining:
+                # This response's head went out before the drain began, without
+                # Connection: close, so the client may be sending its next request
+                # right now: answer it (with close) if it comes within the grace,
+                # rather than closing under it.
+                self.deadline = CLOCK.now + DRAIN_IDLE_GRACE
+            else:
+                self.deadline = CLOCK.now + w.t_keepalive
 
     def start_tunnel(self, up, ex: Exchange) -> None:
         self.tunnel = up
