@@ -237,10 +237,18 @@ class Stack:
                 return f"lb failed to start (are ports {self.port} and {self.admin_port} free? use --port)"
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return None
+                break
             except OSError:
                 time.sleep(0.1)
-        return "lb did not start listening within 20 s"
+        else:
+            return "lb did not start listening within 20 s"
+        # Load starts once every worker is up (the admin API's readiness), so the
+        # first seconds measure the backends, not lb's own start-up.
+        while time.monotonic() < deadline:
+            if asyncio.run(_fetch_json(self.admin_port, "/api/health")) is not None:
+                break
+            time.sleep(0.2)
+        return None
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -274,6 +282,7 @@ def run_demo(args) -> int:
         sys.stdout.flush()
         load = Load(args.port, args.rate)
         view = View(admin_port)
+        view.route = asyncio.run(_fetch_json(admin_port, "/api/route"))
         try:
             asyncio.run(load.run(args.duration, view.tick))
         except KeyboardInterrupt:
