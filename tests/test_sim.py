@@ -84,7 +84,7 @@ def test_ml_with_the_shipped_model_sends_heavy_requests_where_they_are_fast():
     assert s.note.startswith("learned"), s.note
     assert s.p99 < 0.6 * p2c.p99
     assert s.share["big"] > 0.7  # 16 x 3 ms: the fastest place for every class at this load
-    assert min(s.share.values()) > 0.01  # exploration: nothing starves
+    assert min(s.share.values()) > 0.004  # exploration (0.02 over 4 backends): nothing starves
 
 
 def test_ml_avoids_the_fast_failing_backend_without_starving_it():
