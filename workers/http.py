@@ -81,6 +81,9 @@ FIELDS_CL = [b"content-length"]
 # The usual Connection line, as it appears in a lower-cased head.
 KEEP_ALIVE_LINE = b"\r\nconnection: keep-alive\r"
 KEEP_ALIVE_LINE_LEN = len(KEEP_ALIVE_LINE) - 1  # without the "\r" that ends it
+# ... and as the last line of a head (where nginx puts it): checked by slicing.
+KEEP_ALIVE_TAIL = b"\r\nconnection: keep-alive\r\n\r\n"
+KEEP_ALIVE_TAIL_LEN = len(KEEP_ALIVE_TAIL)
 _CONNECTION_VALUES = re.compile(rb"\r\nconnection[ \t]*:[ \t]*([^\r]*)")
 UPGRADE_VALUE = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
 

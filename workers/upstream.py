@@ -28,6 +28,8 @@ from workers.http import (
     HOP_BY_HOP_LINES,
     KEEP_ALIVE_LINE,
     KEEP_ALIVE_LINE_LEN,
+    KEEP_ALIVE_TAIL,
+    KEEP_ALIVE_TAIL_LEN,
     LAST_CHUNK,
     TE_CHUNKED,
     RESPONSE_FIELDS,
@@ -40,6 +42,8 @@ from workers.timers import CLOCK, INF
 MODE_NONE = 0  # no body (HEAD, 204, 304)
 MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1.0)
 MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
+
+CRLF_CRLF = b"\r\n\r\n"
 
 monotonic = time.monotonic
 
@@ -227,11 +231,15 @@ class UpstreamConnection(asyncio.Protocol):
         if fields == FIELDS_CL_CONNECTION or fields == FIELDS_CONNECTION_CL:
             # What most servers send: Content-Length and one Connection line.
             cl = self.framed = True
-            i = lhead.find(KEEP_ALIVE_LINE)
-            if i >= 0:  # spelled the usual way: cut it out
-                out = head[:i] + head[i + KEEP_ALIVE_LINE_LEN:]
+            if lhead[-KEEP_ALIVE_TAIL_LEN:] == KEEP_ALIVE_TAIL:
+                # The usual spelling, last (cheaper than a find): cut it out.
+                out = head[:-KEEP_ALIVE_TAIL_LEN] + CRLF_CRLF
             else:
-                out = self._strip_hop_by_hop(head, lhead, fields)
+                i = lhead.find(KEEP_ALIVE_LINE)
+                if i >= 0:  # spelled the usual way: cut it out
+                    out = head[:i] + head[i + KEEP_ALIVE_LINE_LEN:]
+                else:
+                    out = self._strip_hop_by_hop(head, lhead, fields)
         elif fields == FIELDS_CL:
             cl = self.framed = True
             out = head
