@@ -6,8 +6,9 @@ from workers.http import IDEMPOTENT
 
 
 class Exchange:
-    # Class-level defaults: __init__ sets only what every request has; the
-    # rest is assigned only when it differs (measurably cheaper per request).
+    # Class-level defaults: __init__ sets only what every request has or
+    # reads; the rest is assigned only when it differs (measurably cheaper per
+    # request: a store is cheap, reading a default from the class is not).
     pending = None  # list of bytes waiting to go upstream (requests with a body)
     buffered = 0  # size of the body bytes in `pending`
     has_body = False
@@ -37,6 +38,16 @@ class Exchange:
         self.conn = conn  # the Downstream that owns it
         self.method = method
         self.head = head  # the request head as forwarded (kept for retries)
+        # Defaults that every request reads are stored anyway: reading an
+        # attribute the instance does not have misses CPython's specialised
+        # instance lookup and falls back to the generic one (via the class),
+        # dearer than this store.  (Same values as the class-level ones.)
+        self.pending = None
+        self.cls = 0
+        self.plain = True
+        self.keep_alive = True
+        self.body_done = True
+        self.upgrade = False
 
     @property
     def head_request(self) -> bool:

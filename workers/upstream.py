@@ -44,6 +44,7 @@ MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1
 MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
 
 CRLF_CRLF = b"\r\n\r\n"
+NO_BODY = frozenset((204, 304))  # statuses whose responses never have a body
 
 monotonic = time.monotonic
 
@@ -219,7 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_start = 0
             head = raw[start:end]
         else:
-            head = raw if end == len(raw) else raw[:end]
+            head = raw[:end]  # (the whole of raw, not a copy, when the read ends with the head)
         ex.response_started = True
         ex.status = status
         now = monotonic()
@@ -249,7 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
             out = self._strip_hop_by_hop(head, lhead, fields) if fields else head
         if out[7] != 49 or out[5] != 49:  # not "HTTP/1.1" (bytes 5 and 7 are the digits)
             out = b"HTTP/1.1" + out[8:]
-        if cl and ex.plain and status != 204 and status != 304 and not self.worker.draining:
+        if cl and ex.plain and status not in NO_BODY and not self.worker.draining:
             # The common response: Content-Length body to a keep-alive HTTP/1.1 client.
             self.mode = MODE_RAW
             self.out.append(out)
