@@ -4,6 +4,7 @@ backend for a time that grows with repeated ejections; never more than
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 
@@ -65,6 +66,9 @@ def test_a_failing_backend_is_ejected_then_returns(servers, lb_factory):
     assert ejected["backend"] == "c" and ejected["seconds"] == 1.0
     metrics = wait_metric(lb.admin_port, 'lb_backend_ejections_total{backend="c"} 1.0')
     assert 'lb_backend_unavailable_workers{backend="c"} 1.0' in metrics
+    listing = {x["name"]: x for x in json.loads(get(lb.admin_port, "/api/backends")[2])["backends"]}
+    assert listing["c"]["state"] == "ejected" and listing["c"]["ejections"] == 1
+    assert listing["a"]["state"] == "up"
     c.status = 200
     lb.log.wait_for("backend_returned", timeout=5)
     seen = hits(lb.port, 30)

@@ -42,13 +42,18 @@ def health(s: AdminState) -> tuple[int, dict]:
     return (200 if ready else 503), body
 
 
-def backend_state(s: AdminState, name: str, weight: int) -> str:
+def backend_state(s: AdminState, name: str, weight: int, g=None) -> str:
     if name in s.control.drained:
         return "drained"
     if name in s.control.down:
         return "down"
     if weight <= 0:
         return "weight0"
+    if g is not None:
+        if g.unavailable.get(name, 0):
+            return "ejected"  # by at least one worker's passive outlier detection
+        if g.ramp.get(name, 1.0) < 1.0:
+            return "slow start"
     return "up"
 
 
@@ -64,7 +69,7 @@ def backends(s: AdminState) -> list[dict]:
         out.append({
             "name": n,
             "address": addresses.get(n),
-            "state": backend_state(s, n, w),
+            "state": backend_state(s, n, w, g),
             "drained": n in s.control.drained,
             "down": n in s.control.down,
             "config_weight": w,
@@ -74,6 +79,9 @@ def backends(s: AdminState) -> list[dict]:
             "ewma": _r(g.ewma.get(n)),
             "requests": bt.requests if bt else 0,
             "errors": bt.errors() if bt else 0,
+            "ejections": bt.ejections if bt else 0,
+            "ejected_workers": g.unavailable.get(n, 0) if n not in s.control.drained else 0,
+            "slow_start_ramp": round(g.ramp.get(n, 1.0), 3),
         })
     return out
 
