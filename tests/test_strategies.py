@@ -391,7 +391,10 @@ def test_e2e_p2c_ewma_shuns_a_slow_backend(lb_factory, backend_factory):
     assert sum(got.values()) == 80
     # after its first 300 ms answer the slow backend loses every comparison
     assert got["slow"] <= 3, got
-    assert got["fast1"] >= 20 and got["fast2"] >= 20, got
+    # Sequential requests: a fast backend wins its pairing with the slow one, and
+    # the two fast ones split by their EWMAs; each is in a third of the pairs at
+    # least (binomial mean ~26 of 80), so 10 is far in the tail, 20 was not.
+    assert got["fast1"] >= 10 and got["fast2"] >= 10, got
     assert slow.count == got["slow"]
 
 
