@@ -182,6 +182,24 @@ def lb_factory(tmp_path):
 
 
 @pytest.fixture
+def servers():
+    """Backends whose status and delay a test switches at run time
+    (tests/flaky_backends.py), made by name; all closed after the test."""
+    from tests.flaky_backends import SwitchableServer
+
+    made = []
+
+    def make(name, **kw):
+        s = SwitchableServer(name, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
 def backend(backend_factory):
     return backend_factory("b1")
 

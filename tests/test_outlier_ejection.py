@@ -8,24 +8,9 @@ import json
 import time
 from collections import Counter
 
-import pytest
 
 from tests.conftest import get
-from tests.flaky_backends import SwitchableServer
 
-
-@pytest.fixture
-def servers():
-    made = []
-
-    def make(name, **kw):
-        s = SwitchableServer(name, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def wait_metric(admin_port: int, line: str, timeout: float = 5.0) -> str:

@@ -7,24 +7,9 @@ import threading
 import time
 from collections import Counter
 
-import pytest
 
 from tests.conftest import get
-from tests.flaky_backends import SwitchableServer
 
-
-@pytest.fixture
-def servers():
-    made = []
-
-    def make(name, **kw):
-        s = SwitchableServer(name, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def parallel(port: int, n: int) -> list[tuple[int, dict]]:
