@@ -50,6 +50,7 @@ from servers import (  # bench/servers.py: this script's directory is on sys.pat
     ProxyInfo,
     UsageError,
     cpu_busy,
+    cpu_pair_problem,
     cpu_stat,
     cpu_ticks,
     fmt_latency,
@@ -261,12 +262,9 @@ def check_tools(args) -> dict:
         raise UsageError("psutil is not importable by this interpreter (pip install psutil)") from None
     if not hasattr(os, "sched_getaffinity"):
         raise UsageError("CPU pinning needs Linux (os.sched_getaffinity)")
-    avail = os.sched_getaffinity(0)
-    for opt, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
-        if cpu not in avail:
-            raise UsageError(f"{opt} {cpu}: CPU not available (allowed: {sorted(avail)})")
-    if args.proxy_cpu == args.load_cpu:
-        raise UsageError("--proxy-cpu and --load-cpu must differ")
+    problem = cpu_pair_problem(args.proxy_cpu, args.load_cpu)
+    if problem:
+        raise UsageError(problem)
     py = args.python or sys.executable
     if "lb" in args.proxies:
         if not os.access(py, os.X_OK):
@@ -284,7 +282,7 @@ def check_tools(args) -> dict:
         exe = version = lb_file = ""
     return {
         "nproc": os.cpu_count(),
-        "affinity": sorted(avail),
+        "affinity": sorted(os.sched_getaffinity(0)),
         "kernel": platform.release(),
         "nginx": tool_version([which("nginx"), "-v"]),
         "haproxy": tool_version([which("haproxy"), "-v"]),

@@ -40,11 +40,14 @@ import sys
 import tempfile
 import time
 
+import loadgen  # noqa: E402
+import scenarios as scn  # noqa: E402
 from servers import (  # bench/servers.py: this script's directory is on sys.path
     REPO_ROOT,
     BenchError,
     Proc,
     UsageError,
+    cpu_pair_problem,
     free_ports,
     nginx_temp_paths,
     render,
@@ -53,9 +56,6 @@ from servers import (  # bench/servers.py: this script's directory is on sys.pat
     wait_log_line,
     which,
 )
-
-import loadgen  # noqa: E402
-import scenarios as scn  # noqa: E402
 
 LB_POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "ml")
 POLICIES = LB_POLICIES + ("nginx", "haproxy")
@@ -257,12 +257,9 @@ def check_tools(args) -> dict:
         raise UsageError("missing tool(s): " + ", ".join(missing)
                          + " (Debian: apt-get install nginx haproxy util-linux; "
                            "or leave them out with --policies)")
-    avail = os.sched_getaffinity(0)
-    for opt, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
-        if cpu not in avail:
-            raise UsageError(f"{opt} {cpu}: CPU not available (allowed: {sorted(avail)})")
-    if args.proxy_cpu == args.load_cpu:
-        raise UsageError("--proxy-cpu and --load-cpu must differ")
+    problem = cpu_pair_problem(args.proxy_cpu, args.load_cpu)
+    if problem:
+        raise UsageError(problem)
     if any(p in LB_POLICIES for p in args.policies):
         p = subprocess.run([args.python, "-c", "import lb, workers, uvloop, httptools"],
                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)

@@ -109,6 +109,17 @@ def cpu_busy(before: dict, after: dict, cpu: int) -> tuple[float, float]:
     return (b1 - b0) / total, (s1 - s0) / total
 
 
+def cpu_pair_problem(proxy_cpu: int, load_cpu: int) -> str | None:
+    """Why --proxy-cpu/--load-cpu cannot be used (None when they can)."""
+    avail = os.sched_getaffinity(0)
+    for opt, cpu in (("--proxy-cpu", proxy_cpu), ("--load-cpu", load_cpu)):
+        if cpu not in avail:
+            return f"{opt} {cpu}: CPU not available (allowed: {sorted(avail)})"
+    if proxy_cpu == load_cpu:
+        return "--proxy-cpu and --load-cpu must differ"
+    return None
+
+
 def pin(pid: int, cpu: int) -> None:
     """Pin every thread of pid to one CPU with taskset, then verify."""
     p = subprocess.run(
