@@ -23,6 +23,8 @@ RETIRE_AFTER = 60.0  # seconds of silence before a pid's counters join the base
 HISTORY = 300  # one sample per second: five minutes
 
 STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+# per-backend counters summed as they are, in BackendStats and BackendTotals alike
+SCALAR_COUNTERS = ("requests", "connect_errors", "timeouts", "retries", "resets", "ejections", "overflows")
 WORKER_COUNTERS = ("accepted", "requests", "rejected", "timeouts", "no_backend", "shed", "limited")
 
 
@@ -42,6 +44,11 @@ class BackendTotals:
     class_errors: dict[str, int] = field(default_factory=dict)
     class_latency_sum: dict[str, float] = field(default_factory=dict)
     class_latency: dict[str, list[int]] = field(default_factory=dict)
+
+    def add_counters(self, other) -> None:
+        """Add the scalar counters of `other` (a BackendTotals or a BackendStats)."""
+        for name in SCALAR_COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def outcomes(self) -> int:
         return sum(self.class_responses.values())
@@ -73,15 +80,9 @@ class Totals:
             t = self.backends.get(b.name)
             if t is None:
                 t = self.backends[b.name] = BackendTotals()
-            t.requests += b.requests
+            t.add_counters(b)
             for i, n in enumerate(b.responses[: len(STATUS_CLASSES)]):
                 t.responses[i] += n
-            t.connect_errors += b.connect_errors
-            t.timeouts += b.timeouts
-            t.retries += b.retries
-            t.resets += b.resets
-            t.ejections += b.ejections
-            t.overflows += b.overflows
             for i, cls in enumerate(classes):
                 if i < len(b.class_responses):
                     t.class_responses[cls] = t.class_responses.get(cls, 0) + b.class_responses[i]
@@ -103,14 +104,8 @@ class Totals:
                 out.workers[k] = out.workers.get(k, 0) + v
             for name, b in src.backends.items():
                 t = out.backends.setdefault(name, BackendTotals())
-                t.requests += b.requests
+                t.add_counters(b)
                 t.responses = [x + y for x, y in zip(t.responses, b.responses)]
-                t.connect_errors += b.connect_errors
-                t.timeouts += b.timeouts
-                t.retries += b.retries
-                t.resets += b.resets
-                t.ejections += b.ejections
-                t.overflows += b.overflows
                 for cls, n in b.class_responses.items():
                     t.class_responses[cls] = t.class_responses.get(cls, 0) + n
                 for cls, n in b.class_errors.items():
