@@ -43,7 +43,6 @@ class HealthState:
         self.clean_since: dict[str, float] = {}  # back since (resets the streak after a while)
         self.since: dict[str, float] = {}  # available again since (slow start)
         self.panic = False
-        self.ejections = 0
         for b in self.backends:
             b.eject_after = self.threshold
             b.on_outlier = self.eject
@@ -81,7 +80,6 @@ class HealthState:
         self.ejected_until[name] = now + seconds
         self.clean_since.pop(name, None)
         backend.ejections += 1
-        self.ejections += 1
         log("backend_ejected", slot=self.worker.slot, backend=name, seconds=seconds,
             consecutive_failures=self.threshold, streak=k)
         self.recompute(now)
