@@ -334,6 +334,8 @@ def main(argv=None) -> int:
                     print(f"   {policy}: FAILED: {exc}", file=sys.stderr)
                     status = 1
             print(scn.table(sc, rows))
+            schedule = scn.arrivals(sc, args.duration, args.rate, seed=sc.seed * 7919 + args.seed)
+            print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))
             if args.markdown:
                 print()
                 print(scn.table(sc, rows, markdown=True))

@@ -244,6 +244,41 @@ def summarize(policy: str, records: list[tuple[float, float, int, str]],
                    percentile(lat, 0.999), errors / n if n else 0.0, share, note)
 
 
+def floor(sc: Scenario, schedule: list[tuple[float, int]], duration: float,
+          seed: int = 1) -> Summary:
+    """The latency no router can beat: every request served alone, at once,
+    by the fastest backend that is up and not failing at its send time.
+
+    Service times are drawn as the backends draw them (same lognormal shape),
+    with no queueing and no network.  A policy whose p99 sits on this floor
+    leaves nothing for a better policy to win on that percentile.
+    """
+    rng = random.Random(seed * 7 + 3)
+    lat = []
+    for t, cls in schedule:
+        frac = t / duration
+        best = None
+        for spec in sc.backends:
+            if frac < spec.join_at:
+                continue
+            slow, fail = spec.factors(frac)
+            if fail >= 1.0:
+                continue
+            m = spec.median_ms * slow
+            if best is None or m < best[0]:
+                best = (m, spec, slow)
+        if best is not None:
+            lat.append(service_time(best[1], cls, best[2], rng))
+    lat.sort()
+    return Summary("floor", len(lat), percentile(lat, 0.5), percentile(lat, 0.99),
+                   percentile(lat, 0.999), 0.0)
+
+
+def floor_line(s: Summary) -> str:
+    return (f"floor (each request alone on the fastest healthy backend): p50 {fmt_ms(s.p50)}, "
+            f"p99 {fmt_ms(s.p99)}, p99.9 {fmt_ms(s.p999)}")
+
+
 def fmt_ms(seconds: float) -> str:
     ms = seconds * 1e3
     if ms >= 1000:

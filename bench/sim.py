@@ -347,6 +347,8 @@ def main(argv=None) -> int:
                                  exploration=args.exploration))
             rows[-1].wall = time.perf_counter() - t0  # type: ignore[attr-defined]
         print(scn.table(sc, rows))
+        schedule = scn.arrivals(sc, args.duration, args.rate, seed=sc.seed * 7919 + args.seed)
+        print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))
         print(f"({sum(r.requests for r in rows)} requests simulated in "
               f"{sum(r.wall for r in rows):.1f} s)")  # type: ignore[attr-defined]
         out["scenarios"][name] = {"rate": rate, "rows": [r.as_dict() for r in rows]}

@@ -117,12 +117,31 @@ def test_any_policy_feeds_traces_to_the_engine(tmp_path):
     assert (~data["ok"][failing]).mean() > 0.8
 
 
+def test_the_floor_is_below_every_policy_and_p2c_sits_on_it_in_slowdown():
+    sc = scn.get("slowdown")
+    s = run("slowdown", "p2c_ewma", duration=20, workers=2)
+    floor = scn.floor(sc, s.arrivals, 20, 1)
+    assert floor.requests == len(s.arrivals)
+    for policy in ("round_robin", "least_connections"):
+        other = run("slowdown", policy, duration=20, workers=2).summary()
+        assert other.p99 > floor.p99 and other.p50 > floor.p50
+    p2c = s.summary()
+    # The slowed backend is avoided so well that p99 is the service-time floor's
+    # (hops and a little queueing on top): 0.6x of it is below what any router can do.
+    assert floor.p99 < p2c.p99 < 1.1 * floor.p99
+    # The floor follows the scenario: heterogeneous's is set by its fastest backend.
+    het = scn.get("heterogeneous")
+    sched = scn.arrivals(het, 20, seed=het.seed * 7919 + 1)
+    assert scn.floor(het, sched, 20).p50 < scn.floor(sc, s.arrivals, 20).p50
+
+
 def test_cli_table_and_bad_usage():
     p = subprocess.run([sys.executable, "bench/sim.py", "--scenario", "identical", "--duration", "2",
                         "--policies", "round_robin,random"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "round_robin" in p.stdout and "% b4" in p.stdout
+    assert "floor (each request alone on the fastest healthy backend): p50 " in p.stdout
     for bad in (["--scenario", "nope"], ["--policies", "fastest"], ["--duration", "0"]):
         p = subprocess.run([sys.executable, "bench/sim.py", *bad], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
