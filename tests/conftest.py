@@ -114,7 +114,8 @@ class BackendProc:
 
 class LBProc:
     def __init__(self, tmp_path: Path, backends: list[BackendProc], *, strategy: str = "round_robin",
-                 workers: int = 1, extra: str = "", backend_lines: str | None = None) -> None:
+                 workers: int = 1, extra: str = "", backend_lines: str | None = None,
+                 env: dict | None = None) -> None:
         self.port = free_port()
         self.admin_port = free_port()
         lines = [
@@ -133,7 +134,7 @@ class LBProc:
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lb", "run", "-c", str(self.config), "-w", str(workers)],
-            cwd=ROOT, stderr=subprocess.PIPE,
+            cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
         )
         self.log = LogReader(self.proc.stderr)
         self.log.start()

@@ -289,16 +289,22 @@ def corpus_backend():
     b.kill()
 
 
+# Each case runs against lb with its C fast path (workers/_fastpath.c) and
+# without it (LB_NO_FASTPATH=1): both must hold every expectation.
+DATA_PATHS = {"c": {}, "python": {"LB_NO_FASTPATH": "1"}}
+
+
 @pytest.fixture(scope="module")
 def corpus_lbs(corpus_backend, tmp_path_factory):
-    """lb processes by config name, started on first use and shared by all cases."""
-    made: dict[str, LBProc] = {}
+    """lb processes by (config name, data path), started on first use and shared by all cases."""
+    made: dict[tuple[str, str], LBProc] = {}
 
-    def get(config: str) -> LBProc:
-        if config not in made:
-            made[config] = LBProc(tmp_path_factory.mktemp(f"lb-{config}"), [corpus_backend],
-                                  extra=CONFIGS[config])
-        lb = made[config]
+    def get(config: str, data_path: str = "c") -> LBProc:
+        key = (config, data_path)
+        if key not in made:
+            made[key] = LBProc(tmp_path_factory.mktemp(f"lb-{config}-{data_path}"), [corpus_backend],
+                               extra=CONFIGS[config], env=DATA_PATHS[data_path])
+        lb = made[key]
         assert lb.proc.poll() is None, f"lb ({config}) exited: {lb.log.lines[-20:]}"
         return lb
 
@@ -338,10 +344,11 @@ def _check_forwarded(rec: dict, case: Case) -> None:
     assert rec["body_size"] == case.body, f"body size {rec['body_size']} at the backend, expected {case.body}"
 
 
+@pytest.mark.parametrize("data_path", DATA_PATHS)
 @pytest.mark.parametrize("path", CASE_FILES, ids=[p.stem for p in CASE_FILES])
-def test_corpus_case(path, corpus_backend, corpus_lbs):
+def test_corpus_case(path, data_path, corpus_backend, corpus_lbs):
     case = parse_case(path)
-    lb = corpus_lbs(case.config)
+    lb = corpus_lbs(case.config, data_path)
     corpus_backend.reset()
 
     out = exchange(lb.port, case.data, want=len(case.statuses), need_close=case.closed)

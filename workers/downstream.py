@@ -62,6 +62,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "tunnel",
         "broken",
         "closed",
+        "fast",
+        "in_message",
     )
 
     def __init__(self, worker) -> None:
@@ -87,6 +89,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.tunnel = None  # the UpstreamConnection once switched to a tunnel
         self.broken = False
         self.closed = False
+        # The next read may go to the C scanner: the httptools parser holds no
+        # partial message (it never held one, or its last one completed).
+        self.fast = worker.scan_request is not None
+        self.in_message = False  # httptools is inside a message (slow path only)
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -141,6 +147,24 @@ class Downstream(Dispatcher, asyncio.Protocol):
         return ex.upstream if ex is not None else None
 
     def data_received(self, data: bytes) -> None:
+        if self.fast:
+            # The common requests, recognised whole by the C scanner; it declines
+            # the first one it does not fully recognise (or a head cut by the end
+            # of this read), which then goes to httptools with the rest.
+            scan = self.worker.scan_request
+            tail = self.xff_tail
+            pos = 0
+            while True:
+                r = scan(data, pos, tail)
+                if r is None:
+                    break
+                pos = r[4]
+                self._simple(r[0], r[1], r[2], r[3])
+                if pos == len(data):
+                    return
+            self.fast = False
+            if pos:
+                data = data[pos:]
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
             return
@@ -173,6 +197,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self._partial_head()
             if self.broken:
                 return
+        elif (not self.in_message and self.reading is None and self.upgrading is None
+              and self.worker.scan_request is not None):
+            self.fast = True  # httptools ended on a message boundary
         ex = self.ex
         if ex is not None and ex.pending:  # body bytes collected during this read
             if ex.upstream is not None:
@@ -199,6 +226,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self.gate.pause(flow.BODY_BUFFER)
 
     # -- parser callbacks ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
 
     def on_url(self, url: bytes) -> None:
         # Also the mark of a head in progress: `url` is emptied once the head is complete.
@@ -249,34 +279,39 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self.url = b""
             if self.head_bytes:
                 self.head_bytes = 0
-            w.requests += 1
-            ex = Exchange(self, method, head)
-            if rid:
-                ex.rid = rid
-            if method == b"HEAD":
-                ex.plain = False
-            if w.request_checks:  # request classes or a rate limit are configured
-                if w.classify is not None:
-                    ex.cls = w.classify(method, url, 0)
-                if w.limiter is not None and not w.limiter.allow(self.client_ip):
-                    w.limited += 1
-                    ex.error = 429
-                    if self.ex is None:
-                        self._start(ex)
-                    else:
-                        self._enqueue(ex)
-                    return
-            if self.ex is None:
-                self.ex = ex
-                self._dispatch(ex)
-            else:
-                self._enqueue(ex)
+            self._simple(method, url, head, rid)
             return
         specials = self.specials
         if host is not None:
             specials.insert(0, (H_HOST, host))
             self.host = None
         self._full_head(p, specials)
+
+    def _simple(self, method: bytes, url: bytes, head: bytes, rid: bytes) -> None:
+        """A common request (no body, nothing with a rule), its forwarded head built."""
+        w = self.worker
+        w.requests += 1
+        ex = Exchange(self, method, head)
+        if rid:
+            ex.rid = rid
+        if method == b"HEAD":
+            ex.plain = False
+        if w.request_checks:  # request classes or a rate limit are configured
+            if w.classify is not None:
+                ex.cls = w.classify(method, url, 0)
+            if w.limiter is not None and not w.limiter.allow(self.client_ip):
+                w.limited += 1
+                ex.error = 429
+                if self.ex is None:
+                    self._start(ex)
+                else:
+                    self._enqueue(ex)
+                return
+        if self.ex is None:
+            self.ex = ex
+            self._dispatch(ex)
+        else:
+            self._enqueue(ex)
 
     def _full_head(self, p, specials) -> None:
         w = self.worker
@@ -318,6 +353,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.deadline = CLOCK.tick() + w.t_client_body
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         ex = self.reading
         if ex is None:
             return  # a request without a body: complete since its head
@@ -397,6 +433,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
     def _reject(self, status: int) -> None:
         """A request broke the rules: answer `status` in order, then close."""
         self.broken = True
+        self.fast = False
         self.url = b""
         self.worker.rejected += 1
         self.gate.pause(flow.PIPELINE)

@@ -17,6 +17,7 @@ import time
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from workers import flow
+from workers.fastpath import scan_response
 from workers.http import (
     CONNECTION_CLOSE,
     CONNECTION_KEEP_ALIVE,
@@ -81,6 +82,8 @@ class UpstreamConnection(asyncio.Protocol):
         "in_head",
         "raw",
         "head_start",
+        "fast",
+        "remaining",
     )
 
     def __init__(self, backend, worker) -> None:
@@ -104,6 +107,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_deadline = INF
         self.tunnel = None  # the Downstream once a 101 has switched protocols
         self.framed = False
+        # The next response may go to the C scanner (httptools holds nothing of it).
+        self.fast = scan_response is not None
+        self.remaining = 0  # body bytes still to relay of a response the scanner took
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -136,6 +142,30 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the backend is out of sync with us.
             self.transport.abort()
             return
+        if self.remaining:
+            self._relay_rest(ex, data)
+            return
+        if self.fast:
+            if ex.plain and not self.worker.draining:
+                r = scan_response(data)
+                if r is not None:
+                    # The common response: HTTP/1.1, Content-Length, to a keep-alive
+                    # HTTP/1.1 client; `out` is the head minus its Connection and
+                    # Keep-Alive lines, with the body bytes read so far.
+                    status, out, remaining, self.keep_alive = r
+                    ex.response_started = True
+                    ex.status = status
+                    now = monotonic()
+                    self.backend.record(ex.cls, now - ex.t0, status >= 500, now)
+                    ex.conn.transport.write(out)
+                    if remaining:
+                        self.remaining = remaining
+                        self.framed = True
+                        ex.last_io = CLOCK.now
+                    else:
+                        self._finish()
+                    return
+            self.fast = False  # this one goes to httptools (back after it completes)
         if self.in_head:
             self.raw += data
         try:
@@ -169,6 +199,25 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish()
         else:
             ex.last_io = CLOCK.now
+
+    def _relay_rest(self, ex, data: bytes) -> None:
+        """More body of a response the C scanner took: relay up to Content-Length."""
+        rest = self.remaining
+        n = len(data)
+        if n < rest:
+            self.remaining = rest - n
+            ex.conn.transport.write(data)
+            ex.last_io = CLOCK.now
+            return
+        self.remaining = 0
+        if n > rest:
+            # Bytes past the body: the backend broke its framing.  As on the
+            # httptools path: the body goes out, then both connections close.
+            ex.conn.transport.write(data[:rest])
+            self._protocol_error()
+            return
+        ex.conn.transport.write(data)
+        self._finish()
 
     def connection_lost(self, exc) -> None:
         self.alive = False
@@ -335,6 +384,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = None
         self.done = False
         self.in_head = True
+        if not self.fast and scan_response is not None:
+            self.fast = True  # httptools completed its message: the next may be scanned
         backend = self.backend
         if ex.bound:
             ex.bound = False
@@ -386,5 +437,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.ex.unbind()
             self.ex = None
         self.tunnel = None
+        self.remaining = 0
         self.transport.abort()
 

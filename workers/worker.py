@@ -21,6 +21,7 @@ import uvloop
 from lb import config as cfgmod
 from lb.children import supervisor_pid
 from lb.log import log, reopen
+from workers import fastpath
 from workers.accesslog import AccessLog
 from workers.balancer import Backend, make_strategy
 from workers.classes import make_classifier
@@ -29,6 +30,7 @@ from workers.downstream import Downstream
 from workers.http import DATE
 from workers.pool import Pool
 from workers.ratelimit import RateLimiter
+from workers.request_head import HEAD_SLACK
 from workers.telemetry import Telemetry
 from workers.timers import CLOCK, SWEEP_INTERVAL
 from workers.upstream import UpstreamConnection
@@ -78,6 +80,11 @@ class Worker:
         # C callables only (map over itertools.count), so a call runs no Python code.
         self.rid_prefix = b"%08x%02x-" % (random.getrandbits(32), slot % 256)
         self.new_request_id = map((self.rid_prefix + b"%x").__mod__, itertools.count(1)).__next__
+        # The C fast path for the common request head (None: httptools only).
+        self.scan_request = fastpath.RequestScanner(
+            lim.max_request_line, lim.max_header_size + HEAD_SLACK, lim.max_headers,
+            self.new_request_id if self.request_id else None,
+        ).scan if fastpath.AVAILABLE else None
         al = cfg.access_log
         self.access_log = AccessLog(al.path, al.sample, al.buffer, slot) if al.path else None
         self.conns: set[Downstream] = set()
