@@ -4,6 +4,21 @@
 #       -v $PWD/lb.toml:/etc/lb/lb.toml:ro lb run -c /etc/lb/lb.toml -w 4
 # A config used in a container must listen on 0.0.0.0 (as configs/docker.toml,
 # the default, does); the admin port serves /api/health for the HEALTHCHECK.
+
+# Build stage: the wheel, with the C fast path (workers/_fastpath.c) compiled.
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY lb ./lb
+COPY workers ./workers
+COPY inference ./inference
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+# Runtime stage: no compiler.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -11,12 +26,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY lb ./lb
-COPY workers ./workers
-COPY inference ./inference
-RUN pip install . && rm -rf /src
+COPY --from=build /wheels /wheels
+# The fast path must be in the image: fail the build if it is not.
+RUN pip install /wheels/*.whl && rm -rf /wheels \
+    && python -c "from workers import fastpath; assert fastpath.AVAILABLE, 'no C fast path'"
 
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin lb \
     && mkdir -p /etc/lb

@@ -31,10 +31,31 @@ def test_dockerfile_installs_every_package_and_runs_unprivileged():
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     for top in {p.split(".")[0] for p in packages}:
         assert any(c.split()[0] == top for c in copies), f"package {top} not copied"
-    assert ("RUN", "pip install . && rm -rf /src") in ins
-    user = [rest for op, rest in ins if op == "USER"]
+    # a build stage with a C compiler makes the wheel; the runtime stage installs it
+    stages = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
+    assert len(stages) == 2 and all("python:3.11" in ins[i][1] for i in stages)
+    build, runtime = ins[stages[0]:stages[1]], ins[stages[1]:]
+    assert any(op == "RUN" and "gcc" in rest for op, rest in build)
+    assert ("RUN", "pip wheel --no-deps --wheel-dir /wheels .") in build
+    assert ("COPY", "--from=build /wheels /wheels") in runtime
+    install = next(rest for op, rest in runtime if op == "RUN" and "pip install" in rest)
+    assert install.startswith("pip install /wheels/*.whl") and "fastpath.AVAILABLE" in install
+    assert not any("gcc" in rest for op, rest in runtime)
+    user = [rest for op, rest in runtime if op == "USER"]
     assert user and user[-1] not in ("root", "0")
-    assert ins[0][0] == "FROM" and "python:3.11" in ins[0][1]
+
+
+def test_the_wheel_the_build_stage_makes_carries_the_fast_path(tmp_path):
+    # What the build stage runs, here: the wheel must hold the compiled extension.
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                        "--wheel-dir", str(tmp_path), str(ROOT)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import zipfile
+
+    wheel = next(tmp_path.glob("lb-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("workers/_fastpath") and n.endswith(".so") for n in names), names
 
 
 def test_exposed_ports_match_the_shipped_config():
