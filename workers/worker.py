@@ -157,7 +157,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         loop.call_later(SWEEP_INTERVAL, self._sweep)
         tell_supervisor(b"R")  # readiness: first, as we accept now
-        log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name)
+        log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name,
+            fastpath=self.scan_request is not None)
         await self._stopped
         if self.telemetry is not None:
             self.telemetry.close()
