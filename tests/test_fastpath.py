@@ -13,6 +13,7 @@ substitution and deletion of the typical ones.
 from __future__ import annotations
 
 import os
+import random
 import re
 
 import pytest
@@ -91,9 +92,10 @@ class Pair:
 
     SPARE = 3  # idle backend connections kept in the pool (the harness opens none)
 
-    def __init__(self, fast: bool, request_id: bool = False) -> None:
+    def __init__(self, fast: bool, request_id: bool = False, limits: dict | None = None) -> None:
         cfg = config.from_dict({"backends": [{"address": "127.0.0.1:9001"}],
-                                "upstream": {"request_id": request_id}})
+                                "upstream": {"request_id": request_id}, "limits": limits or {}})
+        random.seed(7)  # the same request-id prefix in both workers of a comparison
         w = self.worker = Worker(cfg)
         if not fast:
             w.scan_request = None
@@ -129,6 +131,7 @@ class Pair:
             self.down.data_received(piece)
             self._answer(response_pieces, story)
         story.append(("client", _norm(b"".join(self.client.out)), self.client.closed))
+        story.append(("requests counted", self.worker.requests))
         return story
 
     def _answer(self, response_pieces, story) -> None:
@@ -154,9 +157,9 @@ def _norm(data: bytes) -> bytes:
     return _DATE.sub(b"Date: -\r\n", data)
 
 
-def both(request_pieces, response_pieces=(RESPONSE,)):
-    fast = Pair(True).run(request_pieces, response_pieces)
-    slow = Pair(False).run(request_pieces, response_pieces)
+def both(request_pieces, response_pieces=(RESPONSE,), **kw):
+    fast = Pair(True, **kw).run(request_pieces, response_pieces)
+    slow = Pair(False, **kw).run(request_pieces, response_pieces)
     return fast, slow
 
 
@@ -164,8 +167,8 @@ def _short(pieces) -> str:
     return repr([p[:300] for p in pieces][:5])
 
 
-def check(request_pieces, response_pieces=(RESPONSE,)):
-    fast, slow = both(request_pieces, response_pieces)
+def check(request_pieces, response_pieces=(RESPONSE,), **kw):
+    fast, slow = both(request_pieces, response_pieces, **kw)
     assert fast == slow, f"request {_short(request_pieces)}\nresponse {_short(response_pieces)}"
     return fast
 
@@ -197,10 +200,47 @@ def test_request_ids_are_drawn_once_per_request_on_both_paths():
         assert ids == [p.worker.rid_prefix + b"1", p.worker.rid_prefix + b"2"]
 
 
+def test_request_id_takes_the_same_place_whichever_path_forwards_it():
+    for req in REQUESTS:  # REQUESTS[1] has "Connection: Keep-Alive", taken by the full path
+        story = check([req], request_id=True)
+        assert all(b"X-Request-Id: " in s[1] for s in story if s[0] == "backend")
+
+
+def test_connection_lines_count_against_max_headers():
+    req = b"GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nConnection: keep-alive\r\n\r\n"
+    story = check([req], limits={"max_headers": 2})
+    assert story[-2][1].startswith(b"HTTP/1.1 431 ") and story[-1] == ("requests counted", 0)
+    story = check([req], limits={"max_headers": 3})
+    assert story[0][0] == "backend"
+
+
+def test_nothing_after_a_last_request_is_read():
+    # llhttp ignores bytes after a request that closes the connection (data
+    # after close); the scanner must not pick them up either.
+    for last in (b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                 b"GET /a HTTP/1.0\r\n\r\n"):
+        story = check([last, REQUESTS[0], REQUESTS[0]])
+        assert story[-1] == ("requests counted", 1)
+        story = check([last + REQUESTS[0]])
+        assert story[-1] == ("requests counted", 1)
+
+
+def test_field_names_fold_ascii_only():
+    from workers._fastpath import RequestScanner
+
+    s = RequestScanner(100, 1000, 10, None).scan
+    for name in (b"TRANSFER-ENCODING", b"Transfer-Encoding", b"CONNECTION", b"X-REQUEST-ID",
+                 b"PROXY-CONNECTION", b"KEEP-ALIVE", b"TRAILER", b"HOST"):
+        req = b"GET / HTTP/1.1\r\nHost: h\r\n" + name + b": x\r\n\r\n"
+        assert s(req, 0, b"\r\n\r\n") is None, name
+    # a non-ASCII look-alike is not a name at all (llhttp rejects it; so does the full path)
+    assert s(b"GET / HTTP/1.1\r\nHost: h\r\nTRANSFER-ENCOD\xc4\xb0NG: x\r\n\r\n", 0, b"") is None
+
+
 @pytest.mark.parametrize("response", RESPONSES, ids=range(len(RESPONSES)))
 def test_responses_give_the_client_the_same_bytes(response):
     story = check([REQUESTS[0]], [response])
-    assert story[-1][1].startswith(b"HTTP/1.1 ")
+    assert story[-2][1].startswith(b"HTTP/1.1 ")
     # one byte at a time, and head / body split
     check([REQUESTS[0]], [response[i:i + 1] for i in range(len(response))])
     cut = response.find(b"\r\n\r\n") + 4
@@ -212,12 +252,12 @@ def test_a_large_body_is_relayed_in_pieces_and_the_connection_reused():
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     pieces = [resp[i:i + 16384] for i in range(0, len(resp), 16384)]
     story = check([REQUESTS[0], REQUESTS[0]], pieces)
-    assert story[-1][1].count(body) == 2
+    assert story[-2][1].count(body) == 2
     assert [s[1] for s in story if s[0] == "upstream kept"] == [True, True]
     # more bytes than Content-Length: relayed up to it, then both connections closed
     story = check([REQUESTS[0]], [resp[:1000], resp[1000:] + b"junk"])
     assert [s[1] for s in story if s[0] == "upstream kept"] == [False]
-    assert story[-1][1].endswith(body) and story[-1][2]
+    assert story[-2][1].endswith(body) and story[-2][2]
 
 
 def test_fast_and_slow_requests_interleave_on_one_connection():

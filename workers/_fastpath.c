@@ -18,7 +18,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
-#include <strings.h>
 
 #define MAX_FIELDS 128 /* more than this many fields: decline */
 
@@ -82,16 +81,32 @@ field_line(const unsigned char *p, const unsigned char *end, Field *f)
     return q + 2;
 }
 
+/* ASCII case-insensitive comparison with a lower-case literal.  Not
+ * strncasecmp: that one follows the C locale, and under a Turkish locale 'I'
+ * does not fold to 'i' (TRANSFER-ENCODING would pass as an ordinary field). */
+static int
+ascii_ieq(const unsigned char *s, const char *lower, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c >= 'A' && c <= 'Z')
+            c += 'a' - 'A';
+        if (c != (unsigned char)lower[i])
+            return 0;
+    }
+    return 1;
+}
+
 static int
 name_is(const Field *f, const char *lower, Py_ssize_t n)
 {
-    return f->name_len == n && strncasecmp((const char *)f->line, lower, (size_t)n) == 0;
+    return f->name_len == n && ascii_ieq(f->line, lower, n);
 }
 
 static int
 value_is(const Field *f, const char *lower, Py_ssize_t n)
 {
-    return f->value_len == n && strncasecmp((const char *)f->value, lower, (size_t)n) == 0;
+    return f->value_len == n && ascii_ieq(f->value, lower, n);
 }
 
 /* Request fields: 0 ordinary (forwarded as is), 1 Host, 2 Connection, 3 any
@@ -147,7 +162,7 @@ typedef struct {
     PyObject_HEAD
     Py_ssize_t max_line;     /* longest request target */
     Py_ssize_t max_head;     /* longest forwarded head, target excluded */
-    Py_ssize_t max_headers;  /* most fields, Host excluded */
+    Py_ssize_t max_headers;  /* most field lines, Host included */
     PyObject *request_id;    /* callable -> bytes, or None */
 } RequestScanner;
 
@@ -234,6 +249,7 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
     /* fields */
     Field fields[MAX_FIELDS];
     int nf = 0;
+    Py_ssize_t all = 0;  /* every field line, dropped ones included (the max_headers limit) */
     const Field *host = NULL;
     Py_ssize_t plain_bytes = 0;
     const unsigned char *scan_end = (end - p > self->max_head) ? p + self->max_head : end;
@@ -242,7 +258,7 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
             p += 2;
             break;
         }
-        if (nf == MAX_FIELDS)
+        if (nf == MAX_FIELDS || ++all > self->max_headers)
             Py_RETURN_NONE;
         Field *f = &fields[nf];
         p = field_line(p, scan_end, f);
@@ -267,7 +283,7 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
             Py_RETURN_NONE;
         }
     }
-    if (host == NULL || nf - 1 > self->max_headers - 1)
+    if (host == NULL)
         Py_RETURN_NONE;
     Py_ssize_t head_end = p - buf;
 

@@ -63,6 +63,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "broken",
         "closed",
         "fast",
+        "scanner",
         "in_message",
     )
 
@@ -89,9 +90,12 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.tunnel = None  # the UpstreamConnection once switched to a tunnel
         self.broken = False
         self.closed = False
-        # The next read may go to the C scanner: the httptools parser holds no
+        # The C scanner (workers/_fastpath.c), None once a request said it is
+        # the last (Connection: close, HTTP/1.0): what follows it is not read.
+        self.scanner = worker.scan_request
+        # The next read may go to the scanner: the httptools parser holds no
         # partial message (it never held one, or its last one completed).
-        self.fast = worker.scan_request is not None
+        self.fast = self.scanner is not None
         self.in_message = False  # httptools is inside a message (slow path only)
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -151,7 +155,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             # The common requests, recognised whole by the C scanner; it declines
             # the first one it does not fully recognise (or a head cut by the end
             # of this read), which then goes to httptools with the rest.
-            scan = self.worker.scan_request
+            scan = self.scanner
             tail = self.xff_tail
             pos = 0
             while True:
@@ -198,7 +202,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             if self.broken:
                 return
         elif (not self.in_message and self.reading is None and self.upgrading is None
-              and self.worker.scan_request is not None):
+              and self.scanner is not None):
             self.fast = True  # httptools ended on a message boundary
         ex = self.ex
         if ex is not None and ex.pending:  # body bytes collected during this read
@@ -316,6 +320,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
     def _full_head(self, p, specials) -> None:
         w = self.worker
         ex = build_exchange(self, p, self.url, self.headers, specials, w)
+        if not ex.keep_alive:
+            self.scanner = None  # the last request on this connection
         if w.limiter is not None and not w.limiter.allow(self.client_ip):
             w.limited += 1
             ex.error = 429

@@ -113,15 +113,18 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
         parts += (b"Host: ", host, CRLF, b"X-Forwarded-Host: ", host, CRLF)
     else:  # HTTP/1.0 without Host, forwarded as HTTP/1.1, which requires one
         parts += (b"Host: ", w.listen_host, CRLF)
+    # X-Request-Id before X-Forwarded-*: the order the common-request paths use
+    # (Downstream.on_headers_complete and workers/_fastpath.c), so one request
+    # is forwarded as the same bytes whichever path takes it.
+    if rid is None and w.request_id:
+        rid = w.new_request_id()
+    if rid is not None:
+        parts += (b"X-Request-Id: ", rid, CRLF)
     if xff is None:
         parts.append(conn.xff_line)
     else:
         parts += (b"X-Forwarded-For: ", xff, b", ", conn.client_ip, CRLF)
     parts.append(XFP_HTTP)
-    if rid is None and w.request_id:
-        rid = w.new_request_id()
-    if rid is not None:
-        parts += (b"X-Request-Id: ", rid, CRLF)
     chunked = is_upgrade = expect_continue = False
     has_body = False
     if te is not None:
