@@ -180,7 +180,7 @@ def run_one(sc: scn.Scenario, policy: str, args, tmp_root: str) -> scn.Summary:
         procs.append(backends)
         proxy = start_proxy(tmp, policy, pport, sc, bports, args)
         procs.append(proxy)
-        schedule = scn.arrivals(sc, args.duration, args.rate, seed=sc.seed * 7919 + args.seed)
+        schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
         t0 = time.time()
         records, gen = loadgen.run_load(
             pport, schedule, timeout=args.timeout, max_connections=args.connections,
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
                     print(f"   {policy}: FAILED: {exc}", file=sys.stderr)
                     status = 1
             print(scn.table(sc, rows))
-            schedule = scn.arrivals(sc, args.duration, args.rate, seed=sc.seed * 7919 + args.seed)
+            schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
             print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))
             if args.markdown:
                 print()

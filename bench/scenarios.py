@@ -192,6 +192,12 @@ def arrivals(sc: Scenario, duration: float, rate: float | None = None,
         out.append((t, 1 if rng.random() < heavy else 0))
 
 
+def run_schedule(sc: Scenario, duration: float, rate: float | None, seed: int) -> list[tuple[float, int]]:
+    """The arrivals of one benchmark or simulator run with `seed`: the same list
+    for the real benchmark, the simulator and the floor."""
+    return arrivals(sc, duration, rate, seed=sc.seed * 7919 + seed)
+
+
 def service_time(spec: BackendSpec, cls: int, slow: float, rng: random.Random) -> float:
     """Seconds of service for one request of class `cls`."""
     return spec.median_ms * 1e-3 * COSTS[cls] * slow * math.exp(rng.gauss(0.0, spec.sigma))

@@ -136,7 +136,7 @@ class Simulation:
         self.policy = policy
         self.duration = duration
         self.timeout = timeout
-        self.arrivals = scn.arrivals(sc, duration, rate, seed=sc.seed * 7919 + seed)
+        self.arrivals = scn.run_schedule(sc, duration, rate, seed)
         self.servers = [Server(spec, seed * 104729 + i) for i, spec in enumerate(sc.backends)]
         self.workers = [Worker(i, sc, policy, seed) for i in range(workers)]
         self.spread = random.Random(seed * 31 + 7)
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
                                  exploration=args.exploration))
             rows[-1].wall = time.perf_counter() - t0  # type: ignore[attr-defined]
         print(scn.table(sc, rows))
-        schedule = scn.arrivals(sc, args.duration, args.rate, seed=sc.seed * 7919 + args.seed)
+        schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
         print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))
         print(f"({sum(r.requests for r in rows)} requests simulated in "
               f"{sum(r.wall for r in rows):.1f} s)")  # type: ignore[attr-defined]

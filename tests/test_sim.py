@@ -131,7 +131,7 @@ def test_the_floor_is_below_every_policy_and_p2c_sits_on_it_in_slowdown():
     assert floor.p99 < p2c.p99 < 1.1 * floor.p99
     # The floor follows the scenario: heterogeneous's is set by its fastest backend.
     het = scn.get("heterogeneous")
-    sched = scn.arrivals(het, 20, seed=het.seed * 7919 + 1)
+    sched = scn.run_schedule(het, 20, None, 1)
     assert scn.floor(het, sched, 20).p50 < scn.floor(sc, s.arrivals, 20).p50
 
 
