@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from tests.conftest import RawConn, build_request
+from tests.conftest import RawConn, ThreadedServer, build_request
 
 WS_HEADERS = {
     "Connection": "Upgrade",
@@ -134,3 +134,72 @@ def test_upgrade_header_without_connection_upgrade_is_a_normal_request(lb, backe
         assert "upgrade" not in names, s["headers"]
         assert all("upgrade" not in v.lower() for k, v in s["headers"] if k.lower() == "connection")
     assert seen["target"] == "/echo?n=1" and seen2["target"] == "/echo?n=2"
+
+
+# -- bytes after an upgrade request wait for the 101 ---------------------------
+
+SMUGGLED = b"DELETE /admin/users/1 HTTP/1.1\r\nHost: internal\r\nContent-Length: 0\r\n\r\n"
+
+
+class RecordingBackend(ThreadedServer):
+    """Answers every upgrade request with a plain 200 (no switch), then records
+    everything else the connection carries until lb closes it."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []  # per connection, once it has closed
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nno\n")
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.received.append(data)
+
+
+def test_bytes_after_an_upgrade_refused_with_200_never_reach_the_backend(lb_factory):
+    server = RecordingBackend()
+    try:
+        lb = lb_factory([], backend_lines=f'[[backends]]\naddress = "{server.address}"\nname = "rec"')
+        with RawConn(lb.port) as c:
+            c.send(build_request("GET", "/ws", WS_HEADERS) + SMUGGLED)
+            resp = c.read_response()
+            assert resp.status == 200 and resp.body == b"no\n", resp.head
+            assert "close" in resp.connection_tokens(), resp.head
+            assert c.read_until_close() == b"", "a second response: the held bytes were run as a request"
+        # lb closes that upstream connection (no switch: it cannot be reused).
+        assert wait_until(lambda: server.received), "lb kept the refused upgrade's upstream connection"
+        seen = b"".join(server.received)
+        assert seen.startswith(b"GET /ws HTTP/1.1\r\n"), seen[:200]
+        assert b"DELETE" not in seen, "bytes after the upgrade request were forwarded before a 101"
+    finally:
+        server.close()
+
+
+def test_bytes_sent_with_the_upgrade_request_go_through_the_tunnel_after_101(lb):
+    c = RawConn(lb.port)
+    try:
+        c.send(build_request("GET", "/ws", WS_HEADERS) + SMUGGLED)
+        resp = c.read_head()
+        assert resp.status == 101, resp.head
+        # The backend echoes tunnel bytes: the held bytes arrive once, after the switch.
+        assert c.read_exact(len(SMUGGLED)) == SMUGGLED
+        c.send(b"more")
+        assert c.read_exact(4) == b"more"
+    finally:
+        c.close()

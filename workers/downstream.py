@@ -173,7 +173,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self.tunnel.transport.write(data)
             return
         if self.upgrading is not None:
-            self._hold_for_upstream(self.upgrading, data)
+            self._hold_upgrade(self.upgrading, data)
             return
         if self.broken:
             return
@@ -184,11 +184,15 @@ class Downstream(Dispatcher, asyncio.Protocol):
         except HttpParserUpgrade as exc:
             ex = self.upgrading = self.reading
             self.reading = None
+            # Nothing after the upgrade request is read or forwarded until the
+            # backend agrees to switch (101): to a backend that answers anything
+            # else, those bytes would be a request that skipped every rule here.
+            self.gate.pause(flow.UPGRADE)
             rest = data[exc.args[0]:]
             if rest:
-                self._hold_for_upstream(ex, rest)
-            elif ex is self.ex and ex.upstream is not None:
-                self._flush_up(ex)
+                self._hold_upgrade(ex, rest)
+            if ex is self.ex and ex.pending and ex.upstream is not None:
+                self._flush_up(ex)  # the upgrade request itself
             return
         except HttpParserError as exc:
             ctx = exc.__context__
@@ -221,13 +225,13 @@ class Downstream(Dispatcher, asyncio.Protocol):
         if self.head_bytes > w.max_head_bytes or len(self.url) > w.max_request_line:
             self._reject(414 if len(self.url) > w.max_request_line else 431)
 
-    def _hold_for_upstream(self, ex, data: bytes) -> None:
-        ex.pending.append(data)
-        ex.buffered += len(data)
-        if ex is self.ex and ex.upstream is not None:
-            self._flush_up(ex)
-        elif ex.buffered > flow.WRITE_LIMIT:
-            self.gate.pause(flow.BODY_BUFFER)
+    def _hold_upgrade(self, ex, data: bytes) -> None:
+        """Bytes after an upgrade request: kept (reading is paused, so at most a
+        read or two) until a 101 starts the tunnel, dropped on any other answer."""
+        if ex.held is None:
+            ex.held = []
+        ex.held.append(data)
+        self.gate.pause(flow.UPGRADE)
 
     # -- parser callbacks ---------------------------------------------------
 
@@ -386,7 +390,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
 
     def _write_error(self, ex: Exchange, status: int) -> None:
         ex.status = status
-        close = not (ex.keep_alive and ex.body_done) or self.worker.draining
+        # An upgrade request answered by lb: what the client sent after it is
+        # not HTTP lb has read (held, then dropped), so the connection ends here.
+        close = not (ex.keep_alive and ex.body_done) or ex.upgrade or self.worker.draining
         ex.keep_alive = not close
         self.transport.write(DATE.error(status, close=close, head_only=ex.head_request))
         self.response_done(ex)
@@ -432,6 +438,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.ex = None
         self.upgrading = None
         self.deadline = INF
+        held = ex.held
+        if held:  # what the client sent after its upgrade request, now tunnel bytes
+            ex.held = None
+            up.transport.writelines(held)
         self.gate.resume(flow.BODY_BUFFER | flow.PIPELINE | flow.UPGRADE)
 
     # -- failure paths --------------------------------------------------------

@@ -33,6 +33,7 @@ class Exchange:
     error = 0  # a queued lb-generated error (status) instead of a forwarded request
     cls = 0  # request class (workers/classes.py); 0 = "default"
     rid = b""  # X-Request-Id as forwarded
+    held = None  # bytes read after an upgrade request, kept until the backend answers 101
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it
