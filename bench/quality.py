@@ -57,10 +57,10 @@ from servers import (  # bench/servers.py: this script's directory is on sys.pat
     which,
 )
 
-LB_POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "ml")
+LB_POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml")
 POLICIES = LB_POLICIES + ("nginx", "haproxy")
 LABELS = {"nginx": "nginx least_conn", "haproxy": "HAProxy leastconn"}
-QUICK_POLICIES = ("round_robin", "least_connections", "p2c_ewma", "ml", "nginx", "haproxy")
+QUICK_POLICIES = ("round_robin", "least_connections", "p2c_ewma", "prequal", "ml", "nginx", "haproxy")
 
 
 # --------------------------------------------------------------------------

@@ -50,7 +50,7 @@ import scenarios as scn  # noqa: E402  (bench/scenarios.py)
 from lb.config import Backend as BackendConfig  # noqa: E402
 from workers import balancer  # noqa: E402
 
-POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "ml")
+POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml")
 
 HOP = 0.0001  # seconds, one way between two processes on the same host
 FAIL_FAST = 0.0  # service time of a fast failure (lb measures ~0.16 ms for one, hops included)

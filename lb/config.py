@@ -22,10 +22,11 @@ STRATEGIES = (
     "least_connections",
     "random",
     "p2c_ewma",
+    "prequal",
     "ml",
 )
 Strategy = Literal[
-    "round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "ml"
+    "round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml"
 ]
 
 # Sizes may be written as integers (bytes) or as strings such as "16KiB" / "2GiB".

@@ -34,6 +34,8 @@ EXIT_BOOT = 3  # a worker that could not start (see workers.worker)
 READY_TIMEOUT = 15.0
 MAX_BOOT_FAILURES = 5
 STATUS_INTERVAL = 1.0  # seconds between two SupervisorStatus reports to the admin process
+STATUS_FAST_INTERVAL = 0.05  # ... for STATUS_FAST_FOR seconds after an admin process says ready
+STATUS_FAST_FOR = 2.0
 AUX_BACKOFF_MAX = 30.0  # an auxiliary child that keeps dying at boot is retried at most this rarely
 
 
@@ -127,6 +129,7 @@ class Supervisor:
         self.zmq_ctx: zmq.Context | None = None
         self.status_pub: zmq.Socket | None = None
         self.next_status = 0.0
+        self.status_fast_until = 0.0  # send statuses often until then (a new admin process)
 
     # -- setup ----------------------------------------------------------------
 
@@ -155,6 +158,9 @@ class Supervisor:
         pub = self.status_pub = self.zmq_ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, 4)
+        # The admin process binds; reconnect soon after it (re)starts, so that the
+        # status sent when it says ready is not dropped for want of a connection.
+        pub.setsockopt(zmq.RECONNECT_IVL, 20)
         pub.connect(messages.endpoints(self.runtime_dir)["stats_admin"])
 
     def _signal(self, signum, _frame) -> None:
@@ -239,7 +245,8 @@ class Supervisor:
     def _wait(self) -> None:
         fds = [self.wake_r] + [c.fd for c in self.children.values()]
         try:
-            readable, _, _ = select.select(fds, [], [], 0.25)
+            fast = time.monotonic() < self.status_fast_until
+            readable, _, _ = select.select(fds, [], [], STATUS_FAST_INTERVAL if fast else 0.25)
         except InterruptedError:
             return
         by_fd = {c.fd: c for c in self.children.values()}
@@ -260,6 +267,11 @@ class Supervisor:
                     self.boot_failures = 0
                 else:
                     log("child_ready", kind=child.kind, pid=child.pid)
+                    if child.kind == ADMIN:
+                        # A new admin process answers /api/health from our status: send it
+                        # often until its subscription has surely reached our PUB socket.
+                        self.next_status = 0.0
+                        self.status_fast_until = time.monotonic() + STATUS_FAST_FOR
 
     def check_heartbeats(self) -> None:
         """Kill a child whose event loop is stuck (no byte for timeouts.heartbeat),
@@ -286,7 +298,7 @@ class Supervisor:
         now = time.monotonic()
         if now < self.next_status or self.status_pub is None:
             return
-        self.next_status = now + STATUS_INTERVAL
+        self.next_status = now + (STATUS_FAST_INTERVAL if now < self.status_fast_until else STATUS_INTERVAL)
         workers = [c for c in self.children.values()
                    if c.kind == WORKER and c.generation == self.generation and not c.stopping]
         inf = self.aux(INFERENCE)
@@ -378,8 +390,12 @@ class Supervisor:
         new = [c for c in self.children.values() if c.generation == gen]
         if len(new) == self.n_workers and all(c.ready for c in new):
             # The new generation accepts: now, and only now, retire the old one.
+            # Only its workers: the admin process stays (it takes the new config
+            # from the next SupervisorStatus), so its listener never blinks and
+            # its counters of retired workers are kept; the inference process is
+            # restarted on purpose below.
             for c in self.children.values():
-                if c.generation != gen and not c.stopping:
+                if c.kind == WORKER and c.generation != gen and not c.stopping:
                     c.stopping = True
                     c.send(signal.SIGTERM)
                     self.retiring.append(c)

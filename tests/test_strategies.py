@@ -15,7 +15,7 @@ from tests.conftest import ThreadedServer, get
 from workers import balancer
 from workers.balancer import Backend, make_strategy
 
-ALL = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma")
+ALL = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal")
 
 
 def mk(*spec: tuple[str, int]) -> list[Backend]:

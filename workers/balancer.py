@@ -19,6 +19,8 @@ from math import exp
 
 from lb.config import Backend as BackendConfig
 from lb.messages import LATENCY_BOUNDS, N_BUCKETS
+from workers.prequal import Prequal
+from workers.strategy import Strategy
 
 DEFAULT_RTT = 0.005  # seconds; the prior for a backend that has not answered yet
 
@@ -139,33 +141,6 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} inflight={self.inflight} ewma={self.ewma * 1e3:.2f}ms>"
-
-
-class Strategy:
-    """Base: subclasses implement `pick`.  `observe` is shared."""
-
-    name = "base"
-
-    def __init__(self, backends: list[Backend], *, decay: float = 10.0, rng: random.Random) -> None:
-        self.backends = backends
-        self.tau = decay
-        self.rng = rng
-        for b in backends:
-            b.tau = decay
-
-    def refresh(self) -> None:
-        """Backend availability changed (operator drain, health): rebuild caches."""
-
-    def eligible(self, exclude) -> list[Backend]:
-        return [b for b in self.backends if b.available and b not in exclude]
-
-    def pick(self, exclude=(), cls: int = 0) -> Backend | None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def observe(self, backend: Backend, rtt: float, now: float) -> None:
-        """Peak EWMA of `backend`'s time to first byte (the workers update it
-        through `Backend.record(..., now)`)."""
-        backend.observe(rtt, now)
 
 
 class RoundRobin(Strategy):
@@ -440,7 +415,7 @@ class TableStrategy(P2CEwma):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (RoundRobin, WeightedRoundRobin, LeastConnections, Random, P2CEwma, TableStrategy)
+    for cls in (RoundRobin, WeightedRoundRobin, LeastConnections, Random, P2CEwma, Prequal, TableStrategy)
 }
 
 
