@@ -232,3 +232,59 @@ def test_pooled_connection_closed_by_backend_does_not_fail_a_post(lb_factory, ba
         assert status == 200, (i, status, body)
         time.sleep(1.0)
     assert [r["body_size"] for r in b.requests()] == [1, 2, 3, 4]
+
+
+# -- response heads beyond limits.max_response_head -------------------------------------
+
+
+class OneShotServer(ThreadedServer):
+    """Reads a request head and sends `reply` in one write, then closes."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            conn.sendall(self.reply)
+            conn.recv(1)  # until lb closes
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def padded_head(status: bytes, size: int, fields: bytes = b"") -> bytes:
+    head = b"HTTP/1.1 " + status + b"\r\n" + fields
+    return head + b"X-Pad: " + b"p" * (size - len(head) - 11) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("reply, status", [
+    # one head over the limit, complete in one read with its body (the C scanner's case)
+    (padded_head(b"200 OK", 5000, b"Content-Length: 2\r\n") + b"ok", 502),
+    # informational heads count: 3000 + 3000 bytes
+    (padded_head(b"103 Early Hints", 3000) + padded_head(b"200 OK", 3000, b"Content-Length: 2\r\n") + b"ok", 502),
+    # under the limit, 1xx included
+    (padded_head(b"103 Early Hints", 1000) + padded_head(b"200 OK", 2000, b"Content-Length: 2\r\n") + b"ok", 200),
+])
+def test_response_head_longer_than_max_response_head_is_502(lb_factory, reply, status):
+    srv = OneShotServer(reply)
+    try:
+        lb = lb_factory([], extra='[limits]\nmax_response_head = "4KiB"',
+                        backend_lines=backends_toml(("one", srv.address, 1)))
+        got, headers, body = get(lb.port, "/")
+        assert got == status
+        if status == 200:
+            assert body == b"ok" and "X-Pad" in headers
+        else:
+            assert "X-Pad" not in headers
+            assert lb.log.wait_for("upstream_head_too_large")[0]["backend"] == "one"
+    finally:
+        srv.close()

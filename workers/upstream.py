@@ -16,6 +16,7 @@ import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from lb.log import log
 from workers import flow
 from workers.fastpath import scan_response
 from workers.http import (
@@ -54,6 +55,11 @@ class _HeadResponseDone(Exception):
     """Raised from on_headers_complete to stop the parser after a HEAD response."""
 
 
+class _HeadTooLarge(Exception):
+    """Raised from on_headers_complete: the response head (1xx ones included)
+    is longer than `limits.max_response_head`."""
+
+
 def _new_parser(proto) -> HttpResponseParser:
     p = HttpResponseParser(proto)
     p.set_dangerous_leniencies(lenient_data_after_close=True)
@@ -84,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_start",
         "fast",
         "remaining",
+        "max_head",
     )
 
     def __init__(self, backend, worker) -> None:
@@ -110,6 +117,9 @@ class UpstreamConnection(asyncio.Protocol):
         # The next response may go to the C scanner (httptools holds nothing of it).
         self.fast = scan_response is not None
         self.remaining = 0  # body bytes still to relay of a response the scanner took
+        # Longest response head accepted, informational (1xx) heads before it
+        # included: a backend cannot make the worker hold or relay more.
+        self.max_head = worker.max_response_head
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -148,7 +158,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.fast:
             if ex.plain and not self.worker.draining:
                 r = scan_response(data)
-                if r is not None:
+                # (a head the scanner took whole, but longer than the limit, goes
+                # to httptools, which refuses it: only a long read is searched)
+                if r is not None and (len(data) <= self.max_head
+                                      or data.find(CRLF_CRLF, 0, self.max_head) >= 0):
                     # The common response: HTTP/1.1, Content-Length, to a keep-alive
                     # HTTP/1.1 client; `out` is the head minus its Connection and
                     # Keep-Alive lines, with the body bytes read so far.
@@ -179,6 +192,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         except HttpParserError as exc:
             if not isinstance(exc.__context__, _HeadResponseDone):
+                if isinstance(exc.__context__, _HeadTooLarge):
+                    self._head_too_large()
+                    return
                 self._flush()
                 self._protocol_error()
                 return
@@ -186,6 +202,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = _new_parser(self)
             if not data.endswith(b"\r\n\r\n"):
                 self.keep_alive = False
+        if self.in_head and len(self.raw) > self.max_head:
+            self._head_too_large()  # no end of the head within the limit (or 1xx after 1xx)
+            return
         out = self.out
         if out:
             if len(out) < 8:
@@ -258,6 +277,8 @@ class UpstreamConnection(asyncio.Protocol):
         raw = self.raw
         start = self.head_start
         end = raw.find(b"\r\n\r\n", start) + 4
+        if end > self.max_head:
+            raise _HeadTooLarge
         if status < 200 and status != 101:
             self.head_start = end  # 100/102/103: not relayed; the final head follows
             self.informational = True
@@ -407,14 +428,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
         ex.conn.response_done(ex)
 
+    def _head_too_large(self) -> None:
+        self.raw = b""
+        log("upstream_head_too_large", slot=self.worker.slot, backend=self.backend.name,
+            limit=self.max_head)
+        self._protocol_error()
+
     def _protocol_error(self) -> None:
-        """The backend sent something that is not valid HTTP/1.1."""
+        """The backend sent something that is not valid HTTP/1.1 (or too long a head)."""
         ex = self.ex
         self.transport.abort()
         if ex is None:
             return
         self.ex = None
         ex.unbind()
+        if not ex.response_started:
+            # A failed attempt of that backend (passive health counts it).
+            self.backend.record(ex.cls, monotonic() - ex.t0, True)
         if ex.response_started:
             ex.conn.abort_after_upstream(ex)
         else:
