@@ -12,6 +12,9 @@
   big table), next to P2C-EWMA's pick (target <= 2 us); the number of
   Python memory blocks still allocated after 100,000 picks shows the pick
   allocates nothing that outlives it;
+* worker: a worker's event-loop time per tick, the Table decoded and
+  installed and its stats report built and encoded, at 256 x 8 and at the
+  chosen size (target <= 1 ms each at 256 x 8);
 * propagation: a Table of that size published with lb.clone.Publisher and
   received by lb.clone.Subscriber in ANOTHER process, from `Table.ts` (set
   just before encoding, as the inference process does) to the moment the
@@ -147,6 +150,45 @@ def pick_bench(table, n_backends: int, n_classes: int, picks: int = 200_000) -> 
     return out
 
 
+def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float], list[float]]:
+    """A worker's event-loop time per tick at this scale: (a) decode a real
+    tick's Table and install it (TableStrategy.set_table), (b) build and encode
+    its WorkerStats report, as workers/telemetry.py does."""
+    import random
+
+    from lb import messages as m
+    from lb.config import Backend as BackendConfig
+    from workers.balancer import Backend, TableStrategy
+    from workers.telemetry import build_stats
+
+    _, engine, _ = build(n_backends, n_classes)
+    blob = m.encode(engine.tick(1.0, 1, 1))
+    table = m.table_decoder.decode(blob)
+
+    class Pool:
+        idle: list = []
+
+    backends = [Backend(BackendConfig(address=f"127.0.0.1:{20000 + i}", name=table.backends[i]),
+                        len(table.classes), i) for i in range(n_backends)]
+    rng = random.Random(1)
+    for b in backends:
+        b.pool = Pool()
+        for c in range(len(table.classes)):
+            for _ in range(20):
+                b.record(c, rng.uniform(0.001, 0.05), rng.random() < 0.01, 1.0)
+    ml = TableStrategy(backends, class_names=table.classes, decay=10.0, rng=random.Random(1))
+    counters = dict(connections=10, accepted=10, requests=1000, rejected=0, timeouts=0, no_backend=0)
+
+    def install():
+        ml.set_table(m.table_decoder.decode(blob))
+
+    def report():
+        m.encode(build_stats(backends, table.classes, slot=0, pid=1, generation=1, seq=1, ts=1.0,
+                             counters=counters, strategy=ml, copy=False))
+
+    return timed(install, runs), timed(report, runs)
+
+
 def small_table():
     """A real tick's table over the heterogeneous quality scenario's four backends."""
     specs = [synthetic.SynthBackend("big", 16, 0.003), synthetic.SynthBackend("medium", 8, 0.006),
@@ -193,6 +235,10 @@ def main() -> int:
         r = pick_bench(table, nb, min(nc, 2))
         print(f"  pick per request, {label:24s} ml {r['ml'] * 1e6:.2f} us   p2c_ewma "
               f"{r['p2c_ewma'] * 1e6:.2f} us   (blocks left after 100k ml picks: {r['blocks']})")
+    for nb, nc in sorted({(256, 8), (B, C)}):
+        inst, rep = worker_side(nb, nc, min(args.runs, 200))
+        print(f"  worker, {nb} x {nc}: table decode + install  {stats(inst)}   (target <= 1 ms at 256 x 8)")
+        print(f"  worker, {nb} x {nc}: stats build + encode    {stats(rep)}   (target <= 1 ms at 256 x 8)")
     delays = propagation(engine, min(args.runs, 200))
     print(f"  table propagation to another process     {stats(delays)}")
     return 0
