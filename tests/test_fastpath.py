@@ -237,6 +237,22 @@ def test_field_names_fold_ascii_only():
     assert s(b"GET / HTTP/1.1\r\nHost: h\r\nTRANSFER-ENCOD\xc4\xb0NG: x\r\n\r\n", 0, b"") is None
 
 
+def test_names_another_server_might_fold_are_declined():
+    # "_", a doubled "-" or one at either end: the full path tells a look-alike
+    # of a name with a rule (400) from an ordinary name (forwarded).
+    from workers._fastpath import RequestScanner
+
+    s = RequestScanner(100, 1000, 10, None).scan
+    for name in (b"Transfer_Encoding", b"Content--Length", b"-Host", b"X-Forwarded-For-",
+                 b"X_Custom", b"A--B", b"_"):
+        req = b"GET / HTTP/1.1\r\nHost: h\r\n" + name + b": x\r\n\r\n"
+        assert s(req, 0, b"\r\n\r\n") is None, name
+        story = check([req])
+        assert story[-2][1].startswith(b"HTTP/1.1 " + (b"200" if name in (b"X_Custom", b"A--B", b"_")
+                                                        else b"400")), name
+    assert s(b"GET / HTTP/1.1\r\nHost: h\r\nX-A-B: x\r\n\r\n", 0, b"\r\n\r\n") is not None
+
+
 @pytest.mark.parametrize("response", RESPONSES, ids=range(len(RESPONSES)))
 def test_responses_give_the_client_the_same_bytes(response):
     story = check([REQUESTS[0]], [response])

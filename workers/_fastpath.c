@@ -147,6 +147,25 @@ request_field_kind(const Field *f)
     }
 }
 
+/* A name another server might fold into a different one: with '_' (CGI and
+ * several frameworks read '_' as '-'), a doubled '-', or a '-' at either end.
+ * Declined: the full path tells a look-alike of a name with a rule
+ * (`Transfer_Encoding`, rejected) from an ordinary name (forwarded). */
+static int
+foldable_name(const Field *f)
+{
+    const unsigned char *s = f->line;
+    Py_ssize_t n = f->name_len;
+    if (s[0] == '-' || s[n - 1] == '-')
+        return 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* s[i + 1] is at most the ':' after the name */
+        if (s[i] == '_' || (s[i] == '-' && s[i + 1] == '-'))
+            return 1;
+    }
+    return 0;
+}
+
 static void
 put(char **w, const void *src, Py_ssize_t n)
 {
@@ -266,6 +285,8 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
             Py_RETURN_NONE;
         switch (request_field_kind(f)) {
         case F_PLAIN:
+            if (foldable_name(f))
+                Py_RETURN_NONE;
             plain_bytes += f->name_len + 2 + f->value_len + 2;
             nf++;
             break;

@@ -61,6 +61,34 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"x-request-id": H_REQUEST_ID,
 }
 
+# A request field whose name is not one of the names above but folds to one
+# (case, "_" for "-", runs of separators, separators at either end):
+# `Transfer_Encoding`, `Content--Length`, `X_Forwarded_For`.  lb does not
+# treat it as the real field, but a backend that folds "_" and "-" (CGI
+# environments, several frameworks) would: a second framing header lb never
+# checked (request smuggling), or a client address lb never set.  Such a
+# request is rejected with 400, on both parse paths (the C scanner declines
+# every name with "_" or a doubled, leading or trailing "-").  Stricter than
+# nginx, which drops every name with "_" by default (`underscores_in_headers
+# off`): dropping would hide the attempt and still forward the request, and an
+# ordinary header with "_" (`X_Custom`) is forwarded unchanged here.
+H_LOOKALIKE = 11
+_SEPARATORS = re.compile(rb"[-_]+")
+
+
+def folded_name(name: bytes) -> bytes:
+    """`name` as a server that ignores case and folds "_" into "-" reads it."""
+    return _SEPARATORS.sub(b"-", name.lower()).strip(b"-")
+
+
+def request_name_tag(name: bytes) -> int:
+    """The REQUEST_SPECIAL tag of a field name, H_LOOKALIKE for a look-alike of one, 0 otherwise."""
+    lower = name.lower()
+    tag = REQUEST_SPECIAL.get(lower)
+    if tag is not None:
+        return tag
+    return H_LOOKALIKE if folded_name(lower) in REQUEST_SPECIAL else 0
+
 # Response heads are forwarded as the bytes llhttp validated, minus these lines
 # (hop-by-hop; Transfer-Encoding is re-emitted by us when we re-chunk).
 HOP_BY_HOP_LINES = re.compile(

@@ -21,16 +21,17 @@ from workers.http import (
     H_CONTENT_LENGTH,
     H_EXPECT,
     H_HOST,
+    H_LOOKALIKE,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
     H_REQUEST_ID,
     H_XFF,
     PLAIN_CONNECTION_TOKENS,
-    REQUEST_SPECIAL,
     REQUEST_TAIL_11,
     TE_CHUNKED,
     XFP_HTTP,
     connection_tokens,
+    request_name_tag,
 )
 
 HEAD_SLACK = 512  # room for the X-Forwarded-* lines we add, in the header size check
@@ -48,7 +49,7 @@ class Reject(Exception):
 
 def name_tag(name: bytes) -> int:
     """Classify a header name once per spelling; later lookups skip the lower()."""
-    tag = REQUEST_SPECIAL.get(name.lower(), 0)
+    tag = request_name_tag(name)
     if len(NAME_TAGS) < NAME_TAGS_MAX:
         NAME_TAGS[name] = tag
     return tag
@@ -69,6 +70,8 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
     host = cl = te = conn_values = upgrade = expect = xff = rid = None
     hosts = 0
     for tag, value in specials:
+        if tag == H_LOOKALIKE:
+            raise Reject(400)  # a name that folds to one with a rule (workers/http.py)
         if tag == H_HOST:
             hosts += 1
             host = value
