@@ -116,9 +116,15 @@ class Admin(Base):
     # Bearer token for the mutating endpoints; "" = read LB_ADMIN_TOKEN from the
     # environment; with neither, mutating endpoints answer 403.
     token: str = ""
+    # Host names (or name:port) the admin server answers besides IP literals and
+    # localhost; "*" = any.  Other Host values get 421 (DNS-rebinding protection).
+    allowed_hosts: list[str] = []
 
     def __post_init__(self):
         _checked("listen", parse_address, self.listen, allow_hostname=False)
+        from lb.admin.hosts import check_entry  # the admin server's own rule
+
+        self.allowed_hosts = [_checked("allowed_hosts", check_entry, h) for h in self.allowed_hosts]
 
 
 class Timeouts(Base):

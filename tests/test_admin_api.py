@@ -234,9 +234,9 @@ def raw(admin: AdminProc, data: bytes) -> bytes:
     (b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
-    (b"POST /api/route HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
-    (b"POST /api/route HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
-    (b"POST /api/route HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /api/route HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"POST /api/route HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    (b"POST /api/route HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", 400),
 ])
 def test_malformed_http(env, data, code):
     admin, _ = env
@@ -246,20 +246,23 @@ def test_malformed_http(env, data, code):
     assert json.loads(body)["status"] == code
 
 
+H = {"Host": "127.0.0.1"}  # the admin answers addresses, localhost and allowed_hosts (lb.admin.hosts)
+
+
 def test_keepalive_pipelining_and_head(env):
     admin, _ = env
     with RawConn(admin.port) as c:
-        r1 = c.request("GET", "/api/health")
-        r2 = c.request("GET", "/api/backends")
+        r1 = c.request("GET", "/api/health", H)
+        r2 = c.request("GET", "/api/backends", H)
         assert r1.status == 200 and json.loads(r1.body)["ready"] is True
         assert r2.status == 200 and int(r2.header("content-length")) == len(r2.body)
         assert "close" not in r2.connection_tokens()
-        c.send(build_request("GET", "/api/route") + build_request("POST", "/api/route", {},
-               json.dumps({"path": "/api/a"}).encode()) + build_request("HEAD", "/metrics"))
+        c.send(build_request("GET", "/api/route", H) + build_request("POST", "/api/route", H,
+               json.dumps({"path": "/api/a"}).encode()) + build_request("HEAD", "/metrics", H))
         a, b, h = c.read_response(), c.read_response(), c.read_response("HEAD")
         assert json.loads(a.body)["strategy"] == "ml" and json.loads(b.body)["class"] == "api"
         assert h.status == 200 and h.body == b"" and int(h.header("content-length")) > 1000
-        c.send(build_request("GET", "/api/health", {"Connection": "close"}))
+        c.send(build_request("GET", "/api/health", {**H, "Connection": "close"}))
         last = c.read_response()
         assert "close" in last.connection_tokens() and c.closed_by_peer(2)
     # HTTP/1.0 closes unless asked to keep alive; Expect: 100-continue gets its interim answer
@@ -267,7 +270,7 @@ def test_keepalive_pipelining_and_head(env):
     assert out.startswith(b"HTTP/1.1 200 ")
     with RawConn(admin.port) as c:
         body = json.dumps({"path": "/"}).encode()
-        c.send(build_request("POST", "/api/route", {"Expect": "100-continue", "Content-Length": str(len(body))}))
+        c.send(build_request("POST", "/api/route", {**H, "Expect": "100-continue", "Content-Length": str(len(body))}))
         assert c.read_head().status == 100
         c.send(body)
         assert json.loads(c.read_response().body)["class"] == "default"
@@ -277,7 +280,7 @@ def test_events_stream(env):
     admin, _ = env
     s = socket.create_connection(("127.0.0.1", admin.port), timeout=5)
     try:
-        s.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         buf = b""
         deadline = time.monotonic() + 5
         while buf.count(b"event: snapshot") < 2 and time.monotonic() < deadline:

@@ -302,9 +302,9 @@ def test_boot_ready_and_sigterm():
         assert status == 503 and body["live"] is True  # no supervisor status yet
         # open connections (an event stream, an idle keep-alive one) do not hold up the stop
         stream = socket.create_connection(("127.0.0.1", admin.port), timeout=5)
-        stream.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        stream.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         idle = socket.create_connection(("127.0.0.1", admin.port), timeout=5)
-        idle.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert stream.recv(100).startswith(b"HTTP/1.1 200") and idle.recv(100).startswith(b"HTTP/1.1 503")
         t0 = time.monotonic()
         assert admin.stop() == 0

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lb.config import STRATEGIES
 
 from . import views
+from .hosts import HostCheck
 from .httpserver import HTTPError, Request, Response, Router, json_response, to_json
 from .metrics import Exporter
 from .routing import BadRequest, Candidate, RouteRequest, classify, explain
@@ -35,6 +36,7 @@ class API:
         self.exporter = Exporter(state)
         self.page = _dashboard()
         self.stopping = asyncio.Event()
+        self._hosts: tuple[list[str], HostCheck] | None = None
         r = self.router = Router()
         r.add("GET", "/", self.index)
         r.add("GET", "/metrics", self.metrics)
@@ -50,6 +52,14 @@ class API:
         r.add("GET", "/api/events", self.events)
 
     # -- auth -----------------------------------------------------------------------
+
+    def host_ok(self, host: str | None) -> bool:
+        """The Host check of every request, by the running config's allowed_hosts
+        (a reload may change them)."""
+        allowed = self.s.cfg.admin.allowed_hosts
+        if self._hosts is None or self._hosts[0] != allowed:
+            self._hosts = (allowed, HostCheck(allowed))
+        return self._hosts[1].allows(host)
 
     def authorize(self, req: Request) -> None:
         token = admin_token(self.s.cfg)
@@ -141,7 +151,7 @@ class API:
         if not isinstance(data, dict) or "strategy" not in data:
             raise HTTPError(400, 'expected {"strategy": NAME} to pin or {"strategy": null} to unpin')
         name = data["strategy"]
-        if name is not None and name not in STRATEGIES:
+        if name is not None and (not isinstance(name, str) or name not in STRATEGIES):
             raise HTTPError(400, f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)} (or null to unpin)")
         changed = self.s.control.set_pinned(name or "")
         return json_response({**self._strategy_view(), "changed": changed})

@@ -53,7 +53,7 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
     loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(0))
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.reopen() and log.log("logs_reopened"))
     api = API(state)
-    server = Server(api.router, sock)
+    server = Server(api.router, sock, host_ok=api.host_ok)
     await server.start()
     checker = HealthChecker(state)
     checker.start()

@@ -3,10 +3,11 @@
 Not the hot path, but strict: Content-Length on every response but event
 streams, keep-alive (HTTP/1.1 default, HTTP/1.0 on request), requests read
 one at a time (pipelined ones are answered in order), bodies only with
-Content-Length (411 otherwise), limits on the head (431) and body (413),
-`Expect: 100-continue`, HEAD, 404/405 with an Allow header, and every error
-as a JSON body.  A handler bug is logged and answered with 500 on that
-request only.
+Content-Length (411 otherwise; one header, ASCII digits, else 400), one Host,
+limits on the head (431) and body (413), `Expect: 100-continue`, HEAD,
+404/405 with an Allow header, an optional Host check (421, see hosts.py), and
+every error as a JSON body.  A handler bug is logged and answered with 500 on
+that request only.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ LINGER_TIME = 2.0  # seconds an erroring connection keeps reading before it clos
 LINGER_BYTES = 8 * 1024 * 1024
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_LENGTH = re.compile(r"^[0-9]{1,15}$")  # ASCII digits only: str.isdigit() also takes '\xb2'
 _TARGET = re.compile(r"^/[\x21-\x7e]*$")
 
 
@@ -54,6 +56,8 @@ class Request:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HTTPError(400, f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "invalid JSON: nested too deeply") from None
 
 
 @dataclass
@@ -134,9 +138,11 @@ class Router:
 
 
 class Server:
-    def __init__(self, router: Router, sock: socket.socket) -> None:
+    def __init__(self, router: Router, sock: socket.socket,
+                 host_ok: Callable[[str | None], bool] | None = None) -> None:
         self.router = router
         self.sock = sock
+        self.host_ok = host_ok  # Host header check (lb.admin.hosts); None = any Host
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[asyncio.StreamWriter] = set()
 
@@ -182,6 +188,10 @@ class Server:
                 return
             try:
                 req, keep_alive = self._parse(head)
+                if self.host_ok is not None and not self.host_ok(req.headers.get("host")):
+                    raise HTTPError(421, f"this admin server does not answer for Host "
+                                         f"{req.headers['host'][:100]!r}; use its address, localhost, "
+                                         f"or add the name to [admin] allowed_hosts")
                 await self._read_body(req, reader, writer)
             except HTTPError as exc:
                 await self._write(writer, error_response(exc.status, exc.message, exc.headers),
@@ -230,7 +240,9 @@ class Server:
             name = name.lower()
             value = value.strip(" \t")
             if name in headers:
-                if name in ("content-length", "host", "authorization"):
+                if name in ("content-length", "host"):
+                    raise HTTPError(400, f"more than one {name} header")
+                if name == "authorization":
                     if headers[name] != value:
                         raise HTTPError(400, f"conflicting {name} headers")
                     continue
@@ -251,8 +263,10 @@ class Server:
         cl = req.headers.get("content-length")
         if cl is None:
             return
-        if not cl.isdigit() or len(cl) > 15:
-            raise HTTPError(400, "invalid Content-Length")
+        if not _LENGTH.match(cl):
+            if cl.isascii() and cl.isdigit():
+                raise HTTPError(413, f"request body larger than {MAX_BODY} bytes")
+            raise HTTPError(400, f"invalid Content-Length {cl[:40]!r}: expected one decimal number")
         n = int(cl)
         if n > MAX_BODY:
             raise HTTPError(413, f"request body larger than {MAX_BODY} bytes")

@@ -56,8 +56,8 @@ class RouteRequest:
         cl = self.headers.get("content-length")
         if cl is None or cl == "":
             return 0
-        if not cl.isdigit():
-            raise BadRequest("headers: content-length must be a non-negative integer")
+        if not (cl.isascii() and cl.isdigit()) or len(cl) > 18:
+            raise BadRequest("headers: content-length must be a non-negative integer (at most 18 digits)")
         return int(cl)
 
 
