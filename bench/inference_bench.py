@@ -7,7 +7,7 @@
 * features: building the (backends x classes, F) matrix from the folded stats;
 * ingest: one WorkerStats report of all the backends (per worker, per 100 ms);
 * tick: a whole Engine.tick (fold, features, scoring, weights, the Table);
-* pick: `workers.balancer.TableStrategy.pick` per request, in a worker's
+* pick: `workers.learned.TableStrategy.pick` per request, in a worker's
   own process, from a real tick's table (4 backends x 2 classes, and the
   big table), next to P2C-EWMA's pick (target <= 2 us); the number of
   Python memory blocks still allocated after 100,000 picks shows the pick
@@ -120,7 +120,8 @@ def pick_bench(table, n_backends: int, n_classes: int, picks: int = 200_000) -> 
     import random
 
     from lb.config import Backend as BackendConfig
-    from workers.balancer import Backend, P2CEwma, TableStrategy
+    from workers.balancer import Backend, P2CEwma
+    from workers.learned import TableStrategy
 
     backends = [Backend(BackendConfig(address=f"127.0.0.1:{20000 + i}", name=table.backends[i]),
                         n_classes, i) for i in range(n_backends)]
@@ -158,7 +159,8 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
 
     from lb import messages as m
     from lb.config import Backend as BackendConfig
-    from workers.balancer import Backend, TableStrategy
+    from workers.balancer import Backend
+    from workers.learned import TableStrategy
     from workers.telemetry import build_stats
 
     _, engine, _ = build(n_backends, n_classes)

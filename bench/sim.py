@@ -2,7 +2,7 @@
 
 It runs THE SAME policy code as lb's workers: each simulated worker holds its
 own `workers.balancer.Backend` objects (its own in-flight counts, peak-EWMA
-and counters) and its own strategy from `workers.balancer.make_strategy`;
+and counters) and its own strategy from `workers.strategies.make_strategy`;
 every request is routed by `strategy.pick`, every answer goes through
 `strategy.observe` and the per-class `Backend.record`.  Only time is fake:
 backends are modelled as in `bench/scenarios.py` (capacity, FIFO queue,
@@ -47,8 +47,8 @@ for _p in (BENCH_DIR, REPO_ROOT):
         sys.path.insert(0, _p)
 
 import scenarios as scn  # noqa: E402  (bench/scenarios.py)
-from lb.config import Backend as BackendConfig  # noqa: E402
-from workers import balancer  # noqa: E402
+from lb.config import Backend as BackendConfig, Learning  # noqa: E402
+from workers import balancer, strategies  # noqa: E402
 
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml")
 
@@ -83,7 +83,7 @@ class Server:
 
 
 class Request:
-    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0")
+    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0", "arm")
 
     def __init__(self, sched: float, cls: int, worker: int) -> None:
         self.sched = sched
@@ -92,6 +92,7 @@ class Request:
         self.tried: list | None = None
         self.backend = None
         self.t0 = 0.0
+        self.arm = -1  # ml's guard: which arm picked the backend (-1: not judged)
 
 
 class Worker:
@@ -109,9 +110,12 @@ class Worker:
             self.backends.append(b)
         self.index = {id(b): i for i, b in enumerate(self.backends)}
         kw = {"decay": EWMA_DECAY, "seed": seed * 1000 + slot + 1}
-        if "class_names" in inspect.signature(balancer.make_strategy).parameters:
+        if "class_names" in inspect.signature(strategies.make_strategy).parameters:
             kw["class_names"] = scn.CLASSES
-        self.strategy = balancer.make_strategy(policy, self.backends, **kw)
+        if "guard_share" in inspect.signature(strategies.make_strategy).parameters:
+            kw["guard_share"] = Learning().guard_share  # lb's default
+        self.strategy = strategies.make_strategy(policy, self.backends, **kw)
+        self.guard = getattr(self.strategy, "guard", None)
         self.requests = 0
         self.no_backend = 0
         self.timeouts = 0
@@ -201,6 +205,8 @@ class Simulation:
         w = self.workers[req.worker]
         if backend is None:
             backend = w.pick(req.tried or (), req.cls)
+            if w.guard is not None and req.tried is None:
+                req.arm = w.strategy.arm
         if backend is None:
             w.no_backend += 1
             self._record(req, now + HOP, 503, "-")
@@ -229,6 +235,8 @@ class Simulation:
             backend.responses[5] += 1
             if _HAS_RECORD:
                 backend.record(req.cls, 2 * HOP, True)
+            if req.arm >= 0:
+                w.guard.outcome(req.arm, 2 * HOP, True)
             self._record(req, now + 3 * HOP, 502, "-")
             return
         slow, fail = spec.factors(frac)
@@ -269,6 +277,8 @@ class Simulation:
             w.strategy.observe(b, rtt, at_proxy)
             if _HAS_RECORD:
                 b.record(req.cls, rtt, status >= 500)
+        if req.arm >= 0:
+            w.guard.outcome(req.arm, rtt, status >= 500)
         self._record(req, at_proxy + HOP, status, b.name)
 
     def _record(self, req: Request, t: float, status: int, backend: str) -> None:

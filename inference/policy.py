@@ -19,7 +19,7 @@ Per class, over live backends:
   as one uniform draw over the class's backends (nothing starves; every
   backend keeps producing fresh data for the features and for training).
 
-Workers (`workers.balancer.TableStrategy`) otherwise take two weighted draws
+Workers (`workers.learned.TableStrategy`) otherwise take two weighted draws
 and keep the lower cost scaled by their own live state relative to the state
 the table was made from (in-flight, peak EWMA, consecutive failures).
 """

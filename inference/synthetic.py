@@ -63,7 +63,7 @@ class SyntheticWorker:
     def _pick(self, cls: int) -> int:
         t = self.table
         if t is not None and t.mode == "learned" and t.weights:
-            # the workers' pick (workers.balancer.TableStrategy, without its smoothing of
+            # the workers' pick (workers.learned.TableStrategy, without its smoothing of
             # the reference in-flight and peak EWMA): a uniform draw with probability
             # `exploration`, else two weighted draws and the lower cost x (in-flight + 1)
             row = t.weights[cls]

@@ -312,6 +312,7 @@ class Learning(Base):
     traces: str = ""  # directory for sampled request traces; "" = no capture
     trace_sample: float = 0.02  # share of requests sampled (sent with the stats, no per-request IPC)
     retrain_interval: float = 0.0  # seconds between background refits; 0 = off
+    guard_share: float = 0.05  # share of ml's picks routed by the other arm (P2C-EWMA) to judge it; 0 = off
 
     def __post_init__(self):
         if not 0.01 <= self.interval <= 10:
@@ -326,6 +327,8 @@ class Learning(Base):
             raise ValueError("trace_sample: must be between 0 and 1")
         if self.retrain_interval < 0:
             raise ValueError("retrain_interval: must be >= 0")
+        if not 0 <= self.guard_share <= 0.2:
+            raise ValueError("guard_share: must be between 0 and 0.2")
 
 
 class Config(Base):

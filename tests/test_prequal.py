@@ -7,7 +7,8 @@ from collections import Counter
 
 from lb.config import Backend as BackendConfig
 from workers import prequal
-from workers.balancer import Backend, make_strategy
+from workers.balancer import Backend
+from workers.strategies import make_strategy
 
 
 def fleet(n: int, weight: int = 1) -> list[Backend]:

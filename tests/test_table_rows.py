@@ -12,7 +12,8 @@ import pytest
 
 from lb import messages as m
 from lb.config import Backend as BackendConfig
-from workers.balancer import Backend, make_strategy
+from workers.balancer import Backend
+from workers.strategies import make_strategy
 
 
 def reference_rows(s, table):

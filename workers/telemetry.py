@@ -25,7 +25,8 @@ import zmq
 from lb import messages as m
 from lb.clone import Subscriber
 from lb.log import log
-from workers.balancer import STRATEGIES, TableStrategy, make_strategy
+from workers.learned import TableStrategy
+from workers.strategies import STRATEGIES, make_strategy
 
 MAX_TRACES = 256  # per report; the rest of a burst is not sampled
 
@@ -191,7 +192,7 @@ class Telemetry:
         strategy = make_strategy(
             name, w.backends, decay=cfg.balancer.ewma_decay,
             seed=(cfg.balancer.seed + w.slot) if cfg.balancer.seed else 0,
-            class_names=cfg.class_names,
+            class_names=cfg.class_names, guard_share=cfg.learning.guard_share,
         )
         if isinstance(strategy, TableStrategy) and self.tables.state is not None:
             strategy.set_table(self.tables.state)

@@ -23,7 +23,8 @@ from lb.children import supervisor_pid
 from lb.log import log, reopen
 from workers import fastpath
 from workers.accesslog import AccessLog
-from workers.balancer import Backend, make_strategy
+from workers.balancer import Backend
+from workers.strategies import make_strategy
 from workers.classes import make_classifier
 from workers.health import NEVER, HealthState
 from workers.downstream import Downstream
@@ -121,7 +122,7 @@ class Worker:
         self.strategy = make_strategy(
             cfg.strategy, self.backends, decay=cfg.balancer.ewma_decay,
             seed=(cfg.balancer.seed + slot) if cfg.balancer.seed else 0,
-            class_names=cfg.class_names,
+            class_names=cfg.class_names, guard_share=cfg.learning.guard_share,
         )
         self.rng = random.Random(cfg.balancer.seed + slot if cfg.balancer.seed else None).random
         self.health = HealthState(self)

@@ -1,0 +1,131 @@
+"""workers/guard.py: the learned arm against the P2C-EWMA control, driven
+directly with synthetic outcomes and a synthetic clock."""
+
+from __future__ import annotations
+
+import random
+
+from workers import guard as g
+
+
+def feed(gd: g.Guard, rng: random.Random, t0: float, seconds: float, rate: float,
+         learned_lat: float, control_lat: float, learned_err: float = 0.0, control_err: float = 0.0,
+         share: float = 0.05) -> list[tuple[float, bool]]:
+    """`rate` outcomes per second for `seconds`; returns (time, routes-learned) at each tick."""
+    out = []
+    n = int(seconds * rate)
+    for k in range(n):
+        now = t0 + k / rate
+        if k % max(1, int(rate / 10)) == 0:  # ticks at ~10 Hz, as a worker's table checks
+            out.append((now, gd.tick(now)))
+        # the minority arm gets `share` of the picks, whichever it is
+        minority = g.LEARNED if gd.tripped else g.CONTROL
+        arm = minority if rng.random() < share else 1 - minority
+        lat, err = (learned_lat, learned_err) if arm == g.LEARNED else (control_lat, control_err)
+        gd.outcome(arm, rng.expovariate(1 / lat), rng.random() < err)
+    return out
+
+
+def test_equal_arms_never_trip():
+    rng = random.Random(1)
+    gd = g.Guard(0.05)
+    out = feed(gd, rng, 0.0, 120.0, 1000, learned_lat=0.01, control_lat=0.01,
+               learned_err=0.01, control_err=0.01)
+    assert all(ok for _, ok in out)
+    assert gd.verdict["learned_n"] > 0 and gd.verdict["control_n"] >= g.MIN_SAMPLES
+
+
+def test_slower_learned_arm_trips_within_a_window():
+    rng = random.Random(2)
+    gd = g.Guard(0.05)
+    out = feed(gd, rng, 0.0, 30.0, 1000, learned_lat=0.02, control_lat=0.01)
+    first_off = next(t for t, ok in out if not ok)
+    assert first_off <= g.WINDOW * g.BUCKET + 1.0
+    assert gd.tripped and gd.verdict["worse"]
+
+
+def test_a_small_latency_gap_is_not_enough():
+    # 3% slower: inside the practical margin, never a fallback however many samples
+    rng = random.Random(3)
+    gd = g.Guard(0.05)
+    out = feed(gd, rng, 0.0, 60.0, 2000, learned_lat=0.0103, control_lat=0.01)
+    assert all(ok for _, ok in out)
+
+
+def test_more_errors_trip():
+    rng = random.Random(4)
+    gd = g.Guard(0.05)
+    feed(gd, rng, 0.0, 30.0, 1000, learned_lat=0.005, control_lat=0.01, learned_err=0.08, control_err=0.0)
+    assert gd.tripped
+
+
+def test_recovers_after_a_clean_window():
+    rng = random.Random(5)
+    gd = g.Guard(0.05)
+    feed(gd, rng, 0.0, 30.0, 1000, learned_lat=0.03, control_lat=0.01)
+    assert gd.tripped
+    # the learned arm is as good again: the window first forgets the bad outcomes,
+    # then one whole clean window must pass
+    out = feed(gd, rng, 30.0, 40.0, 1000, learned_lat=0.01, control_lat=0.01)
+    back = next(t for t, ok in out if ok)
+    assert 30.0 + g.WINDOW * g.BUCKET <= back <= 30.0 + 3 * g.WINDOW * g.BUCKET
+    assert not gd.tripped
+
+
+def test_no_verdict_on_too_few_outcomes():
+    rng = random.Random(6)
+    gd = g.Guard(0.05)
+    # 10 req/s: the control arm gets ~5 outcomes per 10 s window, never enough
+    out = feed(gd, rng, 0.0, 60.0, 10, learned_lat=0.1, control_lat=0.01)
+    assert all(ok for _, ok in out)
+    assert "worse" not in gd.verdict
+
+
+def test_one_stuck_request_is_capped():
+    gd = g.Guard(0.05)
+    gd.tick(0.0)
+    for _ in range(200):
+        gd.outcome(g.LEARNED, 0.01, False)
+        gd.outcome(g.CONTROL, 0.01, False)
+    gd.outcome(g.LEARNED, 3600.0, False)  # one request that took an hour
+    assert gd.tick(0.5)
+    assert gd.verdict["learned_mean_s"] < 0.1
+
+
+def test_a_table_that_routes_badly_is_caught_and_held_off():
+    """The ml strategy with a table that sends everything to the slowest
+    backend: the guard's P2C-EWMA share does far better on the same backends,
+    so check() falls back with reason "guard", and the table keeps only the
+    guard's small share of picks."""
+    from lb import messages as m
+    from lb.config import Backend as BackendConfig
+    from workers.balancer import Backend
+    from workers.learned import TableStrategy
+    from workers.strategies import make_strategy
+
+    service = {"slow": 0.05, "fast1": 0.005, "fast2": 0.005}
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=n), 1, i) for i, n in enumerate(service)]
+    s = make_strategy("ml", bs, decay=10.0, seed=4, guard_share=0.05)
+    assert isinstance(s, TableStrategy) and s.guard is not None
+    rng = random.Random(7)
+    now = 1000.0
+    reasons = []
+    picked = []
+    for k in range(40_000):  # 1,000 req/s for 40 s, one at a time
+        if k % 100 == 0:  # a fresh (bad) table and a mode check every 100 ms, as a worker does
+            s.set_table(m.Table(epoch=1, seq=k + 1, ts=now, interval=0.1, model_version="bad", mode="learned",
+                                reason="", backends=list(service), classes=["default"],
+                                weights=[[0.98, 0.01, 0.01]], cost=[[0.001, 0.05, 0.05]], exploration=0.0))
+            reasons.append((now, s.check(now)[1]))
+        b = s.pick((), 0)
+        arm = s.arm
+        lat = rng.expovariate(1 / service[b.name])
+        b.record(0, lat, False, now)
+        s.guard.outcome(arm, lat, False)
+        picked.append((now, b.name))
+        now += 0.001
+    first_guard = next(t for t, r in reasons if r == "guard")
+    assert first_guard - 1000.0 <= 12.0, "caught within about one window"
+    assert all(r == "guard" for t, r in reasons if t > first_guard)
+    late = [n for t, n in picked if t > first_guard + 1.0]
+    assert late.count("slow") / len(late) < 0.1, "after the verdict the table routes only its small share"

@@ -1,0 +1,24 @@
+"""Every routing strategy by its configuration name, and how a worker makes one."""
+
+from __future__ import annotations
+
+import random
+
+from workers.balancer import Backend, LeastConnections, P2CEwma, Random, RoundRobin, WeightedRoundRobin
+from workers.learned import TableStrategy
+from workers.prequal import Prequal
+from workers.strategy import Strategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (RoundRobin, WeightedRoundRobin, LeastConnections, Random, P2CEwma, Prequal, TableStrategy)
+}
+
+
+def make_strategy(name: str, backends: list[Backend], *, decay: float, seed: int = 0,
+                  class_names=("default",), guard_share: float = 0.0) -> Strategy:
+    rng = random.Random(seed or None)
+    if name == TableStrategy.name:
+        return TableStrategy(backends, decay=decay, rng=rng, class_names=class_names,
+                             guard_share=guard_share)
+    return STRATEGIES[name](backends, decay=decay, rng=rng)
