@@ -186,7 +186,7 @@ def test_forwarded_head_is_normalised_and_framing_headers_are_ours():
     story = check([REQUESTS[1]])
     sent = story[0][1]
     assert sent.startswith(b"HEAD /a?b=c&d=%20 HTTP/1.1\r\nAccept-Encoding: gzip,\tdeflate\r\n")
-    assert b"Host: h:8080 \r\nX-Forwarded-Host: h:8080 \r\n" in sent  # as llhttp gives it
+    assert b"Host: h:8080\r\nX-Forwarded-Host: h:8080\r\n" in sent  # without the trailing space
     assert b"X-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\n\r\n" in sent
     assert b"onnection" not in sent
 
@@ -251,6 +251,23 @@ def test_names_another_server_might_fold_are_declined():
         assert story[-2][1].startswith(b"HTTP/1.1 " + (b"200" if name in (b"X_Custom", b"A--B", b"_")
                                                         else b"400")), name
     assert s(b"GET / HTTP/1.1\r\nHost: h\r\nX-A-B: x\r\n\r\n", 0, b"\r\n\r\n") is not None
+
+
+def test_host_values_and_absolute_targets_are_answered_the_same():
+    # The scanner takes only a plain Host (name, optional port) and an
+    # origin-form target; the full path validates the others (400) or takes
+    # the host from an absolute-form target.
+    cases = {b"h": 200, b"h.example:8080": 200, b"[::1]": 200, b"a_b~c": 200, b"h:65535": 200,
+             b"": 400, b"a b/c": 400, b"x@evil": 400, b"h:65536": 400, b"h:": 400, b"h:1:2": 400,
+             b"h\\i": 400, b"h:-1": 400}
+    for host, status in cases.items():
+        for req in (b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                    b"GET http://" + host + b"/t HTTP/1.1\r\nHost: other\r\n\r\n"):
+            story = check([req])
+            assert story[-2][1].startswith(b"HTTP/1.1 %d " % status), (req, story)
+            if status == 200:
+                sent = story[0][1]
+                assert sent.startswith(b"GET /") and b"\r\nHost: " + host + b"\r\n" in sent, sent
 
 
 @pytest.mark.parametrize("response", RESPONSES, ids=range(len(RESPONSES)))

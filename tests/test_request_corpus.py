@@ -93,6 +93,8 @@ class Case:
     closed: bool = False
     body: int = 0
     config: str = "default"
+    target: str | None = None  # the request-target the backend must get, if not the case's own
+    host: str | None = None  # the Host (and X-Forwarded-Host) the backend must get
     comment: str = ""
 
 
@@ -128,6 +130,10 @@ def parse_case(path: Path) -> Case:
             case.body = int(val)
         elif key == "config" and val in CONFIGS:
             case.config = val
+        elif key == "target" and val:
+            case.target = val
+        elif key == "host" and val:
+            case.host = val
         else:
             raise ValueError(f"{path.name}: unknown word {w!r} in expect line")
     if case.partial and case.forwarded:
@@ -381,7 +387,10 @@ def test_corpus_case(path, data_path, corpus_backend, corpus_lbs):
         assert all("body_size" in r for r in records), f"incomplete request at the backend{context}{seen}"
         method, target = case.data.split(b"\r\n", 1)[0].split(b" ")[:2]
         assert records[0]["method"] == method.decode()
-        assert records[0]["target"] == target.decode()
+        assert records[0]["target"] == (case.target or target.decode())
+        if case.host is not None:
+            got = [(k.lower(), v) for k, v in records[0]["headers"] if k.lower() in ("host", "x-forwarded-host")]
+            assert got == [("host", case.host), ("x-forwarded-host", case.host)], f"{got}{context}{seen}"
         for rec in records:
             try:
                 _check_forwarded(rec, case)

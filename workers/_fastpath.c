@@ -24,6 +24,7 @@
 static unsigned char TCHAR[256];  /* RFC 9110 token characters */
 static unsigned char VCHAR[256];  /* field value: VCHAR, SP, HTAB (no obs-text) */
 static unsigned char UCHAR[256];  /* request target: VCHAR but '#' */
+static unsigned char HCHAR[256];  /* a plain Host name: letters, digits, "-._~" */
 
 static void
 init_tables(void)
@@ -33,6 +34,8 @@ init_tables(void)
         TCHAR[c] = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
         VCHAR[c] = (c >= 0x21 && c <= 0x7e) || c == ' ' || c == '\t';
         UCHAR[c] = c >= 0x21 && c <= 0x7e && c != '#';
+        HCHAR[c] = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+            || c == '-' || c == '.' || c == '_' || c == '~';
     }
     for (const char *p = extra; *p; p++)
         TCHAR[(unsigned char)*p] = 1;
@@ -166,6 +169,32 @@ foldable_name(const Field *f)
     return 0;
 }
 
+/* A Host value the full path forwards as it is: a name of letters, digits and
+ * "-._~", then optionally ":" and a port of 1 to 5 digits up to 65535.
+ * Anything else (empty, an IP literal, other characters, the trailing
+ * whitespace llhttp leaves in a value) is declined: the full path validates
+ * it (workers/request_head.py valid_host) and answers 400 if it is invalid. */
+static int
+plain_host(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    while (i < n && HCHAR[s[i]])
+        i++;
+    if (i == 0)
+        return 0;
+    if (i == n)
+        return 1;
+    if (s[i] != ':' || n - i < 2 || n - i > 6)
+        return 0;
+    long port = 0;
+    for (i++; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return 0;
+        port = port * 10 + (s[i] - '0');
+    }
+    return port <= 65535;
+}
+
 static void
 put(char **w, const void *src, Py_ssize_t n)
 {
@@ -215,7 +244,8 @@ RequestScanner_dealloc(RequestScanner *self)
 
 /* scan(data, pos, tail): the request head starting at data[pos], if it is a
  * complete common one (known method but CONNECT, origin-form target, HTTP/1.1,
- * exactly one Host, no field with a rule but "Connection: keep-alive").
+ * exactly one Host with a plain value, no field with a rule but
+ * "Connection: keep-alive", no field name another server might fold).
  * The forwarded head is: request line, the ordinary fields as name ": " value,
  * Host, X-Forwarded-Host, X-Request-Id (when configured), then `tail` (which
  * holds X-Forwarded-For, X-Forwarded-Proto and the blank line). */
@@ -304,7 +334,7 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
             Py_RETURN_NONE;
         }
     }
-    if (host == NULL)
+    if (host == NULL || !plain_host(host->value, host->value_len))
         Py_RETURN_NONE;
     Py_ssize_t head_end = p - buf;
 

@@ -32,7 +32,7 @@ from workers.http import (
     SEP,
     XFP_HTTP,
 )
-from workers.request_head import HEAD_SLACK, NAME_TAGS, Reject, build_exchange, name_tag
+from workers.request_head import GOOD_HOSTS, HEAD_SLACK, NAME_TAGS, Reject, build_exchange, name_tag
 from workers.timers import CLOCK, INF
 
 monotonic = time.monotonic
@@ -256,9 +256,11 @@ class Downstream(Dispatcher, asyncio.Protocol):
     def on_headers_complete(self) -> None:
         p = self.parser
         host = self.host
-        if host is not None and not self.specials and p.should_keep_alive():
-            # The common request: HTTP/1.1, keep-alive, one Host, no body, no
-            # header that needs a rule.  Everything else takes the full path.
+        if (host is not None and not self.specials and p.should_keep_alive()
+                and host in GOOD_HOSTS and self.url[:1] == b"/"):
+            # The common request: HTTP/1.1, keep-alive, one Host already seen
+            # valid, origin-form target, no body, no header that needs a rule.
+            # Everything else takes the full path.
             headers = self.headers
             w = self.worker
             method = p.get_method()

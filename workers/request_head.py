@@ -12,6 +12,8 @@ path); everything else comes here.
 
 from __future__ import annotations
 
+import re
+
 from workers.classes import CHUNKED
 from workers.exchange import Exchange
 from workers.http import (
@@ -39,6 +41,23 @@ NAME_TAGS_MAX = 4096  # distinct header spellings remembered (bounded: names com
 NAME_TAGS: dict[bytes, int] = {}  # header name as sent -> REQUEST_SPECIAL tag, 0 = ordinary
 
 
+# RFC 9110 7.2: Host = uri-host [ ":" port ], uri-host from RFC 3986 3.2.2
+# (an IP literal, or a reg-name: unreserved, pct-encoded, sub-delims).  An
+# empty value, a space, "/", "@" (userinfo), or a port that is not 0-65535
+# is a 400 (RFC 9112 3.2: "a Host header field with an invalid field value").
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)(?::([0-9]{1,5}))?"
+)
+# The absolute-form target (RFC 9112 3.2.2): scheme "://" authority, then the
+# path and query (which may be empty).
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
+_HTTP_SCHEMES = (b"http", b"https")
+GOOD_HOSTS_MAX = 1024  # Host values remembered as valid (bounded: they come from clients)
+# Host values seen valid, as sent: Downstream's common path forwards a Host
+# from this set as it is and sends any other to build_exchange (validated once).
+GOOD_HOSTS: set[bytes] = set()
+
+
 class Reject(Exception):
     """Raised from a parser callback: answer `status` and close the connection."""
 
@@ -53,6 +72,35 @@ def name_tag(name: bytes) -> int:
     if len(NAME_TAGS) < NAME_TAGS_MAX:
         NAME_TAGS[name] = tag
     return tag
+
+
+def valid_host(value: bytes) -> bytes:
+    """The Host value without the trailing whitespace llhttp leaves; Reject(400) if invalid."""
+    host = value.rstrip(b" \t")
+    m = _HOST.fullmatch(host)
+    if m is None or (m.group(1) is not None and int(m.group(1)) > 65535):
+        raise Reject(400)
+    if host is value and len(GOOD_HOSTS) < GOOD_HOSTS_MAX:
+        GOOD_HOSTS.add(host)
+    return host
+
+
+def origin_form(url: bytes) -> tuple[bytes, bytes]:
+    """An absolute-form target as (host, origin-form target); Reject(400) if it is not one.
+
+    RFC 9112 3.2.2: a server takes the host from an absolute-form target and
+    ignores Host.  The backend gets the origin-form target and that host as
+    Host (and X-Forwarded-Host), so it never sees one host where lb routed
+    and logged another.  Only http and https, and no userinfo (RFC 9110 4.2.4).
+    """
+    m = _ABSOLUTE.fullmatch(url)
+    if m is None or m.group(1).lower() not in _HTTP_SCHEMES:
+        raise Reject(400)
+    host = valid_host(m.group(2))
+    if host != m.group(2):
+        raise Reject(400)  # whitespace is no part of an authority
+    path = m.group(3)
+    return host, path if path[:1] == b"/" else b"/" + path
 
 
 def drop_named(headers: list, tokens: set) -> list:
@@ -105,6 +153,10 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
         raise Reject(400)  # RFC 9112 3.2: exactly one Host in HTTP/1.1
     if method == b"CONNECT":
         raise Reject(405)
+    if url[:1] != b"/" and url != b"*":
+        host, url = origin_form(url)
+    elif host is not None:
+        host = valid_host(host)
     if len(headers) + 4 * len(specials) > w.max_header_fields:
         raise Reject(431)
     if len(url) > w.max_request_line:
