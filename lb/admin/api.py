@@ -20,7 +20,8 @@ from . import views
 from .hosts import HostCheck
 from .httpserver import HTTPError, Request, Response, Router, json_response, to_json
 from .metrics import Exporter
-from .routing import BadRequest, Candidate, RouteRequest, classify, explain
+from .picks import BackendState, explain
+from .routing import BadRequest, RouteRequest, classify
 from .state import AdminState, admin_token
 
 EVENT_INTERVAL = 1.0  # seconds between two dashboard events
@@ -117,16 +118,33 @@ class API:
             cls, cls_why = classify(self.s.cfg, rr)
         except BadRequest as exc:
             raise HTTPError(400, str(exc)) from None
-        g = self.s.agg.gauges()
-        weights = self.s.config_weights()
-        candidates = [
-            Candidate(n, weights.get(n, 0), g.inflight.get(n, 0), g.ewma.get(n, 0.0),
-                      n in self.s.control.drained, n in self.s.control.down)
-            for n in self.s.backend_names()
-        ]
         mode, reason = self.s.mode()
-        decision = explain(self.s.strategy(), cls, candidates, self.s.table, mode, reason)
+        cfg = self.s.cfg
+        decision = explain(self.s.strategy(), cls, cfg.class_names, self.backend_states(), self.s.table,
+                           mode, reason, cfg.balancer.ewma_decay)
         return json_response({"class": cls, "class_reason": cls_why, **decision})
+
+    def backend_states(self) -> list[BackendState]:
+        """Every backend as one live worker sees it on average (in-flight per worker)."""
+        g = self.s.agg.gauges()
+        workers = max(g.workers, 1)
+        weights = self.s.config_weights()
+        control = self.s.control
+        out = []
+        for n in self.s.backend_names():
+            w = weights.get(n, 0)
+            if n in control.drained:
+                excluded = "drained"
+            elif n in control.down:
+                excluded = "down"
+            elif w <= 0:
+                excluded = "weight 0"
+            elif g.workers and g.unavailable.get(n, 0) >= g.workers:
+                excluded = "ejected"  # by every live worker's passive outlier detection
+            else:
+                excluded = None
+            out.append(BackendState(n, w, g.inflight.get(n, 0) / workers, g.ewma.get(n, 0.0), excluded))
+        return out
 
     # -- writes --------------------------------------------------------------------------------
 

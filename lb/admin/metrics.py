@@ -124,6 +124,7 @@ class AdminCollector(Collector):
                                  "Slow start: share of picks a returning backend keeps (1 = full), lowest over workers.",
                                  labels=["backend"])
         routable_set = set(s.routable())
+        ml = s.strategy() == "ml"
         cfgw = s.config_weights()
         for n in names:
             inflight.add_metric([n], g.inflight.get(n, 0))
@@ -136,8 +137,9 @@ class AdminCollector(Collector):
             cweight.add_metric([n], cfgw.get(n, 0))
             unavail.add_metric([n], g.unavailable.get(n, 0))
             ramp.add_metric([n], g.ramp.get(n, 1.0))
-            for c, w in s.table_weight(n).items():
-                tweight.add_metric([n, c], w)
+            if ml:  # the learned table's shares only when it is what routes
+                for c, w in s.table_weight(n).items():
+                    tweight.add_metric([n, c], w)
         yield from (inflight, idle, ewma, up, drained, routable, cweight, tweight, unavail, ramp)
         yield GaugeMetricFamily("lb_panic_workers", "Workers in panic mode (too few healthy backends).",
                                 value=g.panic)
@@ -181,6 +183,10 @@ class AdminCollector(Collector):
         info.add_metric([], {"strategy": strategy, "config_strategy": s.config_strategy(),
                              "pinned": "true" if s.control.pinned else "false"})
         yield info
+        if strategy != "ml":
+            # A classic strategy has no learned mode, table or model: nothing to
+            # report (lb_strategy_info says which strategy routes).
+            return
         modes = GaugeMetricFamily("lb_policy_mode",
                                   "Live workers per policy mode (learned or fallback) and fallback reason.",
                                   labels=["mode", "reason"])
@@ -193,10 +199,10 @@ class AdminCollector(Collector):
         for (mode, reason), count in sorted(per_mode.items()):
             modes.add_metric([mode, reason], count)
         yield modes
-        learned = 0.0 if strategy == "ml" and s.mode()[0] != "learned" else 1.0
+        learned = 1.0 if s.mode()[0] == "learned" else 0.0
         yield GaugeMetricFamily("lb_policy_learned",
-                                "1 when the learned policy routes (or a classic strategy is in force), "
-                                "0 when the ml strategy is in fallback.", value=learned)
+                                "1 when the ml strategy routes by the learned table, 0 when it is in fallback "
+                                "(absent under a classic strategy).", value=learned)
         t = s.table
         if t is not None:
             model = InfoMetricFamily("lb_model", "The model behind the current routing table.")

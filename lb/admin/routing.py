@@ -1,5 +1,5 @@
-"""`/api/route`: the current routing table, and which backend a described
-request would go to now, and why.
+"""`/api/route`: the request class of a described request, and the current
+routing table (which backend it would go to now: lb/admin/picks.py).
 
 Request classes follow the config's `[[classes]]` rules exactly as the
 workers apply them: the first rule whose every set condition holds wins
@@ -108,79 +108,4 @@ def table_view(table: Table | None, received_mono: float) -> dict | None:
         },
         "prediction_error": table.prediction_error,
         "tick_seconds": table.tick_seconds,
-    }
-
-
-@dataclass
-class Candidate:
-    name: str
-    config_weight: int
-    inflight: int
-    ewma: float
-    drained: bool
-    down: bool
-
-    @property
-    def routable(self) -> bool:
-        return self.config_weight > 0 and not self.drained and not self.down
-
-
-def explain(strategy: str, cls: str, candidates: list[Candidate], table: Table | None,
-            mode: str, reason: str) -> dict:
-    """Which backend the given strategy would most likely pick now, and why."""
-    live = [c for c in candidates if c.routable]
-    excluded = {c.name: ("drained" if c.drained else "down" if c.down else "weight 0")
-                for c in candidates if not c.routable}
-    out: dict = {"strategy": strategy, "excluded": excluded}
-    if not live:
-        out.update(backend=None, why="no routable backend: lb answers 503")
-        return out
-    if strategy == "ml":
-        out["mode"] = mode
-        out["mode_reason"] = reason
-        if mode == "learned" and table is not None and cls in table.classes:
-            row = table.weights[table.classes.index(cls)]
-            names = {c.name for c in live}
-            weights = {b: w for b, w in zip(table.backends, row) if b in names}
-            total = sum(weights.values())
-            if total > 0:
-                shares = {b: round(w / total, 4) for b, w in weights.items()}
-                best = max(shares, key=shares.__getitem__)
-                out.update(
-                    backend=best, weights=shares, table_seq=table.seq,
-                    model_version=table.model_version,
-                    why=f"learned table seq {table.seq}, class {cls!r}: picked by weight "
-                        f"(with in-flight counts); {best} has the largest share {shares[best]:.0%}",
-                )
-                return out
-        # Fallback: what the workers do without a usable table.
-        out.update(_p2c(live), why_fallback=reason or "no usable table")
-        out["why"] = f"fallback ({reason or 'no usable table'}): " + out["why"]
-        return out
-    if strategy == "p2c_ewma":
-        out.update(_p2c(live))
-    elif strategy == "least_connections":
-        best = min(live, key=lambda c: c.inflight)
-        out.update(backend=best.name, inflight={c.name: c.inflight for c in live},
-                   why=f"least in-flight requests now: {best.name} ({best.inflight})")
-    elif strategy == "weighted_round_robin":
-        total = sum(c.config_weight for c in live)
-        shares = {c.name: round(c.config_weight / total, 4) for c in live}
-        best = max(shares, key=shares.__getitem__)
-        out.update(backend=best, weights=shares,
-                   why="smooth weighted round robin: each backend in turn, in proportion to its weight")
-    else:  # round_robin, random
-        out.update(backend=live[0].name, weights={c.name: round(1 / len(live), 4) for c in live},
-                   why=f"{strategy}: every routable backend equally; the next one depends on the worker")
-    return out
-
-
-def _p2c(live: list[Candidate]) -> dict:
-    scores = {c.name: c.ewma * (c.inflight + 1) for c in live}
-    best = min(scores, key=scores.__getitem__)
-    return {
-        "backend": best,
-        "scores": {n: round(s, 6) for n, s in scores.items()},
-        "why": f"p2c_ewma: of two random backends the lower ewma x (inflight+1) wins; "
-               f"lowest now: {best} ({scores[best]:.6f})",
     }

@@ -203,7 +203,7 @@ class AdminState:
             for n in names:
                 w = self.table_weight(n)
                 out[n] = (sum(w.values()) / len(w)) if w and n in routable else 0.0
-        elif strategy in ("weighted_round_robin", "p2c_ewma", "ml"):
+        elif strategy != "round_robin":  # every other strategy weighs backends by their weight
             out = {n: float(cfgw.get(n, 0)) if n in routable else 0.0 for n in names}
         else:
             out = {n: 1.0 if n in routable else 0.0 for n in names}

@@ -73,7 +73,9 @@ def backends(s: AdminState) -> list[dict]:
             "drained": n in s.control.drained,
             "down": n in s.control.down,
             "config_weight": w,
-            "table_weights": {k: round(v, 6) for k, v in s.table_weight(n).items()},
+            # the learned table's shares only when the ml strategy routes by it
+            "table_weights": ({k: round(v, 6) for k, v in s.table_weight(n).items()}
+                              if s.strategy() == "ml" else {}),
             "inflight": g.inflight.get(n, 0),
             "idle": g.idle.get(n, 0),
             "ewma": _r(g.ewma.get(n)),
@@ -118,18 +120,54 @@ def live_metrics(s: AdminState, window: float = LIVE_WINDOW) -> dict:
 
 
 def route(s: AdminState) -> dict:
+    """The strategy in force and the state it picks by: the learned table and
+    mode only for `ml`; for a classic strategy what it reads per backend."""
     mode, reason = s.mode()
+    strategy = s.strategy()
+    ml = strategy == "ml"
     return {
-        "strategy": s.strategy(),
+        "strategy": strategy,
         "config_strategy": s.config_strategy(),
         "pinned_strategy": s.control.pinned or None,
-        "mode": mode if s.strategy() == "ml" else None,
-        "reason": reason if s.strategy() == "ml" else None,
+        "mode": mode if ml else None,
+        "reason": reason if ml else None,
         "classes": s.cfg.class_names,
         "config_weights": s.config_weights(),
         "drained": s.control.drained,
-        "table": table_view(s.table, s.tables.received),
+        "picks_by": strategy_state(s, strategy),
+        "table": table_view(s.table, s.tables.received) if ml else None,
     }
+
+
+def strategy_state(s: AdminState, strategy: str) -> dict:
+    """Per routable backend, what `strategy` reads to pick (as the workers run it)."""
+    g = s.agg.gauges()
+    workers = max(g.workers, 1)
+    cfgw = s.config_weights()
+    live = s.routable()
+    total = sum(cfgw.get(n, 0) for n in live)
+    out: dict = {"backends": live}
+    if strategy == "round_robin":
+        out["rule"] = "each routable backend in turn"
+        out["shares"] = {n: round(1 / len(live), 4) for n in live} if live else {}
+    elif strategy in ("weighted_round_robin", "random"):
+        out["rule"] = ("in turn, in proportion to the configured weight (smooth WRR)"
+                       if strategy == "weighted_round_robin" else "at random, in proportion to the configured weight")
+        out["weights"] = {n: cfgw.get(n, 0) for n in live}
+        out["shares"] = {n: round(cfgw.get(n, 0) / total, 4) for n in live} if total else {}
+    elif strategy in ("least_connections", "prequal", "p2c_ewma") or (strategy == "ml" and s.mode()[0] != "learned"):
+        out["rule"] = {
+            "least_connections": "fewest (in-flight + 1) / weight",
+            "prequal": "lowest peak EWMA among backends not hot by in-flight / weight, else fewest in flight",
+        }.get(strategy, "of two random backends, the lower peak EWMA x (in-flight + 1) / weight")
+        out["weights"] = {n: cfgw.get(n, 0) for n in live}
+        out["inflight_per_worker"] = {n: round(g.inflight.get(n, 0) / workers, 3) for n in live}
+        if strategy != "least_connections":
+            out["ewma"] = {n: _r(g.ewma.get(n)) for n in live}
+    else:  # ml, learned
+        out["rule"] = ("the learned table: per request class, two draws weighted by the table's row, "
+                       "the lower model cost (scaled by the worker's live state) wins; a share explores")
+    return out
 
 
 def _point(old: Sample, new: Sample, names: list[str]) -> dict:
@@ -154,7 +192,7 @@ def snapshot(s: AdminState) -> dict:
     h = s.agg.history
     point = _point(h[-2], h[-1], names) if len(h) >= 2 else {"ts": time.time(), "b": {}}
     code, hv = health(s)
-    t = s.table
+    t = s.table if s.strategy() == "ml" else None  # the table is shown only when it routes
     mode, reason = s.mode()
     return {
         "point": point,
