@@ -72,6 +72,12 @@ class ScriptedBackend(ThreadedServer):
             self.finished.set()
 
 
+def upstream_connections(lb, port: int) -> list:
+    """The worker's established TCP connections to a backend port."""
+    return [c for c in psutil.Process(single_worker(lb)).net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+
+
 def lb_for(lb_factory, server, extra: str = ""):
     return lb_factory([], extra=extra,
                       backend_lines=f'[[backends]]\naddress = "{server.address}"\nname = "scripted"')
@@ -146,5 +152,80 @@ def test_huge_response_head_gets_502_in_bounded_memory(lb_factory):
         assert server.finished.wait(5), "the backend's connection was kept open"
         assert server.sent < 32 * MiB, f"backend pushed {server.sent / MiB:.0f} MiB of head"
         assert_bounded(baseline, sampler.samples, "96 MiB response head")
+    finally:
+        server.close()
+
+
+# -- item: an early response must not make the worker buffer the request body -------
+
+
+class EarlyAnswer(ThreadedServer):
+    """Answers `status` as soon as a request head arrives, then stops reading
+    (the connection stays open until lb closes it)."""
+
+    def __init__(self, status: int = 401) -> None:
+        self.status = status
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            if buf.startswith(b"GET "):  # warm-up requests: one per connection
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+                return
+            conn.sendall(b"HTTP/1.1 %d Early\r\nContent-Length: 6\r\n\r\nearly\n" % self.status)
+            while not self.stopping:  # never reads the body, never closes first
+                time.sleep(0.05)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def test_early_answer_to_a_200_mb_upload_is_not_buffered(lb_factory):
+    server = EarlyAnswer(401)
+    total = 200 * MiB
+    try:
+        lb = lb_for(lb_factory, server)
+        baseline = warm(lb)
+        s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        sent = [0]
+        errors = []
+
+        def upload():
+            piece = memoryview(b"u" * MiB)
+            try:
+                s.sendall(build_request("POST", "/upload", {"Content-Length": str(total)}))
+                while sent[0] < total:
+                    s.sendall(piece)
+                    sent[0] += len(piece)
+            except OSError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=upload, daemon=True)
+        with RssSampler(single_worker(lb), interval=0.05) as sampler:
+            t.start()
+            c = RawConn.from_socket(s)
+            resp = c.read_response("POST")
+            assert resp.status == 401 and resp.body == b"early\n", resp.head
+            t.join(20)
+            assert not t.is_alive(), f"upload stuck after {sent[0] / MiB:.0f} MiB"
+            assert not errors and sent[0] == total, (errors, sent[0])
+            assert_bounded(baseline, sampler.samples, "200 MiB upload answered early")
+            # The body ended: lb closes, with no second response.
+            closed = c.closed_by_peer(5)
+        s.close()
+        assert closed, "connection kept open after the discarded body"
+        assert "close" in resp.connection_tokens(), resp.head
+        assert wait_until(lambda: not upstream_connections(lb, server.port), 5), \
+            "lb kept the early-answering upstream connection"
+        # And given back (nothing was kept): within the bound of the baseline again.
+        assert wait_until(lambda: rss(lb) - baseline < RSS_GROWTH_LIMIT, 5)
     finally:
         server.close()

@@ -299,3 +299,23 @@ def test_upstream_connect_timeout_gives_504_with_default_retries(lb_factory, bla
     elapsed = time.monotonic() - t0
     assert status == 504
     assert 1.0 - EARLY <= elapsed <= 1.0 + SLACK, elapsed
+
+
+def test_stalled_body_after_an_early_answer_is_closed_without_a_second_response(lb_factory):
+    from tests.test_memory_bounds import EarlyAnswer
+
+    server = EarlyAnswer(401)
+    try:
+        lb = lb_factory([], extra="[timeouts]\nclient_body = 1.0\nkeepalive = 30.0",
+                        backend_lines=f'[[backends]]\naddress = "{server.address}"\nname = "early"')
+        head = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+        with _connect(lb.port) as s:
+            s.sendall(head + b"x" * 5000)  # then silence
+            elapsed, got = wait_closed(s, 6.0)
+        assert got.startswith(b"HTTP/1.1 401 "), got[:300]
+        assert got.count(b"HTTP/1.") == 1, got[:600]  # no unsolicited 408 after it
+        assert b"\r\nConnection: close" in got.partition(b"\r\n\r\n")[0]
+        assert elapsed is not None, "connection never closed after the answered, stalled upload"
+        assert elapsed <= 1.0 + SLACK, elapsed
+    finally:
+        server.close()

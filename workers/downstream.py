@@ -37,6 +37,16 @@ from workers.timers import CLOCK, INF
 
 monotonic = time.monotonic
 DRAIN_IDLE_GRACE = 1.0  # seconds an idle connection stays open once the worker drains
+# A request answered before its body ended: the rest of the body is read and
+# dropped (so the answer is not lost to a reset), at most this long in all and
+# with at most DISCARD_IDLE between two reads (nginx's lingering_time/_timeout).
+DISCARD_TIME = 30.0
+DISCARD_IDLE = 5.0
+
+
+class _StopReading(Exception):
+    """Raised from a parser callback once the connection is closed: nothing
+    after that point is parsed (and nothing answered)."""
 
 
 class Downstream(Dispatcher, asyncio.Protocol):
@@ -65,6 +75,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "fast",
         "scanner",
         "in_message",
+        "discard_idle",
     )
 
     def __init__(self, worker) -> None:
@@ -97,6 +108,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         # partial message (it never held one, or its last one completed).
         self.fast = self.scanner is not None
         self.in_message = False  # httptools is inside a message (slow path only)
+        self.discard_idle = min(DISCARD_IDLE, worker.t_client_body)
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -196,12 +208,20 @@ class Downstream(Dispatcher, asyncio.Protocol):
             return
         except HttpParserError as exc:
             ctx = exc.__context__
+            if isinstance(ctx, _StopReading):
+                return
             self._reject(ctx.status if isinstance(ctx, Reject) else 400)
             ex = self.ex
             if ex is not None and ex.pending and ex.upstream is not None:
                 self._flush_up(ex)  # what earlier, valid requests read along with it
             return
         if self.url:
+            if data[-1:] == b"\n" and self.parser.get_http_version() in ("0.0", "0.9"):
+                # The request line ended without a version (HTTP/0.9; llhttp says
+                # 0.9 once fields follow): llhttp waits for header fields such a
+                # client never sends.
+                self._reject(400)
+                return
             self._partial_head()
             if self.broken:
                 return
@@ -243,6 +263,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.reading is not None:
+            return  # a trailer field of a chunked body: not forwarded, no part of the next head
         tag = NAME_TAGS.get(name)
         if tag is None:
             tag = name_tag(name)
@@ -340,6 +362,11 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self.reading = ex
             if ex.has_body:
                 self.deadline = CLOCK.tick() + w.t_client_body
+                if ex.plain:
+                    # Until the body ends, a response is early: the upstream takes
+                    # its slow path, which closes the connection after it.
+                    ex.plain = False
+                    ex.plain_after_body = True
         if self.ex is None:
             self._start(ex)
         else:
@@ -353,6 +380,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
 
     def on_body(self, data: bytes) -> None:
         ex = self.reading
+        if ex.discard:  # answered already: dropped, never buffered
+            now = CLOCK.tick()
+            self.deadline = min(now + self.discard_idle, ex.discard_until)
+            return
         n = ex.body_bytes = ex.body_bytes + len(data)
         w = self.worker
         if w.max_body_size and n > w.max_body_size:
@@ -369,14 +400,40 @@ class Downstream(Dispatcher, asyncio.Protocol):
         ex = self.reading
         if ex is None:
             return  # a request without a body: complete since its head
+        if ex.discard:
+            self._discarded(ex)
+            return
         if ex.chunked:
             ex.pending.append(LAST_CHUNK)
         ex.body_done = True
         ex.last_io = CLOCK.now  # the upstream response timer starts with the request sent
         if ex.upgrade:
             return  # `reading` stays set: data_received takes it as the upgrading exchange
+        if ex.plain_after_body:
+            ex.plain = True
         self.reading = None
         self.deadline = INF
+
+    def _discard_body(self, ex: Exchange) -> None:
+        """`ex` is answered, its body still arriving: read the rest and drop it,
+        bounded in time; then keep the connection (if the answer allows) or close."""
+        ex.discard = True
+        ex.pending = None
+        ex.buffered = 0
+        # Nothing goes upstream any more: reasons tied to the upstream are gone.
+        self.gate.resume(flow.BODY_BUFFER | flow.PEER_FULL)
+        now = CLOCK.tick()
+        ex.discard_until = now + DISCARD_TIME
+        self.deadline = min(now + self.discard_idle, ex.discard_until)
+
+    def _discarded(self, ex: Exchange) -> None:
+        """The body of an answered request has ended (on_message_complete)."""
+        self.reading = None
+        if ex.keep_alive and not self.worker.draining:
+            self.deadline = CLOCK.now + self.worker.t_keepalive
+            return
+        self.transport.close()
+        raise _StopReading  # what follows the body is not read
 
     # -- the pipeline (sending to a backend: workers/dispatch.py) -----------
 
@@ -414,6 +471,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
             al.countdown -= 1
             if al.countdown <= 0:
                 al.record(self, ex)
+        if self.reading is ex:
+            self._discard_body(ex)  # an early answer: its request body is still coming
+            return
         if not ex.keep_alive:
             self.transport.close()
             return
@@ -450,6 +510,13 @@ class Downstream(Dispatcher, asyncio.Protocol):
 
     def _reject(self, status: int) -> None:
         """A request broke the rules: answer `status` in order, then close."""
+        reading = self.reading
+        if reading is not None and reading.discard:
+            # The broken bytes are the dropped body of a request already answered.
+            self.broken = True
+            self.reading = None
+            self.transport.close()
+            return
         self.broken = True
         self.fast = False
         self.url = b""
@@ -482,7 +549,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
     def on_deadline(self, now: float) -> None:
         if self.deadline < now:
             self.deadline = INF
-            if self.url or self.reading is not None:
+            reading = self.reading
+            if reading is not None and reading.discard:
+                self.transport.close()  # its answer went out: nothing more to say
+            elif self.url or reading is not None:
                 self.worker.timeouts += 1
                 self._reject(408)  # slow client: head or body did not arrive in time
             elif self.ex is None and self.tunnel is None:

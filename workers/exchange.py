@@ -34,6 +34,9 @@ class Exchange:
     cls = 0  # request class (workers/classes.py); 0 = "default"
     rid = b""  # X-Request-Id as forwarded
     held = None  # bytes read after an upgrade request, kept until the backend answers 101
+    plain_after_body = False  # `plain` once the request body has ended (False until then)
+    discard = False  # answered before its body ended: the rest of the body is dropped
+    discard_until = 0.0  # ... until this time at the latest (monotonic)
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it

@@ -342,7 +342,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.out.append(out[:-2] + CONNECTION_UPGRADE + b"Upgrade: " + m.group(1) + CRLF + CRLF)
             self.mode = -1
             return
-        keep = ex.keep_alive and not self.worker.draining and not ex.upgrade
+        # A response that starts before the request body ended closes the client
+        # connection after it (the rest of that body is read and dropped meanwhile).
+        keep = ex.keep_alive and ex.body_done and not self.worker.draining and not ex.upgrade
         extra = b""
         head_request = ex.method == b"HEAD"
         if head_request or status == 204 or status == 304:
@@ -425,7 +427,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
         else:
             self.alive = False
-            self.transport.close()
+            if ex.body_done:
+                self.transport.close()
+            else:
+                # Answered before the request body was all sent: the backend may
+                # never read the rest, so what is queued for it is dropped too.
+                self.transport.abort()
         ex.conn.response_done(ex)
 
     def _head_too_large(self) -> None:
