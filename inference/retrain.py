@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from inference.model import Model, ModelError
+from lb.boot import python_argv
 
 MIN_RECORDS = 500  # records before a refit is attempted
 MAX_RECORDS = 50_000  # most recent records kept for refits
@@ -78,7 +79,8 @@ class Retrainer:
         data = {k: v[order] for k, v in data.items()}
         inp = write(self.dir, data, name="retrain-input.npz")
         self.out = os.path.join(self.dir, f"model-{os.getpid()}-{self.round}.onnx")
-        cmd = [sys.executable, "-m", "inference.retrain", "--input", inp, "--output", self.out,
+        # lb's own packages, never the current directory's (lb/boot.py)
+        cmd = [*python_argv("inference.retrain"), "--input", inp, "--output", self.out,
                "--seed", str(self.seed), "--max-iter", str(self.max_iter)]
         if live is not None:
             cmd += ["--live", live.path]

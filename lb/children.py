@@ -4,6 +4,8 @@ Three kinds, all started with the validated config as msgpack on stdin:
   * workers (`python -m workers`), one per slot, with that slot's listening socket;
   * the inference process (`python -m inference`), one;
   * the admin process (`python -m lb.admin`), one, with the admin listening socket.
+Each runs through lb/boot.py: the supervisor's own packages, never the current
+directory's.
 Each writes single bytes on its stdout, read by the supervisor:
   R  ready (accepting / serving)
   D  draining, no longer accepting (workers)
@@ -17,8 +19,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
+
+from lb.boot import python_argv
 
 WORKER = "worker"
 INFERENCE = "inference"
@@ -91,17 +94,17 @@ class Child:
 def start(kind: str, slot: int, generation: int, blob: bytes, runtime_dir: str,
           sock: socket.socket | None = None) -> Child:
     if kind == WORKER:
-        argv = ["-m", "workers", "--fd", str(sock.fileno()), "--slot", str(slot),
+        argv = [*python_argv("workers"), "--fd", str(sock.fileno()), "--slot", str(slot),
                 "--runtime", runtime_dir, "--generation", str(generation)]
     elif kind == INFERENCE:
-        argv = ["-m", "inference", "--runtime", runtime_dir]
+        argv = [*python_argv("inference"), "--runtime", runtime_dir]
     elif kind == ADMIN:
-        argv = ["-m", "lb.admin", "--runtime", runtime_dir, "--fd", str(sock.fileno())]
+        argv = [*python_argv("lb.admin"), "--runtime", runtime_dir, "--fd", str(sock.fileno())]
     else:  # pragma: no cover - programming error
         raise ValueError(kind)
     env = dict(os.environ, **{SUPERVISOR_PID_ENV: str(os.getpid())})
     proc = subprocess.Popen(
-        [sys.executable, *argv],
+        argv,
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+from lb.boot import python_argv
 from lb.config import STRATEGIES
 from lb.demo_backends import SIMULATED, free_port
 
@@ -126,7 +127,7 @@ async def _fetch_json(port: int, path: str) -> dict | None:
     except (OSError, asyncio.TimeoutError):
         return None
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
         data = await asyncio.wait_for(reader.read(), 2)
         head, _, body = data.partition(b"\r\n\r\n")
         return json.loads(body) if head.startswith(b"HTTP/1.1 200") else None
@@ -214,8 +215,10 @@ class Stack:
     def start(self) -> str | None:
         """Start everything; an error message if something did not come up."""
         ports = [free_port() for _ in SIMULATED]
+        # Started as lb's children are (lb/boot.py): this lb's code, whatever the
+        # current directory holds (a source checkout next to an installed lb).
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "lb.demo_backends", "--offset", str(self.offset), *map(str, ports)],
+            [*python_argv("lb.demo_backends"), "--offset", str(self.offset), *map(str, ports)],
             stdout=subprocess.PIPE))
         if self.procs[0].stdout.readline().strip() != b"ready":
             return "simulated backends failed to start"
@@ -228,7 +231,7 @@ class Stack:
             lines += ["[[backends]]", f'name = "{spec.name}"', f'address = "127.0.0.1:{port}"']
         with open(cfg, "w") as f:
             f.write("\n".join(lines) + "\n")
-        lb = subprocess.Popen([sys.executable, "-m", "lb", "run", "-c", cfg, "-w", "2"],
+        lb = subprocess.Popen([*python_argv("lb"), "run", "-c", cfg, "-w", "2"],
                               stderr=subprocess.DEVNULL)
         self.procs.append(lb)
         deadline = time.monotonic() + 20

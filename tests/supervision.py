@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import select
 import signal
@@ -172,24 +173,30 @@ def lb_cmd(*args: str) -> list[str]:
 
 
 
+REAL_HTTPTOOLS = Path(importlib.util.find_spec("httptools").origin).parent
+
+
 class SwappableLB:
-    """`lb run` started from a directory whose `workers` package is a symlink: pointing at the
-    real package, or at one that fails on import (as after a broken deploy)."""
+    """`lb run` whose workers import `httptools` (only workers do) through a symlink first on
+    PYTHONPATH: pointing at the real package, or at one that fails on import (as after a
+    broken deploy).  lb's own packages cannot be swapped this way: every child takes them
+    from where the supervisor's came from (lb/boot.py)."""
 
     def __init__(self, tmp_path: Path, backends, workers: int = 2) -> None:
         self.cwd = tmp_path / "cwd"
         self.cwd.mkdir()
-        self.broken = tmp_path / "broken" / "workers"
+        self.broken = tmp_path / "broken" / "httptools"
         self.broken.mkdir(parents=True)
         (self.broken / "__init__.py").write_text('raise ImportError("simulated broken deploy")\n')
-        self.link = self.cwd / "workers"
-        os.symlink(ROOT / "workers", self.link)
+        self.link = self.cwd / "httptools"
+        os.symlink(REAL_HTTPTOOLS, self.link)
         self.port = free_port()
         self.admin_port = free_port()
         self.config = tmp_path / "swap.toml"
         write_config(self, backends)
         self.proc = subprocess.Popen(lb_cmd("run", "-c", str(self.config), "-w", str(workers)),
-                                     cwd=self.cwd, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                     cwd=self.cwd,
+                                     env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.cwd), str(ROOT)])),
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.log = LogReader(self.proc.stderr)
         self.log.start()
@@ -205,7 +212,7 @@ class SwappableLB:
         self.point_to(self.broken)
 
     def fix_workers(self) -> None:
-        self.point_to(ROOT / "workers")
+        self.point_to(REAL_HTTPTOOLS)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

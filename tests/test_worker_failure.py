@@ -133,16 +133,16 @@ def test_sigkill_of_a_worker_under_load(backend, lb_factory):
 
 
 def test_workers_failing_at_boot_make_the_supervisor_give_up(tmp_path, backend):
-    # Run lb from a directory whose `workers` package cannot be imported: every worker
-    # the supervisor starts (`python -m workers ...`) dies at once, before it is ready.
+    # Put first on PYTHONPATH an `httptools` that cannot be imported (only workers import
+    # it): every worker the supervisor starts dies at once, before it is ready.
     fake = tmp_path / "cwd"
-    (fake / "workers").mkdir(parents=True)
-    (fake / "workers" / "__init__.py").write_text('raise ImportError("simulated boot failure")\n')
+    (fake / "httptools").mkdir(parents=True)
+    (fake / "httptools" / "__init__.py").write_text('raise ImportError("simulated boot failure")\n')
     cfg = tmp_path / "boot.toml"
     port = free_port()
     cfg.write_text(f'listen = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
                    f'[[backends]]\naddress = "{backend.address}"\nname = "b1"\n')
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]))
     t0 = time.monotonic()
     proc = subprocess.Popen(lb_cmd("run", "-c", str(cfg), "-w", "2"), cwd=fake, env=env,
                             stderr=subprocess.PIPE)
