@@ -14,13 +14,26 @@ For each scenario of bench/scenarios.py and each policy, one run:
     latency from the scheduled send time, a request unanswered after
     --timeout is an error at the timeout).
 Per scenario a table: p50, p99, p99.9 (over all requests, failed ones
-included), error rate (5xx, timeouts, connection failures), share of
-requests answered by each backend.
+included), error rate (5xx, timeouts, connection failures), time to divert
+(scenarios with a slowdown: until the slowed backend's share over a sliding
+0.25 s is below half its share before), share of requests answered by each
+backend.
+
+A scenario with `instances` > 1 (twolb) starts that many proxies of the
+policy in front of the same backends (each lb with its own inference
+process); the arrivals are split between them at random, and one table row
+covers them all.
+
+--busy: every run also (`--busy both`, the default when given) or only
+(`--busy only`) with one busy-loop process per core beside it, unpinned, for
+the duration of the run (each stops by itself shortly after it at the
+latest), so the tables show how each policy does on a busy host.  Rows of busy
+runs are labelled "busy".
 
 Usage:
-    python bench/quality.py [--scenario NAME[,NAME]|all] [--policies a,b]
+    python bench/quality.py [--scenario NAME[,NAME]|all|fleet<seed>] [--policies a,b]
                             [--duration 10] [--rate R] [--seed 1] [--timeout 2]
-                            [--quick] [--json FILE] [--markdown]
+                            [--busy [both|only]] [--quick] [--json FILE] [--markdown]
 
 --quick: 2 s runs of round_robin, least_connections, p2c_ewma, ml, nginx and
 HAProxy (about two minutes).  Exit codes: 0 ok, 1 a run failed, 2 missing
@@ -30,9 +43,11 @@ tool / bad usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import subprocess
@@ -101,9 +116,9 @@ def lb_config(policy: str, port: int, sc: scn.Scenario, ports: list[int], seed: 
 
 
 def start_proxy(tmp: str, policy: str, port: int, sc: scn.Scenario, ports: list[int],
-                args) -> Proc:
+                args, instance: int = 0) -> Proc:
     pin = ["taskset", "-c", str(args.proxy_cpu)]
-    prefix = os.path.join(tmp, policy)
+    prefix = os.path.join(tmp, policy + (f"-{instance + 1}" if instance else ""))
     os.makedirs(os.path.join(prefix, "tmp"), mode=0o755)
     if policy == "nginx":
         conf = os.path.join(prefix, "nginx.conf")
@@ -169,29 +184,79 @@ def lb_modes(proc: Proc, t0: float, t1: float) -> str:
 # --------------------------------------------------------------------------
 
 
-def run_one(sc: scn.Scenario, policy: str, args, tmp_root: str) -> scn.Summary:
+BUSY_LOOP = "import time\nend = time.monotonic() + {limit:.0f}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def start_busy(tmp: str, seconds: float) -> list[Proc]:
+    """One busy-loop process per core, unpinned; each ends by itself after
+    `seconds` even if this script is killed."""
+    code = BUSY_LOOP.format(limit=seconds)
+    return [Proc(f"busy{i}", [sys.executable, "-c", code], os.path.join(tmp, f"busy{i}.log"))
+            for i in range(os.cpu_count() or 1)]
+
+
+def split_schedule(schedule: list[tuple[float, int]], n: int, seed: int) -> list[list[tuple[float, int]]]:
+    """The arrivals dealt at random to `n` proxies (as clients spread over two lb's)."""
+    if n == 1:
+        return [schedule]
+    rng = random.Random(seed * 31 + n)
+    parts: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+    for a in schedule:
+        parts[int(rng.random() * n)].append(a)
+    return parts
+
+
+def run_loads(ports: list[int], schedules: list[list[tuple[float, int]]], args, on_start):
+    """One load generator per proxy, in one event loop, started together.
+    Returns (all records by send time, the generators)."""
+    gens = [loadgen.LoadGen(p, sch, max_connections=args.connections, timeout=args.timeout)
+            for p, sch in zip(ports, schedules)]
+    if len(gens) == 1:
+        records, gen = loadgen.run_load(ports[0], schedules[0], timeout=args.timeout,
+                                        max_connections=args.connections, on_start=on_start)
+        return records, [gen]
+
+    async def all_of():
+        results = await asyncio.gather(gens[0].run(on_start), *(g.run() for g in gens[1:]))
+        return [r for rs in results for r in rs]
+
+    try:
+        import uvloop
+
+        records = uvloop.run(all_of())
+    except ImportError:
+        records = asyncio.run(all_of())
+    records.sort(key=lambda r: r[0])
+    return records, gens
+
+
+def run_one(sc: scn.Scenario, policy: str, args, tmp_root: str, busy: bool = False) -> scn.Summary:
     tmp = tempfile.mkdtemp(prefix=f"{sc.name}-{policy}-", dir=tmp_root)
     os.chmod(tmp, 0o755)  # nginx workers may drop privileges
-    ports = free_ports(len(sc.backends) + 1)
-    bports, pport = ports[:-1], ports[-1]
+    n = max(1, sc.instances)
+    ports = free_ports(len(sc.backends) + n)
+    bports, pports = ports[:-n], ports[-n:]
     procs: list[Proc] = []
     try:
         backends = start_backends(tmp, sc, bports, args.duration, args.seed, args.load_cpu)
         procs.append(backends)
-        proxy = start_proxy(tmp, policy, pport, sc, bports, args)
-        procs.append(proxy)
+        proxies = [start_proxy(tmp, policy, pport, sc, bports, args, k) for k, pport in enumerate(pports)]
+        procs += proxies
+        if busy:
+            procs += start_busy(tmp, args.duration + 60)
         schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
         t0 = time.time()
-        records, gen = loadgen.run_load(
-            pport, schedule, timeout=args.timeout, max_connections=args.connections,
-            on_start=lambda: os.kill(backends.pid, signal.SIGUSR1))
+        records, gens = run_loads(pports, split_schedule(schedule, n, args.seed), args,
+                                  on_start=lambda: os.kill(backends.pid, signal.SIGUSR1))
         for p in procs:
             if not p.alive():
                 raise BenchError(f"{p.name} died during the run; log {p.log_path}:\n{p.log_tail()}")
-        note = lb_modes(proxy, t0, t0 + args.duration) if policy == "ml" else ""
-        s = scn.summarize(LABELS.get(policy, policy), records, [b.name for b in sc.backends], note)
-        s.late = gen.late_sends  # type: ignore[attr-defined]
-        s.connections = gen.opened  # type: ignore[attr-defined]
+        note = lb_modes(proxies[0], t0, t0 + args.duration) if policy == "ml" else ""
+        label = LABELS.get(policy, policy) + (" busy" if busy else "")
+        s = scn.summarize(label, records, [b.name for b in sc.backends], note)
+        s.divert = scn.divert_times(sc, records, args.duration)
+        s.late = sum(g.late_sends for g in gens)  # type: ignore[attr-defined]
+        s.connections = sum(g.opened for g in gens)  # type: ignore[attr-defined]
         return s
     finally:
         for p in reversed(procs):
@@ -219,6 +284,9 @@ def parse_args(argv=None):
     ap.add_argument("--connections", type=int, default=512,
                     help="most client connections the load generator opens (default 512)")
     ap.add_argument("--quick", action="store_true", help="short smoke run (about 2 minutes)")
+    ap.add_argument("--busy", nargs="?", const="both", choices=("both", "only"),
+                    help="also (both) or only (only) run with one busy-loop process per core beside "
+                         "each run")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs lb")
     ap.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (default 0)")
     ap.add_argument("--load-cpu", type=int, default=1,
@@ -229,9 +297,15 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     names = list(scn.SCENARIOS) if args.scenario == "all" else \
         [s.strip() for s in args.scenario.split(",") if s.strip()]
-    bad = [s for s in names if s not in scn.SCENARIOS]
+    bad = []
+    for s in names:
+        try:
+            scn.get(s)
+        except ValueError:
+            bad.append(s)
     if bad or not names:
-        ap.error(f"--scenario: unknown {bad} (choose from {', '.join(scn.SCENARIOS)}, all)")
+        ap.error(f"--scenario: unknown {bad} (choose from {', '.join(scn.SCENARIOS)}, all, "
+                 f"or fleet<seed>)")
     args.scenarios = names
     default = QUICK_POLICIES if args.quick else POLICIES
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()] \
@@ -290,6 +364,8 @@ def command_line(args) -> str:
         parts.append(f"--seed {args.seed}")
     if args.timeout != 2.0:
         parts.append(f"--timeout {args.timeout:g}")
+    if args.busy:
+        parts.append(f"--busy {args.busy}")
     return " ".join(parts)
 
 
@@ -301,7 +377,8 @@ def main(argv=None) -> int:
         print(f"quality: {exc}", file=sys.stderr)
         return 2
     os.sched_setaffinity(0, {args.load_cpu})  # the load generator shares the backends' CPU
-    runs = len(args.scenarios) * len(args.policies)
+    modes = {None: (False,), "both": (False, True), "only": (True,)}[args.busy]
+    runs = len(args.scenarios) * len(args.policies) * len(modes)
     print(f"{command_line(args)}\n{runs} runs of {args.duration:g} s; proxy on CPU {args.proxy_cpu}, "
           f"load + backends on CPU {args.load_cpu}; {meta['nginx']}; {meta['haproxy']}")
     sys.stdout.flush()
@@ -319,20 +396,26 @@ def main(argv=None) -> int:
     status = 0
     try:
         for name in args.scenarios:
-            sc = scn.SCENARIOS[name]
+            sc = scn.get(name)
             rate = args.rate or sc.rate
             print(f"\n== {name}: {sc.description}; {rate:g} req/s (Poisson), "
                   f"{args.duration:g} s per run")
-            for spec in sc.backends:
+            for spec in sc.backends[:scn.MAX_SHARE_COLUMNS]:
                 print(f"   {spec.describe()}")
+            if len(sc.backends) > scn.MAX_SHARE_COLUMNS:
+                print(f"   ... {len(sc.backends) - scn.MAX_SHARE_COLUMNS} more, "
+                      f"to {sc.backends[-1].describe()}")
+            if sc.instances > 1:
+                print(f"   {sc.instances} proxies of each policy share these backends")
             sys.stdout.flush()
             rows = []
-            for policy in args.policies:
-                try:
-                    rows.append(run_one(sc, policy, args, tmp_root))
-                except BenchError as exc:
-                    print(f"   {policy}: FAILED: {exc}", file=sys.stderr)
-                    status = 1
+            for busy in modes:
+                for policy in args.policies:
+                    try:
+                        rows.append(run_one(sc, policy, args, tmp_root, busy))
+                    except BenchError as exc:
+                        print(f"   {policy}{' busy' if busy else ''}: FAILED: {exc}", file=sys.stderr)
+                        status = 1
             print(scn.table(sc, rows))
             schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
             print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))

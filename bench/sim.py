@@ -21,9 +21,26 @@ The `ml` policy is driven by the real inference code when it is importable
 is handed to every worker's strategy.  Without it `ml` runs as lb does with
 no inference process: on its P2C-EWMA fallback (the table says so).
 
-    python bench/sim.py [--scenario NAME|all] [--policies a,b] [--duration 60]
-                        [--rate R] [--workers 1] [--seed 1] [--json FILE]
-                        [--model PATH] [--traces DIR] [--exploration E]
+Two ablations run beside the shipped policies, to say what the network adds:
+`ml-identity` is the whole `ml` pipeline (engine, weights, costs, the
+worker's pick and guard) with the model replaced by the identity (predicted
+latency = the cell's observed mean, `lat_ewma_log`; predicted error = its
+observed error rate, `err_rate`); `least-latency` is a full scan for the
+least peak-EWMA x (in-flight + 1), no sampling.  Neither is an lb strategy.
+
+A scenario with `instances` > 1 (twolb), or `--instances N`, puts N lb
+instances in front of the same backends: each has its own workers and its own
+inference engine and tables, and takes its share of the arrivals at random.
+
+Scenarios with a slowdown also get the time to divert per policy (column
+`divert`, `scenarios.time_to_divert`): from the slowdown's start until the
+backend's share of the requests over a sliding 0.25 s falls below half of
+what it was in the second before.
+
+    python bench/sim.py [--scenario NAME[,NAME]|all|fleet<seed>] [--policies a,b]
+                        [--duration 60] [--rate R] [--workers 1] [--instances N]
+                        [--seed 1] [--json FILE] [--model PATH] [--traces DIR]
+                        [--exploration E]
 
 Exit codes: 0 ok, 2 bad usage.
 """
@@ -50,7 +67,9 @@ import scenarios as scn  # noqa: E402  (bench/scenarios.py)
 from lb.config import Backend as BackendConfig, Learning  # noqa: E402
 from workers import balancer, strategies  # noqa: E402
 
-POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml")
+POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",
+            "ml-identity", "least-latency")
+ML_POLICIES = ("ml", "ml-identity")  # routed by the engine's tables (TableStrategy)
 
 HOP = 0.0001  # seconds, one way between two processes on the same host
 FAIL_FAST = 0.0  # service time of a fast failure (lb measures ~0.16 ms for one, hops included)
@@ -67,6 +86,34 @@ _HAS_RECORD = hasattr(balancer.Backend, "record")
 _RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(balancer.Backend.record).parameters
 
 _DONE, _FAILED, _TICK = 0, 1, 2  # event kinds
+
+
+class LeastLatency(balancer.P2CEwma):
+    """Ablation, not an lb strategy: every pick scans all backends for the least
+    peak-EWMA x (in-flight + 1), no sampling (ties: the first after a rotating
+    start, so equal backends share)."""
+
+    name = "least-latency"
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self._next = 0
+
+    def pick(self, exclude=(), cls=0):
+        backends = self.backends
+        n = len(backends)
+        start = self._next
+        self._next = start + 1 if start + 1 < n else 0
+        best = None
+        best_cost = 0.0
+        for k in range(n):
+            b = backends[(start + k) % n]
+            if not b.available or (exclude and b in exclude):
+                continue
+            c = b.ewma * (b.inflight + 1)
+            if best is None or c < best_cost:
+                best, best_cost = b, c
+        return best
 
 
 class Server:
@@ -98,8 +145,9 @@ class Request:
 class Worker:
     """What one lb worker holds: its Backend objects, its strategy, its counters."""
 
-    def __init__(self, slot: int, sc: scn.Scenario, policy: str, seed: int) -> None:
+    def __init__(self, slot: int, sc: scn.Scenario, policy: str, seed: int, instance: int = 0) -> None:
         self.slot = slot
+        self.instance = instance  # which lb instance the worker belongs to
         self.backends = []
         for i, spec in enumerate(sc.backends):
             cfg = BackendConfig(address=f"127.0.0.1:{20000 + i}", weight=spec.weight, name=spec.name)
@@ -114,7 +162,11 @@ class Worker:
             kw["class_names"] = scn.CLASSES
         if "guard_share" in inspect.signature(strategies.make_strategy).parameters:
             kw["guard_share"] = Learning().guard_share  # lb's default
-        self.strategy = strategies.make_strategy(policy, self.backends, **kw)
+        if policy == LeastLatency.name:
+            self.strategy = LeastLatency(self.backends, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
+        else:
+            self.strategy = strategies.make_strategy("ml" if policy in ML_POLICIES else policy,
+                                                     self.backends, **kw)
         self.guard = getattr(self.strategy, "guard", None)
         self.requests = 0
         self.no_backend = 0
@@ -131,7 +183,8 @@ class Simulation:
     def __init__(self, sc: scn.Scenario, policy: str, *, duration: float = 60.0,
                  rate: float | None = None, workers: int = 1, seed: int = 1,
                  timeout: float = 2.0, model: str | None = None,
-                 traces: str | None = None, exploration: float | None = None) -> None:
+                 traces: str | None = None, exploration: float | None = None,
+                 instances: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
         if workers < 1:
@@ -142,7 +195,13 @@ class Simulation:
         self.timeout = timeout
         self.arrivals = scn.run_schedule(sc, duration, rate, seed)
         self.servers = [Server(spec, seed * 104729 + i) for i, spec in enumerate(sc.backends)]
-        self.workers = [Worker(i, sc, policy, seed) for i in range(workers)]
+        self.instances = sc.instances if instances is None else instances
+        if self.instances < 1:
+            raise ValueError("instances must be >= 1")
+        # instance k holds workers k * workers .. (k + 1) * workers - 1; slots are
+        # numbered per instance, as each lb numbers its own
+        self.workers = [Worker(i % workers, sc, policy, seed + 7 * (i // workers), i // workers)
+                        for i in range(workers * self.instances)]
         self.spread = random.Random(seed * 31 + 7)
         self.records: list[tuple[float, float, int, str]] = []
         self.heap: list = []
@@ -152,13 +211,22 @@ class Simulation:
         self.seed = seed
         self.exploration = exploration  # ml: learning.exploration (None: lb's default)
         self.bridge = None
-        if policy == "ml" or traces:
+        self.bridges: list = []  # one per lb instance
+        if policy in ML_POLICIES or traces:
             # ml routes by the engine's tables; any other policy with --traces
             # only feeds the engine (features and trace joins), as lb does when
             # `learning.traces` is set under another strategy
             import sim_ml  # bench/sim_ml.py
 
-            self.bridge, self.note = sim_ml.attach(self, model, traces)
+            for k in range(self.instances):
+                mine = [w for w in self.workers if w.instance == k]
+                bridge, self.note = sim_ml.attach(self, model, traces, workers=mine,
+                                                  identity=policy == "ml-identity", instance=k)
+                if bridge is None:
+                    self.bridges = []
+                    break
+                self.bridges.append(bridge)
+            self.bridge = self.bridges[0] if self.bridges else None
 
     # -- events ---------------------------------------------------------------
 
@@ -181,7 +249,8 @@ class Simulation:
                 t, _, kind, obj = heapq.heappop(heap)
                 self.now = t
                 if kind == _TICK:
-                    self.bridge.tick(t)
+                    for bridge in self.bridges:
+                        bridge.tick(t)
                     if t + STATS_INTERVAL < self.duration:
                         self._push(t + STATS_INTERVAL, _TICK, None)
                 else:
@@ -196,9 +265,10 @@ class Simulation:
             else:
                 break
         if self.bridge is not None:
-            if self.policy == "ml":
+            if self.policy in ML_POLICIES:
                 self.note = self.bridge.note()
-            self.bridge.write_traces()
+            for bridge in self.bridges:
+                bridge.write_traces()
         return self.records
 
     def _dispatch(self, req: Request, now: float, backend) -> None:
@@ -290,8 +360,9 @@ class Simulation:
             self.records.append((req.sched, latency, status, backend))
 
     def summary(self) -> scn.Summary:
-        return scn.summarize(self.policy, self.records, [b.name for b in self.sc.backends],
-                             self.note)
+        s = scn.summarize(self.policy, self.records, [b.name for b in self.sc.backends], self.note)
+        s.divert = scn.divert_times(self.sc, self.records, self.duration)
+        return s
 
 
 def simulate(sc: scn.Scenario, policy: str, **kw) -> scn.Summary:
@@ -303,12 +374,15 @@ def simulate(sc: scn.Scenario, policy: str, **kw) -> scn.Summary:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", default="all",
-                    help=f"one of {', '.join(scn.SCENARIOS)} or 'all' (default)")
+                    help=f"comma-separated subset of {', '.join(scn.SCENARIOS)}, fleet<seed> "
+                         "(a generated training fleet, bench/fleets.py), or 'all' (default)")
     ap.add_argument("--policies", default=",".join(POLICIES),
                     help="comma-separated subset of " + ",".join(POLICIES))
     ap.add_argument("--duration", type=float, default=60.0, help="simulated seconds (default 60)")
     ap.add_argument("--rate", type=float, help="base arrival rate, req/s (default: the scenario's)")
-    ap.add_argument("--workers", type=int, default=1, help="simulated lb workers (default 1)")
+    ap.add_argument("--workers", type=int, default=1, help="simulated lb workers per instance (default 1)")
+    ap.add_argument("--instances", type=int,
+                    help="lb instances sharing the fleet (default: the scenario's, 1 but for twolb)")
     ap.add_argument("--seed", type=int, default=1, help="seed (default 1)")
     ap.add_argument("--timeout", type=float, default=2.0, help="client timeout, s (default 2)")
     ap.add_argument("--model", help="ONNX model for ml (default: the inference default)")
@@ -319,8 +393,18 @@ def parse_args(argv=None):
                     help="ml: learning.exploration (default: lb's, 0.05)")
     ap.add_argument("--json", metavar="FILE", help="write the summaries as JSON")
     args = ap.parse_args(argv)
-    if args.scenario != "all" and args.scenario not in scn.SCENARIOS:
-        ap.error(f"--scenario: unknown {args.scenario!r} (choose from {', '.join(scn.SCENARIOS)}, all)")
+    names = list(scn.SCENARIOS) if args.scenario == "all" else \
+        [n.strip() for n in args.scenario.split(",") if n.strip()]
+    args.scenarios = []
+    for n in names:
+        try:
+            args.scenarios.append(scn.get(n))
+        except ValueError as exc:
+            ap.error(f"--scenario: {exc}")
+    if not args.scenarios:
+        ap.error("--scenario: none given")
+    if args.instances is not None and not 1 <= args.instances <= 8:
+        ap.error("--instances must be between 1 and 8")
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in args.policies if p not in POLICIES]
     if bad or not args.policies:
@@ -338,30 +422,34 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    names = list(scn.SCENARIOS) if args.scenario == "all" else [args.scenario]
     out: dict = {"duration": args.duration, "workers": args.workers, "seed": args.seed,
                  "scenarios": {}}
-    for name in names:
-        sc = scn.SCENARIOS[name]
+    for sc in args.scenarios:
+        name = sc.name
         rate = args.rate or sc.rate
+        instances = sc.instances if args.instances is None else args.instances
+        lbs = f" x {instances} lb instances" if instances > 1 else ""
         print(f"\n== {name}: {sc.description}; {rate:g} req/s, {args.duration:g} s simulated, "
-              f"{args.workers} worker(s), seed {args.seed}")
-        for spec in sc.backends:
+              f"{args.workers} worker(s){lbs}, seed {args.seed}")
+        for spec in sc.backends[:scn.MAX_SHARE_COLUMNS]:
             print(f"   {spec.describe()}")
+        if len(sc.backends) > scn.MAX_SHARE_COLUMNS:
+            print(f"   ... {len(sc.backends) - scn.MAX_SHARE_COLUMNS} more, to {sc.backends[-1].describe()}")
         rows = []
         for policy in args.policies:
             t0 = time.perf_counter()
             rows.append(simulate(sc, policy, duration=args.duration, rate=args.rate,
                                  workers=args.workers, seed=args.seed, timeout=args.timeout,
                                  model=args.model, traces=args.traces,
-                                 exploration=args.exploration))
+                                 exploration=args.exploration, instances=args.instances))
             rows[-1].wall = time.perf_counter() - t0  # type: ignore[attr-defined]
         print(scn.table(sc, rows))
         schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
         print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))
         print(f"({sum(r.requests for r in rows)} requests simulated in "
               f"{sum(r.wall for r in rows):.1f} s)")  # type: ignore[attr-defined]
-        out["scenarios"][name] = {"rate": rate, "rows": [r.as_dict() for r in rows]}
+        out["scenarios"][name] = {"rate": rate, "instances": instances,
+                                  "rows": [r.as_dict() for r in rows]}
         sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:

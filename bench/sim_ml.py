@@ -16,6 +16,12 @@ DIR` the joined records are written in the inference process's format
 
 When the inference code is not importable, `attach` returns no bridge and
 `ml` runs as a worker does without tables: on its P2C-EWMA fallback.
+
+`IdentityModel` stands in for the ONNX model in the `ml-identity` ablation:
+it has `inference.model.Model`'s interface (`predict`, `version`,
+`features`) and predicts what the cell showed, so the same engine, weights,
+costs, pick and guard run without the network.  One bridge (one engine) per
+lb instance: two instances sharing a fleet each see only their own workers.
 """
 
 from __future__ import annotations
@@ -25,19 +31,53 @@ import os
 import scenarios as scn  # bench/scenarios.py
 
 
-def attach(sim, model_path: str | None, traces_dir: str | None = None):
-    """(bridge or None, note for the results table)."""
+class IdentityModel:
+    """The model replaced by the identity: latency = exp(lat_ewma_log), the
+    cell's observed mean; error = err_rate, its observed error rate."""
+
+    version = "identity"
+
+    def __init__(self) -> None:
+        from inference.features import FEATURES
+
+        self.features = FEATURES
+        self.path = "<identity>"
+        self._lat = FEATURES.index("lat_ewma_log")
+        self._err = FEATURES.index("err_rate")
+
+    def predict(self, X):
+        import numpy as np
+
+        X = np.asarray(X, dtype=np.float64)
+        lat = np.clip(np.exp(X[:, self._lat]), 1e-5, 60.0)
+        err = np.clip(X[:, self._err], 0.0, 1.0)
+        return lat, err
+
+
+_MODELS: dict = {}  # path -> loaded Model: one onnxruntime session per process, not per run
+
+
+def attach(sim, model_path: str | None, traces_dir: str | None = None, *, workers=None,
+           identity: bool = False, instance: int = 0):
+    """(bridge or None, note for the results table).  `workers`: the simulated
+    workers of one lb instance (default: all of them)."""
     try:
         from inference.engine import Engine
         from inference.model import DEFAULT_MODEL, Model
         from workers.telemetry import Tracer, build_stats
     except ImportError as exc:
         return None, f"fallback: {exc.name or 'inference'} not importable"
-    try:
-        model = Model.load(model_path or DEFAULT_MODEL)
-    except Exception as exc:  # noqa: BLE001 - e.g. ModelError: the run goes on, on the fallback
-        return None, f"fallback: {exc}"[:80]
-    return Bridge(sim, Engine, model, Tracer, build_stats, traces_dir), ""
+    if identity:
+        model = IdentityModel()
+    else:
+        path = model_path or DEFAULT_MODEL
+        try:
+            model = _MODELS.get(path) or Model.load(path)
+        except Exception as exc:  # noqa: BLE001 - e.g. ModelError: the run goes on, on the fallback
+            return None, f"fallback: {exc}"[:80]
+        _MODELS[path] = model
+    workers = sim.workers if workers is None else workers
+    return Bridge(sim, Engine, model, Tracer, build_stats, traces_dir, workers, instance), ""
 
 
 def engine_config(sim, trace_sample: float):
@@ -56,8 +96,11 @@ def engine_config(sim, trace_sample: float):
 
 
 class Bridge:
-    def __init__(self, sim, Engine, model, Tracer, build_stats, traces_dir: str | None) -> None:
+    def __init__(self, sim, Engine, model, Tracer, build_stats, traces_dir: str | None,
+                 workers=None, instance: int = 0) -> None:
         self.sim = sim
+        self.workers = sim.workers if workers is None else workers
+        self.instance = instance
         self.build_stats = build_stats
         self.traces_dir = traces_dir
         # Sampling costs simulated work only: take more when traces are wanted.
@@ -67,19 +110,19 @@ class Bridge:
             raise ValueError(f"class names {cfg.class_names} != {scn.CLASSES}")
         self.engine = Engine(cfg, model, now=0.0)
         self.engine.set_control(None)
-        self.epoch = 1 + sim.seed
+        self.epoch = 1 + sim.seed + 1000 * instance
         self.seq = 0
         self.modes: dict[str, int] = {}  # table mode/reason -> ticks
         self.records: list = []
         self.tracers = []
-        for w in sim.workers:
-            tracer = Tracer(sample, seed=1000 + w.slot)
+        for w in self.workers:
+            tracer = Tracer(sample, seed=1000 + w.slot + 100 * instance)
             for b in w.backends:
                 b.tracer = tracer
             self.tracers.append(tracer)
 
     def tick(self, now: float) -> None:
-        for w, tracer in zip(self.sim.workers, self.tracers):
+        for w, tracer in zip(self.workers, self.tracers):
             w.seq += 1
             counters = {"connections": 0, "accepted": w.requests, "requests": w.requests,
                         "rejected": 0, "timeouts": w.timeouts, "no_backend": w.no_backend}
@@ -93,7 +136,7 @@ class Bridge:
         table = self.engine.tick(now, self.epoch, self.seq)
         key = table.mode + (f": {table.reason}" if table.reason else "")
         self.modes[key] = self.modes.get(key, 0) + 1
-        for w, tracer in zip(self.sim.workers, self.tracers):
+        for w, tracer in zip(self.workers, self.tracers):
             if hasattr(w.strategy, "set_table"):
                 w.strategy.set_table(table)
                 w.strategy.check(now)
@@ -117,5 +160,6 @@ class Bridge:
         from inference import traces
 
         os.makedirs(self.traces_dir, exist_ok=True)
-        name = f"sim-{self.sim.sc.name}-{self.sim.policy}-seed{self.sim.seed}.npz"
+        lb = f"-lb{self.instance + 1}" if self.instance else ""
+        name = f"sim-{self.sim.sc.name}-{self.sim.policy}-seed{self.sim.seed}{lb}.npz"
         return traces.write(self.traces_dir, traces.concat(self.records), name)

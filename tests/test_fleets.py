@@ -1,0 +1,226 @@
+"""Honest evaluation: random training fleets (bench/fleets.py) kept apart from the
+evaluation set, the added evaluation scenarios, the simulator's ablations, two lb
+instances on one fleet, and the time-to-divert measure."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import fleets  # noqa: E402
+import scenarios as scn  # noqa: E402
+import sim  # noqa: E402
+
+NEW_SCENARIOS = ("spread16", "spread64", "affinity", "drift", "twolb")
+
+
+# -- the generator ------------------------------------------------------------------------------
+
+
+def test_training_and_evaluation_seeds_are_disjoint():
+    assert set(fleets.TRAINING_SEEDS).isdisjoint(fleets.EVALUATION_SEEDS)
+    assert (fleets.TRAINING_SEEDS.start, fleets.TRAINING_SEEDS.stop) == (1000, 2000)
+    assert (fleets.EVALUATION_SEEDS.start, fleets.EVALUATION_SEEDS.stop) == (1, 100)
+    # the seeds of the fixed evaluation set's runs (bench/sim.py and quality.py use 1-9)
+    assert fleets.TRAINING_SEEDS.start > 9
+    assert fleets.training_seeds(3) == [1000, 1001, 1002]
+    for bad in ((5, 1), (1, 999), (2, 1999)):
+        with pytest.raises(ValueError):
+            fleets.training_seeds(bad[0], first=bad[1])
+
+
+def test_a_seed_gives_the_same_fleet_and_another_seed_another():
+    assert fleets.generate(1234) == fleets.generate(1234)
+    assert scn.get("fleet1234") == fleets.generate(1234)
+    assert fleets.generate(1234) != fleets.generate(1235)
+    assert fleets.generate(7) != fleets.generate(1007)
+    with pytest.raises(ValueError):
+        scn.get("fleetx")
+
+
+def test_generated_fleets_cover_the_ranges_asked_for():
+    fl = [fleets.generate(s) for s in range(1000, 1300)]
+    sizes = [len(f.backends) for f in fl]
+    assert min(sizes) == 1 and max(sizes) > 128 and max(sizes) <= 256
+    assert sum(1 for n in sizes if n <= 4) > 30 and sum(1 for n in sizes if n >= 64) > 30
+    caps = [b.capacity for f in fl for b in f.backends]
+    assert min(caps) == 1 and 16 < max(caps) <= 32
+    spreads = []
+    for f in fl:
+        med = [b.median_ms for b in f.backends]
+        spreads.append(max(med) / min(med))
+        load = f.rate / scn.capacity_rate(f.backends, f.heavy_share)
+        assert 0.3 - 1e-3 <= load <= 0.95 + 1e-3 or f.rate == 5.0, (f.name, load)
+        assert f.rate <= fleets.MAX_RATE
+        assert f.seed not in range(1, 10)  # a generated fleet never replays an evaluation run's arrivals
+    assert max(spreads) > 16 and max(spreads) <= 32 * 1.18 / 0.85 + 1e-6
+    specs = [b for f in fl for b in f.backends]
+    # per-class affinity: some backends are cheaper for heavy than for light requests
+    assert any(b.costs[1] < b.costs[0] for b in specs)
+    assert any(b.costs[1] > 2 * scn.HEAVY_COST for b in specs)
+    assert any(p.slow >= 2 for b in specs for p in b.phases)
+    assert any(p.fail > 0 for b in specs for p in b.phases)
+    assert any(b.join_at > 0 for b in specs)
+    assert any(b.weight > 1 for b in specs)
+    assert any(f.bursts for f in fl)
+
+
+def test_the_evaluation_set_keeps_the_six_and_adds_the_held_out_scenarios():
+    assert set(scn.TUNED_ON) | set(NEW_SCENARIOS) == set(scn.SCENARIOS)
+    s16, s64 = scn.get("spread16"), scn.get("spread64")
+    for sc, n in ((s16, 16), (s64, 64)):
+        med = [b.median_ms for b in sc.backends]
+        assert len(med) == n and max(med) / min(med) == pytest.approx(16, rel=0.01)
+        assert max(b.capacity for b in sc.backends) <= 2
+        assert 0.6 < sc.rate / scn.capacity_rate(sc.backends, sc.heavy_share) < 0.8
+    aff = scn.get("affinity").backends
+    light = [b for b in aff if b.cost(0) < b.cost(1) / 2]
+    heavy = [b for b in aff if b.cost(1) < b.cost(0)]
+    assert len(light) == len(heavy) == 4
+    # each kind is the fast one for one class
+    assert min(b.cost(0) for b in light) < min(b.cost(0) for b in heavy)
+    assert min(b.cost(1) for b in heavy) < min(b.cost(1) for b in light)
+    assert len(scn.slowdowns(scn.get("drift"))) >= 10
+    assert scn.get("twolb").instances == 2
+
+
+# -- the simulator on the new scenarios ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NEW_SCENARIOS)
+def test_every_policy_runs_on_the_new_scenarios(name):
+    sc = scn.get(name)
+    for policy in sim.POLICIES:
+        s = sim.Simulation(sc, policy, duration=2.0, seed=2)
+        s.run()
+        assert len(s.records) == len(s.arrivals) > 100, policy
+        summary = s.summary()
+        if policy not in ("round_robin", "weighted_round_robin", "random"):  # load-blind ones overflow
+            assert summary.error_rate < 0.05, (policy, summary)
+        assert len(summary.divert) == len(scn.slowdowns(sc))
+
+
+def test_a_generated_fleet_runs_in_the_simulator():
+    sc = fleets.generate(1003)
+    s = sim.Simulation(sc, "p2c_ewma", duration=1.0)
+    s.run()
+    assert len(s.records) == len(s.arrivals) > 0
+
+
+def test_two_instances_each_have_their_own_workers_and_engine():
+    pytest.importorskip("inference.engine")
+    s = sim.Simulation(scn.get("twolb"), "ml", duration=2.0, workers=2)
+    s.run()
+    assert len(s.workers) == 4 and [w.instance for w in s.workers] == [0, 0, 1, 1]
+    assert len(s.bridges) == 2 and s.bridges[0].engine is not s.bridges[1].engine
+    assert [w.instance for w in s.bridges[1].workers] == [1, 1]
+    # each instance routes by its own tables and sees only its own workers' traffic
+    t0, t1 = (b.workers[0].strategy.table for b in s.bridges)
+    assert t0 is not None and t1 is not None and t0.epoch != t1.epoch
+    for b in s.bridges:
+        sent = sum(w.requests for w in b.workers)
+        assert 0.4 * len(s.arrivals) < sent < 0.6 * len(s.arrivals)
+    one = sim.Simulation(scn.get("twolb"), "ml", duration=2.0, workers=2, instances=1)
+    assert len(one.workers) == 2 and len(one.bridges) == 1
+
+
+# -- ablations -----------------------------------------------------------------------------------
+
+
+def test_ml_identity_routes_by_what_the_cells_showed():
+    pytest.importorskip("inference.engine")
+    import numpy as np
+
+    import sim_ml
+    from inference.features import FEATURES
+
+    m = sim_ml.IdentityModel()
+    X = np.zeros((2, len(FEATURES)), np.float32)
+    X[:, FEATURES.index("lat_ewma_log")] = np.log([0.004, 0.05])
+    X[:, FEATURES.index("err_rate")] = [0.0, 0.9]
+    lat, err = m.predict(X)
+    assert lat == pytest.approx([0.004, 0.05], rel=1e-5) and err == pytest.approx([0.0, 0.9])
+    s = sim.Simulation(scn.get("heterogeneous"), "ml-identity", duration=6.0)
+    s.run()
+    assert s.bridge.engine.model.version == "identity"
+    summary = s.summary()
+    assert summary.note.startswith("learned"), summary.note
+    assert summary.share["big"] > summary.share["medium"] > summary.share["tiny"]
+
+
+def test_least_latency_takes_the_least_ewma_times_load_of_all():
+    from lb.config import Backend as BackendConfig
+    from workers import balancer
+
+    bs = [balancer.Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"x{i}"), 2, i)
+          for i in range(6)]
+    for b, ewma, inflight in zip(bs, (0.010, 0.002, 0.004, 0.001, 0.020, 0.003),
+                                 (0, 3, 1, 9, 0, 0)):
+        b.ewma, b.inflight = ewma, inflight
+    st = sim.LeastLatency(bs, decay=10.0, rng=random.Random(1))
+    # costs: 10, 8, 8, 10, 20, 3 (ms x (in-flight + 1)): x5 every time, whatever the start
+    assert {st.pick((), 0).name for _ in range(12)} == {"x5"}
+    assert st.pick([bs[5]], 0).name in {"x1", "x2"}
+    bs[5].available = False
+    picks = {st.pick((), 0).name for _ in range(12)}
+    assert picks == {"x1", "x2"}  # ties are shared through the rotating start
+    s = sim.Simulation(scn.get("slowdown"), "least-latency", duration=4.0)
+    s.run()
+    assert s.summary().share["b4"] < 0.2
+
+
+# -- time to divert ------------------------------------------------------------------------------
+
+
+def _records(rate: float, until: float, share_of_b: "callable"):
+    """Evenly sent requests; request k goes to 'b' when share_of_b(t) says so
+    (deterministic: a running sum decides, so the share is exact)."""
+    out, acc = [], 0.0
+    for k in range(int(until * rate)):
+        t = k / rate
+        acc += share_of_b(t)
+        if acc >= 1.0:
+            acc -= 1.0
+            out.append((t, 0.005, 200, "b"))
+        else:
+            out.append((t, 0.005, 200, "a"))
+    return out
+
+
+def test_time_to_divert_on_a_synthetic_record_list():
+    # b has 40% before t=5, then 4% from t=5.3 on: its share over the last 0.25 s
+    # falls below 20% once more than half of the window is after 5.3
+    recs = _records(1000, 10, lambda t: 0.4 if t < 5.3 else 0.04)
+    got = scn.time_to_divert(recs, "b", 5.0, 8.0)
+    expect = 0.3 + 0.25 * (0.4 - 0.2) / (0.4 - 0.04)
+    assert got == pytest.approx(expect, abs=0.01)
+    # never diverted before the end of the slowdown
+    assert scn.time_to_divert(recs, "b", 5.0, 5.2) is None
+    # no share to lose: nothing to measure
+    assert scn.time_to_divert(_records(1000, 10, lambda t: 0.0), "b", 5.0, 8.0) is None
+    # a policy that sends nothing more at once is credited half a window
+    instant = _records(1000, 10, lambda t: 0.5 if t < 5.0 else 0.0)
+    assert scn.time_to_divert(instant, "b", 5.0, 8.0) == pytest.approx(0.125, abs=0.01)
+
+
+def test_divert_times_follow_the_scenarios_slowdowns():
+    assert scn.slowdowns(scn.get("slowdown")) == [("b4", 0.3, 0.6)]
+    assert scn.slowdowns(scn.get("identical")) == []
+    assert scn.slowdowns(scn.get("coldjoin")) == []  # a join is not a slowdown of a serving backend
+    s = sim.Simulation(scn.get("slowdown"), "p2c_ewma", duration=10.0)
+    s.run()
+    (t,) = s.summary().divert
+    assert t is not None and 0.05 < t < 1.0
+    rr = sim.Simulation(scn.get("slowdown"), "round_robin", duration=10.0)
+    rr.run()
+    assert rr.summary().divert == [None]  # round robin never turns away
+    assert scn.divert_cell([0.2]) == "200ms" and scn.divert_cell([None]) == "never"
+    assert scn.divert_cell([0.2, 0.4, None]) == "median 200ms, max 400ms, 1 of 3 never"
+    assert math.isfinite(t)
