@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import RawConn, chunk_body
+from tests.conftest import RawConn, ThreadedServer, chunk_body
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
 
@@ -160,3 +160,47 @@ def test_response_has_one_framing_header(lb, target, expected):
         assert got == expected, resp.head
         if expected == ["transfer-encoding"]:
             assert resp.values("transfer-encoding") == ["chunked"]
+
+
+class NoContentServer(ThreadedServer):
+    """Answers every request with a 204 that carries a Content-Length (a common backend slip)."""
+
+    def __init__(self, length: bytes) -> None:
+        self.name = "nc"
+        self.length = length
+        super().__init__()
+
+    def handle(self, conn) -> None:
+        buf = b""
+        conn.settimeout(10)
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                _, _, buf = buf.partition(b"\r\n\r\n")
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\ncontent-length: " + self.length
+                             + b"\r\nX-B: 2\r\n\r\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("length", [b"0", b"7"])
+def test_no_content_response_carries_no_content_length(lb_factory, length):
+    # RFC 9110 8.6: no Content-Length in a 204.  A client that believed one
+    # would wait for (or take the next response as) a body that never comes.
+    server = NoContentServer(length)
+    try:
+        lb = lb_factory([server])
+        with RawConn(lb.port, timeout=5) as c:
+            for _ in range(2):  # the connection stays usable after it
+                resp = c.request("GET", "/nc")
+                assert resp.status == 204, resp.head
+                assert resp.values("content-length") == [], resp.head
+                assert resp.values("x-a") == ["1"] and resp.values("x-b") == ["2"], resp.head
+    finally:
+        server.close()

@@ -96,6 +96,8 @@ HOP_BY_HOP_LINES = re.compile(
     rb"[ \t]*:[^\r]*",
     re.IGNORECASE,
 )
+# Content-Length lines of a response head: never sent with a 204 (RFC 9110 8.6).
+CONTENT_LENGTH_LINES = re.compile(rb"\r\ncontent-length[ \t]*:[^\r]*", re.IGNORECASE)
 # Names of the hop-by-hop fields and of Content-Length in a lower-cased head,
 # in order (one C-level pass tells both the framing and what to strip).
 RESPONSE_FIELDS = re.compile(

@@ -23,6 +23,7 @@ from workers.http import (
     CONNECTION_CLOSE,
     CONNECTION_KEEP_ALIVE,
     CONNECTION_UPGRADE,
+    CONTENT_LENGTH_LINES,
     CRLF,
     FIELDS_CL,
     FIELDS_CL_CONNECTION,
@@ -349,6 +350,8 @@ class UpstreamConnection(asyncio.Protocol):
         head_request = ex.method == b"HEAD"
         if head_request or status == 204 or status == 304:
             mode = MODE_NONE
+            if status == 204 and cl:
+                out = CONTENT_LENGTH_LINES.sub(b"", out)  # RFC 9110 8.6: none on a 204
         elif cl:
             mode = MODE_RAW
         elif ex.http10:
