@@ -193,7 +193,9 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
         if w.max_body_size and n > w.max_body_size:
             raise Reject(413)
         has_body = n > 0
-        parts += (b"Content-Length: ", cl, CRLF)
+        # The value lb frames the body by, not the digits as sent: leading zeros
+        # ("010") read as octal or past a digit cap elsewhere would frame it apart.
+        parts += (b"Content-Length: ", b"%d" % n, CRLF)
     if conn_values is not None:
         tokens = connection_tokens(conn_values)
         if not tokens <= PLAIN_CONNECTION_TOKENS:

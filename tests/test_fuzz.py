@@ -1,0 +1,696 @@
+"""Fuzz: mutated requests, sent in random splits, and broken backend responses,
+through a real lb process on both parse paths (C fast path, LB_NO_FASTPATH=1).
+
+Bounded and seeded: LB_FUZZ_SEED and LB_FUZZ_CASES widen a local run (the
+suite runs the defaults).  Each case is one client connection (tests/fuzz_http.py
+builds it), answered by a raw backend that keeps the exact bytes it received
+and parses them with h11 (tests/fuzz_backend.py).  The oracles:
+
+1. no worker dies or restarts, and no worker logs an unhandled exception;
+2. framing preserved: every request the backend parsed (strictly, with h11) is
+   one the client sent validly, in order, with the same method, target and
+   body, and carries no look-alike or hop-by-hop framing field; the backend
+   never sees a request the client did not send, nor bytes it cannot parse;
+3. every client connection gets, within a bound, complete well-formed
+   responses (h11 as the client), each answering its own request, and/or a
+   close; never a hang past lb's (short) timeouts;
+4. nothing leaks to a later client: after every case a canary pair on a new
+   connection gets exactly its own two answers, and the backend receives them
+   whole, on connections that carry nothing else of an earlier case.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+
+import h11
+import pytest
+
+from tests.conftest import LBProc, get
+from tests.fuzz_backend import BROKEN_KINDS, FuzzBackend, echo_token
+from tests.fuzz_http import Case, Reference, make_case, reference
+
+SEED = int(os.environ.get("LB_FUZZ_SEED", "20261130"))
+CASES = int(os.environ.get("LB_FUZZ_CASES", "300"))
+ONLY = {int(x) for x in os.environ.get("LB_FUZZ_ONLY", "").split(",") if x}  # re-run these cases
+BUDGET = float(os.environ.get("LB_FUZZ_BUDGET", "18"))  # seconds per parse path: stop early past it
+
+LB_TIMEOUT = 0.5  # lb's client and upstream timeouts for this test
+HANG = 4.0  # no answer nor close this long after the last byte: lb hangs
+GRACE = 0.1  # how long a connection ending mid-request is given before the client half-closes
+
+LB_CONFIG = f"""
+[timeouts]
+client_header = {LB_TIMEOUT}
+client_body = {LB_TIMEOUT}
+keepalive = 5
+send = 2
+upstream_connect = 1
+upstream_response = {LB_TIMEOUT}
+[outlier]
+consecutive_failures = 0
+[balancer]
+slow_start = 0
+"""
+
+# Classes of input with a known open defect, kept out of the main run only
+# while each has its own strict xfail test below (see `open_class`).
+OPEN_CLASSES: frozenset = frozenset({"upgrade_with_body"})
+
+
+def open_class(ref: Reference) -> str | None:
+    """The known-open class a case belongs to, if any."""
+    for r in ref.requests:
+        names = {k.lower() for k, _ in r.headers}
+        if r.upgrade and names & {b"content-length", b"transfer-encoding"}:
+            return "upgrade_with_body"
+    return None
+
+FRAMING = {"content-length", "transfer-encoding"}
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
+IDEMPOTENT = {b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"}
+NO_ANSWER = {"close_no_answer", "reset"}
+HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?$")
+
+
+def fold(name: bytes) -> str:
+    """A header name as a lenient backend (CGI, some frameworks) reads it."""
+    return re.sub(r"-+", "-", name.decode("latin-1").lower().replace("_", "-")).strip("-")
+
+
+# -- the client side ---------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list
+    body: bytes = b""
+    complete: bool = False
+
+    def header(self, name: bytes):
+        vs = [v for k, v in self.headers if k.lower() == name]
+        return vs[0] if vs else None
+
+
+class ResponseReader:
+    """lb's answers on one connection, read by h11 as the client of the requests
+    the reference saw (HEAD and upgrades change how a response is framed)."""
+
+    def __init__(self, ref: Reference) -> None:
+        self.ref = ref
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 21)
+        self.answers: list[Answer] = []
+        self.error = ""
+        self.switched = False
+        self.tunnel = b""
+        self.eof = False
+        self.closed_after_message = False
+        self.cur: Answer | None = None
+        self.raw = b""  # everything received, for the failure report
+        # lb's own error answer to a HEAD request it rejected carries a body (then
+        # closes): wrong (RFC 9110 9.3.2) but harmless with the close; counted.
+        self.head_error_body: bytes | None = None
+        self._ask()
+
+    def _head_error(self, last: Answer, data: bytes) -> bool:
+        i = len(self.answers) - 1
+        rq = self.ref.requests[i] if i < len(self.ref.requests) else None
+        return (rq is not None and rq.method == b"HEAD" and last.status >= 400 and last.header(b"x-echo") is None
+                and last.header(b"server") == b"lb"
+                and last_error_body(last.status).startswith(self.raw[self.raw.rfind(b"\r\n\r\n") + 4:]))
+
+    def _ask(self) -> None:
+        i = len(self.answers)
+        rq = self.ref.requests[i] if i < len(self.ref.requests) else None
+        method = rq.method if rq is not None else b"GET"
+        headers = [(b"Host", b"x")]
+        if rq is not None and rq.upgrade:
+            headers += [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
+        if method == b"CONNECT" or not re.fullmatch(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+", method):
+            method = b"GET"
+        self.conn.send(h11.Request(method=method, target=b"/", headers=headers))
+        self.conn.send(h11.EndOfMessage())
+
+    def feed(self, data: bytes) -> None:
+        self.raw += data
+        if self.error:
+            return
+        if self.head_error_body is not None:  # only the rest of that body, then the close
+            self.eof = not data
+            return
+        if self.switched:
+            self.tunnel += data
+            return
+        if self.conn.their_state in (h11.MUST_CLOSE, h11.CLOSED) and data:
+            last = self.answers[-1] if self.answers else None
+            if self.head_error_body is not None or last is not None and self._head_error(last, data):
+                self.head_error_body = (self.head_error_body or b"") + data
+                return
+            self.error = f"bytes after a response that ended the connection: {data[:100]!r}"
+            return
+        self.conn.receive_data(data)
+        if not data:
+            self.eof = True
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+                if "expecting EOF" in str(exc) and self.answers and self._head_error(self.answers[-1], data):
+                    self.head_error_body = data
+                    return
+                if self.eof and (self.cur is not None and "without sending complete" in str(exc)
+                                 or self.cur is None and "ConnectionClosed" in str(exc)):
+                    return  # closed, maybe inside a response: allowed (checked by the caller)
+                self.error = f"malformed response stream: {exc}"
+                return
+            if ev is h11.NEED_DATA or isinstance(ev, h11.ConnectionClosed):
+                return
+            if ev is h11.PAUSED:
+                self.switched = True
+                self.tunnel += self.conn.trailing_data[0]
+                return
+            if isinstance(ev, h11.InformationalResponse):
+                if ev.status_code == 101:
+                    self.answers.append(Answer(101, list(ev.headers.raw_items()), complete=True))
+                continue
+            if isinstance(ev, h11.Response):
+                self.cur = Answer(ev.status_code, list(ev.headers.raw_items()))
+            elif isinstance(ev, h11.Data):
+                self.cur.body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                self.cur.complete = True
+                self.answers.append(self.cur)
+                self.cur = None
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                    self._ask()
+                else:
+                    self.closed_after_message = True
+
+    @property
+    def finals(self) -> list[Answer]:
+        return [a for a in self.answers if a.status >= 200 or a.status == 101]
+
+
+def last_error_body(status: int) -> bytes:
+    """The body lb's error answers carry ("Bad Request\\n")."""
+    from workers.http import DATE
+    resp = DATE.error(status)
+    return resp[resp.index(b"\r\n\r\n") + 4:]
+
+
+@dataclass
+class Outcome:
+    reader: ResponseReader
+    hung: bool = False
+    reset: bool = False
+    half_closed: bool = False
+    elapsed: float = 0.0
+    send_error: str = ""
+
+
+def drive(port: int, case: Case, ref: Reference, wait_for_lb: bool) -> Outcome:
+    """Send the case's bytes in its splits, read everything lb answers, until lb
+    closes, or every request is answered, or the bound passes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setblocking(False)
+    out = Outcome(ResponseReader(ref))
+    rd = out.reader
+
+    def pump(wait: float) -> bool:
+        """Read what is there (waiting up to `wait`); False at EOF or reset."""
+        r, _, _ = select.select([s], [], [], wait)
+        if not r:
+            return True
+        try:
+            data = s.recv(262144)
+        except BlockingIOError:
+            return True
+        except ConnectionResetError:
+            out.reset = True
+            data = b""
+        rd.feed(data)
+        return bool(data)
+
+    t0 = time.monotonic()
+    open_ = True
+    try:
+        pos = 0
+        for size in case.splits:
+            piece = case.data[pos:pos + size]
+            pos += size
+            try:
+                _send_all(s, piece)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                out.send_error = str(exc)
+                break
+            open_ = pump(0.002)  # also paces the pieces so lb reads them apart
+            if not open_:
+                break
+        sent_at = time.monotonic()
+        deadline = sent_at + HANG
+        n_valid = len(ref.valid_prefix)
+        grace_end = sent_at + (HANG if wait_for_lb else GRACE)
+        tunnel_sent = False
+        while open_ and not rd.error:
+            now = time.monotonic()
+            if now > deadline:
+                out.hung = True
+                break
+            if rd.switched:
+                if not tunnel_sent and case.tunnel:
+                    _send_all(s, case.tunnel)
+                    tunnel_sent = True
+                if rd.tunnel.startswith(ref.tail + case.tunnel):
+                    break
+            elif ref.end == "clean" and len(rd.finals) >= len(ref.requests) and not rd.closed_after_message \
+                    and n_valid == len(ref.requests):
+                break  # every request answered; the connection may stay open
+            elif ref.end in ("partial", "error") and len(rd.finals) >= n_valid and now > grace_end \
+                    and not out.half_closed:
+                # lb waits for the rest of a request: say there is none (its timeout
+                # is exercised by the cases that wait for it).
+                s.shutdown(socket.SHUT_WR)
+                out.half_closed = True
+            open_ = pump(min(0.05, max(0.0, deadline - now)))
+    finally:
+        out.elapsed = time.monotonic() - t0
+        s.close()
+    return out
+
+
+def _send_all(s: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    deadline = time.monotonic() + 2
+    while view:
+        try:
+            n = s.send(view)
+            view = view[n:]
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise BrokenPipeError("lb stopped reading") from None
+            select.select([], [s], [], 0.05)
+
+
+# -- the oracles -----------------------------------------------------------------------
+
+
+def check_answers(case: Case, ref: Reference, out: Outcome) -> list[str]:
+    rd = out.reader
+    bad = []
+    if rd.error:
+        bad.append(rd.error)
+    if out.hung:
+        bad.append(f"no answer nor close {HANG} s after the request (lb timeouts are {LB_TIMEOUT} s)")
+    finals = rd.finals
+    if len(finals) > len(ref.requests) + 1:
+        bad.append(f"{len(finals)} responses to {len(ref.requests)} requests")
+    for i, ans in enumerate(finals):
+        rq = ref.requests[i] if i < len(ref.requests) else None
+        echo = ans.header(b"x-echo")
+        kind = planned(case, rq)
+        if echo is not None:
+            if rq is None or rq not in ref.valid_prefix:
+                bad.append(f"response {i} came from the backend (X-Echo {echo!r}) for a request the client "
+                           f"did not send validly")
+                continue
+            want = {echo_token(t, rq.body).encode() for t in _targets(rq.target)}
+            others = {echo_token(t, r.body).encode() for r in ref.requests if r is not rq
+                      for t in _targets(r.target)} | {b"unsolicited"}
+            if echo in others - want or (echo not in want and kind not in BROKEN_KINDS):
+                bad.append(f"response {i} answers another request: X-Echo {echo!r}, expected {want}")
+            if kind in BROKEN_KINDS:
+                continue  # the backend broke this answer itself (a close may end its body early)
+            if ans.complete and ans.status == 200 and rq.method != b"HEAD" and ans.body != b"echo " + echo + b"\n":
+                bad.append(f"response {i} body {ans.body[:80]!r} is not the backend's")
+        elif ans.status < 400 and ans.status != 101 and kind not in BROKEN_KINDS:
+            bad.append(f"response {i}: status {ans.status} without the backend's X-Echo")
+    if rd.cur is not None and not rd.eof and not out.hung:
+        pass  # we stopped reading mid-response on purpose only at a hang: reported above
+    if rd.cur is not None and rd.eof:
+        i = len(rd.answers)
+        rq = ref.requests[i] if i < len(ref.requests) else None
+        kind = planned(case, rq)
+        if kind not in BROKEN_KINDS:
+            bad.append(f"response {i} truncated although the backend answered validly ({kind})")
+    return bad
+
+
+def planned(case: Case, rq) -> str:
+    """The backend's response kind for a request of the reference."""
+    if rq is None:
+        return "ok"
+    return next((case.kinds[t] for t in _targets(rq.target) if t in case.kinds), "ok")
+
+
+def _targets(target: bytes) -> list[bytes]:
+    """The target a request may reach the backend with (absolute-form may be rewritten)."""
+    m = re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*(.*)$", target)
+    return [target] if m is None else [target, m.group(1) or b"/"]
+
+
+def check_forwarded(case: Case, ref: Reference, got: list) -> list[str]:
+    """What the backend received during the case against what the client sent."""
+    bad = []
+    valid = ref.valid_prefix
+    i = 0  # index in the reference
+    prev = None
+    for rec in got:
+        if prev is not None and _same(prev, rec) and prev.kind in NO_ANSWER and rec.method in IDEMPOTENT \
+                and not rec.body:
+            prev = rec  # lb resent a bodyless idempotent request whose connection died unanswered
+            continue
+        if not rec.complete:
+            if i < len(ref.requests) and rec.target in _targets(ref.requests[i].target) \
+                    and rec.method == ref.requests[i].method:
+                prev = rec
+                i += 1
+                continue  # the head (and maybe part of the body) of a request lb then gave up
+            bad.append(f"incomplete request at the backend not matching request {i}: {rec.method!r} "
+                       f"{rec.target!r}")
+            continue
+        if i >= len(valid):
+            why = (ref.requests[i].invalid or "incomplete") if i < len(ref.requests) else \
+                f"the client sent {len(ref.requests)} request(s) (reference ends: {ref.end} {ref.error})"
+            bad.append(f"forwarded request {i} ({rec.method!r} {rec.target!r}, body {len(rec.body)} bytes) "
+                       f"that must not reach a backend: {why}")
+            prev = rec
+            i += 1
+            continue
+        want = valid[i]
+        if rec.method != want.method or rec.target not in _targets(want.target) or rec.body != want.body:
+            bad.append(f"request {i} forwarded as {rec.method!r} {rec.target!r} body {rec.body[:60]!r}, "
+                       f"sent as {want.method!r} {want.target!r} body {want.body[:60]!r}")
+        bad += [f"request {i}: {e}" for e in check_fields(rec, want)]
+        prev = rec
+        i += 1
+    return bad
+
+
+def _same(a, b) -> bool:
+    return a.method == b.method and a.target == b.target and a.body == b.body
+
+
+def check_fields(rec, want) -> list[str]:
+    """Framing and hop-by-hop fields as the backend got them (independent of the reference)."""
+    bad = []
+    names = [k for k, _ in rec.headers]
+    for k in names:
+        f = fold(k)
+        canonical = k.lower().decode("latin-1")
+        if f in FRAMING | HOP_BY_HOP | {"host"} and canonical != f:
+            bad.append(f"look-alike field {k!r} (reads as {f!r} to a lenient backend)")
+    lower = [k.lower() for k in names]
+    cl, te = lower.count(b"content-length"), lower.count(b"transfer-encoding")
+    if cl + te > 1:
+        bad.append(f"{cl} Content-Length and {te} Transfer-Encoding fields")
+    if te and rec.values(b"transfer-encoding")[0].strip().lower() != b"chunked":
+        bad.append(f"Transfer-Encoding {rec.values(b'transfer-encoding')!r}")
+    if want.body and cl + te != 1:
+        bad.append("body forwarded without one framing field")
+    hop = sorted({k.decode() for k in lower} & HOP_BY_HOP - ({"connection", "upgrade"} if want.upgrade else set()))
+    if hop:
+        bad.append(f"hop-by-hop fields forwarded: {hop}")
+    hosts = rec.values(b"host")
+    if len(hosts) != 1:
+        bad.append(f"{len(hosts)} Host fields")
+    elif not HOST_RE.match(hosts[0]):
+        bad.append(f"invalid Host {hosts[0]!r} forwarded")
+    m = re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/?#]*)", want.target)
+    if m is not None and len(hosts) == 1 and hosts[0].lower() != m.group(1).lower():
+        bad.append(f"absolute-form target {want.target!r} forwarded as {rec.target!r} with Host {hosts[0]!r}")
+    if rec.version != b"1.1":
+        bad.append(f"forwarded as HTTP/{rec.version.decode()}")
+    return bad
+
+
+def canary(port: int, backend: FuzzBackend, case_id: int) -> list[str]:
+    """Two pipelined requests on a new connection get exactly their own answers."""
+    targets = [b"/canary/%d/a" % case_id, b"/canary/%d/b" % case_id]
+    data = (b"GET " + targets[0] + b" HTTP/1.1\r\nHost: fuzz.test\r\n\r\n"
+            b"GET " + targets[1] + b" HTTP/1.1\r\nHost: fuzz.test\r\nConnection: close\r\n\r\n")
+    s = socket.create_connection(("127.0.0.1", port), timeout=HANG)
+    buf = b""
+    try:
+        s.sendall(data)
+        deadline = time.monotonic() + HANG
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    conn = h11.Connection(h11.CLIENT)
+    answers = []
+    bad = []
+    try:
+        for t in targets:
+            conn.send(h11.Request(method=b"GET", target=t, headers=[(b"Host", b"x")]))
+            conn.send(h11.EndOfMessage())
+            if not answers:
+                conn.receive_data(buf)
+                conn.receive_data(b"")
+            resp, body = None, b""
+            while True:
+                ev = conn.next_event()
+                if isinstance(ev, h11.Response):
+                    resp = ev
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+                elif isinstance(ev, h11.EndOfMessage):
+                    break
+                elif isinstance(ev, (h11.ConnectionClosed,)) or ev is h11.NEED_DATA:
+                    raise h11.RemoteProtocolError("connection ended")
+            answers.append((resp, body))
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+    except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+        bad.append(f"canary: {len(answers)} of 2 answers ({exc}); got {buf[:300]!r}")
+    for t, (resp, body) in zip(targets, answers):
+        token = echo_token(t, b"").encode()
+        echo = dict(resp.headers).get(b"x-echo")
+        if resp.status_code != 200 or echo != token or body != b"echo " + token + b"\n":
+            bad.append(f"canary {t!r} got {resp.status_code} X-Echo {echo!r} body {body[:80]!r}")
+    return bad
+
+
+def check_canary_at_backend(backend: FuzzBackend, case_id: int, got: list) -> list[str]:
+    bad = []
+    for suffix in (b"a", b"b"):
+        t = b"/canary/%d/%s" % (case_id, suffix)
+        recs = [r for r in got if r.target == t]
+        if len(recs) != 1 or not recs[0].complete or recs[0].body:
+            bad.append(f"backend got canary {t!r} {len(recs)} times "
+                       f"({[(r.complete, len(r.body)) for r in recs]})")
+            continue
+        log = backend.conns[recs[0].conn]
+        before = log.requests[:log.requests.index(recs[0])]
+        leftovers = [r for r in before if not r.complete]
+        if leftovers:
+            bad.append(f"canary {t!r} shared a backend connection with an unfinished request "
+                       f"{leftovers[0].target!r}")
+    return bad
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    failures: list = field(default_factory=list)
+    cases: int = 0
+    mutated: int = 0
+    forwarded: int = 0
+    answered: int = 0
+    waited: int = 0
+    head_error_bodies: int = 0
+    skipped: int = 0  # cases of a known-open class (OPEN_CLASSES)
+    elapsed: float = 0.0
+
+
+def fuzz(lb: LBProc, backend: FuzzBackend, seed: int, n_cases: int, budget: float,
+         exclude: frozenset = OPEN_CLASSES) -> Run:
+    rng = random.Random(seed)
+    run = Run()
+    t0 = time.monotonic()
+    errors_seen = 0
+    for case_id in range(n_cases):
+        if time.monotonic() - t0 > budget:
+            break
+        case = make_case(rng, case_id, exclude)
+        wait_for_lb = rng.random() < 0.05
+        if ONLY and case_id not in ONLY:
+            continue
+        ref = reference(case.data)
+        if open_class(ref) in exclude:
+            run.skipped += 1
+            continue
+        with backend.lock:
+            backend.plan.update(case.kinds)
+            start = len(backend.requests)
+        out = drive(lb.port, case, ref, wait_for_lb)
+        bad = check_answers(case, ref, out)
+        bad += canary(lb.port, backend, case_id)
+        with backend.lock:
+            got = backend.requests[start:]
+            conn_errors = [(c.id, c.error, bytes(c.data[-300:])) for c in backend.conns if c.error]
+        canaries = [r for r in got if r.target.startswith(b"/canary/")]
+        mine = [r for r in got if not r.target.startswith(b"/canary/")]
+        bad += check_forwarded(case, ref, mine)
+        bad += check_canary_at_backend(backend, case_id, canaries)
+        for cid, err, tail in conn_errors[errors_seen:]:
+            bad.append(f"the backend could not parse what lb sent on connection {cid}: {err}; last bytes {tail!r}")
+        errors_seen = len(conn_errors)
+        run.cases += 1
+        run.mutated += bool(case.mutations)
+        run.forwarded += sum(r.complete for r in mine)
+        run.answered += sum(1 for a in out.reader.finals if a.header(b"x-echo") is not None)
+        run.waited += wait_for_lb
+        run.head_error_bodies += out.reader.head_error_body is not None
+        if bad:
+            bad.append(f"client received {out.reader.raw[:400]!r}")
+            bad.append(f"backend received {[(r.conn, r.method, r.target, r.complete, r.kind) for r in got]}")
+            run.failures.append((case, ref, bad))
+    run.elapsed = time.monotonic() - t0
+    return run
+
+
+def report(run: Run) -> str:
+    lines = [f"{len(run.failures)} of {run.cases} cases failed (seed {SEED}):"]
+    for case, ref, bad in run.failures[:12]:
+        lines.append(case.repro())
+        lines.append(f"  reference: {[(r.method, r.target, len(r.body), r.complete, r.invalid) for r in ref.requests]}"
+                     f" end={ref.end} {ref.error}")
+        lines += ["  - " + b for b in bad[:8]]
+    return "\n".join(lines)
+
+
+def worker_restarts(lb: LBProc, timeout: float = 5.0) -> float:
+    """The supervisor's restart counter (in /metrics once its first status is out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, _, body = get(lb.admin_port, "/metrics")
+        m = re.search(rb"^lb_worker_restarts(?:_total)? (\S+)$", body, re.M)
+        if m:
+            return float(m.group(1))
+        assert time.monotonic() < deadline, "lb_worker_restarts missing from /metrics"
+        time.sleep(0.1)
+
+
+def unhandled(lb: LBProc) -> list[str]:
+    """stderr lines that are not lb's JSON events: tracebacks, asyncio's fatal errors."""
+    return [ln for ln in lb.log.lines if ln and not ln.startswith("{")]
+
+
+DATA_PATHS = {"c": {}, "python": {"LB_NO_FASTPATH": "1"}}
+
+
+@pytest.fixture
+def fuzz_backend():
+    b = FuzzBackend(random.Random(SEED))
+    yield b
+    b.close()
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_fuzz(data_path, fuzz_backend, tmp_path):
+    lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG, env=DATA_PATHS[data_path])
+    try:
+        pids = lb.worker_pids()
+        assert pids
+        run = fuzz(lb, fuzz_backend, SEED, CASES, BUDGET)
+        print(f"\n{data_path}: {run.cases} cases ({run.mutated} mutated) in {run.elapsed:.1f} s, "
+              f"{run.forwarded} requests forwarded, {run.answered} backend answers relayed, "
+              f"{run.waited} waited for lb's timeouts, {run.head_error_bodies} error answers to HEAD with a body, "
+              f"{run.skipped} skipped as known-open")
+        if not ONLY:
+            assert run.cases >= min(CASES, 100), f"only {run.cases} cases ran in the budget"
+            assert run.forwarded >= run.cases // 3, "too few requests reached the backend: the generator is off"
+        assert not run.failures, report(run)
+        # Oracle 1: the same workers served the whole run.
+        assert lb.proc.poll() is None
+        assert lb.worker_pids() == pids, f"workers changed: {pids} -> {lb.worker_pids()}"
+        assert not lb.log.events("worker_died"), lb.log.events("worker_died")
+        assert worker_restarts(lb) == 0
+        assert not unhandled(lb), "\n".join(unhandled(lb)[:40])
+    finally:
+        lb.stop()
+
+
+# -- defects the fuzz test found, each pinned by a small test --------------------------
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_content_length_forwarded_as_parsed(data_path, fuzz_backend, tmp_path):
+    """lb reads a Content-Length with leading zeros as its decimal value, and must
+    forward that value, not the digits as sent: a backend that caps the digits
+    (h11: 20) answered 502 to `0000000000000000000005`, and one that reads a
+    leading zero as octal would frame `010` as 8 bytes where lb sent 10."""
+    lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG, env=DATA_PATHS[data_path])
+    try:
+        for digits, body in ((b"010", b"0123456789"), (b"0000000000000000000005", b"hello"), (b"00", b"")):
+            target = b"/cl/" + digits
+            data = b"POST " + target + b" HTTP/1.1\r\nHost: fuzz.test\r\nContent-Length: " + digits + b"\r\n\r\n" + body
+            with socket.create_connection(("127.0.0.1", lb.port), timeout=HANG) as s:
+                s.sendall(data)
+                conn = h11.Connection(h11.CLIENT)
+                conn.send(h11.Request(method=b"POST", target=target, headers=[(b"Host", b"x")]))
+                conn.send(h11.EndOfMessage())
+                resp = None
+                while resp is None:
+                    ev = conn.next_event()
+                    if ev is h11.NEED_DATA:
+                        conn.receive_data(s.recv(65536))
+                    elif isinstance(ev, h11.Response):
+                        resp = ev
+            assert resp.status_code == 200, (digits, resp)
+            assert dict(resp.headers).get(b"x-echo") == echo_token(target, body).encode()
+            rec = [r for r in fuzz_backend.requests if r.target == target][-1]
+            assert rec.values(b"content-length") == [b"%d" % len(body)], rec.headers
+            assert rec.body == body
+    finally:
+        lb.stop()
+
+
+UPGRADE_WITH_BODY = {
+    "chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "content_length": b"Content-Length: 5\r\n\r\nhello",
+}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open: an Upgrade request with a body. httptools skips the body of an upgrade request (its "
+    "on_headers_complete returns 1), yet lb forwards the request's framing: a chunked one reaches the "
+    "backend complete with an empty body (lb appends the last chunk itself) and the client's real body "
+    "goes on as tunnel bytes; a Content-Length one never gets its body (504). Reject it (400) or "
+    "forward the body. Kept out of test_fuzz by OPEN_CLASSES['upgrade_with_body']."))
+@pytest.mark.parametrize("framing", UPGRADE_WITH_BODY)
+def test_upgrade_request_with_body(framing, fuzz_backend, tmp_path):
+    lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG)
+    try:
+        target = b"/upgrade-body/" + framing.encode()
+        data = (b"GET " + target + b" HTTP/1.1\r\nHost: fuzz.test\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n" + UPGRADE_WITH_BODY[framing])
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=HANG) as s:
+            s.sendall(data)
+            first = s.recv(65536)
+        recs = [r for r in fuzz_backend.requests if r.target == target]
+        if first.startswith(b"HTTP/1.1 400 "):
+            assert recs == [], "rejected, yet forwarded"
+        else:
+            assert len(recs) == 1 and recs[0].complete and recs[0].body == b"hello", \
+                (first[:100], [(r.complete, r.body) for r in recs])
+    finally:
+        lb.stop()
