@@ -152,12 +152,18 @@ class Limits(Base):
     max_headers: int = 100  # -> 431
     max_body_size: Size = "4GiB"  # -> 413; 0 means unlimited
     max_response_head: Size = "64KiB"  # a backend's head, 1xx ones before it included -> 502
+    # Client connections per worker; at it the worker stops accepting (they wait in
+    # the listen queue) until some close.  0 = computed from RLIMIT_NOFILE.
+    max_connections: int = 0
 
     def __post_init__(self):
         self.max_request_line = _checked("max_request_line", parse_size, self.max_request_line)
         self.max_response_head = _checked("max_response_head", parse_size, self.max_response_head)
         if not 1024 <= self.max_response_head <= 64 * 1024 * 1024:
             raise ValueError("max_response_head: must be between 1KiB and 64MiB")
+        if not 0 <= self.max_connections <= 10_000_000:
+            raise ValueError("max_connections: must be between 0 (from the file descriptor "
+                             "limit) and 10000000")
         self.max_header_size = _checked("max_header_size", parse_size, self.max_header_size)
         self.max_body_size = _checked("max_body_size", parse_size, self.max_body_size)
         if self.max_request_line < 64:

@@ -7,6 +7,7 @@ import time
 
 from workers import flow
 from workers.exchange import Exchange
+from workers.listener import LOCAL_ERRNOS
 from workers.timers import CLOCK
 
 monotonic = time.monotonic
@@ -100,6 +101,14 @@ class Dispatcher:
         ex.connecting = None
         exc = task.exception()
         if exc is not None:
+            if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+                # Out of descriptors or memory here: not the backend's failure,
+                # and no other backend would do better.
+                self.worker.listener.local_error(exc)
+                ex.unbind()
+                ex.upstream = None
+                self._write_error(ex, 503)
+                return
             ex.backend.connect_errors += 1
             ex.unbind()
             self.upstream_failed(ex, sent_nothing=True, status=502)

@@ -126,6 +126,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.deadline = CLOCK.tick() + w.t_client_header
         w.conns.add(self)
         w.accepted += 1
+        if len(w.conns) >= w.max_connections:
+            w.listener.pause()  # here, so the accept loop stops right after this one
         if w.draining:
             # Accepted just before the listener closed: serve it (with Connection:
             # close), but do not let it idle.
@@ -133,7 +135,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.worker.conns.discard(self)
+        w = self.worker
+        w.conns.discard(self)
+        if w.listener.paused:
+            w.listener.maybe_resume()
         if self.tunnel is not None:
             self.tunnel.transport.close()
             self.tunnel = None

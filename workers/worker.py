@@ -29,6 +29,7 @@ from workers.classes import make_classifier
 from workers.health import NEVER, HealthState
 from workers.downstream import Downstream
 from workers.http import DATE
+from workers.listener import Listener, connection_cap
 from workers.pool import Pool
 from workers.ratelimit import RateLimiter
 from workers.request_head import HEAD_SLACK
@@ -110,7 +111,9 @@ class Worker:
         self.limiter = RateLimiter(prot.rate_limit, prot.rate_burst) if prot.rate_limit else None
         DATE.retry_after = b"Retry-After: %d\r\n" % prot.retry_after
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.server = None
+        self.max_connections = connection_cap(lim.max_connections, len(cfg.backends),
+                                              cfg.upstream.keepalive)
+        self.listener = Listener(self, cfg.backlog, self.max_connections)
         n_classes = len(cfg.class_names)
         self.classify = make_classifier(cfg.classes)
         # one flag for the request path: is there anything to check per request?
@@ -146,9 +149,7 @@ class Worker:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20000, 50, 100)
-        self.server = await loop.create_server(
-            lambda: Downstream(self), sock=sock, backlog=self.cfg.backlog
-        )
+        await self.listener.start(sock, lambda: Downstream(self))
         if self.runtime_dir:
             self.telemetry = Telemetry(self, self.runtime_dir, self.generation)
             self.telemetry.start(loop)
@@ -160,7 +161,7 @@ class Worker:
         loop.call_later(SWEEP_INTERVAL, self._sweep)
         tell_supervisor(b"R")  # readiness: first, as we accept now
         log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name,
-            fastpath=self.scan_request is not None)
+            fastpath=self.scan_request is not None, max_connections=self.max_connections)
         await self._stopped
         if self.telemetry is not None:
             self.telemetry.close()
@@ -185,7 +186,7 @@ class Worker:
             return
         self.draining = True
         log("worker_draining", slot=self.slot, pid=os.getpid(), connections=len(self.conns))
-        self.server.close()
+        self.listener.close()
         tell_supervisor(b"D")  # no longer accepting
         for c in list(self.conns):
             c.drain()
@@ -220,6 +221,8 @@ class Worker:
                     c.upstream_timeout(ex)
         for b in self.backends:
             b.pool.expire(now)
+        if self.listener.paused:
+            self.listener.maybe_resume()  # (a resume that failed for want of a descriptor)
         self.health.sweep(now)
         if self.access_log is not None:
             self.access_log.flush()

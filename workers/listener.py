@@ -1,0 +1,129 @@
+"""A worker's listening socket, with a cap on the client connections it holds.
+
+At `max_connections` the worker stops accepting: it closes its asyncio server
+(which owns a duplicate of the inherited descriptor, never the descriptor
+itself), so new connections wait in the kernel's listen queue instead of
+taking descriptors the worker needs for upstream connections; below the
+resume mark it serves the same socket again.  The supervisor's copy of the
+socket and this one keep the queue alive meanwhile: nothing queued is reset.
+
+Local resource errors (out of descriptors or kernel memory) are the worker's
+problem, not a backend's: `LOCAL_ERRNOS` tells them apart on a failed connect.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import socket
+import time
+
+from lb.log import log
+
+# errnos of a connect that failed here, not at the backend
+LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+RESERVED_FDS = 64  # listener, epoll, pipes, ZeroMQ sockets, log files, the admin's share
+LOG_EVERY = 1.0  # seconds between two local_resource_error lines
+
+
+def connection_cap(configured: int, n_backends: int, keepalive: int) -> int:
+    """`limits.max_connections`, or when 0, what RLIMIT_NOFILE leaves room for:
+    each client connection may hold one upstream connection, and the idle
+    pools keep up to `keepalive` per backend."""
+    if configured:
+        return configured
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
+        soft = 1 << 24
+    pools = min(n_backends * keepalive, soft // 4)
+    return max(1, (soft - RESERVED_FDS - pools) // 2)
+
+
+class Listener:
+    """Serves a socket through a protocol factory (`start`); pauses at `cap`
+    connections, resumes at `resume_at`."""
+
+    def __init__(self, worker, backlog: int, cap: int) -> None:
+        self.worker = worker
+        self.sock = None
+        self.factory = None
+        self.backlog = backlog
+        self.cap = cap
+        # A little below the cap, so a busy worker does not flap at the mark.
+        self.resume_at = cap - max(1, cap // 10) if cap > 1 else 0
+        self.server = None
+        self.paused = False
+        self.resuming = False
+        self.closed = False
+        self.pauses = 0
+        self.local_errors = 0
+        self._logged_at = 0.0
+        self._unlogged = 0
+
+    async def start(self, sock: socket.socket, factory) -> None:
+        self.sock = sock
+        self.factory = factory
+        self.server = await self.worker.loop.create_server(
+            self.factory, sock=self._dup(), backlog=self.backlog)
+
+    def _dup(self) -> socket.socket:
+        # The server closes the socket it was given: give it a duplicate.
+        return socket.socket(fileno=os.dup(self.sock.fileno()))
+
+    def pause(self) -> None:
+        """Called by a new connection that reached the cap (inside connection_made,
+        so the accept loop stops right after it)."""
+        if self.paused or self.closed or self.server is None:
+            return
+        self.paused = True
+        self.pauses += 1
+        self.server.close()
+        log("accept_paused", slot=self.worker.slot, connections=len(self.worker.conns),
+            max_connections=self.cap)
+
+    def maybe_resume(self) -> None:
+        if (self.paused and not self.resuming and not self.closed
+                and len(self.worker.conns) <= self.resume_at):
+            self.resuming = True
+            self.worker.loop.create_task(self._resume())
+
+    async def _resume(self) -> None:
+        try:
+            server = await self.worker.loop.create_server(
+                self.factory, sock=self._dup(), backlog=self.backlog)
+        except OSError as exc:  # out of descriptors for the duplicate: the sweep retries
+            self.local_error(exc)
+            return
+        finally:
+            self.resuming = False
+        if self.closed:
+            server.close()
+            return
+        self.server = server
+        self.paused = False
+        log("accept_resumed", slot=self.worker.slot, connections=len(self.worker.conns),
+            max_connections=self.cap)
+
+    def close(self) -> None:
+        """Stop accepting for good (drain): this worker's copy of the socket goes
+        too, so once the supervisor closes its own, connections are refused."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.server is not None:
+            if not self.paused:
+                self.server.close()
+            self.sock.close()
+
+    def local_error(self, exc: OSError) -> None:
+        """Counted, and logged at most once a second (with how many since the last line)."""
+        self.local_errors += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            log("local_resource_error", slot=self.worker.slot,
+                error=errno.errorcode.get(exc.errno, str(exc.errno)), count=self._unlogged,
+                connections=len(self.worker.conns))
+            self._unlogged = 0
