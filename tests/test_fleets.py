@@ -8,6 +8,7 @@ import math
 import random
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -224,3 +225,30 @@ def test_divert_times_follow_the_scenarios_slowdowns():
     assert scn.divert_cell([0.2]) == "200ms" and scn.divert_cell([None]) == "never"
     assert scn.divert_cell([0.2, 0.4, None]) == "median 200ms, max 400ms, 1 of 3 never"
     assert math.isfinite(t)
+
+
+# -- training traces from the generator only ---------------------------------------------------
+
+
+def test_training_traces_come_from_training_fleets_only(tmp_path):
+    traces = pytest.importorskip("inference.traces")
+    import subprocess
+
+    out = tmp_path / "t.npz"
+    p = subprocess.run([sys.executable, "scripts/make-training-traces", "--fleets", "2", "--first", "1001",
+                        "--seconds", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "fleet1001" in p.stdout and "fleet1002" in p.stdout
+    data = traces.read([str(out)])
+    assert len(data["latency"]) > 50
+    # one fleet after the other in time (lb train keeps the most recent records)
+    fleet = np.array([b.split("/")[0] for b in data["backend"]])
+    assert set(fleet) == {"fleet0", "fleet1"}
+    assert (data["ts"][fleet == "fleet0"].max() < data["ts"][fleet == "fleet1"].min())
+    for first in ("1", "99", "1999"):  # an evaluation seed, or past the training range
+        p = subprocess.run([sys.executable, "scripts/make-training-traces", "--fleets", "2", "--first", first,
+                            "--out", str(tmp_path / "x.npz")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 2 and "training seeds must lie in 1000-1999" in p.stderr
+    assert not (tmp_path / "x.npz").exists()
