@@ -10,12 +10,16 @@ Everything runs on 127.0.0.1 and stops by itself after `--duration` seconds
     fixed rate and latency is measured from the scheduled send time, so a slow
     proxy cannot hide its queueing.
 A compact table is printed every second: per backend share of traffic,
-p50/p99 latency and errors, plus the totals.
+p50/p99 latency and errors, plus the totals.  The header says whether lb's
+workers use the C fast path (read from their `worker_ready` log lines: lb's
+own log is not shown); `--compare` says under its table where the errors come
+from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -23,11 +27,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
 
 from lb.boot import python_argv
-from lb.config import STRATEGIES
+from lb.config import STRATEGIES, Learning, Outlier
 from lb.demo_backends import SIMULATED, free_port
+
+WORKERS = 2  # lb's workers in the demo
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -201,6 +209,61 @@ def _port_or_free(port: int) -> int:
             return free_port()
 
 
+class LbLog(threading.Thread):
+    """lb's log (JSON lines on its stderr), read while the demo runs: the demo
+    shows what a user needs from it (whether the workers use the C fast path,
+    from their `worker_ready` lines) and, when lb does not start, its last lines."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.tail: collections.deque[str] = collections.deque(maxlen=15)
+        self.fastpath: list[bool] = []  # one per worker_ready
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        for raw in self.stream:
+            line = raw.decode(errors="replace").rstrip()
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            with self.cond:
+                self.tail.append(line)
+                if isinstance(event, dict) and event.get("event") == "worker_ready":
+                    self.fastpath.append(event.get("fastpath") is True)
+                    self.cond.notify_all()
+
+    def wait_workers(self, count: int, deadline: float) -> bool:
+        with self.cond:
+            while len(self.fastpath) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+    def last_lines(self) -> str:
+        with self.cond:
+            return "".join(f"\n  | {line}" for line in self.tail)
+
+
+def fastpath_state(flags: list[bool]) -> str:
+    """Whether lb's workers use the C fast path (workers/_fastpath.c), and if
+    not, why that matters and what to do."""
+    if not flags:
+        return "C fast path: unknown (no worker said worker_ready)"
+    if all(flags):
+        return f"C fast path: on in all {len(flags)} workers"
+    if any(flags):
+        return f"C fast path: on in only {sum(flags)} of {len(flags)} workers"
+    if os.environ.get("LB_NO_FASTPATH", "") not in ("", "0"):
+        why = "switched off by LB_NO_FASTPATH"
+    else:
+        why = "workers/_fastpath.c is not compiled in this install (reinstall with a C compiler)"
+    return f"C fast path: OFF in all {len(flags)} workers, {why}: the pure Python path, about half the speed"
+
+
 class Stack:
     """The simulated backends and one `lb run`, started together, stopped together."""
 
@@ -211,6 +274,7 @@ class Stack:
         self.admin_port = admin_port
         self.strategy = strategy
         self.offset = offset
+        self.log: LbLog | None = None
 
     def start(self) -> str | None:
         """Start everything; an error message if something did not come up."""
@@ -231,20 +295,26 @@ class Stack:
             lines += ["[[backends]]", f'name = "{spec.name}"', f'address = "127.0.0.1:{port}"']
         with open(cfg, "w") as f:
             f.write("\n".join(lines) + "\n")
-        lb = subprocess.Popen([*python_argv("lb"), "run", "-c", cfg, "-w", "2"],
-                              stderr=subprocess.DEVNULL)
+        lb = subprocess.Popen([*python_argv("lb"), "run", "-c", cfg, "-w", str(WORKERS)],
+                              stderr=subprocess.PIPE)
         self.procs.append(lb)
+        self.log = LbLog(lb.stderr)
+        self.log.start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if lb.poll() is not None:
-                return f"lb failed to start (are ports {self.port} and {self.admin_port} free? use --port)"
+                self.log.join(2)
+                return (f"lb failed to start (are ports {self.port} and {self.admin_port} free? use --port); "
+                        f"its log:{self.log.last_lines()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 break
             except OSError:
                 time.sleep(0.1)
         else:
-            return "lb did not start listening within 20 s"
+            return f"lb did not start listening within 20 s; its log:{self.log.last_lines()}"
+        if not self.log.wait_workers(WORKERS, deadline):
+            return f"lb's workers did not all start within 20 s; its log:{self.log.last_lines()}"
         # Load starts once every worker is up (the admin API's readiness), so the
         # first seconds measure the backends, not lb's own start-up.
         while time.monotonic() < deadline:
@@ -282,6 +352,7 @@ def run_demo(args) -> int:
               f"{args.rate:.0f} req/s for {args.duration:.0f}s. Ctrl-C stops.")
         print(f"lb demo: dashboard http://127.0.0.1:{admin_port}/  "
               f"(metrics: http://127.0.0.1:{admin_port}/metrics)")
+        print(f"lb demo: {fastpath_state(stack.log.fastpath)}")
         sys.stdout.flush()
         load = Load(args.port, args.rate)
         view = View(admin_port)
@@ -307,15 +378,18 @@ def run_compare(args) -> int:
     # start each run 6 s into the cycle so every run sees the same slowdown.
     offset = 6.0
     results = []
+    errors_from: dict[str, collections.Counter] = {}  # strategy -> failed requests by backend
     print(f"lb demo --compare: {len(STRATEGIES)} strategies x {duration:.0f}s at {args.rate:.0f} req/s, "
           f"same backends and load each time (first {WARMUP:.0f}s of each run not counted)")
-    for strategy in STRATEGIES:
+    for i, strategy in enumerate(STRATEGIES):
         stack = Stack(args.port, _port_or_free(args.admin_port), strategy, offset=offset)
         try:
             err = stack.start()
             if err:
                 print(f"lb demo: {err}", file=sys.stderr)
                 return 1
+            if i == 0:
+                print(f"lb demo --compare: {fastpath_state(stack.log.fastpath)}")
             load = Load(args.port, args.rate)
             load.record_after = WARMUP
             try:
@@ -326,7 +400,9 @@ def run_compare(args) -> int:
         finally:
             stack.stop()
         lat = sorted(x[1] for x in load.all)
-        errors = sum(1 for x in load.all if not x[2])
+        by_backend = collections.Counter(x[0] for x in load.all if not x[2])
+        errors = sum(by_backend.values())
+        errors_from[strategy] = by_backend
         results.append((strategy, len(lat), _percentile(lat, .5), _percentile(lat, .99),
                         _percentile(lat, .999), errors / max(1, len(lat))))
         print(f"  {strategy:<22} done: {len(lat)} requests, {errors} errors")
@@ -334,4 +410,34 @@ def run_compare(args) -> int:
     print(f"\n  {'strategy':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>9}")
     for strategy, n, p50, p99, p999, err in results:
         print(f"  {strategy:<22}{n:9d}{p50 * 1e3:9.1f}{p99 * 1e3:9.1f}{p999 * 1e3:10.1f}{err * 100:8.2f}%")
+    print(errors_note(errors_from))
     return 0
+
+
+def errors_note(errors_from: dict[str, collections.Counter]) -> str:
+    """Lines under the --compare table: where the errors come from.
+
+    The fail-fast backend answers 503 to most requests.  Every strategy sends
+    it requests until passive outlier detection ejects it, and again each time
+    it returns; ml reaches it less often (its table gives it almost no weight),
+    so it is ejected later, and its exploration share keeps probing it while
+    it is not.  Counted from the X-Backend header of each failed answer."""
+    failing = next(s for s in SIMULATED if s.fail_rate)
+    outlier, explore = Outlier(), Learning().exploration
+    total = sum(sum(c.values()) for c in errors_from.values())
+    from_failing = sum(c[failing.name] for c in errors_from.values())
+    if from_failing == total:
+        head = f"All {total} errors are" if total else "No errors; any would be"
+    else:
+        head = f"{from_failing} of {total} errors are"
+    text = (f"{head} 503s from '{failing.name}' (fails {failing.fail_rate:.0%}, fast). Every strategy reaches it "
+            f"until passive ejection takes it out ({outlier.consecutive_failures} failures in a row, for "
+            f"{outlier.base_ejection:g} s, longer each time) and again after it returns")
+    if "ml" in errors_from:
+        text += (f"; ml also probes it with its exploration share: {explore:.0%} of its picks "
+                 "(learning.exploration) go to a backend drawn at random")
+    text += "."
+    if from_failing != total:
+        text += (f" The other {total - from_failing} had no answer from a backend (no X-Backend header) "
+                 "or came from another one.")
+    return textwrap.fill(text, width=110, initial_indent="  ", subsequent_indent="  ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -11,8 +12,9 @@ import time
 
 import psutil
 
-from lb.config import STRATEGIES
+from lb.config import STRATEGIES, Learning
 from tests.conftest import ROOT, free_port, get
+from workers import fastpath
 
 NAMES = ("fast", "slow", "degrading", "failing")
 ROW = re.compile(r"^\s+(\S+)\s+(\d+\.\d)%\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+)(\s+(\d+\.\d\d|-))?\s*$")
@@ -77,6 +79,11 @@ def test_demo_runs_and_cleans_up():
     assert dashboard is not None and dashboard[0] == 200, stdout[:2000]
     assert b"<html" in dashboard[2].lower()
     assert "policy: ml" in stdout, stdout[-2000:]
+    # The header says whether the workers use the C fast path (their worker_ready lines).
+    if fastpath.AVAILABLE:
+        assert "lb demo: C fast path: on in all 2 workers" in stdout, stdout[:2000]
+    else:
+        assert "lb demo: C fast path: OFF in all 2 workers" in stdout, stdout[:2000]
 
     # Per-backend rows of the table, and every simulated backend named.
     for name in NAMES:
@@ -122,17 +129,29 @@ def test_demo_runs_and_cleans_up():
 
 
 def test_demo_compare_prints_one_row_per_strategy():
+    # With the fast path switched off, to see the header say so.
     r = subprocess.run(
         [sys.executable, "-m", "lb", "demo", "--compare", "--duration", "2.5", "--rate", "40",
          "--port", str(free_port()), "--admin-port", str(free_port())],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "LB_NO_FASTPATH": "1"},
     )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr
     table = r.stdout.split("p99.9 ms")[1].strip().splitlines()[1:]  # after the header
-    strategies = [line.split()[0] for line in table]
+    rows, note = table[:len(STRATEGIES)], " ".join(line.strip() for line in table[len(STRATEGIES):])
+    strategies = [line.split()[0] for line in rows]
     assert strategies == list(STRATEGIES)
-    for line in table:
+    for line in rows:
         name, n, p50, p99, p999, err = line.split()
         assert int(n) >= 10 and 0 < float(p50) <= float(p99) <= float(p999), line
         assert err.endswith("%")
+    assert "lb demo --compare: C fast path: OFF in all 2 workers, switched off by LB_NO_FASTPATH" in r.stdout
+    # Under the table: where the errors come from (the fail-fast backend), ml's exploration
+    # share among the causes, and the count matching the runs'.
+    errors = sum(int(m.group(1)) for m in re.finditer(r"done: \d+ requests, (\d+) errors", r.stdout))
+    counted = re.match(r"(All (\d+) errors are|(\d+) of (\d+) errors are|No errors; any would be) "
+                       r"503s from 'failing'", note)
+    assert counted, r.stdout[-1500:]
+    assert errors == int(counted.group(2) or counted.group(4) or 0), (errors, note)
+    assert f"ml also probes it with its exploration share: {Learning().exploration:.0%} of its picks" in note
+    assert "(learning.exploration)" in note
