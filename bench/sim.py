@@ -392,6 +392,7 @@ def parse_args(argv=None):
     ap.add_argument("--exploration", type=float,
                     help="ml: learning.exploration (default: lb's, 0.05)")
     ap.add_argument("--json", metavar="FILE", help="write the summaries as JSON")
+    ap.add_argument("--markdown", action="store_true", help="print the overview as Markdown too")
     args = ap.parse_args(argv)
     names = list(scn.SCENARIOS) if args.scenario == "all" else \
         [n.strip() for n in args.scenario.split(",") if n.strip()]
@@ -451,10 +452,43 @@ def main(argv=None) -> int:
         out["scenarios"][name] = {"rate": rate, "instances": instances,
                                   "rows": [r.as_dict() for r in rows]}
         sys.stdout.flush()
+    if len(out["scenarios"]) > 1:
+        print("\n" + overview(out["scenarios"], args.policies))
+        if args.markdown:
+            print("\n" + overview(out["scenarios"], args.policies, markdown=True))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+def overview(results: dict, policies: list[str], markdown: bool = False) -> str:
+    """One line per scenario: each policy's p99 / p99.9 (ms) and error rate, and
+    for each table-routed policy its p99 over the best p99 of the others
+    (the ablations excluded from "others": they are not lb strategies)."""
+    shipped = [p for p in policies if p not in ("ml-identity", "least-latency")]
+    ratios = [p for p in policies if p in ML_POLICIES]
+    head = ["scenario"] + list(policies) + [f"{p} / best" for p in ratios]
+    body = []
+    for name, res in results.items():
+        by = {r["policy"]: r for r in res["rows"]}
+        cells = [name]
+        for p in policies:
+            r = by[p]
+            err = f" {r['error_rate'] * 100:.1f}%" if r["error_rate"] >= 0.0005 else ""
+            cells.append(f"{r['p99_s'] * 1e3:.1f} / {r['p999_s'] * 1e3:.0f}{err}")
+        for p in ratios:
+            others = [by[o]["p99_s"] for o in shipped if o not in ML_POLICIES]
+            cells.append(f"{by[p]['p99_s'] / min(others):.2f}x" if others and min(others) > 0 else "-")
+        body.append(cells)
+    title = "p99 / p99.9 in ms (errors when any)"
+    if markdown:
+        return "\n".join([title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(c) + " |" for c in body])
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    fmt = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
+    return "\n".join([title, fmt.format(*head), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+                     + [fmt.format(*c) for c in body])
 
 
 if __name__ == "__main__":
