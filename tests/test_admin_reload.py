@@ -135,8 +135,9 @@ def test_counters_never_go_backwards_across_reload_and_worker_kill(lb_factory, b
         after_reload = counters(lb.admin_port)
         assert went_back(before, after_reload) == []
         # still counting: the new generation's requests add to the old one's
-        grown = wait_until(lambda: counters(lb.admin_port).get(key, 0) > after_reload[key] + 20, timeout=15)
-        assert grown
+        assert wait_until(lambda: counters(lb.admin_port).get(key, 0) > after_reload[key] + 20, timeout=30), \
+            (after_reload[key], counters(lb.admin_port).get(key), load.done, get(lb.admin_port, "/api/health")[2],
+             "\n".join(lb.log.lines[-30:]))
 
         before_kill = counters(lb.admin_port)
         ready = len(lb.log.events("worker_ready"))
@@ -147,8 +148,43 @@ def test_counters_never_go_backwards_across_reload_and_worker_kill(lb_factory, b
         lb.log.wait_for("worker_ready", ready + 1, timeout=10)  # its replacement
         after_kill = counters(lb.admin_port)
         assert went_back(before_kill, after_kill) == []
-        assert wait_until(lambda: counters(lb.admin_port).get(key, 0) > after_kill[key] + 20, timeout=15)
+        assert wait_until(lambda: counters(lb.admin_port).get(key, 0) > after_kill[key] + 20, timeout=30), \
+            (after_kill[key], counters(lb.admin_port).get(key), load.done)
         assert went_back(after_kill, counters(lb.admin_port)) == []
     finally:
         load.stop()
     assert load.done > 100
+
+
+def test_counters_survive_an_admin_process_restart(lb_factory, backend_factory):
+    """A replaced admin process continues the counters, including those of workers
+    that are gone (a retired generation), instead of starting from the live ones."""
+    b1, b2 = backend_factory("b1"), backend_factory("b2")
+    lb = lb_factory([b1, b2], workers=2, extra=STATS)
+    load = Load(lb.port)
+    load.start()
+    key = ("lb_backend_requests_total", (("backend", "b1"),))
+    try:
+        assert wait_until(lambda: counters(lb.admin_port).get(key, 0) >= 50, timeout=15)
+        write_config(lb, [b1, b2])
+        lb.proc.send_signal(signal.SIGHUP)
+        lb.log.wait_for("reload_done", 1, timeout=15)
+        old = [e["pid"] for e in lb.log.events("worker_ready")[:2]]
+        assert wait_until(lambda: not set(old) & set(live_workers(lb.proc.pid)), timeout=10)
+    finally:
+        load.stop()
+    before = counters(lb.admin_port)
+    admin_pid = next(e["pid"] for e in lb.log.events("admin_ready"))
+    os.kill(admin_pid, signal.SIGKILL)
+    lb.log.wait_for("admin_ready", 2, timeout=20)
+    assert wait_until(lambda: health(lb.admin_port) in (200, 503), timeout=10)
+    first = counters(lb.admin_port)  # at once, before the workers' next reports
+    assert wait_until(lambda: (h := health(lb.admin_port)) == 200, timeout=10)
+    settled = counters(lb.admin_port)
+    own = ("lb_admin_",)  # the admin process's own message counters restart with it
+    # (the supervisor's counters appear with its first status to the new process)
+    back = [x for x in went_back(before, first) if not x[0][0].startswith(own) and x[2] is not None]
+    assert back == [], back[:5]
+    back = [x for x in went_back(before, settled) if not x[0][0].startswith(own)]
+    assert back == [], back[:5]
+    assert lb.log.events("admin_counters_loaded")

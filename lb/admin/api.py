@@ -82,6 +82,9 @@ class API:
                         [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")])
 
     async def metrics(self, req: Request) -> Response:
+        # Saved before answering: a replacement admin process never exposes less
+        # than a scraper has already seen.
+        self.s.counters.save(self.s.agg)
         return Response(200, self.exporter.render(), CONTENT_TYPE_LATEST)
 
     async def health(self, req: Request) -> Response:

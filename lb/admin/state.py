@@ -19,6 +19,7 @@ import msgspec
 import zmq
 
 from lb import log
+from lb.children import supervisor_pid
 from lb.clone import Subscriber
 from lb.config import Config, ConfigError, decode, load
 from lb.messages import (
@@ -33,6 +34,7 @@ from lb.messages import (
 )
 
 from .control import ControlState
+from .saved_counters import CounterStore
 from .stats import Aggregator
 
 STATUS_STALE = 5.0  # seconds without a SupervisorStatus before it is ignored
@@ -54,6 +56,8 @@ class AdminState:
         self.tables = Subscriber(self.ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE, table_decoder.decode)
         self.control = ControlState(self.ctx, runtime_dir)
         self.agg = Aggregator([b.name for b in cfg.backends])
+        self.counters = CounterStore(runtime_dir, supervisor_pid())
+        self.counters.load(self.agg)  # a restarted admin process continues the counters
         self.last_mode: tuple[str, str] | None = None
         self.generation: int | None = None
 
@@ -117,6 +121,7 @@ class AdminState:
         self.poll()
         self.control.tick()
         self.agg.retire()
+        self.counters.save(self.agg)
         self.agg.sample().weights = self.effective_weights()
         mode = self.mode()
         if mode != self.last_mode and self.strategy() == "ml":
@@ -211,6 +216,7 @@ class AdminState:
         return {n: (w / total if total else 0.0) for n, w in out.items()}
 
     def close(self) -> None:
+        self.counters.save(self.agg)
         self.stats.close()
         self.tables.close()
         self.control.close()
