@@ -37,7 +37,7 @@ from tests.fuzz_backend import BROKEN_KINDS, FuzzBackend, echo_token
 from tests.fuzz_http import Case, Reference, make_case, reference
 
 SEED = int(os.environ.get("LB_FUZZ_SEED", "20261130"))
-CASES = int(os.environ.get("LB_FUZZ_CASES", "300"))
+CASES = int(os.environ.get("LB_FUZZ_CASES", "400"))
 ONLY = {int(x) for x in os.environ.get("LB_FUZZ_ONLY", "").split(",") if x}  # re-run these cases
 BUDGET = float(os.environ.get("LB_FUZZ_BUDGET", "18"))  # seconds per parse path: stop early past it
 
@@ -61,15 +61,19 @@ slow_start = 0
 
 # Classes of input with a known open defect, kept out of the main run only
 # while each has its own strict xfail test below (see `open_class`).
-OPEN_CLASSES: frozenset = frozenset({"upgrade_with_body"})
+OPEN_CLASSES: frozenset = frozenset({"upgrade_with_body", "body_then_upgrade"})
 
 
 def open_class(ref: Reference) -> str | None:
     """The known-open class a case belongs to, if any."""
+    body_before = False
     for r in ref.requests:
         names = {k.lower() for k, _ in r.headers}
         if r.upgrade and names & {b"content-length", b"transfer-encoding"}:
             return "upgrade_with_body"
+        if r.upgrade and body_before:
+            return "body_then_upgrade"
+        body_before = body_before or bool(names & {b"content-length", b"transfer-encoding"})
     return None
 
 FRAMING = {"content-length", "transfer-encoding"}
@@ -692,5 +696,31 @@ def test_upgrade_request_with_body(framing, fuzz_backend, tmp_path):
         else:
             assert len(recs) == 1 and recs[0].complete and recs[0].body == b"hello", \
                 (first[:100], [(r.complete, r.body) for r in recs])
+    finally:
+        lb.stop()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open: a request with a body, then an Upgrade request in the same read. Downstream.data_received "
+    "returns from its HttpParserUpgrade branch before flushing the head-of-line exchange's pending head "
+    "and body to its (pooled) upstream, so that request is never sent: 504 after upstream_response, "
+    "then the upgrade goes ahead. Kept out of test_fuzz by OPEN_CLASSES['body_then_upgrade']."))
+def test_body_request_then_upgrade_in_one_read(fuzz_backend, tmp_path):
+    lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG)
+    try:
+        status, _, _ = get(lb.port, "/warm")  # leaves a pooled upstream connection
+        assert status == 200
+        fuzz_backend.plan[b"/then-upgrade"] = "switch"
+        data = (b"POST /body-first HTTP/1.1\r\nHost: fuzz.test\r\nContent-Length: 1\r\n\r\nx"
+                b"GET /then-upgrade HTTP/1.1\r\nHost: fuzz.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=HANG) as s:
+            s.sendall(data)
+            rd = ResponseReader(reference(data))
+            deadline = time.monotonic() + HANG
+            while not rd.finals and time.monotonic() < deadline:
+                rd.feed(s.recv(65536))
+        first = rd.finals[0] if rd.finals else None
+        assert first is not None and first.status == 200, (rd.raw[:200], rd.error)
+        assert first.header(b"x-echo") == echo_token(b"/body-first", b"x").encode()
     finally:
         lb.stop()
