@@ -81,10 +81,14 @@ class Transport:
     def resume_reading(self) -> None:
         pass
 
+    def can_write_eof(self) -> bool:
+        return True
+
     def close(self) -> None:
         self.closed = True
 
     abort = close
+    write_eof = close  # the client sees the end either way (workers/linger.py)
 
 
 class Pair:

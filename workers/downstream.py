@@ -32,6 +32,7 @@ from workers.http import (
     SEP,
     XFP_HTTP,
 )
+from workers.linger import LINGER_BYTES, linger
 from workers.request_head import GOOD_HOSTS, HEAD_SLACK, NAME_TAGS, Reject, build_exchange, name_tag
 from workers.timers import CLOCK, INF
 
@@ -71,6 +72,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "upgrading",
         "tunnel",
         "broken",
+        "linger_left",
         "closed",
         "fast",
         "scanner",
@@ -100,6 +102,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.upgrading = None  # the exchange that asked for an upgrade
         self.tunnel = None  # the UpstreamConnection once switched to a tunnel
         self.broken = False
+        self.linger_left = LINGER_BYTES  # bytes still read and dropped once broken (workers/linger.py)
         self.closed = False
         # The C scanner (workers/_fastpath.c), None once a request said it is
         # the last (Connection: close, HTTP/1.0): what follows it is not read.
@@ -193,6 +196,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self._hold_upgrade(self.upgrading, data)
             return
         if self.broken:
+            self.linger_left -= len(data)  # dropped: after an error nothing more is parsed
+            if self.linger_left < 0:
+                self.transport.close()
             return
         if self.url:  # a request head is in progress since an earlier read
             self.head_bytes += len(data)
@@ -480,7 +486,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self._discard_body(ex)  # an early answer: its request body is still coming
             return
         if not ex.keep_alive:
-            self.transport.close()
+            if self.broken:
+                linger(self)  # an error answer: do not let a reset destroy it
+            else:
+                self.transport.close()
             return
         q = self.queue
         if q:
@@ -542,7 +551,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             return
         if ex is None:
             self.transport.write(DATE.error(status, close=True))
-            self.transport.close()
+            linger(self)
             return
         q = self.queue
         if reading is not None and q and q[-1] is reading:
