@@ -52,26 +52,50 @@ class Load(threading.Thread):
         return sum(b == name for b in window) / max(1, len(window))
 
 
+def wait_until(pred, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return value
+
+
+def applied(lb, event: str, workers: int, after: float) -> float:
+    """When the last of the workers applied a health change for c (its own log line,
+    written just before it routes by it).  Log times are rounded to the millisecond."""
+    def every_worker():
+        evs = [e for e in lb.log.events(event) if e["backend"] == "c" and e["ts"] >= after]
+        return evs if len({e["slot"] for e in evs}) == workers else None
+
+    return max(e["ts"] for e in wait_until(every_worker, f"{event} from {workers} workers")) + 0.001
+
+
 def test_killed_backend_is_routed_around_marked_down_and_ramps_back(backend_factory, lb_factory):
     a, b, c = backend_factory("a"), backend_factory("b"), backend_factory("c")
     lb = lb_factory([a, b, c], strategy="round_robin", workers=2, extra=HEALTH)
     load = Load(lb.port)
     load.start()
     try:
-        time.sleep(1.0)
+        # Every backend serving before the kill.
+        wait_until(lambda: all(sum(r[1] == n for r in list(load.results)) >= 10 for n in "abc"),
+                   "traffic on every backend")
         t_kill = time.time()
         c.kill()
         down = lb.log.wait_for("health_change", timeout=5)[0]
         assert down["backend"] == "c" and down["up"] is False
-        assert down["ts"] - t_kill < 2 * 0.2 + 0.2 + 0.5  # fall x interval (+ timeout, + slack)
-        time.sleep(0.5)
+        assert down["checks"] == 2  # down at the fall-th failed check (2 x interval)
+        down_at = applied(lb, "backend_down", 2, t_kill)
+        # The down window: requests that every worker has routed without c.
+        wait_until(lambda: sum(t >= down_at for t, _ in list(load.results)) >= 50, "requests while c is down")
         c2 = BackendProc("c", port=c.port)
-        t_back = time.time()
         try:
             up = lb.log.wait_for("health_change", count=2, timeout=5)[1]
             assert up["backend"] == "c" and up["up"] is True
-            assert up["ts"] - t_back < 2 * 0.2 + 0.2 + 0.5  # rise x interval (+ slack)
-            time.sleep(2.5)
+            assert up["checks"] == 2  # up at the rise-th passed check (2 x interval)
+            up_at = applied(lb, "backend_up", 2, down_at)
+            # slow_start is 2 s: wait until the load has run well past the ramp.
+            wait_until(lambda: sum(t >= up_at + 2.1 for t, _ in list(load.results)) >= 60,
+                       "requests after the ramp")
         finally:
             load.stop.set()
             load.join(10)
@@ -79,8 +103,8 @@ def test_killed_backend_is_routed_around_marked_down_and_ramps_back(backend_fact
     finally:
         load.stop.set()
     assert load.errors() == [], load.errors()[:5]
-    assert load.share("c", down["ts"] + 0.2, up["ts"]) == 0.0  # down: no traffic
-    early = load.share("c", up["ts"], up["ts"] + 0.6)
-    late = load.share("c", up["ts"] + 2.1, up["ts"] + 2.5)
+    assert load.share("c", down_at, up["ts"]) == 0.0  # down: no traffic
+    early = load.share("c", up_at, up_at + 0.6)
+    late = load.share("c", up_at + 2.1, float("inf"))
     assert early < late, (early, late)
     assert late > 0.25, late  # back to about a third

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProc, LBProc
+from tests.conftest import BackendProc, LBProc, get
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CASE_FILES = sorted(CORPUS.glob("*.http"))
@@ -74,7 +74,7 @@ CONFIGS = {
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
 
 READ_TIMEOUT = 4.0  # per case: how long to wait for responses / the close
-SETTLE = 0.05  # let anything lb might (wrongly) still send reach the backend
+FENCE = "/__corpus_fence"  # target of the request that shows the backend has had everything
 
 _EXPECT_RE = re.compile(r"^# expect (?P<spec>.+?)\s*$")
 _STATUS_RE = re.compile(r"^(?:\d{3}|none)(?:\|(?:\d{3}|none))*$")
@@ -350,6 +350,20 @@ def _check_forwarded(rec: dict, case: Case) -> None:
     assert rec["body_size"] == case.body, f"body size {rec['body_size']} at the backend, expected {case.body}"
 
 
+def after_fence(lb: LBProc, backend: BackendProc) -> list[dict]:
+    """What the backend received for the case, once it has had anything lb sent for it.
+
+    Proof by a positive event, not a pause: a request on a fresh connection,
+    which lb (one worker) forwards after every byte it forwarded for the case.
+    Its answer means the backend has parsed it, and with it, in the same
+    event loop, whatever lb had written to the backend before."""
+    status, _, _ = get(lb.port, FENCE)
+    records = backend.requests()
+    assert status == 200 and any(r["target"] == FENCE for r in records), \
+        f"the fence request after the case was not forwarded whole ({status}): {records}"
+    return [r for r in records if r["target"] != FENCE]
+
+
 @pytest.mark.parametrize("data_path", DATA_PATHS)
 @pytest.mark.parametrize("path", CASE_FILES, ids=[p.stem for p in CASE_FILES])
 def test_corpus_case(path, data_path, corpus_backend, corpus_lbs):
@@ -375,8 +389,7 @@ def test_corpus_case(path, data_path, corpus_backend, corpus_lbs):
         assert out.eof, f"lb did not close the connection{context}"
         assert out.leftover == b"", f"bytes after the last response{context}"
 
-    time.sleep(SETTLE)
-    records = corpus_backend.requests()
+    records = after_fence(lb, corpus_backend)
     seen = f"\nbackend saw: {records}"
     if case.partial:
         assert len(records) <= 1, f"more than one request reached the backend{context}{seen}"

@@ -6,14 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
 import scenarios as scn  # noqa: E402
 import sim  # noqa: E402
+
+import inference.engine  # noqa: E402, F401 - the simulator's ml policy runs it: a broken import fails here
+from inference import traces  # noqa: E402
 
 
 def run(name: str, policy: str, **kw) -> sim.Simulation:
@@ -61,7 +62,6 @@ def test_p2c_ewma_beats_round_robin_on_heterogeneous_backends():
 
 
 def test_ml_is_driven_by_the_inference_engine():
-    pytest.importorskip("inference.engine")
     s = run("identical", "ml", duration=3, workers=2)
     assert s.bridge is not None, s.note
     ticks = sum(s.bridge.modes.values())
@@ -76,7 +76,6 @@ def test_ml_is_driven_by_the_inference_engine():
 def test_ml_with_the_shipped_model_sends_heavy_requests_where_they_are_fast():
     """The shipped model's per-class costs keep /heavy off the small backends, which
     connection counting and P2C-EWMA cannot see (the 0.6x p99 target)."""
-    pytest.importorskip("inference.engine")
     # 20 s: the first second (fallback until the model's track record builds) weighs less
     ml = run("heterogeneous", "ml", duration=20)
     p2c = run("heterogeneous", "p2c_ewma", duration=20).summary()
@@ -88,7 +87,6 @@ def test_ml_with_the_shipped_model_sends_heavy_requests_where_they_are_fast():
 
 
 def test_ml_avoids_the_fast_failing_backend_without_starving_it():
-    pytest.importorskip("inference.engine")
     s = run("fastfail", "ml", duration=20).summary()
     lc = run("fastfail", "least_connections", duration=20).summary()
     assert s.error_rate < 0.03 < 0.4 < lc.error_rate
@@ -96,7 +94,6 @@ def test_ml_avoids_the_fast_failing_backend_without_starving_it():
 
 
 def test_ml_traces_are_readable_by_the_training_code(tmp_path):
-    traces = pytest.importorskip("inference.traces")
     s = run("heterogeneous", "ml", duration=4, traces=str(tmp_path))
     assert s.bridge is not None, s.note
     data = traces.read([str(tmp_path)])
@@ -108,7 +105,6 @@ def test_ml_traces_are_readable_by_the_training_code(tmp_path):
 
 
 def test_any_policy_feeds_traces_to_the_engine(tmp_path):
-    traces = pytest.importorskip("inference.traces")
     s = run("fastfail", "random", duration=3, traces=str(tmp_path))
     assert s.bridge is not None and s.note == ""
     data = traces.read([str(tmp_path / "sim-fastfail-random-seed1.npz")])

@@ -39,6 +39,7 @@ class Harness:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.raw_once: list[m.Table] = []  # sent once, as is (seq included)
+        self.raw_sent = 0  # how many of those the publisher thread has sent
         self.stats_sub = self.ctx.socket(zmq.SUB)
         self.stats_sub.setsockopt(zmq.SUBSCRIBE, m.TOPIC_STATS)
         self.stats_sub.bind(self.ep["stats_inference"])
@@ -89,6 +90,9 @@ class Harness:
             for t in once:
                 self.tables.latest = m.encode(t)
                 self.tables.pub.send_multipart((m.TOPIC_TABLE, self.tables.latest))
+            if once:
+                with self.lock:
+                    self.raw_sent += len(once)
             if table is not None and self.publishing:
                 epoch, seq = self.tables.next_version()
                 table.epoch, table.seq, table.ts = epoch, seq, time.time()
@@ -118,6 +122,31 @@ class Harness:
                 if until(last):
                     return last
         raise AssertionError(f"no matching stats in {timeout} s; last: {last}")
+
+    def send_once(self, table: m.Table) -> None:
+        """Publish `table` as is, once; return when the worker has had it.
+
+        A version the worker keeps shows in its stats (table_seq); one it drops
+        leaves no trace.  So: wait until the publisher thread has sent it, then
+        for stats the worker made after that (its event loop, which takes tables
+        from a socket as soon as it is readable, has turned since)."""
+        with self.lock:
+            target = self.raw_sent + 1
+            self.raw_once = [table]
+        deadline = time.monotonic() + 5
+        while True:
+            with self.lock:
+                if self.raw_sent >= target:
+                    break
+            assert time.monotonic() < deadline, "the publisher thread did not send the table"
+            time.sleep(0.005)
+        sent = time.time()
+        first = self.stats(lambda s: s.ts > sent)
+        self.stats(lambda s: s.seq > first.seq)
+
+    def available(self, name: str, yes: bool) -> m.WorkerStats:
+        """Stats once the worker routes to backend `name` (yes) or not."""
+        return self.stats(lambda s: any(b.name == name and b.unavailable != yes for b in s.backends))
 
     def hits(self, n: int, path: str = "/") -> Counter:
         seen = Counter()
@@ -200,9 +229,7 @@ def test_an_older_table_never_replaces_a_newer_one(two, harness_factory):
     with h.lock:
         h.raw_once = [new]
     h.stats(lambda s: s.table_seq == 10)
-    with h.lock:
-        h.raw_once = [old]
-    time.sleep(0.3)
+    h.send_once(old)
     s = h.stats()
     assert s.table_seq == 10
     assert h.hits(10) == Counter(a=10)
@@ -250,8 +277,7 @@ def test_operator_drain_and_pinned_strategy_apply_without_restart(two, harness_f
     h = harness_factory(two, strategy="round_robin")
     assert h.hits(10) == Counter(a=5, b=5)
     h.set_control(drained=["a"])
-    h.stats(lambda s: True)
-    time.sleep(0.2)
+    h.available("a", False)
     assert h.hits(10) == Counter(b=10)
     h.set_control(drained=[], pinned_strategy="least_connections")
     s = h.stats(lambda s: s.strategy == "least_connections")
@@ -260,7 +286,7 @@ def test_operator_drain_and_pinned_strategy_apply_without_restart(two, harness_f
     assert seen["a"] > 0 and seen["b"] > 0
     h.set_control(down=["b"])  # active health checks say b is down
     h.stats(lambda s: s.strategy == "round_robin")  # unpinned: back to the config's
-    time.sleep(0.2)
+    h.available("b", False)
     assert h.hits(10) == Counter(a=10)
 
 
