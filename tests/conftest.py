@@ -100,6 +100,18 @@ class BackendProc:
     def requests(self) -> list[dict]:
         return json.loads(self._get("GET", "/__requests"))
 
+    def wait_request(self, target: str, timeout: float = 10.0) -> dict:
+        """The record of a request for `target`, once this backend has it (it records a
+        request as soon as its head is parsed, before any /slow or /hang wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.requests() if r["target"] == target]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} never received {target}")
+            time.sleep(0.02)
+
     def stats(self) -> dict:
         return json.loads(self._get("GET", "/__stats"))
 

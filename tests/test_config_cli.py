@@ -266,13 +266,13 @@ def test_sigint_stops_cleanly(running, to_group):
     no_tracebacks(lb.log)
 
 
-def test_sigterm_while_a_request_is_in_flight_lets_it_finish(running):
+def test_sigterm_while_a_request_is_in_flight_lets_it_finish(running, backend):
     lb = running(workers=1)
     workers = lb.workers()
     s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
     try:
         s.sendall(b"GET /slow/800 HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.2)
+        backend.wait_request("/slow/800")  # in flight
         lb.proc.send_signal(signal.SIGTERM)
         got = b""
         while b"backend b1\n" not in got:

@@ -125,8 +125,11 @@ def test_tables_heartbeat_control_and_sigterm(runtime):
         assert feeder.tables.seq >= first_seq + 3  # ~one table per 0.1 s
         # heartbeats from inside the loop
         os.set_blocking(proc.p.stdout.fileno(), False)
-        time.sleep(1.2)
-        assert b"H" in (proc.p.stdout.read() or b"")
+        said, deadline = b"", time.monotonic() + 5  # one a second
+        while b"H" not in said and time.monotonic() < deadline:
+            said += proc.p.stdout.read() or b""
+            time.sleep(0.05)
+        assert b"H" in said, said
         # the admin's control state: a drained backend gets weight 0
         control = Publisher(ctx, ep["control"], ep["control_snapshot"], TOPIC_CONTROL)
         epoch, seq = control.next_version()

@@ -75,7 +75,7 @@ def test_sigterm_finishes_in_flight_request_and_refuses_new_connections(backend,
     late = None
     try:
         slow.sendall(b"GET /slow/1500 HTTP/1.1\r\nHost: lb.test\r\n\r\n")
-        time.sleep(0.3)
+        backend.wait_request("/slow/1500")  # in flight
         t_term = time.monotonic()
         lb.proc.send_signal(signal.SIGTERM)
         lb.log.wait_for("worker_draining", 2, timeout=3)
@@ -141,7 +141,7 @@ def test_second_signal_during_drain_stops_at_once(backend, lb_factory, second):
     hung = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
     try:
         hung.sendall(b"GET /hang HTTP/1.1\r\nHost: lb.test\r\n\r\n")
-        time.sleep(0.3)
+        backend.wait_request("/hang")  # in flight
         lb.proc.send_signal(signal.SIGTERM)
         lb.log.wait_for("worker_draining", 2, timeout=3)
         time.sleep(0.5)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, LogReader, RawConn, free_port
-from tests.supervision import Client, lb_cmd, live_workers, still_alive
+from tests.supervision import Client, lb_cmd, live_workers, still_alive, wait_until
 
 # -- several workers -----------------------------------------------------------------------
 
@@ -93,13 +93,17 @@ def test_sigkill_of_a_worker_under_load(backend, lb_factory):
     keepalive.start()
     fresh.start()
     try:
-        time.sleep(0.4)
+        assert wait_until(lambda: min(len(keepalive.results), len(fresh.results)) >= 20, 10), \
+            "the clients made no requests"
         t_kill = time.time()
         os.kill(victim, signal.SIGKILL)
         answers = burst(lb.port, 20)
         died = lb.log.wait_for("worker_died", 1, timeout=3)[0]
         ready = lb.log.wait_for("worker_ready", 3, timeout=3)[2]
-        time.sleep(0.7)
+        # Both clients running on well after the replacement came up.
+        assert wait_until(lambda: sum(r["t0"] > ready["ts"] + 0.1 for r in list(keepalive.results)) >= 20
+                          and sum(r["opened"] > t_kill for r in list(fresh.results)) >= 20, 10), \
+            "the clients made no requests after the replacement"
     finally:
         ka = keepalive.stop()
         nc = fresh.stop()
