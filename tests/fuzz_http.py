@@ -353,49 +353,62 @@ def reference(data: bytes) -> Reference:
     return ref
 
 
+def _keeps_alive(req: h11.Request) -> bool:
+    tokens = {t.strip().lower() for k, v in req.headers.raw_items() if k.lower() == b"connection"
+              for t in v.split(b",")}
+    if b"close" in tokens:
+        return False
+    return req.http_version == b"1.1" or (req.http_version == b"1.0" and b"keep-alive" in tokens)
+
+
 def _reference(data: bytes) -> Reference:
+    """One fresh h11 parser per request: h11 keeps no HTTP/1.0 connection alive
+    and refuses the empty lines RFC 9112 2.2 lets a server skip before a
+    request line (llhttp skips any CR and LF there; so does this reading)."""
     ref = Reference()
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
-    conn.receive_data(data)
-    conn.receive_data(b"")  # the end of the bytes: what is left unparsed is a partial request
-    req = None
-    start = 0
+    pos = 0
     while True:
-        try:
-            ev = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            msg = str(exc)
-            if "closed connection" in msg or "unexpectedly closed" in msg:
-                ref.end = "partial"
+        while pos < len(data) and data[pos] in b"\r\n":
+            pos += 1
+        if pos == len(data):
+            return ref
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+        fed = len(data) - pos
+        conn.receive_data(data[pos:])
+        conn.receive_data(b"")  # the end of the bytes: what is left unparsed is a partial request
+        req = ev_req = None
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                msg = str(exc)
+                if "closed connection" in msg or "unexpectedly closed" in msg:
+                    ref.end = "partial"
+                else:
+                    ref.end, ref.error = "error", msg
+                return ref
+            if isinstance(ev, h11.Request):
+                ev_req = ev
+                headers = list(ev.headers.raw_items())
+                head = data[pos:pos + _consumed(conn, fed)]
+                req = RefRequest(ev.method, ev.target, headers, head, invalid=_invalid(head, headers))
+                ref.requests.append(req)
+                req.upgrade = any(k.lower() == b"upgrade" for k, _ in headers) and _upgrade_token(headers)
+            elif isinstance(ev, h11.Data):
+                req.body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                req.complete = True
+                pos += _consumed(conn, fed)
+                if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                    ref.end, ref.tail = "upgrade", data[pos:]
+                    return ref
+                if not _keeps_alive(ev_req):
+                    ref.end = "close"
+                    return ref
+                break
+            elif ev is h11.PAUSED:
+                ref.end, ref.tail = "upgrade", data[pos:]
+                return ref
             else:
-                ref.end, ref.error = "error", msg
-            return ref
-        if isinstance(ev, h11.Request):
-            end = _consumed(conn, len(data))
-            headers = list(ev.headers.raw_items())
-            head = data[start:end]
-            req = RefRequest(ev.method, ev.target, headers, head, invalid=_invalid(head, headers))
-            ref.requests.append(req)
-            req.upgrade = any(k.lower() == b"upgrade" for k, _ in headers) and _upgrade_token(headers)
-        elif isinstance(ev, h11.Data):
-            req.body += ev.data
-        elif isinstance(ev, h11.EndOfMessage):
-            req.complete = True
-            start = _consumed(conn, len(data))
-            if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
-                ref.end, ref.tail = "upgrade", data[start:]
+                ref.end, ref.error = "error", f"unexpected {ev!r}"
                 return ref
-            conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"0")]))
-            conn.send(h11.EndOfMessage())
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
-                ref.end = "close"
-                return ref
-            conn.start_next_cycle()
-        elif isinstance(ev, h11.ConnectionClosed):
-            return ref
-        elif ev is h11.PAUSED:
-            ref.end = "upgrade"
-            return ref
-        else:
-            ref.end, ref.error = "error", f"unexpected {ev!r}"
-            return ref

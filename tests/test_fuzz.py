@@ -49,7 +49,7 @@ LB_CONFIG = f"""
 [timeouts]
 client_header = {LB_TIMEOUT}
 client_body = {LB_TIMEOUT}
-keepalive = 5
+keepalive = 1
 send = 2
 upstream_connect = 1
 upstream_response = {LB_TIMEOUT}
@@ -335,8 +335,20 @@ def check_answers(case: Case, ref: Reference, out: Outcome) -> list[str]:
                 continue  # the backend broke this answer itself (a close may end its body early)
             if ans.complete and ans.status == 200 and rq.method != b"HEAD" and ans.body != b"echo " + echo + b"\n":
                 bad.append(f"response {i} body {ans.body[:80]!r} is not the backend's")
-        elif ans.status < 400 and ans.status != 101 and kind not in BROKEN_KINDS:
+        elif kind in BROKEN_KINDS:
+            continue
+        elif ans.status < 400 and ans.status != 101:
             bad.append(f"response {i}: status {ans.status} without the backend's X-Echo")
+        elif ans.status in (500, 502, 503, 504) and rq is not None and rq in ref.valid_prefix \
+                and not any(planned(case, r) in BROKEN_KINDS for r in ref.requests[:i]):
+            # (after a broken answer the backend may close a connection lb pooled:
+            # a request with a body sent on it in that instant gets a 502, as in nginx)
+            bad.append(f"response {i}: lb answered {ans.status} to a valid request the backend answers validly")
+    answered = [a for a in finals if a.header(b"x-echo") is not None]
+    if (ref.end == "clean" and len(ref.valid_prefix) == len(ref.requests) and len(answered) == len(finals)
+            and not any(planned(case, r) in BROKEN_KINDS for r in ref.requests)
+            and len(finals) < len(ref.requests) and not out.hung):
+        bad.append(f"{len(finals)} answers to {len(ref.requests)} valid requests, then the connection ended")
     if rd.cur is not None and not rd.eof and not out.hung:
         pass  # we stopped reading mid-response on purpose only at a hang: reported above
     if rd.cur is not None and rd.eof:
@@ -722,5 +734,25 @@ def test_body_request_then_upgrade_in_one_read(fuzz_backend, tmp_path):
         first = rd.finals[0] if rd.finals else None
         assert first is not None and first.status == 200, (rd.raw[:200], rd.error)
         assert first.header(b"x-echo") == echo_token(b"/body-first", b"x").encode()
+    finally:
+        lb.stop()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open: lb's own error answer to a HEAD request it rejects carries a body (RFC 9112 6.3: a response "
+    "to HEAD ends with its head). Harmless while the connection closes right after, which it does; "
+    "test_fuzz counts these (head_error_bodies) rather than failing on them."))
+def test_error_answer_to_head_has_no_body(fuzz_backend, tmp_path):
+    lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG)
+    try:
+        data = b"HEAD /x HTTP/1.1\r\nHost: fuzz.test\r\nTransfer_Encoding: chunked\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=HANG) as s:
+            s.sendall(data)
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), raw
+        assert rest == b"", f"a body after the head of an answer to HEAD: {rest!r}"
     finally:
         lb.stop()
