@@ -21,10 +21,12 @@
 
 #define MAX_FIELDS 128 /* more than this many fields: decline */
 
-static unsigned char TCHAR[256];  /* RFC 9110 token characters */
+static unsigned char TCHAR[256];  /* RFC 9110 token characters: T_PLAIN, T_DASH or T_UNDERSCORE */
 static unsigned char VCHAR[256];  /* field value: VCHAR, SP, HTAB (no obs-text) */
 static unsigned char UCHAR[256];  /* request target: VCHAR but '#' */
 static unsigned char HCHAR[256];  /* a plain Host name: letters, digits, "-._~" */
+
+enum { T_PLAIN = 1, T_DASH = 2, T_UNDERSCORE = 2 | 4 };  /* TCHAR values (0: not a tchar) */
 
 static void
 init_tables(void)
@@ -38,7 +40,9 @@ init_tables(void)
             || c == '-' || c == '.' || c == '_' || c == '~';
     }
     for (const char *p = extra; *p; p++)
-        TCHAR[(unsigned char)*p] = 1;
+        TCHAR[(unsigned char)*p] = T_PLAIN;
+    TCHAR['-'] = T_DASH;
+    TCHAR['_'] = T_UNDERSCORE;
 }
 
 /* Known methods, as interned bytes objects (compared by value in Python). */
@@ -53,6 +57,7 @@ typedef struct {
     Py_ssize_t name_len;
     const unsigned char *value;
     Py_ssize_t value_len;       /* without the whitespace before it */
+    int foldable;               /* the name has '_', two separators in a row, or one at an end */
 } Field;
 
 /* One field line at p: "name:" OWS value CRLF.  Returns the byte after its
@@ -62,12 +67,20 @@ static const unsigned char *
 field_line(const unsigned char *p, const unsigned char *end, Field *f)
 {
     const unsigned char *q = p;
-    while (q < end && TCHAR[*q])
+    /* `odd` collects, in the same pass, what another server might fold into a
+     * different name: '_' (CGI and several frameworks read it as '-'), two
+     * separators in a row, a separator at either end (prev starts as one). */
+    unsigned int k, prev = T_DASH, odd = 0;
+    while (q < end && (k = TCHAR[*q]) != 0) {
+        odd |= k & (prev | 4);  /* bit 2: a separator after one; bit 4: a "_" */
+        prev = k;
         q++;
+    }
     if (q == p || q >= end || *q != ':')
         return NULL;
     f->line = p;
     f->name_len = q - p;
+    f->foldable = (odd & (T_DASH | 4)) != 0 || (prev & T_DASH) != 0;
     q++;
     while (q < end && (*q == ' ' || *q == '\t'))
         q++;
@@ -148,25 +161,6 @@ request_field_kind(const Field *f)
     default:
         return F_PLAIN;
     }
-}
-
-/* A name another server might fold into a different one: with '_' (CGI and
- * several frameworks read '_' as '-'), a doubled '-', or a '-' at either end.
- * Declined: the full path tells a look-alike of a name with a rule
- * (`Transfer_Encoding`, rejected) from an ordinary name (forwarded). */
-static int
-foldable_name(const Field *f)
-{
-    const unsigned char *s = f->line;
-    Py_ssize_t n = f->name_len;
-    if (s[0] == '-' || s[n - 1] == '-')
-        return 1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        /* s[i + 1] is at most the ':' after the name */
-        if (s[i] == '_' || (s[i] == '-' && s[i + 1] == '-'))
-            return 1;
-    }
-    return 0;
 }
 
 /* A Host value the full path forwards as it is: a name of letters, digits and
@@ -315,7 +309,7 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
             Py_RETURN_NONE;
         switch (request_field_kind(f)) {
         case F_PLAIN:
-            if (foldable_name(f))
+            if (f->foldable)  /* the full path tells look-alikes of names with a rule */
                 Py_RETURN_NONE;
             plain_bytes += f->name_len + 2 + f->value_len + 2;
             nf++;
