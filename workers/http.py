@@ -72,6 +72,9 @@ REQUEST_SPECIAL: dict[bytes, int] = {
 # nginx, which drops every name with "_" by default (`underscores_in_headers
 # off`): dropping would hide the attempt and still forward the request, and an
 # ordinary header with "_" (`X_Custom`) is forwarded unchanged here.
+# Only names lb gives a rule are guarded: X-Real-IP or Forwarded, which lb
+# neither sets nor checks, reach the backend as the client sent them under
+# their own names already, so their look-alikes add nothing to spoof.
 H_LOOKALIKE = 11
 _SEPARATORS = re.compile(rb"[-_]+")
 
