@@ -227,10 +227,11 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 self._flush_up(ex)  # what earlier, valid requests read along with it
             return
         if self.url:
-            if data[-1:] == b"\n" and self.parser.get_http_version() in ("0.0", "0.9"):
+            version = self.parser.get_http_version()
+            if version == "0.9" or (version == "0.0" and data[-1:] == b"\n"):
                 # The request line ended without a version (HTTP/0.9; llhttp says
-                # 0.9 once fields follow): llhttp waits for header fields such a
-                # client never sends.
+                # 0.9 once anything follows that line): llhttp waits for header
+                # fields such a client never sends.
                 self._reject(400)
                 return
             self._partial_head()
