@@ -54,7 +54,9 @@ class Harness:
             "strategy": strategy,
             "backends": [{"address": b.address, "name": b.name} for b in backends],
             "classes": list(classes),
-            "learning": {"stats_interval": 0.05, "trace_sample": trace_sample},
+            # guard_share 0: every ml pick by the table (the guard's control share is
+            # tests/test_guard.py's), so a row's routing is exact here
+            "learning": {"stats_interval": 0.05, "trace_sample": trace_sample, "guard_share": 0.0},
             "balancer": {"seed": 7},
         })
         self.class_names = cfg.class_names
