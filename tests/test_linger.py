@@ -120,3 +120,22 @@ def test_lingering_is_bounded_in_time(lb_both):
         assert refused is not None, "lb still reads the connection after its linger time"
     finally:
         s.close()
+
+
+def test_body_limit_answer_reaches_a_client_still_sending(lb_factory, backend):
+    # 413 found inside a chunked body (the head was valid and forwarded): the
+    # rest of the body is still coming when lb answers.
+    lb = lb_factory([backend], extra="[limits]\nmax_body_size = 1000")
+    head = b"POST /up HTTP/1.1\r\nHost: lb.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (4096, b"y" * 4096)
+    body = chunk * 64  # 256 KiB
+    s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+    try:
+        sender = Sender(s, head + body, 0)
+        sender.start()
+        assert sender.done.wait(10), "the client could not send its body"
+        got, end = _read_all(s, time.monotonic() + 10)
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 413 "), (got[:100], end, sender.error)
+    assert end == "eof" and sender.error is None, (end, sender.error)
