@@ -1,10 +1,13 @@
 """The rules a request head must pass before anything of it is forwarded.
 
 RFC 9112 framing (sections 6 and 7) and the limits: exactly one Host in
-HTTP/1.1, no Transfer-Encoding but a lone "chunked" (and none in HTTP/1.0),
-llhttp has already refused duplicate or malformed Content-Length, CL with TE,
-bare CR, NUL, obs-fold and invalid names.  A broken rule raises
-`Reject(status)` from inside the parser callback, which stops llhttp at once.
+HTTP/1.1, and a valid one; no Transfer-Encoding but a lone "chunked" (and none
+in HTTP/1.0); no field whose name folds to one of those with a rule
+(`Transfer_Encoding`, see workers/http.py); an absolute-form target gives the
+host and is forwarded in origin-form.  llhttp has already refused duplicate
+or malformed Content-Length, CL with TE, bare CR, NUL, obs-fold and invalid
+names.  A broken rule raises `Reject(status)` from inside the parser
+callback, which stops llhttp at once.
 
 `Downstream.on_headers_complete` handles the common request itself (fast
 path); everything else comes here.
