@@ -193,6 +193,7 @@ class FuzzBackend:
             with self.lock:
                 log = ConnLog(len(self.conns))
                 self.conns.append(log)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._handle, args=(s, log), daemon=True).start()
 
     def _recv(self, s: socket.socket, log: ConnLog) -> bytes:
@@ -237,8 +238,11 @@ class FuzzBackend:
                 if isinstance(ev, h11.EndOfMessage) or ev is h11.PAUSED:
                     if isinstance(ev, h11.EndOfMessage):
                         req.complete = True
-                    if not self._answer(s, conn, req, log):
-                        return
+                    try:
+                        if not self._answer(s, conn, req, log):
+                            return
+                    except OSError:
+                        return  # lb closed the connection under the answer (its right)
                     req = None
         finally:
             log.closed = True
@@ -246,6 +250,15 @@ class FuzzBackend:
                 s.close()
             except OSError:
                 pass
+
+    def _cuts(self, raw: bytes) -> list[int]:
+        """Where an answer is split: only inside its first head or right after it,
+        so bytes a broken answer has past its body arrive with the body (sent
+        later, they would race with lb reusing the connection, in any proxy)."""
+        end = raw.find(b"\r\n\r\n") + 4
+        if end < 4 or self.rng.random() < 0.5:
+            return []
+        return sorted({self.rng.randint(1, end) for _ in range(self.rng.randint(1, 2))})
 
     def _answer(self, s: socket.socket, conn: h11.Connection, req: Received, log: ConnLog) -> bool:
         """Answer one complete request; False once the connection is done."""
@@ -270,11 +283,17 @@ class FuzzBackend:
             kind = req.kind = "ok"  # an upgrade the client did not ask for: answer plainly
         with self.lock:
             raw, close = build_response(kind, req, self.rng)
+            cuts = self._cuts(raw)
         if kind == "reset":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
-        if raw:
-            s.sendall(raw)
+        pos = 0
+        for cut in cuts + [len(raw)]:
+            if cut > pos:
+                s.sendall(raw[pos:cut])
+                pos = cut
+                if cut < len(raw):
+                    time.sleep(0.001)  # pacing, so lb reads the pieces apart
         if kind in _HANGING:
             # Never finish: read (and keep) whatever comes until lb gives up.
             while self._recv(s, log):

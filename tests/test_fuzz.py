@@ -411,6 +411,16 @@ def check_forwarded(case: Case, ref: Reference, got: list) -> list[str]:
     return bad
 
 
+def _case_of(target: bytes) -> int | None:
+    m = re.match(rb"^(?:[a-z]+://[^/]*)?/fz/(\d+)/", target)
+    return int(m.group(1)) if m else None
+
+
+def _same_request(rec, want) -> bool:
+    return rec.method == want.method and rec.target in _targets(want.target) and \
+        (rec.body == want.body or not rec.complete)
+
+
 def _same(a, b) -> bool:
     return a.method == b.method and a.target == b.target and a.body == b.body
 
@@ -542,6 +552,7 @@ def fuzz(lb: LBProc, backend: FuzzBackend, seed: int, n_cases: int, budget: floa
     run = Run()
     t0 = time.monotonic()
     errors_seen = 0
+    recent: dict = {}  # the last few cases, for requests that reach the backend late
     for case_id in range(n_cases):
         if time.monotonic() - t0 > budget:
             break
@@ -563,8 +574,23 @@ def fuzz(lb: LBProc, backend: FuzzBackend, seed: int, n_cases: int, budget: floa
             got = backend.requests[start:]
             conn_errors = [(c.id, c.error, bytes(c.data[-300:])) for c in backend.conns if c.error]
         canaries = [r for r in got if r.target.startswith(b"/canary/")]
-        mine = [r for r in got if not r.target.startswith(b"/canary/")]
+        mine, late = [], []
+        for r in got:
+            if r.target.startswith(b"/canary/"):
+                continue
+            owner = _case_of(r.target)
+            sent_now = any(r.target in _targets(w.target) for w in ref.requests)
+            (late if owner in recent and not sent_now else mine).append(r)
         bad += check_forwarded(case, ref, mine)
+        for r in late:  # forwarded for an earlier case, reached the backend after its check
+            earlier_case, earlier_ref = recent[_case_of(r.target)]
+            if not any(_same_request(r, want) for want in earlier_ref.valid_prefix):
+                bad.append(f"late at the backend: {r.method!r} {r.target!r} ({len(r.body)} body bytes) is no "
+                           f"request case {earlier_case.id} sent validly")
+            bad += [f"late request {r.target!r}: {e}" for e in check_fields(r, earlier_ref.valid_prefix[0])
+                    if earlier_ref.valid_prefix and r.complete]
+        recent[case_id] = (case, ref)
+        recent.pop(case_id - 8, None)
         bad += check_canary_at_backend(backend, case_id, canaries)
         for cid, err, tail in conn_errors[errors_seen:]:
             bad.append(f"the backend could not parse what lb sent on connection {cid}: {err}; last bytes {tail!r}")
