@@ -252,3 +252,29 @@ def test_training_traces_come_from_training_fleets_only(tmp_path):
                            timeout=60)
         assert p.returncode == 2 and "training seeds must lie in 1000-1999" in p.stderr
     assert not (tmp_path / "x.npz").exists()
+
+
+# -- the real benchmark's two-instance split and busy host ---------------------------------------
+
+
+def test_quality_splits_the_arrivals_between_instances_and_busy_loops_end_by_themselves(tmp_path):
+    import time
+
+    import quality
+
+    sched = scn.run_schedule(scn.get("twolb"), 3.0, None, 1)
+    parts = quality.split_schedule(sched, 2, 1)
+    assert parts == quality.split_schedule(sched, 2, 1)
+    assert sorted(parts[0] + parts[1]) == sched
+    assert 0.4 < len(parts[0]) / len(sched) < 0.6
+    assert quality.split_schedule(sched, 1, 1) == [sched]
+    procs = quality.start_busy(str(tmp_path), 1.0)
+    try:
+        assert len(procs) == (__import__("os").cpu_count() or 1)
+        deadline = time.monotonic() + 30
+        while any(p.alive() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(p.alive() for p in procs)  # bounded even if nobody stops them
+    finally:
+        for p in procs:
+            p.stop(grace=1.0)
