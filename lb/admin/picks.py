@@ -122,7 +122,10 @@ def explain(strategy_name: str, cls: str, class_names: list[str], states: list[B
         out["inflight"] = {s.name: round(s.inflight, 3) for s in live}
         out["ewma"] = {s.name: round(s.ewma, 6) for s in live}
     rule = RULES.get(strategy_name, strategy_name)
-    out["why"] = f"{rule}; {best} gets the most picks now ({shares[best]:.0%})"
+    if len(shares) > 1 and max(shares.values()) - min(shares.values()) < 0.02:
+        out["why"] = f"{rule}; {len(shares)} backends get an equal share of picks now"
+    else:
+        out["why"] = f"{rule}; {best} gets the most picks now ({shares[best]:.0%})"
     return out
 
 
