@@ -318,7 +318,7 @@ class Learning(Base):
     traces: str = ""  # directory for sampled request traces; "" = no capture
     trace_sample: float = 0.02  # share of requests sampled (sent with the stats, no per-request IPC)
     retrain_interval: float = 0.0  # seconds between background refits; 0 = off
-    guard_share: float = 0.05  # share of ml's picks routed by the other arm (P2C-EWMA) to judge it; 0 = off
+    guard_share: float = 0.02  # share of ml's picks routed by the other arm (P2C-EWMA) to judge it; 0 = off
 
     def __post_init__(self):
         if not 0.01 <= self.interval <= 10:

@@ -66,7 +66,7 @@ def test_recovers_after_a_clean_window():
     assert gd.tripped
     # the learned arm is as good again: the window first forgets the bad outcomes,
     # then one whole clean window must pass
-    out = feed(gd, rng, 30.0, 40.0, 1000, learned_lat=0.01, control_lat=0.01)
+    out = feed(gd, rng, 30.0, 3 * g.WINDOW * g.BUCKET, 1000, learned_lat=0.01, control_lat=0.01)
     back = next(t for t, ok in out if ok)
     assert 30.0 + g.WINDOW * g.BUCKET <= back <= 30.0 + 3 * g.WINDOW * g.BUCKET
     assert not gd.tripped

@@ -21,7 +21,7 @@ mean of a window.  The guard is I/O-free: outcomes and the clock come in,
 a verdict goes out, and tests/test_guard.py drives it directly.
 
 The constants are statistical choices (a 5% practical margin, a 3-sigma
-test, a 10 s window of 1 s buckets), not fitted to any benchmark.
+test, a 20 s window of 1 s buckets), not fitted to any benchmark.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ LEARNED = 0
 CONTROL = 1
 
 BUCKET = 1.0  # seconds per bucket
-WINDOW = 10  # buckets in the sliding window
-MIN_SAMPLES = 60  # outcomes per arm in the window before a verdict
+WINDOW = 20  # buckets in the sliding window
+MIN_SAMPLES = 50  # outcomes per arm in the window before a verdict
 LAT_MARGIN = 0.05  # learned mean latency may exceed control's by this share
 ERR_MARGIN = 0.01  # learned error rate may exceed control's by this (absolute)
 Z = 3.0  # standard errors a difference must exceed to count
