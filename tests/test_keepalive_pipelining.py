@@ -142,3 +142,31 @@ def test_backend_connection_close_keeps_client_connection(lb, backend):
             assert echo(resp)["target"] == f"/echo?n={i}"
     assert [r["target"] for r in backend.requests()] == ["/close", "/echo?n=0", "/close", "/echo?n=1",
                                                          "/close", "/echo?n=2"]
+
+
+def test_pipeline_deeper_than_the_parse_ahead_is_answered_whole_and_in_order(lb, backend):
+    # Far more requests in one write than lb parses ahead (it keeps the rest
+    # unparsed until the pipeline has room), on both parse paths, with bodies
+    # (Content-Length and chunked) between them: every one answered, in order.
+    batch = []
+    expect = []
+    for i in range(300):
+        if i % 50 == 7:
+            body = b"b" * (1000 + i)
+            batch.append(build_request("POST", f"/echo?n={i}", body=body))
+            expect.append((f"/echo?n={i}", len(body)))
+        elif i % 50 == 31:
+            body = b"c" * i
+            batch.append(build_request("POST", f"/echo?n={i}", {"Transfer-Encoding": "chunked"},
+                                       chunk_body([body[j:j + 1] for j in range(len(body))])))
+            expect.append((f"/echo?n={i}", len(body)))
+        else:
+            # Every third one takes the httptools path (a field with a rule).
+            hs = {"Connection": "keep-alive"} if i % 3 == 0 else {}
+            batch.append(build_request("GET", f"/echo?n={i}", hs))
+            expect.append((f"/echo?n={i}", 0))
+    with RawConn(lb.port) as c:
+        c.send(b"".join(batch))
+        seen = [echo(c.read_response()) for _ in expect]
+        assert echo(c.request("GET", "/echo?n=after"))["target"] == "/echo?n=after"
+    assert [(s["target"], s["body_size"]) for s in seen] == expect

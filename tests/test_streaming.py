@@ -271,3 +271,49 @@ def test_slow_reader_download_stays_in_flat_memory(backend, lb_factory):
         s.close()
     assert got == size and all_x
     assert_flat(baseline, sampler.samples)
+
+
+def test_tiny_response_chunks_are_rechunked_per_read(lb_factory):
+    # A backend writing 20,000 one-byte chunks in a few writes: the client gets
+    # the same body, framed as a few large chunks (one per read), not 20,000.
+    from tests.conftest import ThreadedServer
+
+    body = bytes(range(256)) * 78 + b"end!"
+    wire = b"".join(b"1\r\n%s\r\n" % body[i:i + 1] for i in range(len(body))) + b"0\r\n\r\n"
+
+    class TinyChunks(ThreadedServer):
+        def handle(self, conn):
+            try:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    buf += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for i in range(0, len(wire), 30_000):
+                    conn.sendall(wire[i:i + 30_000])
+                conn.recv(1)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    srv = TinyChunks()
+    try:
+        lb = lb_factory([], backend_lines=f'[[backends]]\naddress = "{srv.address}"\nname = "tiny"')
+        with RawConn(lb.port) as c:
+            c.send(build_request("GET", "/"))
+            resp = c.read_head()
+            assert resp.values("transfer-encoding") == ["chunked"]
+            sizes = []
+            parts = []
+            while True:
+                size = int(c._line(), 16)
+                if size == 0:
+                    assert c._line() == b""
+                    break
+                parts.append(c.read_exact(size))
+                sizes.append(size)
+                assert c.read_exact(2) == b"\r\n"
+        assert b"".join(parts) == body
+        assert len(sizes) < 200, f"{len(sizes)} chunks for {len(body)} bytes"
+    finally:
+        srv.close()

@@ -26,6 +26,7 @@ from workers.http import (
     CONTINUE_100,
     CRLF,
     DATE,
+    H_CONTENT_LENGTH,
     H_HOST,
     LAST_CHUNK,
     REQUEST_TAIL_11,
@@ -43,6 +44,12 @@ DRAIN_IDLE_GRACE = 1.0  # seconds an idle connection stays open once the worker 
 # with at most DISCARD_IDLE between two reads (nginx's lingering_time/_timeout).
 DISCARD_TIME = 30.0
 DISCARD_IDLE = 5.0
+# Parse-ahead of pipelined requests: at this many queued behind the one in
+# flight, the rest of a read is kept unparsed (reading is paused) until the
+# pipeline has room.  httptools is fed at most PARSE_SLICE bytes at a time
+# (plus what is left of a Content-Length body) so it can stop there too.
+PIPELINE_DEPTH = 16
+PARSE_SLICE = 8192
 
 
 class _StopReading(Exception):
@@ -78,6 +85,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "scanner",
         "in_message",
         "discard_idle",
+        "unparsed",
+        "parse_scheduled",
     )
 
     def __init__(self, worker) -> None:
@@ -112,6 +121,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.fast = self.scanner is not None
         self.in_message = False  # httptools is inside a message (slow path only)
         self.discard_idle = min(DISCARD_IDLE, worker.t_client_body)
+        self.unparsed = b""  # read, not parsed yet: the pipeline is full
+        self.parse_scheduled = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -186,6 +197,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 self._simple(r[0], r[1], r[2], r[3])
                 if pos == len(data):
                     return
+                q = self.queue
+                if q is not None and len(q) >= PIPELINE_DEPTH:
+                    self.unparsed = data[pos:]  # parsed once the pipeline has room
+                    return
             self.fast = False
             if pos:
                 data = data[pos:]
@@ -203,7 +218,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
         if self.url:  # a request head is in progress since an earlier read
             self.head_bytes += len(data)
         try:
-            self.parser.feed_data(data)
+            if len(data) <= PARSE_SLICE:
+                self.parser.feed_data(data)
+            else:
+                self._feed_sliced(data)
         except HttpParserUpgrade as exc:
             ex = self.upgrading = self.reading
             self.reading = None
@@ -211,7 +229,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             # backend agrees to switch (101): to a backend that answers anything
             # else, those bytes would be a request that skipped every rule here.
             self.gate.pause(flow.UPGRADE)
-            rest = data[exc.args[0]:]
+            rest = data[getattr(exc, "start", 0) + exc.args[0]:]  # (offset in the slice fed)
             if rest:
                 self._hold_upgrade(ex, rest)
             if ex is self.ex and ex.pending and ex.upstream is not None:
@@ -240,12 +258,62 @@ class Downstream(Dispatcher, asyncio.Protocol):
         elif (not self.in_message and self.reading is None and self.upgrading is None
               and self.scanner is not None):
             self.fast = True  # httptools ended on a message boundary
+        r = self.reading
+        if r is not None and r.chunk:
+            self._seal_chunk(r)  # this read's pieces of a chunked body: one chunk
         ex = self.ex
         if ex is not None and ex.pending:  # body bytes collected during this read
             if ex.upstream is not None:
                 self._flush_up(ex)
             elif ex.buffered > flow.WRITE_LIMIT:
                 self.gate.pause(flow.BODY_BUFFER)
+
+    def _feed_sliced(self, data: bytes) -> None:
+        """Feed a long read to httptools a slice at a time, stopping once the
+        pipeline is full (the rest is kept in `unparsed`).  A Content-Length
+        body goes in whole: the slices only bound how many requests one
+        feed_data call can queue."""
+        feed = self.parser.feed_data
+        n = len(data)
+        start = 0
+        while True:
+            step = PARSE_SLICE
+            r = self.reading
+            if r is not None and r.content_length:
+                step += r.content_length - r.body_bytes
+            end = start + step
+            try:
+                feed(data[start:end] if start or end < n else data)
+            except HttpParserUpgrade as exc:
+                exc.start = start  # its offset is within the slice
+                raise
+            if end >= n:
+                return
+            start = end
+            q = self.queue
+            if q is not None and len(q) >= PIPELINE_DEPTH:
+                self.unparsed = data[start:]
+                if self.url:
+                    self.head_bytes -= n - start  # counted again when parsed
+                return
+
+    def _parse_unparsed(self) -> None:
+        """The pipeline has room again: parse what was read before it filled up."""
+        self.parse_scheduled = False
+        data = self.unparsed
+        if not data or self.closed or self.broken:
+            return
+        self.unparsed = b""
+        self.data_received(data)
+        if not self.unparsed and not self.queue:
+            self.gate.resume(flow.PIPELINE)
+
+    @staticmethod
+    def _seal_chunk(ex: Exchange) -> None:
+        pieces = ex.chunk
+        ex.chunk = None
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        ex.pending += (b"%x\r\n" % len(data), data, CRLF)
 
     def _partial_head(self) -> None:
         """This read ended inside a request head: start its timer, bound its size."""
@@ -379,6 +447,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
                     # its slow path, which closes the connection after it.
                     ex.plain = False
                     ex.plain_after_body = True
+                if not ex.chunked:
+                    for tag, value in specials:
+                        if tag == H_CONTENT_LENGTH:
+                            ex.content_length = int(value)  # (llhttp checked the digits)
         if self.ex is None:
             self._start(ex)
         else:
@@ -393,6 +465,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         ex = self.reading
         if ex.discard:  # answered already: dropped, never buffered
+            ex.body_bytes += len(data)  # (where the body ends: _feed_sliced)
             now = CLOCK.tick()
             self.deadline = min(now + self.discard_idle, ex.discard_until)
             return
@@ -401,7 +474,13 @@ class Downstream(Dispatcher, asyncio.Protocol):
         if w.max_body_size and n > w.max_body_size:
             raise Reject(413)
         if ex.chunked:
-            ex.pending += (b"%x\r\n" % len(data), data, CRLF)
+            # Re-chunked once per read (_seal_chunk), not once per chunk received:
+            # a body of 1-byte chunks would otherwise become three objects a byte.
+            c = ex.chunk
+            if c is None:
+                ex.chunk = [data]
+            else:
+                c.append(data)
         else:
             ex.pending.append(data)
         ex.buffered += len(data)
@@ -416,6 +495,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self._discarded(ex)
             return
         if ex.chunked:
+            if ex.chunk:
+                self._seal_chunk(ex)
             ex.pending.append(LAST_CHUNK)
         ex.body_done = True
         ex.last_io = CLOCK.now  # the upstream response timer starts with the request sent
@@ -495,7 +576,12 @@ class Downstream(Dispatcher, asyncio.Protocol):
         q = self.queue
         if q:
             nxt = q.popleft()
-            if not q:
+            if self.unparsed:
+                if len(q) <= PIPELINE_DEPTH // 2 and not self.parse_scheduled:
+                    # Room again: parse on, but not from inside this call chain.
+                    self.parse_scheduled = True
+                    w.loop.call_soon(self._parse_unparsed)
+            elif not q:
                 self.gate.resume(flow.PIPELINE)
             self._start(nxt)
             if nxt.pending and nxt.upstream is not None:

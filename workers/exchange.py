@@ -37,6 +37,8 @@ class Exchange:
     plain_after_body = False  # `plain` once the request body has ended (False until then)
     discard = False  # answered before its body ended: the rest of the body is dropped
     discard_until = 0.0  # ... until this time at the latest (monotonic)
+    content_length = 0  # declared body length (Content-Length bodies; slow path only)
+    chunk = None  # body pieces of a chunked request read in this read, not yet re-chunked
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it

@@ -92,6 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
         "fast",
         "remaining",
         "max_head",
+        "chunk",
     )
 
     def __init__(self, backend, worker) -> None:
@@ -121,6 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
         # Longest response head accepted, informational (1xx) heads before it
         # included: a backend cannot make the worker hold or relay more.
         self.max_head = worker.max_response_head
+        self.chunk: list = []  # body pieces of this read, re-chunked as one chunk (MODE_CHUNK)
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -206,15 +208,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.in_head and len(self.raw) > self.max_head:
             self._head_too_large()  # no end of the head within the limit (or 1xx after 1xx)
             return
+        if self.chunk:
+            self._seal_chunk()
         out = self.out
         if out:
-            if len(out) < 8:
-                # _flush() inlined for what one read usually brings: one write,
-                # small pieces joined (join of one item returns it as is)
-                ex.conn.transport.write(b"".join(out))
-                out.clear()
-            else:
-                self._flush()
+            # _flush() inlined: one write per read, the pieces joined (join of one
+            # item returns it as is); never one buffer per parsed span, which a
+            # body of tiny chunks would turn into many small objects held.
+            ex.conn.transport.write(b"".join(out))
+            out.clear()
         if self.done:
             self._finish()
         else:
@@ -257,6 +259,8 @@ class UpstreamConnection(asyncio.Protocol):
         elif not self.framed and not self.done:
             # Close-delimited response: the end of the connection ends the body.
             if self.mode == MODE_CHUNK:
+                if self.chunk:
+                    self._seal_chunk()
                 self.out.append(LAST_CHUNK)
             self._flush()
             self.done = True
@@ -377,13 +381,21 @@ class UpstreamConnection(asyncio.Protocol):
         if mode == MODE_RAW:
             self.out.append(data)
         elif mode == MODE_CHUNK:
-            self.out += (b"%x\r\n" % len(data), data, CRLF)
+            self.chunk.append(data)  # framed once per read: _seal_chunk
+
+    def _seal_chunk(self) -> None:
+        pieces = self.chunk
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self.out += (b"%x\r\n" % len(data), data, CRLF)
 
     def on_message_complete(self) -> None:
         if self.informational:
             self.informational = False
             return
         if self.mode == MODE_CHUNK:
+            if self.chunk:
+                self._seal_chunk()
             self.out.append(LAST_CHUNK)
         self.done = True
         self.keep_alive = self.parser.should_keep_alive()
@@ -391,18 +403,13 @@ class UpstreamConnection(asyncio.Protocol):
     # -- exchange lifecycle -------------------------------------------------
 
     def _flush(self) -> None:
+        if self.chunk:
+            self._seal_chunk()
         out = self.out
         if out:
             ex = self.ex
             if ex is not None:
-                # One write per read: small pieces are joined (one copy, one plain
-                # write); large bodies go as they are, in one writev.
-                if len(out) == 1:
-                    ex.conn.transport.write(out[0])
-                elif len(out) < 8:
-                    ex.conn.transport.write(b"".join(out))
-                else:
-                    ex.conn.transport.writelines(out)
+                ex.conn.transport.write(b"".join(out))  # one write per read, one buffer
             out.clear()
 
     def _finish(self) -> None:
