@@ -34,7 +34,7 @@ def test_sighup_replaces_workers_and_switches_backends(backend_factory, lb_facto
     slow = RawConn(lb.port, timeout=10)
     try:
         slow.send(b"GET /slow/1000 HTTP/1.1\r\nHost: lb.test\r\n\r\n")
-        time.sleep(0.2)
+        b1.wait_request("/slow/1000")  # in flight on an old worker
         write_config(lb, [b2])
         lb.proc.send_signal(signal.SIGHUP)
         start = lb.log.wait_for("reload_start", 1, timeout=5)[0]
