@@ -278,3 +278,18 @@ def test_quality_splits_the_arrivals_between_instances_and_busy_loops_end_by_the
     finally:
         for p in procs:
             p.stop(grace=1.0)
+
+
+def test_the_overview_compares_ml_with_the_best_policy_that_fails_no_more():
+    def row(policy, p99, err):
+        return {"policy": policy, "p99_s": p99, "p999_s": 2 * p99, "error_rate": err}
+
+    res = {"a": {"rows": [row("p2c_ewma", 0.040, 0.0), row("least_connections", 0.030, 0.4),
+                          row("ml", 0.036, 0.0)]},
+           "b": {"rows": [row("p2c_ewma", 0.040, 0.3), row("least_connections", 0.030, 0.4),
+                          row("ml", 0.050, 0.02)]}}
+    text = sim.overview(res, ["p2c_ewma", "least_connections", "ml"])
+    a, b = (line for line in text.splitlines() if line.startswith(("a ", "b ")))
+    assert a.split()[-1] == "0.90x"  # 36 / 40: least_connections' 30 ms came with 40% errors
+    assert b.endswith("fewest errors")
+    assert "30.0 / 60 40.0%" in a
