@@ -43,6 +43,7 @@ class Received:
     complete: bool = False
     kind: str = ""
     at: float = 0.0
+    answered: bool = False  # answered before its body was read (EARLY_KINDS)
 
     def values(self, name: bytes) -> list:
         return [v for k, v in self.headers if k.lower() == name]
@@ -58,13 +59,23 @@ class ConnLog:
     closed: bool = False
 
 
+def _has_body(req: Received) -> bool:
+    cl = req.values(b"content-length")
+    return bool(req.values(b"transfer-encoding")) or (bool(cl) and cl[0].strip() not in (b"0", b""))
+
+
 # -- responses --------------------------------------------------------------------
 
 VALID_KINDS = ("ok", "chunked", "close_delimited", "http10", "interim_then_ok", "no_content",
                "keepalive_fields", "connection_named")
 BROKEN_KINDS = ("bad_status", "flip_head", "cl_te", "double_cl", "short_close", "short_hang",
                 "big_head", "many_1xx", "garbage_after", "extra_response", "bare_lf", "obs_fold",
-                "huge_cl", "bad_chunk", "close_no_answer", "hang", "lookalike_te", "reset")
+                "huge_cl", "bad_chunk", "close_no_answer", "hang", "lookalike_te", "reset",
+                "early", "early_close")
+# Answered as soon as the head of a request with a body is in, before its body
+# (a 413 or 401 as servers send them): then the body is read to its end
+# ("early") or the connection closed under it ("early_close").
+EARLY_KINDS = {"early", "early_close"}
 # Kinds after which the backend stops serving the connection.
 _CLOSING = {"close_delimited", "short_close", "close_no_answer", "reset", "bad_status", "flip_head",
             "cl_te", "double_cl", "garbage_after", "extra_response", "bare_lf", "huge_cl",
@@ -146,6 +157,8 @@ def build_response(kind: str, req: Received, rng) -> tuple[bytes, bool]:
             + (b"" if head_req else b"zz\r\n" + body + b"\r\n0\r\n\r\n"), True
     if kind == "lookalike_te":
         return _head(b"200 OK", base + [(b"Transfer_Encoding", b"chunked"), cl]) + send_body, True
+    if kind in EARLY_KINDS:
+        return _head(b"200 OK", base + [cl]) + send_body, False
     if kind in ("close_no_answer", "reset", "hang"):
         return b"", kind != "hang"
     raise ValueError(kind)
@@ -231,6 +244,12 @@ class FuzzBackend:
                         req.kind = self.plan.get(ev.target, "ok")
                         log.requests.append(req)
                         self.requests.append(req)
+                    if req.kind in EARLY_KINDS and _has_body(req):
+                        try:
+                            if not self._answer_early(s, conn, req):
+                                return
+                        except OSError:
+                            return
                     continue
                 if isinstance(ev, h11.Data):
                     req.body += ev.data
@@ -238,6 +257,12 @@ class FuzzBackend:
                 if isinstance(ev, h11.EndOfMessage) or ev is h11.PAUSED:
                     if isinstance(ev, h11.EndOfMessage):
                         req.complete = True
+                    if req.answered:  # early: the answer is out, the body now read
+                        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                            return
+                        conn.start_next_cycle()
+                        req = None
+                        continue
                     try:
                         if not self._answer(s, conn, req, log):
                             return
@@ -259,6 +284,19 @@ class FuzzBackend:
         if end < 4 or self.rng.random() < 0.5:
             return []
         return sorted({self.rng.randint(1, end) for _ in range(self.rng.randint(1, 2))})
+
+    def _answer_early(self, s: socket.socket, conn: h11.Connection, req: Received) -> bool:
+        """Answer before the body; False if the connection is closed at once."""
+        token = echo_token(req.target, b"").encode()
+        body = b"too early " + token + b"\n"
+        status = self.rng.choice([b"413 Payload Too Large", b"401 Unauthorized", b"200 OK"])
+        s.sendall(_head(status, [(b"X-Echo", token), (b"Content-Length", b"%d" % len(body))]) + body)
+        req.answered = True
+        if req.kind == "early_close":
+            return False
+        conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"0")]))
+        conn.send(h11.EndOfMessage())
+        return True
 
     def _answer(self, s: socket.socket, conn: h11.Connection, req: Received, log: ConnLog) -> bool:
         """Answer one complete request; False once the connection is done."""

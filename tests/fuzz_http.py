@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-from tests.fuzz_backend import BROKEN_KINDS, VALID_KINDS
+from tests.fuzz_backend import BROKEN_KINDS, EARLY_KINDS, VALID_KINDS
 
 HOST = b"fuzz.test"
 
@@ -239,6 +239,8 @@ def make_case(rng, case_id: int, exclude: frozenset = frozenset()) -> Case:
         if is_upgrade:
             upgrade = True
             kinds[target] = "switch" if rng.random() < 0.6 else rng.choice(VALID_KINDS)
+        elif name in ("post_cl", "post_chunked", "expect", "put_extra") and rng.random() < 0.25:
+            kinds[target] = rng.choice(sorted(EARLY_KINDS))  # answered before its body
         elif rng.random() < 0.35:
             kinds[target] = rng.choice(BROKEN_KINDS)
         else:
@@ -372,9 +374,16 @@ def _reference(data: bytes) -> Reference:
             pos += 1
         if pos == len(data):
             return ref
+        # RFC 9112 3 lets a server split the request line on runs of SP (llhttp
+        # does; lb then sends one SP): read it so, counting what was dropped.
+        eol = data.find(b"\n", pos)
+        line = data[pos:eol if eol >= 0 else len(data)]
+        squeezed = re.sub(rb"  +", b" ", line)
+        dropped = len(line) - len(squeezed)
+        rest = squeezed + data[pos + len(line):]
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
-        fed = len(data) - pos
-        conn.receive_data(data[pos:])
+        fed = len(rest)
+        conn.receive_data(rest)
         conn.receive_data(b"")  # the end of the bytes: what is left unparsed is a partial request
         req = ev_req = None
         while True:
@@ -390,7 +399,7 @@ def _reference(data: bytes) -> Reference:
             if isinstance(ev, h11.Request):
                 ev_req = ev
                 headers = list(ev.headers.raw_items())
-                head = data[pos:pos + _consumed(conn, fed)]
+                head = data[pos:pos + _consumed(conn, fed) + dropped]
                 req = RefRequest(ev.method, ev.target, headers, head, invalid=_invalid(head, headers))
                 ref.requests.append(req)
                 req.upgrade = any(k.lower() == b"upgrade" for k, _ in headers) and _upgrade_token(headers)
@@ -398,7 +407,7 @@ def _reference(data: bytes) -> Reference:
                 req.body += ev.data
             elif isinstance(ev, h11.EndOfMessage):
                 req.complete = True
-                pos += _consumed(conn, fed)
+                pos += _consumed(conn, fed) + dropped
                 if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
                     ref.end, ref.tail = "upgrade", data[pos:]
                     return ref
