@@ -137,6 +137,7 @@ class Timeouts(Base):
     upstream_connect: float = 5.0
     upstream_response: float = 60.0  # request sent -> first byte, and between reads
     upstream_idle: float = 60.0  # pooled idle upstream connection lifetime
+    tunnel_idle: float = 3600.0  # upgraded connection (WebSocket) with no byte either way
     drain: float = 30.0  # graceful stop: hard stop after this long
     heartbeat: float = 10.0  # a child process silent this long is stuck: killed and replaced
 

@@ -203,3 +203,25 @@ def test_bytes_sent_with_the_upgrade_request_go_through_the_tunnel_after_101(lb)
         assert c.read_exact(4) == b"more"
     finally:
         c.close()
+
+
+# -- idle tunnels end -------------------------------------------------------------
+
+
+def test_idle_tunnel_is_closed_after_tunnel_idle_and_traffic_keeps_it_open(lb_factory, backend):
+    lb = lb_factory([backend], extra="[timeouts]\ntunnel_idle = 1.0")
+    c = open_tunnel(lb)
+    try:
+        # Traffic (echoed: both directions) every 0.4 s for 2 s: never idle for 1 s.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            c.send(b"ping")
+            assert c.read_exact(4) == b"ping"
+            time.sleep(0.4)
+        # Then silence: lb closes both sides within the timeout (+ its 0.25 s sweep).
+        t0 = time.monotonic()
+        assert c.closed_by_peer(5), "idle tunnel never closed"
+        assert time.monotonic() - t0 < 1.0 + 0.6
+    finally:
+        c.close()
+    assert wait_until(lambda: not upstream_connections(lb, backend)), "upstream side of the tunnel stayed open"

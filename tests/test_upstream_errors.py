@@ -288,3 +288,46 @@ def test_response_head_longer_than_max_response_head_is_502(lb_factory, reply, s
             assert lb.log.wait_for("upstream_head_too_large")[0]["backend"] == "one"
     finally:
         srv.close()
+
+
+# -- a connection with bytes after its response is not pooled ------------------------------
+
+
+class TrailingGarbageServer(ThreadedServer):
+    """Answers every request on a connection with a complete response followed,
+    in the same write, by the start of a response nobody asked for."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.connections += 1
+        conn.settimeout(5)
+        try:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                _, _, buf = buf.partition(b"\r\n\r\n")
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\nHTTP/1.1 20")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def test_connection_with_bytes_after_the_response_is_not_pooled(lb_factory):
+    srv = TrailingGarbageServer()
+    try:
+        lb = lb_factory([], backend_lines=backends_toml(("garbage", srv.address, 1)))
+        for _ in range(3):  # separate clients, one after the other
+            status, _, body = get(lb.port, "/")
+            assert (status, body) == (200, b"ok\n")
+        assert srv.connections == 3  # each on a fresh upstream connection
+    finally:
+        srv.close()

@@ -206,6 +206,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 data = data[pos:]
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
+            self.deadline = CLOCK.now + self.worker.t_tunnel_idle
             return
         if self.upgrading is not None:
             self._hold_upgrade(self.upgrading, data)
@@ -600,7 +601,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.tunnel = up
         self.ex = None
         self.upgrading = None
-        self.deadline = INF
+        self.deadline = CLOCK.tick() + self.worker.t_tunnel_idle  # renewed by bytes either way
         held = ex.held
         if held:  # what the client sent after its upgrade request, now tunnel bytes
             ex.held = None
@@ -653,6 +654,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
             reading = self.reading
             if reading is not None and reading.discard:
                 self.transport.close()  # its answer went out: nothing more to say
+            elif self.tunnel is not None:
+                self.worker.timeouts += 1
+                self.transport.close()  # an idle tunnel (connection_lost closes the other side)
             elif self.url or reading is not None:
                 self.worker.timeouts += 1
                 self._reject(408)  # slow client: head or body did not arrive in time

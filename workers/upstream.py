@@ -150,7 +150,9 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             if self.tunnel is not None:
-                self.tunnel.transport.write(data)
+                t = self.tunnel
+                t.transport.write(data)
+                t.deadline = CLOCK.now + self.worker.t_tunnel_idle
                 return
             # Bytes on an idle connection: the backend is out of sync with us.
             self.transport.abort()
@@ -388,6 +390,13 @@ class UpstreamConnection(asyncio.Protocol):
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
         self.out += (b"%x\r\n" % len(data), data, CRLF)
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            # A further response starts in the same read as the one that ended:
+            # bytes nobody asked for, and a parser now inside a message.  The
+            # connection must not go back to the pool.
+            self.keep_alive = False
 
     def on_message_complete(self) -> None:
         if self.informational:

@@ -63,6 +63,7 @@ class Worker:
         self.t_client_body = t.client_body
         self.t_keepalive = t.keepalive
         self.t_send = t.send
+        self.t_tunnel_idle = t.tunnel_idle
         self.t_upstream_connect = t.upstream_connect
         self.t_upstream_response = t.upstream_response
         self.t_drain = t.drain
