@@ -19,6 +19,9 @@ import fleets  # noqa: E402
 import scenarios as scn  # noqa: E402
 import sim  # noqa: E402
 
+import inference.engine  # noqa: E402, F401 - the simulator's ml policy runs it: a broken import fails here
+from inference import traces  # noqa: E402
+
 NEW_SCENARIOS = ("spread16", "spread64", "affinity", "drift", "twolb")
 
 
@@ -116,7 +119,6 @@ def test_a_generated_fleet_runs_in_the_simulator():
 
 
 def test_two_instances_each_have_their_own_workers_and_engine():
-    pytest.importorskip("inference.engine")
     s = sim.Simulation(scn.get("twolb"), "ml", duration=2.0, workers=2)
     s.run()
     assert len(s.workers) == 4 and [w.instance for w in s.workers] == [0, 0, 1, 1]
@@ -136,7 +138,6 @@ def test_two_instances_each_have_their_own_workers_and_engine():
 
 
 def test_ml_identity_routes_by_what_the_cells_showed():
-    pytest.importorskip("inference.engine")
     import numpy as np
 
     import sim_ml
@@ -231,7 +232,6 @@ def test_divert_times_follow_the_scenarios_slowdowns():
 
 
 def test_training_traces_come_from_training_fleets_only(tmp_path):
-    traces = pytest.importorskip("inference.traces")
     import subprocess
 
     out = tmp_path / "t.npz"
