@@ -62,7 +62,7 @@ slow_start = 0
 
 # Classes of input with a known open defect, kept out of the main run only
 # while each has its own strict xfail test below (see `open_class`).
-OPEN_CLASSES: frozenset = frozenset({"upgrade_with_body", "body_then_upgrade"})
+OPEN_CLASSES: frozenset = frozenset()
 
 
 def open_class(ref: Reference) -> str | None:
@@ -721,12 +721,9 @@ UPGRADE_WITH_BODY = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: an Upgrade request with a body. httptools skips the body of an upgrade request (its "
-    "on_headers_complete returns 1), yet lb forwards the request's framing: a chunked one reaches the "
-    "backend complete with an empty body (lb appends the last chunk itself) and the client's real body "
-    "goes on as tunnel bytes; a Content-Length one never gets its body (504). Reject it (400) or "
-    "forward the body. Kept out of test_fuzz by OPEN_CLASSES['upgrade_with_body']."))
+# An Upgrade request with a body: httptools skips the body of an upgrade request
+# (its on_headers_complete returns 1), so lb answers 400 rather than forward a
+# framing whose body would follow as tunnel bytes.
 @pytest.mark.parametrize("framing", UPGRADE_WITH_BODY)
 def test_upgrade_request_with_body(framing, fuzz_backend, tmp_path):
     lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG)
@@ -747,11 +744,8 @@ def test_upgrade_request_with_body(framing, fuzz_backend, tmp_path):
         lb.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: a request with a body, then an Upgrade request in the same read. Downstream.data_received "
-    "returns from its HttpParserUpgrade branch before flushing the head-of-line exchange's pending head "
-    "and body to its (pooled) upstream, so that request is never sent: 504 after upstream_response, "
-    "then the upgrade goes ahead. Kept out of test_fuzz by OPEN_CLASSES['body_then_upgrade']."))
+# A request with a body, then an Upgrade request in the same read: the first
+# request's body goes upstream before lb waits for the backend's 101.
 def test_body_request_then_upgrade_in_one_read(fuzz_backend, tmp_path):
     lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG)
     try:

@@ -233,8 +233,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
             rest = data[getattr(exc, "start", 0) + exc.args[0]:]  # (offset in the slice fed)
             if rest:
                 self._hold_upgrade(ex, rest)
-            if ex is self.ex and ex.pending and ex.upstream is not None:
-                self._flush_up(ex)  # the upgrade request itself
+            first = self.ex  # the upgrade request itself, or a request before it whose
+            if first is not None and first.pending and first.upstream is not None:
+                self._flush_up(first)  # body (or head) this read brought
             return
         except HttpParserError as exc:
             ctx = exc.__context__
@@ -429,6 +430,11 @@ class Downstream(Dispatcher, asyncio.Protocol):
     def _full_head(self, p, specials) -> None:
         w = self.worker
         ex = build_exchange(self, p, self.url, self.headers, specials, w)
+        if ex.upgrade and ex.has_body:
+            # httptools skips the body of an upgrade request (it hands over at the
+            # end of the head): forwarded, its framing would promise the backend a
+            # body that then arrives, if ever, as tunnel bytes.
+            raise Reject(400)
         if not ex.keep_alive:
             self.scanner = None  # the last request on this connection
         if w.limiter is not None and not w.limiter.allow(self.client_ip):
