@@ -33,7 +33,12 @@ runs are labelled "busy".
 Usage:
     python bench/quality.py [--scenario NAME[,NAME]|all|fleet<seed>] [--policies a,b]
                             [--duration 10] [--rate R] [--seed 1] [--timeout 2]
-                            [--busy [both|only]] [--quick] [--json FILE] [--markdown]
+                            [--busy [both|only]] [--repeat N] [--quick] [--json FILE]
+                            [--markdown]
+
+--repeat N: N runs of every cell, interleaved (run 1 of every policy, then
+run 2, ...), one table row each ("ml #2"), and under the table each
+policy's median and range of p99, p99.9 and errors over its runs.
 
 --quick: 2 s runs of round_robin, least_connections, p2c_ewma, ml, nginx and
 HAProxy (about two minutes).  Exit codes: 0 ok, 1 a run failed, 2 missing
@@ -230,6 +235,25 @@ def run_loads(ports: list[int], schedules: list[list[tuple[float, int]]], args, 
     return records, gens
 
 
+def spread(rows: list[scn.Summary]) -> str:
+    """Per policy over its repeated runs ("ml #1", "ml #2", ...): the median and
+    the range of p99, p99.9 and the error rate, every run counted (not the best)."""
+    groups: dict[str, list[scn.Summary]] = {}
+    for r in rows:
+        groups.setdefault(r.policy.rsplit(" #", 1)[0], []).append(r)
+    lines = ["spread over the runs (median, min-max):"]
+    for name, rs in groups.items():
+        def stat(values, fmt):
+            v = sorted(values)
+            return f"{fmt(scn.percentile(v, 0.5))} ({fmt(v[0])}-{fmt(v[-1])})"
+
+        pct = lambda x: f"{x * 100:.2f}%"  # noqa: E731
+        lines.append(f"  {name}: {len(rs)} runs, p99 {stat([r.p99 for r in rs], scn.fmt_ms)}, "
+                     f"p99.9 {stat([r.p999 for r in rs], scn.fmt_ms)}, "
+                     f"errors {stat([r.error_rate for r in rs], pct)}")
+    return "\n".join(lines)
+
+
 def run_one(sc: scn.Scenario, policy: str, args, tmp_root: str, busy: bool = False) -> scn.Summary:
     tmp = tempfile.mkdtemp(prefix=f"{sc.name}-{policy}-", dir=tmp_root)
     os.chmod(tmp, 0o755)  # nginx workers may drop privileges
@@ -284,6 +308,8 @@ def parse_args(argv=None):
     ap.add_argument("--connections", type=int, default=512,
                     help="most client connections the load generator opens (default 512)")
     ap.add_argument("--quick", action="store_true", help="short smoke run (about 2 minutes)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each cell (default 1); with more, the spread is printed")
     ap.add_argument("--busy", nargs="?", const="both", choices=("both", "only"),
                     help="also (both) or only (only) run with one busy-loop process per core beside "
                          "each run")
@@ -319,6 +345,8 @@ def parse_args(argv=None):
         ap.error("--duration must be between 1 and 600 seconds")
     if args.rate is not None and not 1 <= args.rate <= 5000:
         ap.error("--rate must be between 1 and 5000 req/s (2 cores: keep it modest)")
+    if not 1 <= args.repeat <= 20:
+        ap.error("--repeat must be between 1 and 20")
     if args.timeout <= 0 or args.connections < 1:
         ap.error("--timeout must be > 0 and --connections >= 1")
     return args
@@ -366,6 +394,8 @@ def command_line(args) -> str:
         parts.append(f"--timeout {args.timeout:g}")
     if args.busy:
         parts.append(f"--busy {args.busy}")
+    if args.repeat > 1:
+        parts.append(f"--repeat {args.repeat}")
     return " ".join(parts)
 
 
@@ -378,7 +408,7 @@ def main(argv=None) -> int:
         return 2
     os.sched_setaffinity(0, {args.load_cpu})  # the load generator shares the backends' CPU
     modes = {None: (False,), "both": (False, True), "only": (True,)}[args.busy]
-    runs = len(args.scenarios) * len(args.policies) * len(modes)
+    runs = len(args.scenarios) * len(args.policies) * len(modes) * args.repeat
     print(f"{command_line(args)}\n{runs} runs of {args.duration:g} s; proxy on CPU {args.proxy_cpu}, "
           f"load + backends on CPU {args.load_cpu}; {meta['nginx']}; {meta['haproxy']}")
     sys.stdout.flush()
@@ -410,13 +440,23 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             rows = []
             for busy in modes:
-                for policy in args.policies:
-                    try:
-                        rows.append(run_one(sc, policy, args, tmp_root, busy))
-                    except BenchError as exc:
-                        print(f"   {policy}{' busy' if busy else ''}: FAILED: {exc}", file=sys.stderr)
-                        status = 1
+                # repetitions interleaved, so that a noisy spell of the host
+                # falls on every policy alike
+                for k in range(args.repeat):
+                    for policy in args.policies:
+                        try:
+                            row = run_one(sc, policy, args, tmp_root, busy)
+                        except BenchError as exc:
+                            print(f"   {policy}{' busy' if busy else ''}: FAILED: {exc}", file=sys.stderr)
+                            status = 1
+                            continue
+                        if args.repeat > 1:
+                            row.run = k + 1  # type: ignore[attr-defined]
+                            row.policy += f" #{k + 1}"
+                        rows.append(row)
             print(scn.table(sc, rows))
+            if args.repeat > 1:
+                print(spread(rows))
             schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
             print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))
             if args.markdown:

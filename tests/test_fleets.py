@@ -293,3 +293,13 @@ def test_the_overview_compares_ml_with_the_best_policy_that_fails_no_more():
     assert a.split()[-1] == "0.90x"  # 36 / 40: least_connections' 30 ms came with 40% errors
     assert b.endswith("fewest errors")
     assert "30.0 / 60 40.0%" in a
+
+
+def test_quality_reports_the_spread_of_repeated_runs_not_the_best():
+    import quality
+
+    rows = [scn.Summary(f"ml{b} #{k}", 100, 0.005, p99, 2 * p99, err)
+            for b in ("", " busy") for k, (p99, err) in enumerate(((0.076, 0.0), (0.235, 0.01), (0.1, 0.0)), 1)]
+    text = quality.spread(rows)
+    assert "ml: 3 runs, p99 100ms (76.0ms-235ms), p99.9 200ms (152ms-470ms), errors 0.00% (0.00%-1.00%)" in text
+    assert "ml busy: 3 runs" in text
