@@ -97,3 +97,21 @@ def test_out_of_file_descriptors_is_a_local_503_not_a_backend_failure(lb_factory
     proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
     assert wait_until(lambda: get(lb.port, "/")[0] == 200)
     assert not blamed(lb)
+
+
+@pytest.mark.parametrize("section, line, field", [
+    ("limits", "max_connections = -1", "limits.max_connections"),
+    ("limits", 'max_connections = "many"', "limits.max_connections"),
+    ("limits", 'max_response_head = "100B"', "limits.max_response_head"),
+    ("timeouts", "tunnel_idle = 0", "timeouts.tunnel_idle"),
+])
+def test_new_limits_are_validated_naming_file_and_field(tmp_path, section, line, field):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'[{section}]\n{line}\n[[backends]]\naddress = "127.0.0.1:9001"\n')
+    r = subprocess.run([sys.executable, "-m", "lb", "check", "-c", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"{cfg}: {field}: " in r.stderr, r.stderr
