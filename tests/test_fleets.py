@@ -303,3 +303,24 @@ def test_quality_reports_the_spread_of_repeated_runs_not_the_best():
     text = quality.spread(rows)
     assert "ml: 3 runs, p99 100ms (76.0ms-235ms), p99.9 200ms (152ms-470ms), errors 0.00% (0.00%-1.00%)" in text
     assert "ml busy: 3 runs" in text
+
+
+def test_compare_models_passes_a_model_against_itself_and_judges_by_routing():
+    pytest.importorskip("inference.engine")
+    import importlib.machinery
+    import importlib.util
+    import subprocess
+
+    loader = importlib.machinery.SourceFileLoader("compare_models", str(ROOT / "scripts" / "compare-models"))
+    spec = importlib.util.spec_from_loader("compare_models", loader)
+    cm = importlib.util.module_from_spec(spec)
+    loader.exec_module(cm)
+    assert cm.verdict((0.040, 0.060, 0.0), (0.041, 0.062, 0.0005), 0.05) == ""
+    assert cm.verdict((0.040, 0.060, 0.0), (0.043, 0.060, 0.0), 0.05) == "p99"
+    assert cm.verdict((0.040, 0.060, 0.01), (0.030, 0.070, 0.02), 0.05) == "p99.9, errors"
+    from inference.model import DEFAULT_MODEL
+
+    p = subprocess.run([sys.executable, "scripts/compare-models", DEFAULT_MODEL, "--scenarios", "affinity",
+                        "--duration", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "affinity (held out)" in p.stdout and p.stdout.rstrip().endswith("candidate is not worse")
