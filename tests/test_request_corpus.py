@@ -37,6 +37,9 @@ per final response, in order, so pipelined cases list several
     lb must close the connection after the last response.  Implied when
     the last STATUS is 400 or above (a rejected request ends the
     connection).
+``target=T`` / ``host=H``
+    The first forwarded request must have request-target ``T`` (instead of
+    the case's own) / exactly ``Host: H`` and ``X-Forwarded-Host: H``.
 ``config=NAME``
     Which lb configuration to run the case against (see ``CONFIGS``);
     default ``default``.
