@@ -627,6 +627,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
             return
         self.broken = True
         self.fast = False
+        # The rejected request's method, once its request line is read (`url`
+        # set; before that the parser still holds the previous request's): an
+        # answer to HEAD ends with its head (RFC 9112 6.3), even lb's own.
+        method = reading.method if reading is not None else self.parser.get_method() if self.url else b""
         self.url = b""
         self.worker.rejected += 1
         self.gate.pause(flow.PIPELINE)
@@ -644,7 +648,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self._write_error(ex, status)
             return
         if ex is None:
-            self.transport.write(DATE.error(status, close=True))
+            self.transport.write(DATE.error(status, close=True, head_only=method == b"HEAD"))
             linger(self)
             return
         q = self.queue
@@ -652,7 +656,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             q.pop()
         if q is None:
             q = self.queue = deque()
-        q.append(Exchange.rejection(self, status))
+        q.append(Exchange.rejection(self, status, method))
 
     def on_deadline(self, now: float) -> None:
         if self.deadline < now:

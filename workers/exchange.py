@@ -60,8 +60,8 @@ class Exchange:
         return self.method == b"HEAD"
 
     @classmethod
-    def rejection(cls, conn, status: int) -> "Exchange":
-        ex = cls(conn, b"", b"")
+    def rejection(cls, conn, status: int, method: bytes = b"") -> "Exchange":
+        ex = cls(conn, method, b"")
         ex.error = status
         ex.keep_alive = False
         return ex
