@@ -26,11 +26,15 @@ class Dispatcher:
                 w.shed += 1  # load shedding: the instance-wide in-flight cap
                 self._write_error(ex, 503)
                 return
-            backend = w.strategy.pick((), ex.cls)
+            strategy = w.strategy
+            backend = strategy.pick((), ex.cls)
             if backend is None:
                 w.no_backend += 1
                 self._write_error(ex, 503)
                 return
+            if strategy.guard is not None and strategy.arm >= 0:
+                ex.guard = strategy.guard
+                ex.arm = strategy.arm
             if backend.ramp < 1.0 or backend.inflight >= backend.max_conns:
                 backend = self._second_choice(backend, ex)
                 if backend is None:
@@ -172,6 +176,8 @@ class Dispatcher:
     def upstream_error(self, ex: Exchange, status: int) -> None:
         ex.upstream = None
         ex.unbind()
+        if ex.guard is not None:  # the request failed: an error outcome for the arm that routed it
+            ex.guard.outcome(ex.arm, monotonic() - ex.t0, True)
         if ex.backend is not None:
             ex.backend.responses[5] += 1
         self._write_error(ex, status)

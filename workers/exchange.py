@@ -39,6 +39,8 @@ class Exchange:
     discard_until = 0.0  # ... until this time at the latest (monotonic)
     content_length = 0  # declared body length (Content-Length bodies; slow path only)
     chunk = None  # body pieces of a chunked request read in this read, not yet re-chunked
+    guard = None  # ml: the guard to credit this request's outcome to (workers/guard.py) ...
+    arm = -1  # ... under this arm (the one that picked its first backend)
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it

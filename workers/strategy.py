@@ -17,6 +17,8 @@ class Strategy:
     """Base: subclasses implement `pick`.  `observe` is shared."""
 
     name = "base"
+    guard = None  # ml only: the guard that judges its picks (workers/guard.py)
+    arm = -1  # ml only: the guard's arm that made the last pick
 
     def __init__(self, backends: list[Backend], *, decay: float = 10.0, rng: random.Random) -> None:
         self.backends = backends
