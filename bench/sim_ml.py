@@ -135,12 +135,14 @@ class Bridge:
         self.seq += 1
         table = self.engine.tick(now, self.epoch, self.seq)
         key = table.mode + (f": {table.reason}" if table.reason else "")
-        self.modes[key] = self.modes.get(key, 0) + 1
-        for w, tracer in zip(self.workers, self.tracers):
+        for k, (w, tracer) in enumerate(zip(self.workers, self.tracers)):
             if hasattr(w.strategy, "set_table"):
                 w.strategy.set_table(table)
-                w.strategy.check(now)
+                learned, reason = w.strategy.check(now)
+                if k == 0 and table.mode == "learned" and not learned:
+                    key = f"fallback: {reason}"  # the worker's own verdict (the guard)
             tracer.epoch, tracer.seq = table.epoch, table.seq
+        self.modes[key] = self.modes.get(key, 0) + 1
         if self.traces_dir is not None:
             rec = self.engine.take_records()
             if rec is not None:

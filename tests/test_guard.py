@@ -129,3 +129,15 @@ def test_a_table_that_routes_badly_is_caught_and_held_off():
     assert all(r == "guard" for t, r in reasons if t > first_guard)
     late = [n for t, n in picked if t > first_guard + 1.0]
     assert late.count("slow") / len(late) < 0.1, "after the verdict the table routes only its small share"
+
+
+def test_fewer_errors_outweigh_slower_successes():
+    # the control arm sends a share to a backend that fails at once, so its
+    # successes are quicker (less load on the others) but many requests fail:
+    # the learned arm, slower but failing far less, is not worse
+    rng = random.Random(8)
+    gd = g.Guard(0.05)
+    out = feed(gd, rng, 0.0, 40.0, 1000, learned_lat=0.012, control_lat=0.008,
+               learned_err=0.02, control_err=0.4)
+    assert all(ok for _, ok in out)
+    assert gd.verdict["worse"] is False

@@ -6,9 +6,11 @@ keeps, for each arm (learned, control), the realised time to first byte and
 the errors over a sliding window, and judges the learned arm every tick:
 
 * it is *worse* when its error rate is above the control's by more than
-  `ERR_MARGIN` and by more than `Z` standard errors, or its mean latency is
-  above the control's by more than `LAT_MARGIN` (relative) and by more than
-  `Z` standard errors of the difference;
+  `ERR_MARGIN` and by more than `Z` standard errors, or, unless its error
+  rate is below the control's by as much (errors come first), its mean
+  latency of successful answers is above the control's by more than
+  `LAT_MARGIN` (relative) and by more than `Z` standard errors of the
+  difference;
 * once worse, the worker routes by P2C-EWMA (mode fallback, reason `guard`)
   and keeps the *learned* arm at the small share, so the comparison goes on;
   it returns to the table only after a whole window in which the learned arm
@@ -122,6 +124,7 @@ class Guard:
         p = (le + ce) / (ln + cn)
         se_p = sqrt(max(p * (1 - p), 1e-12) * (1 / ln + 1 / cn))
         err_worse = pl - pc > ERR_MARGIN and pl - pc > Z * se_p
+        err_better = pc - pl > ERR_MARGIN and pc - pl > Z * se_p
         lat_worse = False
         ml = mc = 0.0
         if lk >= MIN_SAMPLES and ck >= MIN_SAMPLES:
@@ -129,7 +132,10 @@ class Guard:
             vl = max(lq / lk - ml * ml, 0.0)
             vc = max(cq / ck - mc * mc, 0.0)
             se = sqrt(vl / lk + vc / ck)
-            lat_worse = ml - mc > LAT_MARGIN * mc and ml - mc > Z * se
+            # errors come first: an arm that fails fewer requests is not worse for
+            # answering the rest more slowly (the control arm's successes are quick
+            # precisely because it sends a share to a backend that fails at once)
+            lat_worse = ml - mc > LAT_MARGIN * mc and ml - mc > Z * se and not err_better
         self.verdict = {
             "learned_n": ln, "control_n": cn,
             "learned_errors": round(pl, 5), "control_errors": round(pc, 5),
