@@ -116,7 +116,7 @@ class Bridge:
         self.records: list = []
         self.tracers = []
         for w in self.workers:
-            tracer = Tracer(sample, seed=1000 + w.slot + 100 * instance)
+            tracer = Tracer(sample, seed=1000 + w.slot + 100 * instance, clock=lambda: sim.now)
             for b in w.backends:
                 b.tracer = tracer
             self.tracers.append(tracer)
@@ -141,7 +141,7 @@ class Bridge:
                 learned, reason = w.strategy.check(now)
                 if k == 0 and table.mode == "learned" and not learned:
                     key = f"fallback: {reason}"  # the worker's own verdict (the guard)
-            tracer.epoch, tracer.seq = table.epoch, table.seq
+            tracer.install(table.epoch, table.seq, now)
         self.modes[key] = self.modes.get(key, 0) + 1
         if self.traces_dir is not None:
             rec = self.engine.take_records()

@@ -304,3 +304,23 @@ def test_sampled_traces_carry_the_table_they_were_routed_by(two, harness_factory
     assert len(traces) >= 30
     assert all(t.table_seq > 0 and t.ok and t.cls == 0 and t.backend in (0, 1) for t in traces)
     assert all(0 < t.latency < 1 for t in traces)
+
+
+def test_a_trace_is_stamped_with_the_table_that_routed_it_not_a_later_one(servers, harness_factory):
+    # a new table every ~20 ms (the harness publishes continuously) and answers
+    # that take 0.4 s: some 20 tables come while a request is in flight
+    slow = servers("slow", delay=0.4)
+    h = harness_factory([slow], trace_sample=1.0)
+    h.set_table(h.make_table({"default": {"slow": 1.0}}, interval=1.0))
+    h.stats(lambda s: s.mode == "learned")
+    before = h.stats().table_seq  # the worker holds this one or a newer one at dispatch
+    status, _, _ = get(h.port, "/")
+    assert status == 200
+    after = h.stats(lambda s: s.table_seq > before + 10).table_seq
+    traces = []
+    deadline = time.monotonic() + 5
+    while not traces and time.monotonic() < deadline:
+        traces += h.stats().traces
+    assert len(traces) == 1 and traces[0].latency >= 0.4
+    # the table current when the request left (not the one current when its answer came)
+    assert before <= traces[0].table_seq < after - 10, (before, traces[0].table_seq, after)

@@ -136,7 +136,7 @@ class Backend:
         if t is not None:
             t.countdown -= 1
             if t.countdown <= 0:
-                t.take(self.idx, cls, latency, not error)
+                t.take(self.idx, cls, latency, not error, now)
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} inflight={self.inflight} ewma={self.ewma * 1e3:.2f}ms>"

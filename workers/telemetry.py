@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import deque
 
 import zmq
 
@@ -33,25 +34,52 @@ MAX_TRACES = 256  # per report; the rest of a burst is not sampled
 
 class Tracer:
     """Samples about one request in `every` (randomised so it cannot phase-lock
-    with a traffic pattern); the samples leave with the next stats report."""
+    with a traffic pattern); the samples leave with the next stats report.
 
-    __slots__ = ("every", "countdown", "samples", "epoch", "seq", "rng")
+    A sample is stamped with the table that was current when its request was
+    dispatched, not when its answer came: the inference process joins it with
+    that table's features (the state the routing decision saw), and a request
+    that outlives a table must not be credited to the next one's features.
+    `install` keeps when each recent table came (`clock` time, monotonic in a
+    worker, simulated time in bench/sim.py); `take` looks up the one current at
+    now - latency, the request's dispatch time."""
 
-    def __init__(self, rate: float, seed: int = 0) -> None:
+    __slots__ = ("every", "countdown", "samples", "epoch", "seq", "rng", "clock", "history")
+
+    HISTORY = 64  # tables remembered: 6.4 s at the default interval, more than a request lasts
+
+    def __init__(self, rate: float, seed: int = 0, clock=time.monotonic) -> None:
         self.rng = random.Random(seed or None)
         self.every = max(1, round(1 / rate)) if rate > 0 else 0
         self.samples: list[m.TraceSample] = []
         self.epoch = 0
         self.seq = 0
+        self.clock = clock
+        self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (since, epoch, seq)
         self.countdown = self._next()
 
     def _next(self) -> int:
         return self.rng.randint(1, 2 * self.every - 1) if self.every else 1 << 62
 
-    def take(self, backend: int, cls: int, latency: float, ok: bool) -> None:
+    def install(self, epoch: int, seq: int, now: float | None = None) -> None:
+        """A new table is current from `now` (default: the clock)."""
+        self.epoch, self.seq = epoch, seq
+        self.history.append((self.clock() if now is None else now, epoch, seq))
+
+    def stamp(self, dispatched: float) -> tuple[int, int]:
+        """(epoch, seq) of the table current at `dispatched`; (0, 0) if it is older
+        than every table remembered (or none had come)."""
+        for since, epoch, seq in reversed(self.history):
+            if since <= dispatched:
+                return epoch, seq
+        return 0, 0
+
+    def take(self, backend: int, cls: int, latency: float, ok: bool, now: float | None = None) -> None:
         self.countdown = self._next()
-        if self.seq and len(self.samples) < MAX_TRACES:
-            self.samples.append(m.TraceSample(self.epoch, self.seq, backend, cls, latency, ok))
+        if len(self.samples) < MAX_TRACES:
+            epoch, seq = self.stamp((self.clock() if now is None else now) - latency)
+            if seq:
+                self.samples.append(m.TraceSample(epoch, seq, backend, cls, latency, ok))
 
     def drain(self) -> list[m.TraceSample]:
         s = self.samples
@@ -171,7 +199,7 @@ class Telemetry:
             table = self.tables.state
             strategy = self.worker.strategy
             if self.tracer is not None:
-                self.tracer.epoch, self.tracer.seq = table.epoch, table.seq
+                self.tracer.install(table.epoch, table.seq)
             if isinstance(strategy, TableStrategy):
                 strategy.set_table(table)
                 self.check_mode()
