@@ -762,3 +762,37 @@ def test_error_answer_to_head_has_no_body(pipelined, fuzz_backend, tmp_path):
         assert rd.raw.endswith(b"\r\n\r\n"), f"a body after the head of an answer to HEAD: {rd.raw!r}"
     finally:
         lb.stop()
+
+
+REJECTED_HEADS = {
+    # The request line ends without a version llhttp can keep reading (HTTP/0.9).
+    "http09": b"GET /next HTTP/0.9\r\nHost: fuz",
+    # A request line already past limits.max_request_line before its end has arrived.
+    "long_target": b"GET /" + b"a" * 9000,
+}
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+@pytest.mark.parametrize("second", REJECTED_HEADS)
+def test_body_then_rejected_partial_head_in_one_read(second, data_path, fuzz_backend, tmp_path):
+    """A request with a body, then, in the same read, the start of a head lb
+    rejects before it is complete: the body must still go upstream (it was
+    left in the exchange's pending pieces: 504 after upstream_response)."""
+    lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG, env=DATA_PATHS[data_path])
+    try:
+        status, _, _ = get(lb.port, "/warm")  # leaves a pooled upstream connection
+        assert status == 200
+        first = b"POST /body-first HTTP/1.1\r\nHost: fuzz.test\r\nContent-Length: 5\r\n\r\nhello"
+        data = first + REJECTED_HEADS[second]
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=HANG) as s:
+            s.sendall(data)
+            rd = ResponseReader(reference(first))
+            deadline = time.monotonic() + HANG
+            while len(rd.finals) < 2 and not rd.eof and not rd.error and time.monotonic() < deadline:
+                rd.feed(s.recv(65536))
+        statuses = [a.status for a in rd.finals]
+        assert statuses[:1] == [200], (statuses, rd.raw[:300])
+        assert rd.finals[0].header(b"x-echo") == echo_token(b"/body-first", b"hello").encode()
+        assert statuses[1:] in ([400], [414], [431]), statuses
+    finally:
+        lb.stop()

@@ -253,9 +253,12 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 # 0.9 once anything follows that line): llhttp waits for header
                 # fields such a client never sends.
                 self._reject(400)
-                return
-            self._partial_head()
+            else:
+                self._partial_head()
             if self.broken:
+                ex = self.ex
+                if ex is not None and ex.pending and ex.upstream is not None:
+                    self._flush_up(ex)  # what earlier, valid requests read along with it
                 return
         elif (not self.in_message and self.reading is None and self.upgrading is None
               and self.scanner is not None):
