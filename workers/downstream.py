@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import deque
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from httptools import HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade, HttpRequestParser
 
 from workers import flow
 from workers.dispatch import Dispatcher
@@ -241,7 +241,13 @@ class Downstream(Dispatcher, asyncio.Protocol):
             ctx = exc.__context__
             if isinstance(ctx, _StopReading):
                 return
-            self._reject(ctx.status if isinstance(ctx, Reject) else 400)
+            if isinstance(ctx, Reject):
+                self._reject(ctx.status)
+            else:
+                # llhttp refused the bytes; past the method token (an error in it
+                # is an invalid method), the parser holds this request's method.
+                past_method = self.in_message and not isinstance(exc, HttpParserInvalidMethodError)
+                self._reject(400, self.parser.get_method() if past_method else None)
             ex = self.ex
             if ex is not None and ex.pending and ex.upstream is not None:
                 self._flush_up(ex)  # what earlier, valid requests read along with it
@@ -619,8 +625,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
 
     # -- failure paths --------------------------------------------------------
 
-    def _reject(self, status: int) -> None:
-        """A request broke the rules: answer `status` in order, then close."""
+    def _reject(self, status: int, method: bytes | None = None) -> None:
+        """A request broke the rules: answer `status` in order, then close.
+        `method`: the rejected request's, when the caller knows it."""
         reading = self.reading
         if reading is not None and reading.discard:
             # The broken bytes are the dropped body of a request already answered.
@@ -633,7 +640,8 @@ class Downstream(Dispatcher, asyncio.Protocol):
         # The rejected request's method, once its request line is read (`url`
         # set; before that the parser still holds the previous request's): an
         # answer to HEAD ends with its head (RFC 9112 6.3), even lb's own.
-        method = reading.method if reading is not None else self.parser.get_method() if self.url else b""
+        if method is None:
+            method = reading.method if reading is not None else self.parser.get_method() if self.url else b""
         self.url = b""
         self.worker.rejected += 1
         self.gate.pause(flow.PIPELINE)
