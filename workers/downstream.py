@@ -14,6 +14,7 @@ so at most one read buffer of them is held in memory.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
 
@@ -50,6 +51,12 @@ DISCARD_IDLE = 5.0
 # (plus what is left of a Content-Length body) so it can stop there too.
 PIPELINE_DEPTH = 16
 PARSE_SLICE = 8192
+
+
+# TCP states (Linux tcp_states.h) in which the client has closed its side or
+# reset the connection: TCP_CLOSE_WAIT, TCP_CLOSE.
+PEER_CLOSED_STATES = (8, 7)
+TCP_INFO = getattr(socket, "TCP_INFO", None)
 
 
 class _StopReading(Exception):
@@ -162,6 +169,25 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self._abandon(ex)
         if self.queue:
             self.queue.clear()
+        # The protocol and its parser refer to each other: this object waits for
+        # the cycle collector, which may not run for a long time.  What it holds
+        # that can be large goes now.
+        self.unparsed = b""
+        self.reading = self.upgrading = None
+        self.headers = []
+        self.specials = []
+
+    def peer_gone(self) -> bool:
+        """Reading is paused, so an end of file or a reset from the client goes
+        unseen (and what this connection holds stays held): ask the kernel."""
+        if TCP_INFO is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)
+        except (OSError, AttributeError):
+            return False
+        return bool(state) and state[0] in PEER_CLOSED_STATES
 
     def pause_writing(self) -> None:
         self.send_deadline = CLOCK.tick() + self.worker.t_send

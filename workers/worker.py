@@ -212,6 +212,12 @@ class Worker:
         for c in list(self.conns):
             if c.deadline < now or c.send_deadline < now:
                 c.on_deadline(now)
+            if c.gate.reasons and c.peer_gone():
+                # The client left while its connection was paused (pipeline full,
+                # upstream busy, upgrade pending): the end of file a read would
+                # have seen.  Queued requests and unparsed bytes go with it.
+                c.transport.close()
+                continue
             ex = c.ex
             if ex is not None and ex.bound:
                 # Upstream timers derive from the exchange's own timestamps.
