@@ -472,12 +472,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.ex = None
         ex.unbind()
-        if not ex.response_started:
-            # A failed attempt of that backend (passive health counts it).
-            self.backend.record(ex.cls, monotonic() - ex.t0, True)
         if ex.response_started:
             ex.conn.abort_after_upstream(ex)
         else:
+            # A failed attempt of that backend (passive health counts it).
+            self.backend.record(ex.cls, monotonic() - ex.t0, True)
             ex.conn.upstream_error(ex, 502)
 
     def _switch_to_tunnel(self, rest: bytes) -> None:
