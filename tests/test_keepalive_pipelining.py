@@ -170,3 +170,23 @@ def test_pipeline_deeper_than_the_parse_ahead_is_answered_whole_and_in_order(lb,
         seen = [echo(c.read_response()) for _ in expect]
         assert echo(c.request("GET", "/echo?n=after"))["target"] == "/echo?n=after"
     assert [(s["target"], s["body_size"]) for s in seen] == expect
+
+
+def test_parse_ahead_stopping_inside_a_request_line_loses_nothing(lb, backend):
+    # httptools is fed 8 KiB at a time and stops at a slice boundary once 16
+    # requests wait: here the boundary (byte 8192) falls inside a request line.
+    one = b"GET /echo?n=%04d HTTP/1.1\r\nHost: lb.test\r\nConnection: keep-alive\r\n\r\n"
+    size = len(one % 0)
+    n = 400
+    pad = (8192 - 5) % size  # the request at the boundary starts 5 bytes before it
+    while pad < 120:
+        pad += size
+    first = b"GET /echo?n=pad HTTP/1.1\r\nHost: lb.test\r\nConnection: keep-alive\r\nX-Pad: "
+    first += b"p" * (pad - len(first) - 4) + b"\r\n\r\n"
+    assert len(first) == pad
+    data = first + b"".join(one % i for i in range(n))
+    assert data[8192 - 5:8192 + 5].startswith(b"GET /")
+    with RawConn(lb.port) as c:
+        c.send(data)
+        seen = [echo(c.read_response())["target"] for _ in range(n + 1)]
+    assert seen == ["/echo?n=pad"] + [f"/echo?n={i:04d}" for i in range(n)]
