@@ -218,10 +218,12 @@ class Case:
     kinds: dict  # target -> backend response kind
     mutations: list
     tunnel: bytes = b""  # sent after a 101, echoed by the backend
+    expect_wait: bool = False  # send the first head, then wait for 100 Continue (or an answer)
 
     def repro(self) -> str:
         return (f"case {self.id}: templates={self.templates} mutations={self.mutations} "
-                f"backend={ {k.decode(): v for k, v in self.kinds.items()} } splits={self.splits}\n"
+                f"backend={ {k.decode(): v for k, v in self.kinds.items()} } splits={self.splits}"
+                f"{' (waits for 100 Continue)' if self.expect_wait else ''}\n"
                 f"  data={self.data!r}")
 
 
@@ -270,7 +272,8 @@ def make_case(rng, case_id: int, exclude: frozenset = frozenset()) -> Case:
             break
     splits = [s for s in splits if s]
     tunnel = b"ping\x00\r\n\r\nGET /tunnel HTTP/1.1\r\n\r\n" if upgrade else b""
-    return Case(case_id, names, data, splits, kinds, mutations, tunnel)
+    expect_wait = names[0] == "expect" and rng.random() < 0.5
+    return Case(case_id, names, data, splits, kinds, mutations, tunnel, expect_wait)
 
 
 # -- the strict reading of the client's bytes --------------------------------------------

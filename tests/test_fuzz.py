@@ -119,6 +119,7 @@ class ResponseReader:
         self.closed_after_message = False
         self.cur: Answer | None = None
         self.raw = b""  # everything received, for the failure report
+        self.interim = 0  # 100 Continue answers seen
         self._ask()
 
     def _ask(self) -> None:
@@ -162,6 +163,7 @@ class ResponseReader:
                 self.tunnel += self.conn.trailing_data[0]
                 return
             if isinstance(ev, h11.InformationalResponse):
+                self.interim += ev.status_code == 100
                 if ev.status_code == 101:
                     self.answers.append(Answer(101, list(ev.headers.raw_items()), complete=True))
                 continue
@@ -190,6 +192,7 @@ class Outcome:
     hung: bool = False
     reset: bool = False
     half_closed: bool = False
+    no_continue: bool = False  # a valid Expect: 100-continue request got neither 100 nor an answer
     elapsed: float = 0.0
     send_error: str = ""
 
@@ -221,16 +224,32 @@ def drive(port: int, case: Case, ref: Reference, wait_for_lb: bool) -> Outcome:
     t0 = time.monotonic()
     open_ = True
     try:
-        pos = 0
+        cuts, pos = [], 0
         for size in case.splits:
-            piece = case.data[pos:pos + size]
             pos += size
+            cuts.append(pos)
+        head_end = case.data.find(b"\r\n\r\n") + 4 if case.expect_wait else 0
+        if head_end >= 4:
+            cuts = sorted(set(cuts) | {head_end})
+        pos = 0
+        for cut in cuts:
             try:
-                _send_all(s, piece)
+                _send_all(s, case.data[pos:cut])
             except (BrokenPipeError, ConnectionResetError) as exc:
                 out.send_error = str(exc)
                 break
+            pos = cut
             open_ = pump(0.002)  # also paces the pieces so lb reads them apart
+            if cut == head_end:
+                # A client that waits for 100 Continue before its body (lb sends
+                # it when the request goes upstream), or for an answer instead.
+                until = time.monotonic() + HANG
+                while open_ and not rd.interim and not rd.finals and time.monotonic() < until:
+                    open_ = pump(0.05)
+                first = ref.requests[0] if ref.requests else None
+                if (open_ and not rd.interim and not rd.finals and first is not None
+                        and first in ref.valid_prefix and not first.upgrade):
+                    out.no_continue = True
             if not open_:
                 break
         sent_at = time.monotonic()
@@ -291,6 +310,8 @@ def check_answers(case: Case, ref: Reference, out: Outcome, got: list) -> list[s
     bad = []
     if rd.error:
         bad.append(rd.error)
+    if out.no_continue:
+        bad.append(f"neither 100 Continue nor an answer {HANG} s after a valid Expect: 100-continue head")
     if out.hung:
         bad.append(f"no answer nor close {HANG} s after the request (lb timeouts are {LB_TIMEOUT} s)")
     finals = rd.finals
@@ -557,6 +578,7 @@ class Run:
     waited: int = 0
     skipped: int = 0  # cases of a known-open class (OPEN_CLASSES)
     early: int = 0  # answers the backend sent before the request body
+    continued: int = 0  # Expect: 100-continue bodies sent after lb's 100 Continue
     elapsed: float = 0.0
 
 
@@ -613,6 +635,7 @@ def fuzz(lb: LBProc, backend: FuzzBackend, seed: int, n_cases: int, budget: floa
         run.mutated += bool(case.mutations)
         run.forwarded += sum(r.complete for r in mine)
         run.early += sum(r.answered for r in mine)
+        run.continued += case.expect_wait and out.reader.interim > 0
         run.answered += sum(1 for a in out.reader.finals if a.header(b"x-echo") is not None)
         run.waited += wait_for_lb
         if bad:
@@ -670,7 +693,7 @@ def test_fuzz(data_path, fuzz_backend, tmp_path):
         print(f"\n{data_path}: {run.cases} cases ({run.mutated} mutated) in {run.elapsed:.1f} s, "
               f"{run.forwarded} requests forwarded, {run.answered} backend answers relayed "
               f"({run.early} sent before the request body), "
-              f"{run.waited} waited for lb's timeouts, "
+              f"{run.waited} waited for lb's timeouts, {run.continued} bodies sent after 100 Continue, "
               f"{run.skipped} skipped as known-open")
         if not ONLY:
             assert run.cases >= min(CASES, 100), f"only {run.cases} cases ran in the budget"
