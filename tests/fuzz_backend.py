@@ -71,7 +71,7 @@ VALID_KINDS = ("ok", "chunked", "close_delimited", "http10", "interim_then_ok", 
 BROKEN_KINDS = ("bad_status", "flip_head", "cl_te", "double_cl", "short_close", "short_hang",
                 "big_head", "many_1xx", "garbage_after", "extra_response", "bare_lf", "obs_fold",
                 "huge_cl", "bad_chunk", "close_no_answer", "hang", "lookalike_te", "reset",
-                "early", "early_close")
+                "early", "early_close", "ctl_reason")
 # Answered as soon as the head of a request with a body is in, before its body
 # (a 413 or 401 as servers send them): then the body is read to its end
 # ("early") or the connection closed under it ("early_close").
@@ -79,7 +79,7 @@ EARLY_KINDS = {"early", "early_close"}
 # Kinds after which the backend stops serving the connection.
 _CLOSING = {"close_delimited", "short_close", "close_no_answer", "reset", "bad_status", "flip_head",
             "cl_te", "double_cl", "garbage_after", "extra_response", "bare_lf", "huge_cl",
-            "bad_chunk", "lookalike_te", "big_head"}
+            "bad_chunk", "lookalike_te", "big_head", "ctl_reason"}
 _HANGING = {"short_hang", "hang"}
 
 
@@ -155,6 +155,8 @@ def build_response(kind: str, req: Received, rng) -> tuple[bytes, bool]:
     if kind == "bad_chunk":
         return _head(b"200 OK", base + [(b"Transfer-Encoding", b"chunked")]) \
             + (b"" if head_req else b"zz\r\n" + body + b"\r\n0\r\n\r\n"), True
+    if kind == "ctl_reason":  # a control character in the reason phrase
+        return _head(b"200 " + rng.choice([b"\x00K", b"O\x01K", b"OK\x7f", b"O\x1bK"]), base + [cl]) + send_body, True
     if kind == "lookalike_te":
         return _head(b"200 OK", base + [(b"Transfer_Encoding", b"chunked"), cl]) + send_body, True
     if kind in EARLY_KINDS:

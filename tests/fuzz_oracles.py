@@ -100,7 +100,10 @@ def planned(case: Case, rq) -> str:
 def targets(target: bytes) -> list[bytes]:
     """The target a request may reach the backend with (absolute-form may be rewritten)."""
     m = re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*(.*)$", target)
-    return [target] if m is None else [target, m.group(1) or b"/"]
+    if m is None:
+        return [target]
+    rest = m.group(1)
+    return [target, rest if rest[:1] == b"/" else b"/" + rest]  # "http://h?q" is "/?q" (RFC 3986 6.2.3)
 
 
 def check_forwarded(case: Case, ref: Reference, got: list) -> list[str]:

@@ -382,3 +382,25 @@ def test_body_then_rejected_partial_head_in_one_read(second, data_path, fuzz_bac
         assert statuses[1:] in ([400], [414], [431]), statuses
     finally:
         lb.stop()
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_control_character_in_reason_phrase_is_not_relayed(data_path, fuzz_backend, tmp_path):
+    """llhttp lets any byte but CR and LF through in a response's reason phrase;
+    relayed as is, a NUL or ESC there breaks the client's parser (RFC 9112 4:
+    reason-phrase is HTAB, SP, VCHAR, obs-text): lb answers 502 instead."""
+    lb = LBProc(tmp_path, [fuzz_backend], extra=LB_CONFIG, env=DATA_PATHS[data_path])
+    try:
+        for i, method in enumerate((b"GET", b"HEAD", b"GET", b"GET")):
+            target = b"/ctl-reason/%d" % i
+            fuzz_backend.plan[target] = "ctl_reason"
+            data = method + b" " + target + b" HTTP/1.1\r\nHost: fuzz.test\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", lb.port), timeout=HANG) as s:
+                s.sendall(data)
+                rd = ResponseReader(reference(data))
+                deadline = time.monotonic() + HANG
+                while not rd.finals and not rd.eof and not rd.error and time.monotonic() < deadline:
+                    rd.feed(s.recv(65536))
+            assert rd.error == "" and [a.status for a in rd.finals] == [502], (rd.error, rd.raw)
+    finally:
+        lb.stop()

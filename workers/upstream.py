@@ -12,6 +12,7 @@ inside its callbacks.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -59,6 +60,14 @@ class _HeadResponseDone(Exception):
 class _HeadTooLarge(Exception):
     """Raised from on_headers_complete: the response head (1xx ones included)
     is longer than `limits.max_response_head`."""
+
+
+class _BadStatusLine(Exception):
+    """Raised from on_headers_complete: a control character in the status line."""
+
+
+# The status line up to its first control character (HTAB aside), if it has one.
+_CONTROL_IN_LINE = re.compile(rb"[^\r\n\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _new_parser(proto) -> HttpResponseParser:
@@ -292,6 +301,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_start = end  # 100/102/103: not relayed; the final head follows
             self.informational = True
             return
+        if _CONTROL_IN_LINE.match(raw, start) is not None:
+            # llhttp lets any byte but CR and LF through in a reason phrase;
+            # relayed, a NUL or ESC there breaks the client's parser (RFC 9112 4).
+            raise _BadStatusLine
         ex = self.ex
         self.in_head = False
         self.raw = b""
