@@ -72,6 +72,21 @@ def test_recovers_after_a_clean_window():
     assert not gd.tripped
 
 
+def test_returns_to_the_table_when_traffic_falls_after_a_trip():
+    # Tripped at 1000 req/s; then 20 req/s with equal arms.  The learned arm's 2%
+    # share gets ~8 outcomes per 20 s window, never MIN_SAMPLES: with no verdict
+    # possible the table must not stay off for good.
+    rng = random.Random(7)
+    gd = g.Guard(0.02)
+    feed(gd, rng, 0.0, 30.0, 1000, learned_lat=0.03, control_lat=0.01, share=0.02)
+    assert gd.tripped
+    out = feed(gd, rng, 30.0, 4 * g.WINDOW * g.BUCKET, 20, learned_lat=0.01, control_lat=0.01,
+               share=0.02)
+    back = next((t for t, ok in out if ok), None)
+    assert back is not None and back >= 30.0 + g.WINDOW * g.BUCKET
+    assert not gd.tripped and out[-1][1]
+
+
 def test_no_verdict_on_too_few_outcomes():
     rng = random.Random(6)
     gd = g.Guard(0.05)

@@ -14,7 +14,7 @@ the errors over a sliding window, and judges the learned arm every tick:
 * once worse, the worker routes by P2C-EWMA (mode fallback, reason `guard`)
   and keeps the *learned* arm at the small share, so the comparison goes on;
   it returns to the table only after a whole window in which the learned arm
-  is not worse.
+  is not worse (too few outcomes to judge count as not worse).
 
 Both arms need `MIN_SAMPLES` outcomes in the window before a verdict: until
 then the guard says nothing (no fallback on too little evidence).  Latency is
@@ -99,8 +99,13 @@ class Guard:
                         a.clear(k % WINDOW)
             self.bucket = b
         worse = self.judge()
-        if worse is None:
-            return not self.tripped
+        if worse is None and not self.tripped:
+            return True
+        # Too few outcomes while tripped counts as "not worse": the learned arm
+        # holds only the small share then, and below ~MIN_SAMPLES / share outcomes
+        # per window it could never gather a verdict, leaving the table off for
+        # good once traffic fell after a trip (no fallback on too little evidence
+        # either way: an untripped guard at that traffic does not judge either).
         if worse:
             self.tripped = True
             self.clean_since = -1
