@@ -87,6 +87,22 @@ def test_returns_to_the_table_when_traffic_falls_after_a_trip():
     assert not gd.tripped and out[-1][1]
 
 
+def test_a_wall_clock_stepped_back_does_not_hold_the_table_off():
+    # The guard's clock is the wall clock (the worker's table check).  Tripped,
+    # then the clock is stepped back an hour (NTP) and the arms are equal again:
+    # the table must return within a few windows, not an hour later.
+    rng = random.Random(8)
+    gd = g.Guard(0.05)
+    feed(gd, rng, 10_000.0, 30.0, 1000, learned_lat=0.03, control_lat=0.01)
+    assert gd.tripped
+    # equal again: the bad outcomes leave the window, a clean stretch begins
+    feed(gd, rng, 10_030.0, 30.0, 1000, learned_lat=0.01, control_lat=0.01)
+    assert gd.tripped and gd.clean_since > 0
+    out = feed(gd, rng, 10_060.0 - 3600.0, 3 * g.WINDOW * g.BUCKET, 1000, learned_lat=0.01,
+               control_lat=0.01)
+    assert any(ok for _, ok in out) and not gd.tripped
+
+
 def test_no_verdict_on_too_few_outcomes():
     rng = random.Random(6)
     gd = g.Guard(0.05)

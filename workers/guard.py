@@ -89,10 +89,15 @@ class Guard:
         arm may route (not tripped)."""
         b = int(now // BUCKET)
         if b != self.bucket:
-            if self.bucket < 0 or b - self.bucket >= WINDOW:
+            if self.bucket < 0 or b - self.bucket >= WINDOW or b < self.bucket:
+                # (b < bucket: the wall clock was stepped back; the window's
+                # buckets no longer line up with the time, so it starts afresh,
+                # and so does a clean stretch that began "after" now)
                 for a in self.arms:
                     for i in range(WINDOW):
                         a.clear(i)
+                if b < self.clean_since:
+                    self.clean_since = b
             else:
                 for k in range(self.bucket + 1, b + 1):
                     for a in self.arms:
