@@ -35,6 +35,7 @@ class Dispatcher:
             if strategy.guard is not None and strategy.arm >= 0:
                 ex.guard = strategy.guard
                 ex.arm = strategy.arm
+                ex.guard_t0 = monotonic()  # retries reset t0; the arm answers for them all
             if backend.ramp < 1.0 or backend.inflight >= backend.max_conns:
                 backend = self._second_choice(backend, ex)
                 if backend is None:
@@ -177,7 +178,7 @@ class Dispatcher:
         ex.upstream = None
         ex.unbind()
         if ex.guard is not None:  # the request failed: an error outcome for the arm that routed it
-            ex.guard.outcome(ex.arm, monotonic() - ex.t0, True)
+            ex.guard.outcome(ex.arm, monotonic() - ex.guard_t0, True)
         if ex.backend is not None:
             ex.backend.responses[5] += 1
         self._write_error(ex, status)

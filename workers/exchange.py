@@ -41,6 +41,7 @@ class Exchange:
     chunk = None  # body pieces of a chunked request read in this read, not yet re-chunked
     guard = None  # ml: the guard to credit this request's outcome to (workers/guard.py) ...
     arm = -1  # ... under this arm (the one that picked its first backend)
+    guard_t0 = 0.0  # ... and since the first dispatch (monotonic), retries included
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it

@@ -185,7 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
                     now = monotonic()
                     self.backend.record(ex.cls, now - ex.t0, status >= 500, now)
                     if ex.guard is not None:
-                        ex.guard.outcome(ex.arm, now - ex.t0, status >= 500)
+                        ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
                     ex.conn.transport.write(out)
                     if remaining:
                         self.remaining = remaining
@@ -319,7 +319,7 @@ class UpstreamConnection(asyncio.Protocol):
         # outcome and peak EWMA of the time to first byte, in one call
         self.backend.record(ex.cls, now - ex.t0, status >= 500, now)
         if ex.guard is not None:
-            ex.guard.outcome(ex.arm, now - ex.t0, status >= 500)
+            ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
 
         lhead = head.lower()
         fields = RESPONSE_FIELDS.findall(lhead)
