@@ -9,6 +9,7 @@ the file and the field and is printed by the CLI as one line (exit code 2).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -399,7 +400,24 @@ def _humanize(message: str) -> str:
     return message.replace("`", "")
 
 
+def _non_finite(data, prefix: str = "") -> str | None:
+    """The first field holding nan or inf (TOML allows both): a timeout of nan
+    compares false with every clock reading, so it would never fire."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(key, int) else (f"{prefix}.{key}" if prefix else str(key))
+        if isinstance(value, float) and not math.isfinite(value):
+            return name
+        found = _non_finite(value, name)
+        if found:
+            return found
+    return None
+
+
 def from_dict(data: dict, path: str = "<config>") -> Config:
+    bad = _non_finite(data)
+    if bad:
+        raise ConfigError(path, bad, "must be a finite number")
     try:
         return msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:

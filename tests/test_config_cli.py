@@ -67,6 +67,8 @@ BAD = [
     ("unknown_section_field", "[timeouts]\nbogus = 1\n" + BACKEND, "bogus"),
     ("unknown_backend_field", '[[backends]]\naddress = "127.0.0.1:9101"\nport = 80\n', "port"),
     ("wrong_type", 'workers = "two"\n' + BACKEND, "workers"),
+    ("nan_timeout", "[timeouts]\nclient_header = nan\n" + BACKEND, "timeouts.client_header"),
+    ("inf_decay", "[balancer]\newma_decay = inf\n" + BACKEND, "balancer.ewma_decay"),
     ("wrong_type_in_section", '[timeouts]\nkeepalive = "long"\n' + BACKEND, "keepalive"),
     ("bad_backend_address", '[[backends]]\naddress = "no-port-here"\n', "address"),
     ("bad_listen_address", 'listen = "not an address"\n' + BACKEND, "listen"),
