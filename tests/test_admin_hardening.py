@@ -173,3 +173,17 @@ def test_invalid_allowed_hosts_names_file_and_field(tmp_path, value):
     assert p.returncode == 2, p
     err = (p.stdout + p.stderr).decode()
     assert str(cfg) in err and "admin.allowed_hosts" in err, err
+
+
+def test_error_answer_to_head_has_no_body(admin):
+    s = socket.create_connection(("127.0.0.1", admin.port), timeout=5)
+    try:
+        s.sendall(b"HEAD /api/health HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    finally:
+        s.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 421 "), out[:200]
+    assert body == b"", body[:100]

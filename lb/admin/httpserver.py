@@ -194,8 +194,9 @@ class Server:
                                          f"or add the name to [admin] allowed_hosts")
                 await self._read_body(req, reader, writer)
             except HTTPError as exc:
+                # an answer to HEAD has no body, even an error (RFC 9112 6.3)
                 await self._write(writer, error_response(exc.status, exc.message, exc.headers),
-                                  keep_alive=False, head_only=False)
+                                  keep_alive=False, head_only=head.startswith(b"HEAD "))
                 await self._linger(reader, writer)
                 return
             try:
