@@ -69,8 +69,8 @@ class Load(threading.Thread):
             try:
                 get(self.port, "/x", timeout=5)
                 self.done += 1
-            except OSError:
-                pass
+            except (OSError, http.client.HTTPException):
+                pass  # e.g. the worker SIGKILLed mid-answer (IncompleteRead): the load goes on
 
     def stop(self) -> None:
         self.halt.set()
