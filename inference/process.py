@@ -27,6 +27,7 @@ import time
 import msgspec
 import zmq
 
+from inference import adopted
 from inference.engine import Engine
 from inference.model import DEFAULT_MODEL, Model, ModelError
 from lb import config as cfgmod
@@ -46,7 +47,19 @@ def _write(b: bytes) -> None:
         pass  # the supervisor went away; it is not ours to die for that
 
 
-def load_model(cfg: cfgmod.Config) -> tuple[Model | None, str]:
+def load_model(cfg: cfgmod.Config, runtime_dir: str = "") -> tuple[Model | None, str]:
+    """The model to start from: the one continuous learning adopted for the
+    configured base model, if one was kept (inference/adopted.py), else the
+    configured one."""
+    base = adopted.base_model(cfg.learning.model, DEFAULT_MODEL)
+    kept = adopted.find(runtime_dir, base) if runtime_dir else None
+    if kept is not None:
+        try:
+            model = Model.load(kept)
+            log("model_restored", path=kept, version=model.version, base=base)
+            return model, ""
+        except ModelError as exc:
+            log("model_restore_failed", error=str(exc))
     path = cfg.learning.model or DEFAULT_MODEL
     try:
         return Model.load(path), ""
@@ -70,7 +83,7 @@ class InferenceProcess:
         self.pub = Publisher(self.ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE)
         self.control = Subscriber(self.ctx, ep["control"], ep["control_snapshot"], TOPIC_CONTROL,
                                   control_decoder.decode)
-        model, err = load_model(cfg)
+        model, err = load_model(cfg, runtime_dir)
         if model is None:
             log("model_error", error=err)
         else:
@@ -166,6 +179,11 @@ class InferenceProcess:
         event, fields, model = done
         if model is not None:
             self.engine.set_model(model)
+            try:  # kept for the next inference process (reload, crash)
+                adopted.save(self.runtime_dir, model.path,
+                             adopted.base_model(self.cfg.learning.model, DEFAULT_MODEL), model.version)
+            except OSError as exc:
+                log("model_keep_failed", error=str(exc))
         log(event, **fields)
 
     def close(self) -> None:

@@ -244,6 +244,12 @@ def test_continuous_learning_swaps_out_a_bad_live_model(runtime, tmp_path):
         assert swapped[0]["challenger_score"] < swapped[0]["live_score"]
         assert swapped[0]["version"] == feeder.tables.state.model_version
         assert proc.stop() == 0
+        # the adopted model was kept for the next inference process (reload, crash)
+        from inference import adopted
+        from inference.model import Model
+
+        kept = adopted.find(runtime, adopted.base_model(bad, ""))
+        assert kept is not None and Model.load(kept).version == swapped[0]["version"]
     finally:
         feeder.close()
         proc.stop()
