@@ -438,6 +438,18 @@ def chunk_body(pieces: list[bytes]) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
 
 
+def read_head(conn: socket.socket) -> bytes | None:
+    """Read from `conn` until the end of a request head (what follows it in the
+    same reads included); None if the peer closed first."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
 class ThreadedServer:
     """A raw TCP server on 127.0.0.1 for backends that misbehave on purpose:
     subclasses implement `handle(conn)`, run on a thread per connection."""

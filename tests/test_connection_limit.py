@@ -4,21 +4,12 @@ of file descriptors is never blamed on a backend."""
 from __future__ import annotations
 
 import socket
-import time
 
 import psutil
 import pytest
 
 from tests.conftest import RawConn, build_request, get
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+from tests.supervision import wait_until
 
 
 def accepted(lb) -> int:
@@ -95,7 +86,7 @@ def test_out_of_file_descriptors_is_a_local_503_not_a_backend_failure(lb_factory
     assert not blamed(lb), blamed(lb)
     # With descriptors back, the same backend serves again (it was never ejected).
     proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
-    assert wait_until(lambda: get(lb.port, "/")[0] == 200)
+    assert wait_until(lambda: get(lb.port, "/")[0] == 200, 10)
     assert not blamed(lb)
 
 

@@ -13,8 +13,9 @@ import time
 
 import psutil
 
-from tests.conftest import RawConn, ThreadedServer, build_request
-from tests.test_streaming import RssSampler, single_worker, warm_up
+from tests.conftest import RawConn, ThreadedServer, build_request, read_head
+from tests.supervision import wait_until
+from tests.test_streaming import RssSampler, single_worker
 
 MiB = 1024 * 1024
 RSS_GROWTH_LIMIT = 64 * MiB
@@ -30,15 +31,6 @@ def assert_bounded(baseline: int, samples: list[int], what: str) -> None:
     assert growth < RSS_GROWTH_LIMIT, (
         f"{what}: worker RSS grew by {growth / MiB:.1f} MiB "
         f"(baseline {baseline / MiB:.1f} MiB, peak {max(samples) / MiB:.1f} MiB)")
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 class ScriptedBackend(ThreadedServer):
@@ -59,12 +51,9 @@ class ScriptedBackend(ThreadedServer):
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(20)
         try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buf += chunk
+            buf = read_head(conn)
+            if buf is None:
+                return
             self.script(self, conn)
         except OSError:
             pass
@@ -171,12 +160,9 @@ class EarlyAnswer(ThreadedServer):
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buf += chunk
+            buf = read_head(conn)
+            if buf is None:
+                return
             if buf.startswith(b"GET "):  # warm-up requests: one per connection
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
                 return
@@ -335,12 +321,9 @@ class Sink(ThreadedServer):
 
     def handle(self, conn: socket.socket) -> None:
         try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buf += chunk
+            buf = read_head(conn)
+            if buf is None:
+                return
             while not self.stopping:
                 time.sleep(0.05)
         except OSError:

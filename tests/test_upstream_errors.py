@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import ThreadedServer, free_port, get
+from tests.conftest import ThreadedServer, free_port, get, read_head
 
 
 class ResettingServer(ThreadedServer):
@@ -23,12 +23,9 @@ class ResettingServer(ThreadedServer):
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buf += chunk
+            buf = read_head(conn)
+            if buf is None:
+                return
             head, _, rest = buf.partition(b"\r\n\r\n")
             length = 0
             for line in head.split(b"\r\n")[1:]:
@@ -247,12 +244,9 @@ class OneShotServer(ThreadedServer):
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buf += chunk
+            buf = read_head(conn)
+            if buf is None:
+                return
             conn.sendall(self.reply)
             conn.recv(1)  # until lb closes
         except OSError:
