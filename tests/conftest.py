@@ -454,11 +454,11 @@ class ThreadedServer:
     """A raw TCP server on 127.0.0.1 for backends that misbehave on purpose:
     subclasses implement `handle(conn)`, run on a thread per connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, backlog: int = 64) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
+        self.sock.listen(backlog)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 
 import h11
+
+from tests.conftest import ThreadedServer
 
 MAX_EVENT = 256 * 1024
 
@@ -76,10 +77,6 @@ BROKEN_KINDS = ("bad_status", "flip_head", "cl_te", "double_cl", "short_close", 
 # (a 413 or 401 as servers send them): then the body is read to its end
 # ("early") or the connection closed under it ("early_close").
 EARLY_KINDS = {"early", "early_close"}
-# Kinds after which the backend stops serving the connection.
-_CLOSING = {"close_delimited", "short_close", "close_no_answer", "reset", "bad_status", "flip_head",
-            "cl_te", "double_cl", "garbage_after", "extra_response", "bare_lf", "huge_cl",
-            "bad_chunk", "lookalike_te", "big_head", "ctl_reason"}
 _HANGING = {"short_hang", "hang"}
 
 
@@ -96,7 +93,6 @@ def build_response(kind: str, req: Received, rng) -> tuple[bytes, bool]:
     base = [(b"Server", b"fuzz"), (b"X-Echo", token)]
     send_body = b"" if head_req else body
     cl = (b"Content-Length", str(len(body)).encode())
-    close = kind in _CLOSING
     if kind == "ok":
         return _head(b"200 OK", base + [cl]) + send_body, False
     if kind == "chunked":
@@ -169,47 +165,23 @@ def build_response(kind: str, req: Received, rng) -> tuple[bytes, bool]:
 # -- the server -------------------------------------------------------------------
 
 
-class FuzzBackend:
+class FuzzBackend(ThreadedServer):
     name = "fuzz"
 
     def __init__(self, rng) -> None:
         self.rng = rng
-        self.lock = threading.Lock()
         self.conns: list[ConnLog] = []
         self.requests: list[Received] = []  # every request, in order of arrival
         self.plan: dict[bytes, str] = {}  # target -> response kind
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stopping = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(backlog=128)
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.stopping = True
-        self.sock.close()
-        self.thread.join(2)
-
-    def _serve(self) -> None:
-        while not self.stopping:
-            try:
-                s, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                log = ConnLog(len(self.conns))
-                self.conns.append(log)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._handle, args=(s, log), daemon=True).start()
+    def handle(self, s: socket.socket) -> None:
+        """One connection, on its own thread: logged in arrival order of its handler."""
+        with self.lock:
+            log = ConnLog(len(self.conns))
+            self.conns.append(log)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._handle(s, log)
 
     def _recv(self, s: socket.socket, log: ConnLog) -> bytes:
         try:
