@@ -85,6 +85,8 @@ _BACKEND_TAKES_CLASSES = "n_classes" in inspect.signature(balancer.Backend.__ini
 _HAS_RECORD = hasattr(balancer.Backend, "record")
 # Backend.record(cls, latency, error, now) also updates the peak EWMA (one call per response).
 _RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(balancer.Backend.record).parameters
+# ... and takes the in-flight count the request was sent at (ml's load curves)
+_RECORD_LOADS = _HAS_RECORD and "load" in inspect.signature(balancer.Backend.record).parameters
 
 _DONE, _FAILED, _TICK = 0, 1, 2  # event kinds
 
@@ -131,7 +133,7 @@ class Server:
 
 
 class Request:
-    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0", "arm")
+    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0", "arm", "load", "work")
 
     def __init__(self, sched: float, cls: int, worker: int) -> None:
         self.sched = sched
@@ -141,6 +143,8 @@ class Request:
         self.backend = None
         self.t0 = 0.0
         self.arm = -1  # ml's guard: which arm picked the backend (-1: not judged)
+        self.load = -1  # the worker's in-flight requests to the backend when it was sent
+        self.work = 0.0  # ml: the expected service it added to the backend's load curve
 
 
 class Worker:
@@ -203,6 +207,9 @@ class Simulation:
         # numbered per instance, as each lb numbers its own
         self.workers = [Worker(i % workers, sc, policy, seed + 7 * (i // workers), i // workers)
                         for i in range(workers * self.instances)]
+        for w in self.workers:
+            if hasattr(w.strategy, "clock"):
+                w.strategy.clock = self.clock  # answers are timed in simulated seconds
         self.spread = random.Random(seed * 31 + 7)
         self.records: list[tuple[float, float, int, str]] = []
         self.heap: list = []
@@ -228,6 +235,9 @@ class Simulation:
                     break
                 self.bridges.append(bridge)
             self.bridge = self.bridges[0] if self.bridges else None
+
+    def clock(self) -> float:
+        return self.now
 
     # -- events ---------------------------------------------------------------
 
@@ -283,6 +293,10 @@ class Simulation:
             self._record(req, now + HOP, 503, "-")
             return
         backend.requests += 1
+        req.load = backend.inflight
+        cv = getattr(backend, "curve", None)
+        if cv is not None:
+            req.work = cv.start(req.cls, req.load, now)
         backend.inflight += 1
         req.backend = backend
         req.t0 = now
@@ -292,6 +306,8 @@ class Simulation:
         if frac < spec.join_at:
             # Connection refused: as upstream_failed(sent_nothing=True) does.
             backend.inflight -= 1
+            if cv is not None:
+                cv.done(req.work, backend.inflight)
             backend.connect_errors += 1
             tried = req.tried
             if tried is None:
@@ -341,8 +357,13 @@ class Simulation:
         at_proxy = t + HOP
         rtt = at_proxy - req.t0
         b.inflight -= 1
+        cv = getattr(b, "curve", None)
+        if cv is not None:
+            cv.done(req.work, b.inflight)
         b.responses[status // 100] += 1
-        if _RECORD_OBSERVES:
+        if _RECORD_LOADS:
+            b.record(req.cls, rtt, status >= 500, at_proxy, req.load)
+        elif _RECORD_OBSERVES:
             b.record(req.cls, rtt, status >= 500, at_proxy)
         else:
             w.strategy.observe(b, rtt, at_proxy)

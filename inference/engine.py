@@ -24,12 +24,13 @@ from collections import OrderedDict
 import numpy as np
 
 from inference import policy
-from inference.features import N_FEATURES, StatsFolder
+from inference.features import FEATURES, N_FEATURES, StatsFolder
 from inference.model import Model
 from lb.config import Config
 from lb.messages import Control, Table, WorkerStats
 
 KEPT_TABLES = 100  # feature matrices kept for joining trace samples
+ERR_RATE = FEATURES.index("err_rate")  # the cell's observed error rate
 MAX_RECORDS = 200_000  # joined records held until taken
 
 
@@ -136,8 +137,10 @@ class Engine:
             mode, reason = "learned", ""
         cost = None
         if mode == "learned":
-            w = policy.weights(latency, error, self.live, self.learning.exploration)
-            cost = policy.costs(latency, error)
+            # errors as priced: the prediction shrunk towards what each cell showed
+            priced = policy.shrink(error, X[:, ERR_RATE].reshape(C, B), f.d_att)
+            w = policy.weights(latency, priced, self.live, self.learning.exploration)
+            cost = policy.costs(latency, priced)
         else:
             w = policy.static_weights(self.cfg_weights, self.live, C)
         self._remember(epoch, seq, X)

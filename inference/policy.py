@@ -37,6 +37,7 @@ LATENCY_POWER = 2.0
 CONFIDENCE_TAU = 5.0  # seconds: smoothing of the online prediction error
 CONFIDENCE_MIN_COUNT = 50.0  # responses (decayed) before the error is judged
 RECOVER_RATIO = 0.8  # leave low_confidence below this share of the threshold
+PRIOR_ANSWERS = 20.0  # the model's error prediction weighs as much as this many answers
 
 
 def weights(latency: np.ndarray, error: np.ndarray, live: np.ndarray, exploration: float) -> np.ndarray:
@@ -55,6 +56,17 @@ def weights(latency: np.ndarray, error: np.ndarray, live: np.ndarray, exploratio
     score /= score.sum(axis=1, keepdims=True)
     w = (1.0 - exploration) * score + np.where(live, exploration / n_live, 0.0)[None, :]
     return w / w.sum(axis=1, keepdims=True)
+
+
+def shrink(predicted: np.ndarray, observed: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """The error probability the picks are priced with: the model's prediction
+    counts as PRIOR_ANSWERS answers beside the cell's observed error rate over
+    its recent `answers` (all (C, B)).  A cell with plenty of recent answers is
+    priced by what it did, one without by what the model expects; a model
+    predicting a few percent of errors for backends that answer everything
+    cannot make them look dearer than they are."""
+    w = answers / (answers + PRIOR_ANSWERS)
+    return np.clip(w * observed + (1.0 - w) * predicted, 0.0, 1.0)
 
 
 def costs(latency: np.ndarray, error: np.ndarray) -> np.ndarray:

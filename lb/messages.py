@@ -161,11 +161,12 @@ class Table(Msg):
     error: list[list[float]] = []  # predicted error probability, [class][backend]
     prediction_error: float = -1.0  # online error of the model (mean |log ratio|); -1 unknown
     tick_seconds: float = 0.0  # time the last scoring tick took
-    # Expected cost (seconds) of sending a request of class c to backend b, from the
-    # model's predictions: latency penalised by error probability.  Workers compare
-    # two weighted draws by cost scaled by their own live in-flight counts.
-    cost: list[list[float]] = []  # [class][backend]; [] = compare by weight
-    exploration: float = 0.0  # share of picks that take a uniform draw over the row's backends
+    # Price (seconds) of a request of class c at backend b: the predicted latency
+    # penalised by the error probability (the prediction shrunk towards what the
+    # backend did).  Workers take cost / latency as the error penalty and the
+    # latency as the service time of classes their load curves have not seen yet.
+    cost: list[list[float]] = []  # [class][backend]; [] = no penalty
+    exploration: float = 0.0  # share of picks that may go to a backend not heard from lately
 
 
 # -- admin -> workers, inference ------------------------------------------------------------

@@ -102,8 +102,11 @@ def test_route_explain_classes(env):
     assert explain(admin, "PUT", "/x", {"Transfer-Encoding": "chunked"})["class"] == "upload"
     api = explain(admin, "GET", "/api/users")
     assert api["class"] == "api" and api["mode"] == "learned"
-    assert api["backend"] == "fast" and api["weights"] == {"fast": 0.7, "slow": 0.2, "flaky": 0.1}
-    assert "learned table seq" in api["why"]
+    assert api["weights"] == {"fast": 0.7, "slow": 0.2, "flaky": 0.1}
+    # which backend wins depends on the in-flight counts the harness reports (random);
+    # the explanation names the one that gets the most picks, by the workers' rule
+    assert api["pick_shares"][api["backend"]] == max(api["pick_shares"].values())
+    assert "learned table seq" in api["why"] and "least expected cost" in api["why"]
     assert explain(admin, "get", "/other")["class"] == "default"
 
 

@@ -236,9 +236,14 @@ class Feeder:
         epoch, seq = self.tables.next_version()
         names = [n for n, _ in self.backends]
         weights = [[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.7, 0.2, 0.1]][: len(self.classes)]
+        # what the engine publishes beside the weights: predicted latency and the
+        # cost the picks are priced with (here 1% of errors predicted for flaky)
+        latency = [[0.002, 0.004, 0.008][: len(names)] for _ in self.classes]
+        cost = [[0.002, 0.004, 0.008 / 0.99 ** 8][: len(names)] for _ in self.classes]
         return Table(epoch=epoch, seq=seq, ts=time.time(), interval=0.1, model_version="test-model-7",
                      mode=self.table_mode[0], reason=self.table_mode[1], backends=names,
-                     classes=self.classes, weights=weights, prediction_error=0.25, tick_seconds=0.0015)
+                     classes=self.classes, weights=weights, latency=latency, cost=cost, exploration=0.02,
+                     prediction_error=0.25, tick_seconds=0.0015)
 
     def send_stats(self) -> None:
         with self.lock:

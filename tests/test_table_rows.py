@@ -1,12 +1,13 @@
 """TableStrategy.refresh builds its per-class rows with cached columns and
-comprehensions (it runs on the worker's loop for every table); it must give
-exactly what the plain per-backend rule below gives, on tables with missing,
-extra, unavailable and cost-less backends."""
+comprehensions (it runs on the worker's loop for every table), and the pick
+scans them with an early exit.  Both are checked against plain rules: the
+rows against a per-backend rule on tables with missing, extra, unavailable,
+cost-less and latency-less backends; the pick against a full scan for the
+least expected cost over the same candidates."""
 
 from __future__ import annotations
 
 import random
-from itertools import accumulate
 
 import pytest
 
@@ -16,63 +17,128 @@ from workers.balancer import Backend
 from workers.strategies import make_strategy
 
 
+def unknown_price(s, b):
+    """A backend that has not answered: its peak EWMA over its relative weight."""
+    mean_w = (sum(max(x.weight, 0) for x in s.backends) or 1) / len(s.backends)
+    return b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
+
+
 def reference_rows(s, table):
     col = {name: i for i, name in enumerate(table.backends)}
-    rows_by_name = dict(zip(table.classes, table.weights))
-    default = rows_by_name.get("default") or (table.weights[0] if table.weights else [])
-    costs_by_name = dict(zip(table.classes, table.cost)) if table.cost else {}
-    default_cost = costs_by_name.get("default") or (table.cost[0] if table.cost else None)
+    weights = dict(zip(table.classes, table.weights))
+    default = weights.get("default") or (table.weights[0] if table.weights else [])
+    lat = dict(zip(table.classes, table.latency))
+    cost = dict(zip(table.classes, table.cost))
     rows = []
-    for cname in s.class_names:
-        trow = rows_by_name.get(cname, default)
-        crow = costs_by_name.get(cname, default_cost)
-        weight, scaled = [], []
+    for k, cname in enumerate(s.class_names):
+        wrow = weights.get(cname, default)
+        lrow = lat.get(cname) or lat.get("default") or []
+        crow = cost.get(cname) or cost.get("default") or []
+        penalty, prior, cands = [], [], []
         for b in s.backends:
             i = col.get(b.name)
-            ok = i is not None and i < len(trow) and b.available
-            weight.append(trow[i] if ok else 0.0)
-            if crow is not None and ok and i < len(crow):
-                scaled.append(max(crow[i], 1e-9) / ((s._ref[b.idx] + 1.0) * max(s._ewma_ref[b.idx], 1e-6)))
-            else:
-                scaled.append(-1.0)
-        cands = [b for b in s.backends if weight[b.idx] > 0]
-        if any(scaled[b.idx] < 0 for b in cands):
-            scaled = None
-        cum = list(accumulate(weight[b.idx] for b in cands))
-        rows.append((cands, cum, scaled, cum[-1] if cum else 0.0, weight))
+            ok = i is not None and b.available
+            priced = ok and i < len(lrow) and i < len(crow)
+            prior.append(max(lrow[i], 1e-6) if priced else unknown_price(s, b))
+            penalty.append(max(crow[i] / max(lrow[i], 1e-9), 1.0) if priced else 1.0)
+            if ok and i < len(wrow) and wrow[i] > 0:
+                cands.append(b)
+        price = {b.idx: (b.curve.service[k] or prior[b.idx]) * penalty[b.idx] for b in cands}
+        order = sorted(cands, key=lambda b: price[b.idx])
+        rows.append((order, [price[b.idx] for b in order], penalty, prior))
     return rows
 
 
-def comparable(rows):
-    """A row with no candidates is never drawn from: its scaled costs do not matter."""
-    return [(c, cum, scaled if c else None, top, w) for c, cum, scaled, top, w in rows]
+def backends(rng, classes):
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}", weight=rng.randint(1, 5)),
+                  len(classes), i) for i in range(rng.randint(1, 12))]
+    for b in bs:
+        b.available = rng.random() > 0.2
+        b.inflight = rng.randint(0, 5)
+        b.ewma = rng.uniform(0.001, 0.05)
+        b.failures = rng.choice((0, 0, 0, 2))
+    return bs
+
+
+def teach(rng, s, now):
+    """Random curves: some backends answered some classes, at various loads."""
+    for b in s.backends:
+        cv = b.curve
+        for k in range(len(s.class_names)):
+            if rng.random() < 0.6:
+                cv.learn(k, rng.uniform(0.001, 0.08), rng.randint(0, 3), now)
+        cv.slots = rng.choice((1.0, 2.0, 4.0))
+        cv.work = b.inflight * rng.uniform(0.001, 0.05)
+        cv.quiet_since = now - rng.uniform(0.0, 0.05)
+
+
+def random_table(rng, s):
+    names = [b.name for b in s.backends if rng.random() > 0.2] + ["gone"] * rng.randint(0, 2)
+    rng.shuffle(names)
+    tclasses = [c for c in s.class_names if rng.random() > 0.3] or ["default"]
+    weights = [[rng.choice((0.0, rng.random())) for _ in names] for _ in tclasses]
+    if rng.random() < 0.3:
+        weights = [w[: rng.randint(0, len(w))] for w in weights]  # short rows
+    latency = [] if rng.random() < 0.2 else [[rng.uniform(0.001, 0.05) for _ in names[: rng.randint(0, len(names))]]
+                                             for _ in tclasses]
+    cost = [] if rng.random() < 0.2 else [[rng.uniform(0.001, 0.2) for _ in names] for _ in tclasses]
+    return m.Table(epoch=1, seq=1, ts=0.0, interval=0.1, model_version="t", mode="learned", reason="",
+                   backends=names, classes=tclasses, weights=weights, latency=latency, cost=cost,
+                   exploration=0.0)
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_rows_match_the_plain_rule(seed):
     rng = random.Random(seed)
-    n = rng.randint(1, 12)
     classes = ["default"] + [f"c{i}" for i in range(rng.randint(0, 3))]
-    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), len(classes), i)
-          for i in range(n)]
-    for b in bs:
-        b.available = rng.random() > 0.2
-        b.inflight = rng.randint(0, 5)
-        b.ewma = rng.uniform(0.001, 0.05)
-    s = make_strategy("ml", bs, decay=10.0, seed=1, class_names=classes)
+    s = make_strategy("ml", backends(rng, classes), decay=10.0, seed=1, class_names=classes)
+    now = 100.0
+    s.clock = lambda: now
     for _ in range(3):  # successive tables: the column cache must follow a changed backend list
-        names = [b.name for b in bs if rng.random() > 0.2] + ["gone"] * rng.randint(0, 2)
-        rng.shuffle(names)
-        tclasses = [c for c in classes if rng.random() > 0.3] or ["default"]
-        weights = [[rng.choice((0.0, rng.random())) for _ in names] for _ in tclasses]
-        if rng.random() < 0.3:
-            weights = [w[: rng.randint(0, len(w))] for w in weights]  # short rows
-        cost = [] if rng.random() < 0.3 else [[rng.random() for _ in names[: rng.randint(0, len(names))]]
-                                              for _ in tclasses]
-        table = m.Table(epoch=1, seq=1, ts=0.0, interval=0.1, model_version="t", mode="learned", reason="",
-                        backends=names, classes=tclasses, weights=weights, cost=cost, exploration=0.02)
+        teach(rng, s, now)
+        table = random_table(rng, s)
         s.set_table(table)
-        assert comparable(s._rows) == comparable(reference_rows(s, table))
-        bs[rng.randrange(n)].available ^= True
+        assert s._rows == reference_rows(s, table)
+        s.backends[rng.randrange(len(s.backends))].available ^= True
         s.refresh()
-        assert comparable(s._rows) == comparable(reference_rows(s, table))
+        assert s._rows == reference_rows(s, table)
+
+
+def full_scan(s, cls, now, exclude=()):
+    """The least expected cost over every candidate of the row, no early exit."""
+    order, _, penalty, prior = s._rows[cls] if s.usable else s._own[cls]
+    best, best_cost = None, 0.0
+    for b in order:
+        if not b.available or b in exclude:
+            continue
+        c = b.curve.expected(cls, b.inflight, prior[b.idx], now) * penalty[b.idx] * (b.failures + 1)
+        if best is None or c < best_cost:
+            best, best_cost = b, c
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_early_exit_picks_what_a_full_scan_picks(seed):
+    rng = random.Random(1000 + seed)
+    classes = ["default", "heavy"]
+    s = make_strategy("ml", backends(rng, classes), decay=10.0, seed=1, class_names=classes)
+    now = 50.0
+    s.clock = lambda: now
+    teach(rng, s, now)
+    table = random_table(rng, s)
+    s.set_table(table)
+    s.check(0.0)  # the table's ts is 0: fresh at wall-clock 0
+    for usable in (True, False):  # priced by the table, and by the curves alone
+        s.usable = usable
+        for cls in range(2):
+            for _ in range(5):
+                for b in s.backends:  # the live state moves between refreshes
+                    b.inflight = rng.randint(0, 6)
+                    b.curve.work = b.inflight * rng.uniform(0.001, 0.05)
+                if not (s._rows if usable else s._own)[cls][0]:
+                    continue
+                exclude = [b for b in s.backends if rng.random() < 0.2]
+                assert s._table_pick(cls) is full_scan(s, cls, now)
+                got = s._table_pick(cls, exclude)
+                want = full_scan(s, cls, now, exclude)
+                assert got is want or (want is None and got not in exclude)

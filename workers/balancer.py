@@ -61,6 +61,8 @@ class Backend:
         "max_pending",
         "connecting",
         "overflows",
+        # ml: this worker's load curve of the backend (workers/loadcurve.py), or None
+        "curve",
     )
 
     def __init__(self, cfg: BackendConfig, n_classes: int = 1, idx: int = 0) -> None:
@@ -97,6 +99,7 @@ class Backend:
         self.max_pending = 1 << 62
         self.connecting = 0  # new connections being opened for requests
         self.overflows = 0  # requests turned away by this backend's circuit breaker
+        self.curve = None
 
     def observe(self, rtt: float, now: float) -> None:
         """Peak EWMA (as in Finagle/Linkerd): jump up at once, decay slowly."""
@@ -108,11 +111,13 @@ class Backend:
             self.ewma = ewma * w + rtt * (1.0 - w)
         self.ewma_ts = now
 
-    def record(self, cls: int, latency: float, error: bool, now: float | None = None) -> None:
+    def record(self, cls: int, latency: float, error: bool, now: float | None = None, load: int = -1) -> None:
         """One outcome of a request of class `cls` sent here: a response head
         after `latency` seconds (an error if 5xx), or a failure without one.
         With `now` (a response head arrived then) the peak EWMA is updated too,
-        exactly as `observe(latency, now)` would: one call per response."""
+        exactly as `observe(latency, now)` would: one call per response.
+        `load`: the requests this worker had in flight here when it sent this
+        one (-1: unknown), for the load curve (`ml` only)."""
         if now is not None:
             # observe(), inlined (tests/test_strategies.py checks they agree)
             ewma = self.ewma
@@ -128,8 +133,11 @@ class Backend:
             self.failures += 1
             if self.failures >= self.eject_after:
                 self.on_outlier(self)
-        elif self.failures:
-            self.failures = 0
+        else:
+            if self.failures:
+                self.failures = 0
+            if load >= 0 and self.curve is not None:
+                self.curve.learn(cls, latency, load, now)
         self.cls_lat_sum[cls] += latency
         self.cls_hist[cls][bisect_left(LATENCY_BOUNDS, latency)] += 1
         t = self.tracer

@@ -48,11 +48,16 @@ class Dispatcher:
             self._write_error(ex, 503)
             return
         backend.requests += 1
-        backend.inflight += 1
+        ex.t0 = now = monotonic()
+        ex.load = load = backend.inflight  # for the load curve (workers/loadcurve.py, ml only)
+        cv = backend.curve
+        if cv is not None:
+            ex.curve = cv
+            ex.work = cv.start(ex.cls, load, now)
+        backend.inflight = load + 1
         w.active += 1
         ex.backend = backend
         ex.bound = True
-        ex.t0 = monotonic()
         # Pool.acquire() inlined for the usual case: the warmest idle connection
         # is alive (a closed one leaves the pool in connection_lost).
         idle = backend.pool.idle

@@ -29,6 +29,9 @@ class Exchange:
     response_started = False
     status = 0
     t0 = 0.0  # monotonic time of dispatch (latency, connect timeout)
+    load = -1  # this worker's requests in flight to the backend when it was dispatched
+    curve = None  # ml: the backend's load curve, and the expected service this request added to it
+    work = 0.0
     last_io = 0.0  # request fully sent / last response bytes (response timeout); 0: use t0
     error = 0  # a queued lb-generated error (status) instead of a forwarded request
     cls = 0  # request class (workers/classes.py); 0 = "default"
@@ -79,6 +82,9 @@ class Exchange:
             self.bound = False
             self.backend.inflight -= 1
             self.conn.worker.active -= 1
+            if self.curve is not None:
+                self.curve.done(self.work, self.backend.inflight)
+                self.curve = None
 
     def on_connected(self, task) -> None:
         self.conn.upstream_connected(self, task)

@@ -2,42 +2,46 @@
 
 The worker receives versioned tables over ZeroMQ (workers/telemetry.py) and
 installs each with `set_table`; `check` decides every stats tick whether the
-table may route; `pick` routes by it.  Everything is local to the worker.
+table may route; `pick` routes by it and by the worker's own load curves
+(workers/loadcurve.py).  Everything is local to the worker.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from itertools import accumulate
+from time import monotonic
 
 from workers.balancer import Backend, P2CEwma
 from workers.guard import CONTROL, LEARNED, Guard
+from workers.loadcurve import Curve, fit
 
 NO_ARM = -1  # a pick the guard does not judge (a retry, no usable table)
 
 
 class TableStrategy(P2CEwma):
-    """Routes by the inference process's tables (the `ml` strategy).
+    """Routes by expected latency (the `ml` strategy): the worker's load curves
+    priced by the inference process's tables, checked by a guard.
 
-    A table (`lb.messages.Table`) holds, per request class, a weight for every
-    backend (where traffic should go) and the model's expected cost of a
-    request there (predicted latency, penalised by predicted error).  A pick:
+    Each backend carries a `workers.loadcurve.Curve`, learned from this
+    worker's answers: a service time per class and the number of requests the
+    backend serves at once.  A table (`lb.messages.Table`) adds, per request
+    class, the model's predicted latency and error probability of every
+    backend, from what all workers saw.  A pick of class c:
 
-    * with probability `table.exploration`, one uniform draw over the class's
-      backends (every backend the table routes to keeps producing data);
-    * otherwise two weighted draws from the class's row, and the one with the
-      lower   cost x (in-flight + 1) / (ref in-flight + 1)
-                   x peak EWMA / ref peak EWMA x (consecutive failures + 1)
-      wins, where "ref" is this worker's state when the tables came (smoothed
-      over the last few).  The model supplies what one worker cannot see
-      (per-class cost, error probability, capacity, load from every worker);
-      the worker supplies what the model cannot know yet: requests it sent
-      since, a backend that just turned slow (peak EWMA jumps at once) or
-      started failing.  In steady state the live terms are ~1 and the model's
-      cost decides.
+    * takes the backend with the least expected cost of this request,
 
-    A table without costs (older publishers) is compared by weight / (local
-    in-flight + 1) instead.
+          expected latency (workers/loadcurve.py) x penalty[c] x (failures + 1)
+
+      where `penalty` = (1 - predicted error) ** -8 (the table's cost over its
+      latency) and `failures` counts this worker's consecutive failures there.
+      A class a backend has not answered yet is priced at the table's
+      predicted latency.  Backends are scanned in the order of their price when
+      the table came (service x penalty, a lower bound of the cost) and the
+      scan stops at the first whose lower bound exceeds the best cost so far:
+      a backend with a free slot among the cheapest ends the scan at once;
+    * with probability `table.exploration`, first looks for a backend this
+      worker has not heard from for STALE seconds and sends the request there
+      instead (its curve may be out of date: a slow backend that recovered
+      gets found).  Nothing is spent on backends the worker knows.
 
     It falls back to P2C-EWMA (`learned` False, `reason` says why) when it has
     no table, when the table is older than twice its publish interval (the
@@ -50,50 +54,70 @@ class TableStrategy(P2CEwma):
     """
 
     name = "ml"
-    REF_KEEP = 0.5  # smoothing of the reference in-flight counts, per table
+    STALE = 1.0  # seconds without an answer before exploration looks at a backend
+    OWN_REFIT = 0.1  # seconds between refits of the curves when no table brings them
 
     def __init__(self, backends, *, class_names=("default",), guard_share: float = 0.0, **kw) -> None:
         super().__init__(backends, **kw)
         self.class_names = list(class_names)
         self.table = None
         self.learned = False  # the table routes (the guard's minority share aside)
-        self.usable = False  # the table may route (fresh, trusted); the guard may still hold it off
+        self.usable = False  # the table may price the picks (fresh, trusted)
+        self.tripped = False  # the guard holds the curves off: P2C-EWMA routes
         self.reason = "no_table"
         self.guard = Guard(guard_share) if guard_share > 0 else None
         self.arm = NO_ARM  # which arm made the last pick (guard.LEARNED / CONTROL / NO_ARM)
         self.stale_after = 0.0
         self.explore = 0.0
-        # per backend idx: this worker's in-flight and peak EWMA when tables came (smoothed)
-        self._ref = [0.0] * len(backends)
-        self._ewma_ref = [0.0] * len(backends)
-        # per local class: (candidates, cumulative weights, scaled cost by backend idx or
-        # None, total weight, weight by backend idx)
-        self._rows: list[tuple[list[Backend], list[float], list[float] | None, float, list[float]]] = []
+        n = len(self.class_names)
+        for b in backends:
+            b.curve = Curve(n)
+        self.clock = monotonic  # the clock answers are timed with (the simulator's is simulated)
+        self._fitted = 0.0  # clock time of the last curve fit
+        # per local class: (backends by price, their prices, penalty by backend idx,
+        # prior latency by backend idx)
+        self._rows: list[tuple[list[Backend], list[float], list[float], list[float]]] = []
+        self._own: list[tuple[list[Backend], list[float], list[float], list[float]]] = []
         self._cols_for: list[str] | None = None  # the table backend list `_cols` was built for
         self._cols: list[int] = []  # table column of each backend (by idx), -1 if absent
+        self.refresh()
 
     def set_table(self, table) -> None:
         self.table = table
         self.stale_after = table.ts + 2 * table.interval
         self.explore = table.exploration if table.cost else 0.0
-        # this worker's in-flight and peak EWMA per backend, smoothed over tables: the
-        # state the table's costs correspond to, so the pick scales a cost by how
-        # far the backend has moved from it since
-        keep = self.REF_KEEP
-        ref, eref = self._ref, self._ewma_ref
-        for b in self.backends:
-            i = b.idx
-            ref[i] = keep * ref[i] + (1.0 - keep) * b.inflight
-            eref[i] = keep * eref[i] + (1.0 - keep) * b.ewma if eref[i] > 0 else b.ewma
+        self._fit()
         self.refresh()
+
+    def _fit(self) -> None:
+        now = self.clock()
+        if self._fitted:
+            fit([b.curve for b in self.backends], now - self._fitted)
+        self._fitted = now
 
     def refresh(self) -> None:
         """Rebuild the per-class rows (new table, or backend availability changed).
 
         Runs once per table (every `learning.interval`) on the worker's event
         loop: column lookups are cached while the table's backend list stays the
-        same, and each row is one comprehension (256 backends x 8 classes in
-        well under a millisecond; bench/inference_bench.py measures it)."""
+        same (256 backends x 8 classes, curve fit included, in well under a
+        millisecond; bench/inference_bench.py measures it)."""
+        backends = self.backends
+        # a backend that has not answered yet is priced at its peak EWMA (the
+        # default RTT) over its configured weight relative to the others: the
+        # operator's weights steer traffic until answers replace them
+        total = sum(max(b.weight, 0) for b in backends) or 1
+        mean_w = total / len(backends)
+        unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma for b in backends]
+        # the worker's own rows, for when no table may route: its curves alone,
+        # unknown classes priced as above, no error penalty
+        ones = [1.0] * len(backends)
+        own = []
+        for k in range(len(self.class_names)):
+            price = [b.curve.service[k] or unknown[b.idx] for b in backends]
+            order = sorted((b for b in backends if b.available), key=lambda b: price[b.idx])
+            own.append((order, [price[b.idx] for b in order], ones, unknown))
+        self._own = own
         table = self.table
         if table is None:
             self._rows = []
@@ -103,87 +127,97 @@ class TableStrategy(P2CEwma):
             self._cols = [col.get(b.name, -1) for b in self.backends]
             self._cols_for = table.backends
         # the table's column of each backend (by idx), -1 if absent or unavailable
-        cols = [c if b.available else -1 for b, c in zip(self.backends, self._cols)]
-        rows_by_name = dict(zip(table.classes, table.weights))
-        default = rows_by_name.get("default") or (table.weights[0] if table.weights else [])
-        costs_by_name = dict(zip(table.classes, table.cost)) if table.cost else {}
-        default_cost = costs_by_name.get("default") or (table.cost[0] if table.cost else None)
-        # cost / reference state: the reference in-flight and peak EWMA, by backend idx
-        denom = [(r + 1.0) * max(e, 1e-6) for r, e in zip(self._ref, self._ewma_ref)]
-        backends = self.backends
+        cols = [c if b.available else -1 for b, c in zip(backends, self._cols)]
+        by_name = dict(zip(table.classes, table.weights))
+        default = by_name.get("default") or (table.weights[0] if table.weights else [])
+        lat = dict(zip(table.classes, table.latency)) if table.latency else {}
+        cost = dict(zip(table.classes, table.cost)) if table.cost else {}
         rows = []
-        for cname in self.class_names:
-            trow = rows_by_name.get(cname, default)
-            crow = costs_by_name.get(cname, default_cost)
-            nt = len(trow)
-            weight = [trow[c] if 0 <= c < nt else 0.0 for c in cols]
-            cands = [b for b, w in zip(backends, weight) if w > 0]
-            scaled = None  # no costs (an older publisher): compare by weight
-            if crow is not None:
-                nc = min(len(crow), nt)
-                if all(cols[b.idx] < nc for b in cands):
-                    scaled = [max(crow[c], 1e-9) / d if 0 <= c < nc else -1.0
-                              for c, d in zip(cols, denom)]
-            cum = list(accumulate(weight[b.idx] for b in cands))
-            rows.append((cands, cum, scaled, cum[-1] if cum else 0.0, weight))
+        for k, cname in enumerate(self.class_names):
+            wrow = by_name.get(cname, default)
+            lrow = lat.get(cname) or lat.get("default") or []
+            crow = cost.get(cname) or cost.get("default") or []
+            nw, nl = len(wrow), min(len(lrow), len(crow))
+            prior = [max(lrow[c], 1e-6) if 0 <= c < nl else unknown[b.idx] for b, c in zip(backends, cols)]
+            # (1 - predicted error) ** -8: the table's cost over its latency (inference/policy.py)
+            penalty = [max(crow[c] / max(lrow[c], 1e-9), 1.0) if 0 <= c < nl else 1.0 for c in cols]
+            price = [(b.curve.service[k] or prior[b.idx]) * penalty[b.idx] for b in backends]
+            order = sorted((b for b, c in zip(backends, cols) if 0 <= c < nw and wrow[c] > 0),
+                           key=lambda b: price[b.idx])
+            rows.append((order, [price[b.idx] for b in order], penalty, prior))
         self._rows = rows
 
     def check(self, now: float) -> tuple[bool, str]:
-        """Decide the mode from the table held at wall-clock `now`."""
+        """Decide the mode from the table held at wall-clock `now` (every stats
+        tick and every table)."""
         table = self.table
         if table is None:
-            learned, reason = False, "no_table"
+            usable, reason = False, "no_table"
         elif now > self.stale_after:
-            learned, reason = False, "stale"
+            usable, reason = False, "stale"
         elif table.mode != "learned":
-            learned, reason = False, table.reason or "inference_fallback"
+            usable, reason = False, table.reason or "inference_fallback"
         elif not any(r[0] for r in self._rows):
-            learned, reason = False, "no_weights"
+            usable, reason = False, "no_weights"
         else:
-            learned, reason = True, ""
-        self.usable = learned
-        if learned and self.guard is not None and not self.guard.tick(now):
-            learned, reason = False, "guard"
+            usable, reason = True, ""
+        if not usable and self.clock() - self._fitted >= self.OWN_REFIT:
+            # no table to bring the refits: the worker refits its curves itself
+            self._fit()
+            self.refresh()
+        self.usable = usable
+        self.tripped = self.guard is not None and not self.guard.tick(now)
+        learned = usable and not self.tripped
+        if self.tripped:
+            reason = "guard"
         self.learned = learned
         self.reason = reason
         return learned, reason
 
     def pick(self, exclude=(), cls=0):
-        if exclude or not self.usable:  # a retry, or no table to route by
+        if exclude:  # a retry: the least expected cost among the backends not tried yet
             self.arm = NO_ARM
-            return super().pick(exclude)
+            return super().pick(exclude) if self.tripped else self._table_pick(cls, exclude)
         g = self.guard
         if g is not None:
-            # the minority arm: P2C-EWMA while the table routes, the table while
-            # the guard holds it off
-            minority = self.rng.random() < g.share
-            if minority == self.learned:
+            # the other arm takes the minority share: P2C-EWMA while the curves
+            # route, the curves while the guard holds them off
+            if (self.rng.random() < g.share) != self.tripped:
                 self.arm = CONTROL
                 return super().pick(exclude)
             self.arm = LEARNED
-        elif not self.learned:
-            return super().pick(exclude)
         return self._table_pick(cls)
 
-    def _table_pick(self, cls: int):
-        cands, cum, scaled, top, weight = self._rows[cls]
-        if not cands:
-            return super().pick(())
-        rnd = self.rng.random
-        r = rnd()
-        explore = self.explore
-        if r < explore:
-            return cands[int(r / explore * len(cands))]
-        # r is uniform on [explore, 1): reused for the first draw
-        a = cands[bisect_right(cum, (r - explore) / (1.0 - explore) * top)]
-        b = cands[bisect_right(cum, rnd() * top)]
-        if a is b:
-            return a
-        if scaled is None:
-            return a if weight[a.idx] / (a.inflight + 1) >= weight[b.idx] / (b.inflight + 1) else b
-        # cost x (in-flight + 1) x peak EWMA x (consecutive failures + 1), the first
-        # two relative to the state when the table came (folded into `scaled`)
-        if (scaled[a.idx] * (a.inflight + 1) * a.ewma * (a.failures + 1)
-                <= scaled[b.idx] * (b.inflight + 1) * b.ewma * (b.failures + 1)):
-            return a
-        return b
+    def _table_pick(self, cls: int, exclude=()):
+        order, prices, penalty, prior = (self._rows if self.usable else self._own)[cls]
+        if not order:
+            return super().pick(exclude)
+        if self.explore and not exclude and self.rng.random() < self.explore:
+            b = self._stale(order)
+            if b is not None:
+                return b
+        best = None
+        best_cost = 0.0
+        now = self.clock()
+        for b, price in zip(order, prices):
+            if best is not None and price >= best_cost:
+                break  # every backend from here on costs at least its price
+            if not b.available or (exclude and b in exclude):
+                continue
+            i = b.idx
+            cost = b.curve.expected(cls, b.inflight, prior[i], now) * penalty[i] * (b.failures + 1)
+            if best is None or cost < best_cost:
+                best, best_cost = b, cost
+        return best if best is not None else super().pick(exclude)
+
+    def _stale(self, order):
+        """The routable backend this worker has not heard from for the longest,
+        if that is longer than STALE seconds and it has nothing in flight from
+        this worker (a backend still working through a backlog is not news)."""
+        limit = self.clock() - self.STALE
+        best = None
+        for b in order:
+            seen = b.curve.seen
+            if seen < limit and b.available and not b.inflight:
+                best, limit = b, seen
+        return best

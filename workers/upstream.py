@@ -183,7 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
                     ex.response_started = True
                     ex.status = status
                     now = monotonic()
-                    self.backend.record(ex.cls, now - ex.t0, status >= 500, now)
+                    self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load)
                     if ex.guard is not None:
                         ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
                     ex.conn.transport.write(out)
@@ -317,7 +317,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex.status = status
         now = monotonic()
         # outcome and peak EWMA of the time to first byte, in one call
-        self.backend.record(ex.cls, now - ex.t0, status >= 500, now)
+        self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load)
         if ex.guard is not None:
             ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
 
@@ -450,6 +450,9 @@ class UpstreamConnection(asyncio.Protocol):
             ex.bound = False
             backend.inflight -= 1
             self.worker.active -= 1
+            if ex.curve is not None:  # Exchange.unbind(), inlined
+                ex.curve.done(ex.work, backend.inflight)
+                ex.curve = None
         backend.responses[ex.status // 100] += 1
         if self.keep_alive and ex.body_done and not ex.upgrade:
             pool = self.pool

@@ -70,11 +70,13 @@ def simulate(strategy_name: str, states: list[BackendState], cls_index: int, cla
         backends.append(b)
     strategy = make_strategy(strategy_name, backends, decay=decay, seed=SEED, class_names=class_names)
     if table is not None and hasattr(strategy, "set_table"):
-        # The reference state a worker smooths over the last tables: assume the
-        # worker's state has not moved since they came (the live terms are ~1).
-        for _ in range(12):
-            strategy.set_table(table)
+        strategy.set_table(table)
         strategy.check(time.time())
+    for b in backends:
+        if getattr(b, "curve", None) is not None:
+            # what is in flight, at the backend's peak EWMA each (the workers'
+            # curves and the classes in flight are not reported)
+            b.curve.work = b.inflight * b.ewma
     counts = dict.fromkeys((b.name for b in backends), 0)
     for _ in range(PICKS):
         b = strategy.pick((), cls_index)
@@ -152,15 +154,13 @@ def _learned(strategy, table: Table, cls: str, live: list[BackendState], best: s
            "exploration": round(strategy.explore, 4)}
     if table.cost and row_i < len(table.cost):
         out["costs"] = {b: round(c, 6) for b, c in zip(table.backends, table.cost[row_i]) if b in weights}
-        rule = ("two draws weighted by the table's row, and the one with the lower model cost "
-                "x (in-flight + 1) x peak EWMA x (failures + 1), relative to the worker's state when the "
-                "table came, wins")
-    else:
-        rule = "two draws weighted by the table's row, and the higher weight / (in-flight + 1) wins"
-    explore = f"with probability {strategy.explore:.1%} a uniform draw (exploration), otherwise " \
-        if strategy.explore > 0 else ""
+    rule = ("the least expected cost: the backend's service time for the class (the table's predicted "
+            "latency until the worker's own load curve has answers) plus, when its slots are full, the "
+            "wait for the work in flight, times the error penalty (table cost / latency) and the "
+            "worker's consecutive failures + 1; the admin prices by the table, the mean in-flight "
+            "counts and peak EWMAs, not by each worker's curves")
+    explore = f"with probability {strategy.explore:.1%} a backend not heard from lately (exploration), " \
+        "otherwise " if strategy.explore > 0 else ""
     out["why"] = (f"learned table seq {table.seq}, class {cls!r}: picked by cost: {explore}{rule}; "
                   f"{best} gets the most picks now ({shares[best]:.0%})")
-    if not table.cost:
-        out["why"] = out["why"].replace("picked by cost", "picked by weight (the table has no costs)")
     return out

@@ -165,8 +165,10 @@ def strategy_state(s: AdminState, strategy: str) -> dict:
         if strategy != "least_connections":
             out["ewma"] = {n: _r(g.ewma.get(n)) for n in live}
     else:  # ml, learned
-        out["rule"] = ("the learned table: per request class, two draws weighted by the table's row, "
-                       "the lower model cost (scaled by the worker's live state) wins; a share explores")
+        out["rule"] = ("the least expected cost: each worker's load curve of the backend (service time "
+                       "per class, slots, work in flight) priced by the learned table (error penalty, "
+                       "predicted latency of classes not seen yet); a share explores backends not heard "
+                       "from lately")
     return out
 
 

@@ -1,0 +1,118 @@
+"""The load curve (workers/loadcurve.py): service times and slot counts learned
+from answers, the expected latency they give, and the bookkeeping of work in
+flight.  Answers come from a k-server queue model with lognormal noise, as a
+backend with k workers would give them."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from lb.config import Backend as BackendConfig
+from workers.balancer import Backend
+from workers.loadcurve import DEFAULT_SERVICE, Curve, fit
+
+
+def answers(curve: Curve, rng: random.Random, slots: int, service: tuple[float, ...], n: int,
+            max_load: int, now: float) -> float:
+    """`n` answers of a backend serving `slots` requests at once: a request sent
+    while `load` others are in flight takes service x max(1, (load + 1) / slots),
+    with lognormal noise.  The curve is refitted every 50 answers, as a worker
+    does every stats tick.  Returns the clock after them."""
+    for i in range(n):
+        cls = rng.randrange(len(service))
+        load = rng.randint(0, max_load)
+        latency = service[cls] * max(1.0, (load + 1) / slots) * math.exp(rng.gauss(0.0, 0.2))
+        now += 0.002
+        curve.learn(cls, latency, load, now)
+        if i % 50 == 49:
+            fit([curve], 0.1)
+    return now
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4, 8, 16, 32])
+def test_slots_and_service_times_are_learned(slots):
+    rng = random.Random(slots)
+    curve = Curve(2)
+    service = (0.004, 0.020)
+    answers(curve, rng, slots, service, 4000, max_load=2 * slots + 2, now=0.0)
+    assert curve.slots == slots
+    for got, want in zip(curve.service, service):
+        # the mean of the lognormal noise is exp(0.2^2 / 2) ~ 1.02
+        assert want * 0.85 < got < want * 1.25, (curve.service, service)
+
+
+def test_a_backend_never_seen_queueing_keeps_a_low_slot_count():
+    """Answers at low loads only: the fit cannot tell 4 slots from 64, and takes the
+    smallest count that explains them (no herd on a capacity it has not seen)."""
+    rng = random.Random(7)
+    curve = Curve(1)
+    answers(curve, rng, 64, (0.005,), 2000, max_load=3, now=0.0)
+    assert curve.slots == 4
+
+
+def test_a_slowdown_moves_the_service_time_and_a_recovery_moves_it_back():
+    rng = random.Random(3)
+    curve = Curve(1)
+    now = answers(curve, rng, 4, (0.005,), 1000, max_load=2, now=0.0)
+    assert 0.004 < curve.service[0] < 0.006
+    now = answers(curve, rng, 4, (0.025,), 100, max_load=2, now=now)
+    assert curve.service[0] > 0.02
+    answers(curve, rng, 4, (0.005,), 100, max_load=2, now=now)
+    assert curve.service[0] < 0.0065
+
+
+def test_expected_latency():
+    curve = Curve(2)
+    curve.service = [0.004, 0.020]
+    curve.slots = 2.0
+    now = 10.0
+    curve.quiet_since = now
+    # a free slot: the service time of the class; an unknown class: the price given
+    assert curve.expected(0, 0, 0.1, now) == 0.004
+    assert curve.expected(1, 1, 0.1, now) == 0.020
+    curve.service[1] = 0.0
+    assert curve.expected(1, 0, 0.1, now) == 0.1
+    curve.service[1] = 0.020
+    # every slot taken: wait for (n + 1 - slots) / slots of the work in flight per request
+    curve.work = 0.004 + 0.020 + 0.020 + 0.004  # four in flight
+    assert curve.expected(0, 4, 0.1, now) == pytest.approx(0.004 + 3 / 2 * 0.048 / 4)
+    # ... or at least as long as the backend has gone without answering
+    assert curve.expected(0, 4, 0.1, now + 0.5) == pytest.approx(0.004 + 0.5)
+
+
+def test_work_in_flight_is_given_back():
+    curve = Curve(2)
+    curve.service = [0.004, 0.0]
+    works = [curve.start(0, 0, 1.0), curve.start(1, 1, 1.0), curve.start(0, 2, 1.0)]
+    # an unknown class counts as the dearest known one
+    assert works == [0.004, 0.004, 0.004]
+    assert curve.quiet_since == 1.0  # the busy period began with the first
+    curve.done(works[0], 2)
+    curve.done(works[1], 1)
+    assert curve.work == pytest.approx(0.004)
+    curve.done(works[2], 0)
+    assert curve.work == 0.0  # nothing in flight: no rounding left over
+    fresh = Curve(1)
+    assert fresh.start(0, 0, 0.0) == DEFAULT_SERVICE
+
+
+def test_the_first_answer_is_taken_whole():
+    """A first answer that queued is not divided by a slot count nobody knows yet:
+    a service time too low would draw the class's requests there."""
+    curve = Curve(1)
+    curve.learn(0, 0.030, 5, 1.0)
+    assert curve.service == [0.030]
+
+
+def test_failures_teach_the_curve_nothing():
+    b = Backend(BackendConfig(address="127.0.0.1:9", name="b"), 1, 0)
+    b.curve = Curve(1)
+    b.record(0, 0.0002, True, 1.0, 0)  # a fast 503
+    assert b.curve.service == [0.0] and b.curve.seen == 0.0
+    b.record(0, 0.005, False, 2.0, 0)
+    assert b.curve.service == [0.005] and b.curve.seen == 2.0
+    b.record(0, 0.005, False, 3.0)  # load unknown (-1): not learned
+    assert b.curve.seen == 2.0

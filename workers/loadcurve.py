@@ -1,0 +1,153 @@
+"""The load curve of a backend, as one worker sees it: what a request of each
+class costs there when it does not wait, and how that grows with the requests
+this worker has in flight to it.
+
+A backend serves about `slots` requests at once and queues the rest, so the
+next request of class c, sent while n others are in flight, is expected to take
+
+    service[c] + max(0, n + 1 - slots) / slots x (mean service of the n in flight)
+
+(the shortest-expected-delay rule of queueing theory, for a k-server queue;
+the requests ahead are priced by their own classes, `work`, since a light
+request queued behind a heavy one waits for the heavy one).
+Both terms are learned from the worker's own answers, with no probes:
+
+* `service[c]`: every successful answer of class c to a request sent while
+  fewer than `slots` were in flight moves the estimate by LEARN (an
+  exponential average over the last few answers);
+* `slots`: the answers' latency relative to `service` is averaged by the
+  in-flight count each request was sent at (LEVELS levels, one per count up
+  to 7 and wider above, decayed with a time constant of TAU seconds); `fit`
+  picks, from SLOT_GRID, the slot count whose curve max(1, (n + 1) / slots)
+  at each level's mean count is closest to those averages in log terms.  A backend never seen queueing keeps a low estimate until its answers
+  show it serves more at once (the prior is one slot: no herd on a backend
+  whose capacity is unknown).
+
+The unit of `slots` is this worker's in-flight requests: with several
+workers (or several lb instances) sharing a backend, each learns the share of
+it that it gets, since the others' load shows in its latencies.
+
+Failed answers teach nothing here (a fast 503 is not a fast backend): the
+strategy penalises failures separately.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_SERVICE = 0.005  # seconds: a request's expected service before any answer
+# In-flight counts are grouped in LEVELS levels, one per count up to 7, then
+# wider ones (8-9, 10-11, 12-15, 16-19, 20-27, 28-39, 40-63, 64 and more).
+_EDGES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 28, 40, 64)
+LEVELS = len(_EDGES)
+LEVEL_OF = [max(i for i, e in enumerate(_EDGES) if e <= n) for n in range(_EDGES[-1])]
+TOP = LEVELS - 1
+LEARN = 0.05  # weight of one answer in the service-time estimate
+TAU = 1.0  # seconds: time constant of the per-level averages
+MIN_LEVEL_ANSWERS = 2.0  # (decayed) answers at a level before it counts in the fit
+MIN_FIT_ANSWERS = 5.0  # ... and in all levels before the slot count is refitted
+SLOT_GRID = np.array([1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128], dtype=np.float64)
+
+
+class Curve:
+    """One backend's curve in one worker (see the module docstring)."""
+
+    __slots__ = ("service", "slots", "seen", "level_n", "level_sum", "level_load", "work", "quiet_since")
+
+    def __init__(self, n_classes: int) -> None:
+        self.service = [0.0] * n_classes  # seconds; 0: no answer of that class yet
+        self.slots = 1.0
+        self.work = 0.0  # expected service seconds of this worker's requests in flight here
+        self.quiet_since = -1.0  # the last answer, or the start of the busy period if later (-1: never)
+        self.seen = 0.0  # monotonic time of the last answer learned from
+        self.level_n = [0.0] * LEVELS  # decayed answers sent at each in-flight level
+        self.level_sum = [0.0] * LEVELS  # ... the sum of their latency / service
+        self.level_load = [0.0] * LEVELS  # ... and of the in-flight counts they were sent at
+
+    def learn(self, cls: int, latency: float, load: int, now: float) -> None:
+        """A successful answer of class `cls` after `latency` seconds, to a
+        request sent while `load` others were in flight from this worker."""
+        s = self.service[cls]
+        if s > 0.0:
+            lvl = LEVEL_OF[load] if load < 64 else TOP
+            self.level_n[lvl] += 1.0
+            self.level_sum[lvl] += latency / s
+            self.level_load[lvl] += load
+            if load + 1 <= self.slots:
+                # sent to a free slot: its latency is the service time.  (Answers
+                # that may have queued are left out: de-queueing them by a slot
+                # count that is too low would shrink the service time, which would
+                # make queueing look worse, which would lower the slot count.)
+                self.service[cls] = s + LEARN * (latency - s)
+        else:
+            # the first answer, taken whole: it may have queued, and a service
+            # time too high is corrected by the next answers sent to a free slot,
+            # while one too low would draw the class's requests here meanwhile
+            self.service[cls] = latency
+        self.seen = self.quiet_since = now
+
+    def start(self, cls: int, load: int, now: float) -> float:
+        """A request of class `cls` is sent while `load` others are in flight:
+        its expected service joins `work` (what the caller must give back with
+        `done`)."""
+        s = self.service[cls] or max(self.service) or DEFAULT_SERVICE
+        self.work += s
+        if not load:
+            self.quiet_since = now  # a busy period begins
+        return s
+
+    def done(self, work: float, inflight: int) -> None:
+        """A request sent with `start` no longer occupies the backend."""
+        self.work = self.work - work if inflight > 0 else 0.0
+
+    def expected(self, cls: int, inflight: int, service: float, now: float) -> float:
+        """Expected seconds for one more request of class `cls` while
+        `inflight` are in flight: its service, plus, when every slot is taken,
+        the wait for (inflight + 1 - slots) / slots of the requests ahead, at the
+        mean expected service of those in flight, and at least as long as the
+        backend has been busy without answering (requests of unknown cost
+        ahead: a backend stuck on slow work is seen before its first slow
+        answer).  `service`: the price of a class not answered yet."""
+        s = self.service[cls] or service
+        k = self.slots
+        if inflight + 1 > k and inflight > 0:
+            wait = (inflight + 1 - k) / k * self.work / inflight
+            if self.quiet_since >= 0.0:
+                quiet = now - self.quiet_since
+                if quiet > wait:
+                    wait = quiet
+            return s + wait
+        return s
+
+
+def fit(curves: list[Curve], dt: float) -> None:
+    """Refit every curve's slot count from its per-level averages, then decay
+    them by `dt` seconds.  Vectorised: a few hundred microseconds for 256
+    backends (bench/inference_bench.py)."""
+    if not curves:
+        return
+    n = np.array([c.level_n for c in curves], dtype=np.float64)  # (B, LEVELS)
+    total = np.array([c.level_sum for c in curves], dtype=np.float64)
+    loads = np.array([c.level_load for c in curves], dtype=np.float64)
+    use = n >= MIN_LEVEL_ANSWERS
+    w = np.where(use, n, 0.0)
+    safe = np.maximum(n, 1e-12)
+    mean = np.log(np.where(use, total / safe, 1.0))
+    # ln max(1, (load + 1) / k) at each level's mean load, for every grid value: (B, LEVELS, K)
+    curve = np.log(np.maximum(1.0, (loads / safe + 1.0)[:, :, None] / SLOT_GRID[None, None, :]))
+    # squared log error of every grid value, weighted by answers: (B, K)
+    err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
+    best = SLOT_GRID[err.argmin(axis=1)]
+    enough = w.sum(axis=1) >= MIN_FIT_ANSWERS
+    keep = math.exp(-dt / TAU)
+    n *= keep
+    total *= keep
+    loads *= keep
+    for i, c in enumerate(curves):
+        if enough[i]:
+            c.slots = float(best[i])
+        c.level_n = n[i].tolist()
+        c.level_sum = total[i].tolist()
+        c.level_load = loads[i].tolist()
