@@ -129,6 +129,9 @@ def pick_bench(table, n_backends: int, n_classes: int, picks: int = 200_000) -> 
         b.inflight = i % 5
         b.ewma = 0.002 + 0.0001 * (i % 7)
     ml = TableStrategy(backends, class_names=table.classes, decay=10.0, rng=random.Random(1))
+    teach(ml)
+    for b in backends:
+        b.curve.work = b.inflight * 0.003
     ml.set_table(table)
     ml.check(table.ts)
     assert ml.learned, ml.reason
@@ -151,10 +154,23 @@ def pick_bench(table, n_backends: int, n_classes: int, picks: int = 200_000) -> 
     return out
 
 
+def teach(ml, errors: float = 0.0, answers: int = 20) -> None:
+    """Answers of every class from every backend at in-flight counts 0-7, as a
+    busy worker records them: the load curves have data at every level they fit."""
+    import random
+
+    rng = random.Random(2)
+    for b in ml.backends:
+        for c in range(min(len(ml.class_names), len(b.cls_responses))):
+            for k in range(answers):
+                b.record(c, rng.uniform(0.001, 0.05), rng.random() < errors, 1.0 + k * 0.01, k % 8)
+
+
 def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float], list[float]]:
     """A worker's event-loop time per tick at this scale: (a) decode a real
-    tick's Table and install it (TableStrategy.set_table), (b) build and encode
-    its WorkerStats report, as workers/telemetry.py does."""
+    tick's Table and install it (TableStrategy.set_table: the load curves'
+    refit and the per-class rows), (b) build and encode its WorkerStats
+    report, as workers/telemetry.py does."""
     import random
 
     from lb import messages as m
@@ -172,13 +188,10 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
 
     backends = [Backend(BackendConfig(address=f"127.0.0.1:{20000 + i}", name=table.backends[i]),
                         len(table.classes), i) for i in range(n_backends)]
-    rng = random.Random(1)
+    ml = TableStrategy(backends, class_names=table.classes, decay=10.0, rng=random.Random(1))
     for b in backends:
         b.pool = Pool()
-        for c in range(len(table.classes)):
-            for _ in range(20):
-                b.record(c, rng.uniform(0.001, 0.05), rng.random() < 0.01, 1.0)
-    ml = TableStrategy(backends, class_names=table.classes, decay=10.0, rng=random.Random(1))
+    teach(ml, errors=0.01)
     counters = dict(connections=10, accepted=10, requests=1000, rejected=0, timeouts=0, no_backend=0)
 
     def install():

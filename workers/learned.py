@@ -56,6 +56,7 @@ class TableStrategy(P2CEwma):
     name = "ml"
     STALE = 1.0  # seconds without an answer before exploration looks at a backend
     OWN_REFIT = 0.1  # seconds between refits of the curves when no table brings them
+    FIT_CHUNK = 32  # backends whose curves are refitted per table
 
     def __init__(self, backends, *, class_names=("default",), guard_share: float = 0.0, **kw) -> None:
         super().__init__(backends, **kw)
@@ -72,8 +73,12 @@ class TableStrategy(P2CEwma):
         n = len(self.class_names)
         for b in backends:
             b.curve = Curve(n)
+        self._curves = [b.curve for b in backends]
         self.clock = monotonic  # the clock answers are timed with (the simulator's is simulated)
-        self._fitted = 0.0  # clock time of the last curve fit
+        self._fitted = 0.0  # clock time of the last curve fit (of any chunk)
+        self._fitted_at: dict[int, float] = {}  # ... of each chunk of FIT_CHUNK backends
+        self._chunk = 0  # the chunk the next fit takes
+        self._unknown: list[float] = []  # price of a backend's classes not answered yet
         # per local class: (backends by price, their prices, penalty by backend idx,
         # prior latency by backend idx)
         self._rows: list[tuple[list[Backend], list[float], list[float], list[float]]] = []
@@ -90,9 +95,22 @@ class TableStrategy(P2CEwma):
         self.refresh()
 
     def _fit(self) -> None:
+        """Refit the next FIT_CHUNK backends' load curves (all of them within a
+        few tables: the curves average over a second anyway)."""
         now = self.clock()
-        if self._fitted:
-            fit([b.curve for b in self.backends], now - self._fitted)
+        curves = self._curves
+        n = len(curves)
+        if not n:
+            return
+        k = self._chunk
+        lo = k * self.FIT_CHUNK
+        if lo >= n:
+            k, lo = 0, 0
+        last = self._fitted_at.get(k, 0.0)
+        if last:
+            fit(curves[lo:lo + self.FIT_CHUNK], now - last)
+        self._fitted_at[k] = now
+        self._chunk = k + 1
         self._fitted = now
 
     def refresh(self) -> None:
@@ -100,31 +118,45 @@ class TableStrategy(P2CEwma):
 
         Runs once per table (every `learning.interval`) on the worker's event
         loop: column lookups are cached while the table's backend list stays the
-        same (256 backends x 8 classes, curve fit included, in well under a
-        millisecond; bench/inference_bench.py measures it)."""
+        same, each row is a few comprehensions and one sort (256 backends x 8
+        classes with the curves' refit in well under a millisecond;
+        bench/inference_bench.py measures it).  The worker's own rows are
+        built only while no table may route."""
         backends = self.backends
         # a backend that has not answered yet is priced at its peak EWMA (the
         # default RTT) over its configured weight relative to the others: the
         # operator's weights steer traffic until answers replace them
         total = sum(max(b.weight, 0) for b in backends) or 1
         mean_w = total / len(backends)
-        unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma for b in backends]
-        # the worker's own rows, for when no table may route: its curves alone,
-        # unknown classes priced as above, no error penalty
-        ones = [1.0] * len(backends)
-        own = []
-        for k in range(len(self.class_names)):
-            price = [b.curve.service[k] or unknown[b.idx] for b in backends]
-            order = sorted((b for b in backends if b.available), key=lambda b: price[b.idx])
-            own.append((order, [price[b.idx] for b in order], ones, unknown))
-        self._own = own
+        self._unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
+                         for b in backends]
         table = self.table
         if table is None:
             self._rows = []
-            return
+        else:
+            self._build_rows(table)
+        if table is None or not self.usable:
+            self._build_own()
+
+    def _build_own(self) -> None:
+        """The worker's own rows, for when no table may route: its curves alone,
+        classes not answered yet priced as `_unknown`, no error penalty."""
+        backends = self.backends
+        unknown = self._unknown
+        ones = [1.0] * len(backends)
+        live = [i for i, b in enumerate(backends) if b.available]
+        own = []
+        for k in range(len(self.class_names)):
+            price = [cv.service[k] or u for cv, u in zip(self._curves, unknown)]
+            idx = sorted(live, key=price.__getitem__)
+            own.append(([backends[i] for i in idx], [price[i] for i in idx], ones, unknown))
+        self._own = own
+
+    def _build_rows(self, table) -> None:
+        backends = self.backends
         if table.backends != self._cols_for:
             col = {name: i for i, name in enumerate(table.backends)}
-            self._cols = [col.get(b.name, -1) for b in self.backends]
+            self._cols = [col.get(b.name, -1) for b in backends]
             self._cols_for = table.backends
         # the table's column of each backend (by idx), -1 if absent or unavailable
         cols = [c if b.available else -1 for b, c in zip(backends, self._cols)]
@@ -132,19 +164,20 @@ class TableStrategy(P2CEwma):
         default = by_name.get("default") or (table.weights[0] if table.weights else [])
         lat = dict(zip(table.classes, table.latency)) if table.latency else {}
         cost = dict(zip(table.classes, table.cost)) if table.cost else {}
+        unknown = self._unknown
+        curves = self._curves
         rows = []
         for k, cname in enumerate(self.class_names):
             wrow = by_name.get(cname, default)
             lrow = lat.get(cname) or lat.get("default") or []
             crow = cost.get(cname) or cost.get("default") or []
             nw, nl = len(wrow), min(len(lrow), len(crow))
-            prior = [max(lrow[c], 1e-6) if 0 <= c < nl else unknown[b.idx] for b, c in zip(backends, cols)]
+            prior = [max(lrow[c], 1e-6) if 0 <= c < nl else u for c, u in zip(cols, unknown)]
             # (1 - predicted error) ** -8: the table's cost over its latency (inference/policy.py)
             penalty = [max(crow[c] / max(lrow[c], 1e-9), 1.0) if 0 <= c < nl else 1.0 for c in cols]
-            price = [(b.curve.service[k] or prior[b.idx]) * penalty[b.idx] for b in backends]
-            order = sorted((b for b, c in zip(backends, cols) if 0 <= c < nw and wrow[c] > 0),
-                           key=lambda b: price[b.idx])
-            rows.append((order, [price[b.idx] for b in order], penalty, prior))
+            price = [(cv.service[k] or p) * q for cv, p, q in zip(curves, prior, penalty)]
+            idx = sorted((i for i, c in enumerate(cols) if 0 <= c < nw and wrow[c] > 0), key=price.__getitem__)
+            rows.append(([backends[i] for i in idx], [price[i] for i in idx], penalty, prior))
         self._rows = rows
 
     def check(self, now: float) -> tuple[bool, str]:
@@ -161,8 +194,10 @@ class TableStrategy(P2CEwma):
             usable, reason = False, "no_weights"
         else:
             usable, reason = True, ""
-        if not usable and self.clock() - self._fitted >= self.OWN_REFIT:
-            # no table to bring the refits: the worker refits its curves itself
+        if not usable and (self.usable or self.clock() - self._fitted >= self.OWN_REFIT):
+            # no table to bring the refits: the worker refits its curves and
+            # rebuilds its own rows itself
+            self.usable = False
             self._fit()
             self.refresh()
         self.usable = usable
