@@ -76,6 +76,9 @@ def test_expected_latency():
     curve.service[1] = 0.0
     assert curve.expected(1, 0, 0.1, now) == 0.1
     curve.service[1] = 0.020
+    # a free slot, but the backend has gone 50 ms without answering its one request
+    # in flight: it is priced at that silence (a slowdown shows before its answers)
+    assert curve.expected(0, 1, 0.1, now + 0.05) == pytest.approx(0.05)
     # every slot taken: wait for (n + 1 - slots) / slots of the work in flight per request
     curve.work = 0.004 + 0.020 + 0.020 + 0.004  # four in flight
     assert curve.expected(0, 4, 0.1, now) == pytest.approx(0.004 + 3 / 2 * 0.048 / 4)
@@ -116,3 +119,13 @@ def test_failures_teach_the_curve_nothing():
     assert b.curve.service == [0.005] and b.curve.seen == 2.0
     b.record(0, 0.005, False, 3.0)  # load unknown (-1): not learned
     assert b.curve.seen == 2.0
+
+
+def test_only_ml_keeps_load_curves():
+    from workers.strategies import make_strategy
+
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), 2, i) for i in range(3)]
+    make_strategy("ml", bs, decay=10.0, seed=1, class_names=("default", "heavy"))
+    assert all(isinstance(b.curve, Curve) and len(b.curve.service) == 2 for b in bs)
+    make_strategy("p2c_ewma", bs, decay=10.0, seed=1)  # a pinned strategy replaces ml
+    assert all(b.curve is None for b in bs)

@@ -48,7 +48,8 @@ LEARN = 0.05  # weight of one answer in the service-time estimate
 TAU = 1.0  # seconds: time constant of the per-level averages
 MIN_LEVEL_ANSWERS = 2.0  # (decayed) answers at a level before it counts in the fit
 MIN_FIT_ANSWERS = 5.0  # ... and in all levels before the slot count is refitted
-SLOT_GRID = np.array([1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128], dtype=np.float64)
+SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128],
+                     dtype=np.float64)
 
 
 class Curve:
@@ -106,20 +107,20 @@ class Curve:
         """Expected seconds for one more request of class `cls` while
         `inflight` are in flight: its service, plus, when every slot is taken,
         the wait for (inflight + 1 - slots) / slots of the requests ahead, at the
-        mean expected service of those in flight, and at least as long as the
-        backend has been busy without answering (requests of unknown cost
-        ahead: a backend stuck on slow work is seen before its first slow
-        answer).  `service`: the price of a class not answered yet."""
+        mean expected service of those in flight.  And never less than the
+        time the backend has been busy without answering (with slots full:
+        never less than its service plus that time): a backend that has just
+        slowed down, or is stuck on work of unknown cost, is seen before its
+        first slow answer.  `service`: the price of a class not answered yet."""
         s = self.service[cls] or service
+        if not inflight:
+            return s
+        quiet = now - self.quiet_since if self.quiet_since >= 0.0 else 0.0
         k = self.slots
-        if inflight + 1 > k and inflight > 0:
+        if inflight + 1 > k:
             wait = (inflight + 1 - k) / k * self.work / inflight
-            if self.quiet_since >= 0.0:
-                quiet = now - self.quiet_since
-                if quiet > wait:
-                    wait = quiet
-            return s + wait
-        return s
+            return s + (wait if wait > quiet else quiet)
+        return s if s > quiet else quiet
 
 
 def fit(curves: list[Curve], dt: float) -> None:

@@ -21,4 +21,6 @@ def make_strategy(name: str, backends: list[Backend], *, decay: float, seed: int
     if name == TableStrategy.name:
         return TableStrategy(backends, decay=decay, rng=rng, class_names=class_names,
                              guard_share=guard_share)
+    for b in backends:
+        b.curve = None  # only ml learns load curves (a switch away from it stops the learning)
     return STRATEGIES[name](backends, decay=decay, rng=rng)
