@@ -19,14 +19,16 @@ The `ml` policy is driven by the real inference code when it is importable
 (see `bench/sim_ml.py`): every 0.1 simulated seconds each worker's
 `WorkerStats` goes to `inference.engine.Engine`, and the table it computes
 is handed to every worker's strategy.  Without it `ml` runs as lb does with
-no inference process: on its P2C-EWMA fallback (the table says so).
+no inference process: on the workers' own load curves.
 
 Two ablations run beside the shipped policies, to say what the network adds:
 `ml-identity` is the whole `ml` pipeline (engine, weights, costs, the
 worker's pick and guard) with the model replaced by the identity (predicted
 latency = the cell's observed mean, `lat_ewma_log`; predicted error = its
-observed error rate, `err_rate`); `least-latency` is a full scan for the
-least peak-EWMA x (in-flight + 1), no sampling.  Neither is an lb strategy.
+observed error rate, `err_rate`); `ml-curves` is the `ml` strategy with no
+inference process at all (each worker's load curves alone, as lb routes when
+no table may); `least-latency` is a full scan for the least peak-EWMA x
+(in-flight + 1), no sampling.  None is an lb strategy.
 
 A scenario with `instances` > 1 (twolb), or `--instances N`, puts N lb
 instances in front of the same backends: each has its own workers and its own
@@ -68,8 +70,9 @@ from lb.config import Backend as BackendConfig, Learning  # noqa: E402
 from workers import balancer, strategies  # noqa: E402
 
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",
-            "ml-identity", "least-latency")
+            "ml-identity", "ml-curves", "least-latency")
 ML_POLICIES = ("ml", "ml-identity")  # routed by the engine's tables (TableStrategy)
+ABLATIONS = ("ml-identity", "ml-curves", "least-latency")  # not lb strategies
 ERROR_SLACK = 0.001  # overview: error rates within 0.1 point count as equal
 
 HOP = 0.0001  # seconds, one way between two processes on the same host
@@ -170,7 +173,7 @@ class Worker:
         if policy == LeastLatency.name:
             self.strategy = LeastLatency(self.backends, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
         else:
-            self.strategy = strategies.make_strategy("ml" if policy in ML_POLICIES else policy,
+            self.strategy = strategies.make_strategy("ml" if policy in ML_POLICIES + ("ml-curves",) else policy,
                                                      self.backends, **kw)
         self.guard = getattr(self.strategy, "guard", None)
         self.requests = 0
@@ -489,8 +492,8 @@ def overview(results: dict, policies: list[str], markdown: bool = False) -> str:
     for each table-routed policy its p99 over the best p99 of the others that
     fail no more requests than it does (ERROR_SLACK aside; the ablations are
     not among "others": they are not lb strategies)."""
-    shipped = [p for p in policies if p not in ("ml-identity", "least-latency")]
-    ratios = [p for p in policies if p in ML_POLICIES]
+    shipped = [p for p in policies if p not in ABLATIONS]
+    ratios = [p for p in policies if p in ML_POLICIES + ("ml-curves",)]
     head = ["scenario"] + list(policies) + [f"{p} / best" for p in ratios]
     body = []
     for name, res in results.items():
@@ -502,9 +505,9 @@ def overview(results: dict, policies: list[str], markdown: bool = False) -> str:
             cells.append(f"{r['p99_s'] * 1e3:.1f} / {r['p999_s'] * 1e3:.0f}{err}")
         for p in ratios:
             # a policy that fails more requests is no bar for p99: fast errors are fast
-            others = [by[o]["p99_s"] for o in shipped if o not in ML_POLICIES
+            others = [by[o]["p99_s"] for o in shipped if o != "ml"
                       and by[o]["error_rate"] <= by[p]["error_rate"] + ERROR_SLACK]
-            if not [o for o in shipped if o not in ML_POLICIES]:
+            if not [o for o in shipped if o != "ml"]:
                 cells.append("-")
             elif not others:
                 cells.append("fewest errors")

@@ -15,7 +15,7 @@ DIR` the joined records are written in the inference process's format
 (`inference.traces`), ready for `lb train`.
 
 When the inference code is not importable, `attach` returns no bridge and
-`ml` runs as a worker does without tables: on its P2C-EWMA fallback.
+`ml` runs as a worker does without tables: on its own load curves.
 
 `IdentityModel` stands in for the ONNX model in the `ml-identity` ablation:
 it has `inference.model.Model`'s interface (`predict`, `version`,

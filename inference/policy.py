@@ -1,27 +1,24 @@
-"""From predictions to weights and costs, and the model's online prediction error.
+"""From predictions to prices and weights, and the model's online prediction error.
 
 Per class, over live backends:
 
-    score  = (1 - error) ** ERROR_POWER / latency ** LATENCY_POWER
-    weight = (1 - exploration) * score / sum(score) + exploration / n_live
-    cost   = score ** (-1 / LATENCY_POWER)     (seconds: the same preference)
+    priced error = w * observed error rate + (1 - w) * predicted error,
+                   w = answers / (answers + PRIOR_ANSWERS)          (`shrink`)
+    cost   = latency / (1 - priced error) ** (ERROR_POWER / LATENCY_POWER)
+    weight = (1 - exploration) * score / sum(score) + exploration / n_live,
+             score = (1 - priced error) ** ERROR_POWER / latency ** LATENCY_POWER
 
+* Workers (`workers.learned.TableStrategy`) route by their own load curves
+  and take from the table the error penalty, cost / latency, and the
+  predicted latency of classes they have not seen answered.  The weights
+  are published for the dashboard and `/api/route`.
 * Errors weigh heavily: a fast 503 looks "fast", so its latency must not make
-  it attractive.  With ERROR_POWER = 16 a backend predicted to fail 60% keeps
-  4e-7 of its score and its cost is ~1,500x its latency; 1% predicted errors
-  cost 15% of the score.  (With 8, a backend failing 90% but predicted at 60%
-  cost 0.6 ms / 0.4^4 = 23 ms for heavy requests, as cheap as a healthy one.)
-* Latency is soft in the weights (LATENCY_POWER = 2): a backend predicted
-  twice as slow gets a quarter of the share, not nothing.  The predictions
-  include the backend's current load (in-flight, rate are features), so a
-  favourite that starts to queue is predicted slower on the next tick.
-* `exploration` goes in the table too: workers take that share of their picks
-  as one uniform draw over the class's backends (nothing starves; every
-  backend keeps producing fresh data for the features and for training).
-
-Workers (`workers.learned.TableStrategy`) otherwise take two weighted draws
-and keep the lower cost scaled by their own live state relative to the state
-the table was made from (in-flight, peak EWMA, consecutive failures).
+  it attractive: a backend priced at 60% errors costs ~1,500x its latency,
+  1% costs 8% more.  The prediction is shrunk towards what the cell did, so
+  a backend answering everything at hundreds of requests per second is priced
+  by that, whatever the model says.
+* `exploration` goes in the table too: the share of picks workers may send to
+  a backend they have not heard from lately.
 """
 
 from __future__ import annotations

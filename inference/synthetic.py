@@ -63,9 +63,11 @@ class SyntheticWorker:
     def _pick(self, cls: int) -> int:
         t = self.table
         if t is not None and t.mode == "learned" and t.weights:
-            # the workers' pick (workers.learned.TableStrategy, without its smoothing of
-            # the reference in-flight and peak EWMA): a uniform draw with probability
-            # `exploration`, else two weighted draws and the lower cost x (in-flight + 1)
+            # a simple stand-in for the workers' pick (which is workers.learned.
+            # TableStrategy's least expected cost by load curve): a uniform draw with
+            # probability `exploration`, else two draws by the table's weights and
+            # the lower cost x (in-flight + 1).  It only has to give the engine
+            # traffic shaped by its tables; routing quality is measured elsewhere.
             row = t.weights[cls]
             live = [i for i, w in enumerate(row) if w > 0]
             if t.cost and self.rng.random() < t.exploration:

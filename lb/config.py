@@ -315,7 +315,7 @@ class Learning(Base):
     model: str = ""  # path to an .onnx model; "" = the model shipped with lb
     interval: float = 0.1  # seconds between two scoring ticks (tables)
     stats_interval: float = 0.1  # seconds between two worker stats reports
-    exploration: float = 0.02  # share of each class's traffic spread over all live backends
+    exploration: float = 0.02  # share of ml's picks that may go to a backend not heard from lately
     max_prediction_error: float = 0.8  # online mean |ln(observed/predicted)| above this -> fallback
     traces: str = ""  # directory for sampled request traces; "" = no capture
     trace_sample: float = 0.02  # share of requests sampled (sent with the stats, no per-request IPC)

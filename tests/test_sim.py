@@ -95,6 +95,17 @@ def test_ml_avoids_the_fast_failing_backend_without_starving_it():
     assert 0.01 < s.share["b4"] < 0.04
 
 
+def test_ml_without_an_inference_process_routes_by_its_load_curves():
+    """The `ml-curves` ablation: no engine, no table; every worker routes by its own
+    curves (lb's fallback when no table may route), not by P2C-EWMA."""
+    ml = run("heterogeneous", "ml-curves", duration=10)
+    assert ml.bridge is None
+    assert all(w.strategy.reason == "no_table" and not w.strategy.usable for w in ml.workers)
+    s, p2c = ml.summary(), run("heterogeneous", "p2c_ewma", duration=10).summary()
+    # about P2C-EWMA's shares overall, but each class where it is served fastest
+    assert s.p99 < 0.6 * p2c.p99
+
+
 def test_ml_traces_are_readable_by_the_training_code(tmp_path):
     s = run("heterogeneous", "ml", duration=4, traces=str(tmp_path))
     assert s.bridge is not None, s.note

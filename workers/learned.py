@@ -14,7 +14,7 @@ from workers.balancer import Backend, P2CEwma
 from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
 
-NO_ARM = -1  # a pick the guard does not judge (a retry, no usable table)
+NO_ARM = -1  # a pick the guard does not judge (a retry)
 
 
 class TableStrategy(P2CEwma):
@@ -31,8 +31,10 @@ class TableStrategy(P2CEwma):
 
           expected latency (workers/loadcurve.py) x penalty[c] x (failures + 1)
 
-      where `penalty` = (1 - predicted error) ** -8 (the table's cost over its
-      latency) and `failures` counts this worker's consecutive failures there.
+      where `penalty` = (1 - priced error) ** -8 (the table's cost over its
+      latency; the error is the model's prediction shrunk towards what the
+      backend did, inference/policy.py) and `failures` counts this worker's
+      consecutive failures there.
       A class a backend has not answered yet is priced at the table's
       predicted latency.  Backends are scanned in the order of their price when
       the table came (service x penalty, a lower bound of the cost) and the
@@ -43,14 +45,17 @@ class TableStrategy(P2CEwma):
       instead (its curve may be out of date: a slow backend that recovered
       gets found).  Nothing is spent on backends the worker knows.
 
-    It falls back to P2C-EWMA (`learned` False, `reason` says why) when it has
-    no table, when the table is older than twice its publish interval (the
-    inference process is late or down), when the table itself says the
-    model is not to be trusted (`mode == "fallback"`), or when the guard
-    (workers/guard.py) finds the table's picks worse than P2C-EWMA's: a
-    `guard_share` of the picks always goes by the other arm (P2C-EWMA while
-    the table routes, the table while the guard holds it off), and `arm`
-    says which arm made the last pick, for the outcome to be credited to it.
+    Without a usable table (`learned` False, `reason` says why: none yet,
+    older than twice its publish interval because the inference process is
+    late or down, or a table that says the model is not to be trusted) it
+    routes by its curves alone: no error penalty, classes not answered yet
+    priced at the backend's peak EWMA over its relative configured weight.
+    It routes by P2C-EWMA only while the guard (workers/guard.py) finds the
+    curves' picks worse than P2C-EWMA's (reason `guard`): a `guard_share` of
+    the picks always goes by the other arm (P2C-EWMA while the curves route,
+    the curves while the guard holds them off), and `arm` says which arm
+    made the last pick, for the outcome to be credited to it.  Retries take
+    the least expected cost among the backends not tried yet.
     """
 
     name = "ml"
@@ -62,7 +67,7 @@ class TableStrategy(P2CEwma):
         super().__init__(backends, **kw)
         self.class_names = list(class_names)
         self.table = None
-        self.learned = False  # the table routes (the guard's minority share aside)
+        self.learned = False  # the curves route, priced by the table (the guard's minority share aside)
         self.usable = False  # the table may price the picks (fresh, trusted)
         self.tripped = False  # the guard holds the curves off: P2C-EWMA routes
         self.reason = "no_table"
@@ -173,7 +178,7 @@ class TableStrategy(P2CEwma):
             crow = cost.get(cname) or cost.get("default") or []
             nw, nl = len(wrow), min(len(lrow), len(crow))
             prior = [max(lrow[c], 1e-6) if 0 <= c < nl else u for c, u in zip(cols, unknown)]
-            # (1 - predicted error) ** -8: the table's cost over its latency (inference/policy.py)
+            # (1 - priced error) ** -8: the table's cost over its latency (inference/policy.py)
             penalty = [max(crow[c] / max(lrow[c], 1e-9), 1.0) if 0 <= c < nl else 1.0 for c in cols]
             price = [(cv.service[k] or p) * q for cv, p, q in zip(curves, prior, penalty)]
             idx = sorted((i for i, c in enumerate(cols) if 0 <= c < nw and wrow[c] > 0), key=price.__getitem__)

@@ -9,19 +9,23 @@ next request of class c, sent while n others are in flight, is expected to take
 
 (the shortest-expected-delay rule of queueing theory, for a k-server queue;
 the requests ahead are priced by their own classes, `work`, since a light
-request queued behind a heavy one waits for the heavy one).
+request queued behind a heavy one waits for the heavy one), and never less
+than the time the backend has been busy without answering (`quiet_since`: a
+backend that has just slowed down shows it before its first slow answer).
 Both terms are learned from the worker's own answers, with no probes:
 
-* `service[c]`: every successful answer of class c to a request sent while
-  fewer than `slots` were in flight moves the estimate by LEARN (an
-  exponential average over the last few answers);
+* `service[c]`: every successful answer of class c to a request sent to a
+  free slot (in flight + 1 <= `slots`) moves the estimate by LEARN (an
+  exponential average over the last twenty or so answers); the first answer
+  of a class is taken whole;
 * `slots`: the answers' latency relative to `service` is averaged by the
   in-flight count each request was sent at (LEVELS levels, one per count up
   to 7 and wider above, decayed with a time constant of TAU seconds); `fit`
   picks, from SLOT_GRID, the slot count whose curve max(1, (n + 1) / slots)
-  at each level's mean count is closest to those averages in log terms.  A backend never seen queueing keeps a low estimate until its answers
-  show it serves more at once (the prior is one slot: no herd on a backend
-  whose capacity is unknown).
+  at each level's mean count is closest to those averages in log terms.  A
+  backend never seen queueing keeps a low estimate until its answers show it
+  serves more at once (the prior is one slot: no herd on a backend whose
+  capacity is unknown).
 
 The unit of `slots` is this worker's in-flight requests: with several
 workers (or several lb instances) sharing a backend, each learns the share of
@@ -48,8 +52,8 @@ LEARN = 0.05  # weight of one answer in the service-time estimate
 TAU = 1.0  # seconds: time constant of the per-level averages
 MIN_LEVEL_ANSWERS = 2.0  # (decayed) answers at a level before it counts in the fit
 MIN_FIT_ANSWERS = 5.0  # ... and in all levels before the slot count is refitted
-SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128],
-                     dtype=np.float64)
+SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64,
+                      80, 96, 112, 128], dtype=np.float64)
 
 
 class Curve:
