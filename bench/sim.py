@@ -170,6 +170,8 @@ class Worker:
             kw["class_names"] = scn.CLASSES
         if "guard_share" in inspect.signature(strategies.make_strategy).parameters:
             kw["guard_share"] = Learning().guard_share  # lb's default
+        if "exploration" in inspect.signature(strategies.make_strategy).parameters:
+            kw["exploration"] = Learning().exploration  # lb's default (a table may say otherwise)
         if policy == LeastLatency.name:
             self.strategy = LeastLatency(self.backends, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
         else:
@@ -253,7 +255,7 @@ class Simulation:
         arrivals = self.arrivals
         n_workers = len(self.workers)
         rnd = self.spread.random
-        if self.bridge is not None:
+        if self.bridge is not None or self.policy == "ml-curves":
             self._push(STATS_INTERVAL, _TICK, None)
         i = 0
         inf = float("inf")
@@ -265,6 +267,11 @@ class Simulation:
                 if kind == _TICK:
                     for bridge in self.bridges:
                         bridge.tick(t)
+                    if not self.bridges:
+                        # no inference process: a worker still checks its mode (and
+                        # refits its load curves) every stats tick
+                        for w in self.workers:
+                            w.strategy.check(t)
                     if t + STATS_INTERVAL < self.duration:
                         self._push(t + STATS_INTERVAL, _TICK, None)
                 else:

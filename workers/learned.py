@@ -40,10 +40,11 @@ class TableStrategy(P2CEwma):
       the table came (service x penalty, a lower bound of the cost) and the
       scan stops at the first whose lower bound exceeds the best cost so far:
       a backend with a free slot among the cheapest ends the scan at once;
-    * with probability `table.exploration`, first looks for a backend this
-      worker has not heard from for STALE seconds and sends the request there
-      instead (its curve may be out of date: a slow backend that recovered
-      gets found).  Nothing is spent on backends the worker knows.
+    * with probability `exploration` (`learning.exploration`, or the table's),
+      first looks for a backend this worker has not heard from for STALE
+      seconds and sends the request there instead (its curve may be out of
+      date: a slow backend that recovered gets found).  Nothing is spent on
+      backends the worker knows.
 
     Without a usable table (`learned` False, `reason` says why: none yet,
     older than twice its publish interval because the inference process is
@@ -63,7 +64,8 @@ class TableStrategy(P2CEwma):
     OWN_REFIT = 0.1  # seconds between refits of the curves when no table brings them
     FIT_CHUNK = 32  # backends whose curves are refitted per table
 
-    def __init__(self, backends, *, class_names=("default",), guard_share: float = 0.0, **kw) -> None:
+    def __init__(self, backends, *, class_names=("default",), guard_share: float = 0.0,
+                 exploration: float = 0.0, **kw) -> None:
         super().__init__(backends, **kw)
         self.class_names = list(class_names)
         self.table = None
@@ -74,7 +76,9 @@ class TableStrategy(P2CEwma):
         self.guard = Guard(guard_share) if guard_share > 0 else None
         self.arm = NO_ARM  # which arm made the last pick (guard.LEARNED / CONTROL / NO_ARM)
         self.stale_after = 0.0
-        self.explore = 0.0
+        # share of picks that look for a backend not heard from lately: the
+        # configured `learning.exploration` until a learned table says otherwise
+        self.explore = exploration
         n = len(self.class_names)
         for b in backends:
             b.curve = Curve(n)
@@ -95,7 +99,8 @@ class TableStrategy(P2CEwma):
     def set_table(self, table) -> None:
         self.table = table
         self.stale_after = table.ts + 2 * table.interval
-        self.explore = table.exploration if table.cost else 0.0
+        if table.cost:
+            self.explore = table.exploration
         self._fit()
         self.refresh()
 

@@ -221,6 +221,7 @@ class Telemetry:
             name, w.backends, decay=cfg.balancer.ewma_decay,
             seed=(cfg.balancer.seed + w.slot) if cfg.balancer.seed else 0,
             class_names=cfg.class_names, guard_share=cfg.learning.guard_share,
+            exploration=cfg.learning.exploration,
         )
         if isinstance(strategy, TableStrategy) and self.tables.state is not None:
             strategy.set_table(self.tables.state)

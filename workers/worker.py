@@ -127,6 +127,7 @@ class Worker:
             cfg.strategy, self.backends, decay=cfg.balancer.ewma_decay,
             seed=(cfg.balancer.seed + slot) if cfg.balancer.seed else 0,
             class_names=cfg.class_names, guard_share=cfg.learning.guard_share,
+            exploration=cfg.learning.exploration,
         )
         self.rng = random.Random(cfg.balancer.seed + slot if cfg.balancer.seed else None).random
         self.health = HealthState(self)
