@@ -137,7 +137,7 @@ class TableStrategy(P2CEwma):
         # default RTT) over its configured weight relative to the others: the
         # operator's weights steer traffic until answers replace them
         total = sum(max(b.weight, 0) for b in backends) or 1
-        mean_w = total / len(backends)
+        mean_w = total / max(len(backends), 1)
         self._unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
                          for b in backends]
         table = self.table
