@@ -154,6 +154,37 @@ def test_weights_floor_soft_and_errors_weigh_heavily():
     assert 3.0 < (share[0] - floor) / (share[1] - floor) < 5.0  # soft: 2x slower -> ~1/4 of the share
 
 
+def test_errors_are_priced_by_the_prediction_shrunk_towards_the_record():
+    predicted = np.array([[0.3, 0.3, 0.3]])
+    observed = np.array([[0.0, 0.0, 0.9]])
+    answers = np.array([[2000.0, 0.0, 2000.0]])
+    priced = policy.shrink(predicted, observed, answers)[0]
+    # many answers: the record (a backend that answers everything, one that fails
+    # 90%); none: the prediction; a prediction weighs as PRIOR_ANSWERS answers
+    assert priced[0] < 0.003 and priced[1] == pytest.approx(0.3) and priced[2] > 0.89
+    half = policy.shrink(predicted, observed, np.full((1, 3), policy.PRIOR_ANSWERS))[0]
+    assert half[0] == pytest.approx(0.15)
+
+
+def test_a_model_predicting_errors_for_healthy_busy_backends_does_not_price_them_up(tmp_path):
+    """The table's cost over latency is the error penalty the workers price by: with
+    the record of hundreds of successful answers, a constant 30% prediction
+    leaves a busy backend's cost within 30% of its latency.  (Its latency
+    is wrong too: the confidence check is off, so the table stays learned.)"""
+    cfg = synthetic.config(max_prediction_error=1000.0)
+    e = Engine(cfg, Model.load(constant_model(tmp_path / "m.onnx", 0.005, 0.3)), now=0.0)
+    w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names, rate=2000, seed=3)
+    table = synthetic.run(e, w, 3.0)
+    assert table.mode == "learned"
+    ratio = np.array(table.cost) / np.array(table.latency)
+    busy = [table.backends.index(n) for n in ("fast", "medium")]
+    # the default class, most of the traffic: priced by the record, not by the
+    # prediction's (1 - 0.3) ** -8 = 17
+    assert (ratio[0, busy] < 1.3).all() and (ratio[0, busy] >= 1.0).all(), ratio
+    failing = table.backends.index("failing")  # its record says it fails: it stays dear
+    assert (ratio[:, failing] > 5).all(), ratio
+
+
 def test_drained_and_down_backends_get_zero(tmp_path):
     cfg = synthetic.config()
     e = Engine(cfg, Model.load(DEFAULT_MODEL), now=0.0)
