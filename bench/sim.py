@@ -72,6 +72,7 @@ from workers import balancer, strategies  # noqa: E402
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",
             "ml-identity", "ml-curves", "least-latency")
 ML_POLICIES = ("ml", "ml-identity")  # routed by the engine's tables (TableStrategy)
+CURVE_POLICIES = ML_POLICIES + ("ml-curves",)  # lb's ml strategy, with or without tables
 ABLATIONS = ("ml-identity", "ml-curves", "least-latency")  # not lb strategies
 ERROR_SLACK = 0.001  # overview: error rates within 0.1 point count as equal
 
@@ -175,7 +176,7 @@ class Worker:
         if policy == LeastLatency.name:
             self.strategy = LeastLatency(self.backends, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
         else:
-            self.strategy = strategies.make_strategy("ml" if policy in ML_POLICIES + ("ml-curves",) else policy,
+            self.strategy = strategies.make_strategy("ml" if policy in CURVE_POLICIES else policy,
                                                      self.backends, **kw)
         self.guard = getattr(self.strategy, "guard", None)
         self.requests = 0
@@ -500,7 +501,7 @@ def overview(results: dict, policies: list[str], markdown: bool = False) -> str:
     fail no more requests than it does (ERROR_SLACK aside; the ablations are
     not among "others": they are not lb strategies)."""
     shipped = [p for p in policies if p not in ABLATIONS]
-    ratios = [p for p in policies if p in ML_POLICIES + ("ml-curves",)]
+    ratios = [p for p in policies if p in CURVE_POLICIES]
     head = ["scenario"] + list(policies) + [f"{p} / best" for p in ratios]
     body = []
     for name, res in results.items():

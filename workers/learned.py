@@ -17,6 +17,13 @@ from workers.loadcurve import Curve, fit
 NO_ARM = -1  # a pick the guard does not judge (a retry)
 
 
+def _row(backends, cands, price, penalty, prior):
+    """One class's row: the candidates (indexes) in price order, their prices,
+    and the penalty and prior of every backend (by idx)."""
+    idx = sorted(cands, key=price.__getitem__)
+    return [backends[i] for i in idx], [price[i] for i in idx], penalty, prior
+
+
 class TableStrategy(P2CEwma):
     """Routes by expected latency (the `ml` strategy): the worker's load curves
     priced by the inference process's tables, checked by a guard.
@@ -158,8 +165,7 @@ class TableStrategy(P2CEwma):
         own = []
         for k in range(len(self.class_names)):
             price = [cv.service[k] or u for cv, u in zip(self._curves, unknown)]
-            idx = sorted(live, key=price.__getitem__)
-            own.append(([backends[i] for i in idx], [price[i] for i in idx], ones, unknown))
+            own.append(_row(backends, live, price, ones, unknown))
         self._own = own
 
     def _build_rows(self, table) -> None:
@@ -186,8 +192,8 @@ class TableStrategy(P2CEwma):
             # (1 - priced error) ** -8: the table's cost over its latency (inference/policy.py)
             penalty = [max(crow[c] / max(lrow[c], 1e-9), 1.0) if 0 <= c < nl else 1.0 for c in cols]
             price = [(cv.service[k] or p) * q for cv, p, q in zip(curves, prior, penalty)]
-            idx = sorted((i for i, c in enumerate(cols) if 0 <= c < nw and wrow[c] > 0), key=price.__getitem__)
-            rows.append(([backends[i] for i in idx], [price[i] for i in idx], penalty, prior))
+            cands = [i for i, c in enumerate(cols) if 0 <= c < nw and wrow[c] > 0]
+            rows.append(_row(backends, cands, price, penalty, prior))
         self._rows = rows
 
     def check(self, now: float) -> tuple[bool, str]:
