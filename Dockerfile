@@ -4,6 +4,12 @@
 #       -v $PWD/lb.toml:/etc/lb/lb.toml:ro lb run -c /etc/lb/lb.toml -w 4
 # A config used in a container must listen on 0.0.0.0 (as configs/docker.toml,
 # the default, does); the admin port serves /api/health for the HEALTHCHECK.
+# HTTPS: a config with [tls] (configs/tls.toml), its certificates mounted
+# read-only, and the TLS port published too; renew with `docker kill -s HUP`:
+#   docker run --rm -p 80:80 -p 443:443 -v $PWD/tls.toml:/etc/lb/lb.toml:ro \
+#       -v /etc/lb/tls:/etc/lb/tls:ro lb
+# (listening on ports below 1024 as the unprivileged user needs
+#  --sysctl net.ipv4.ip_unprivileged_port_start=0, or use 8080/8443).
 
 # Build stage: the wheel, with the C fast path (workers/_fastpath.c) compiled.
 FROM python:3.11-slim AS build

@@ -14,6 +14,13 @@ the CPU time the proxy's worker process spent per request (utime + stime from
 Usage:
     python bench/proxy_bench.py [--rounds 5] [--duration 5] [--connections 50]
                                 [--python /path/to/python] [--json out.json]
+                                [--tls ecdsa|rsa [--handshakes]]
+
+--tls: every proxy terminates HTTPS with the same certificate (ECDSA P-256 or
+RSA 2048, made for the run; bench/tlsconf.py), wrk speaks HTTPS over
+keep-alive connections.  --handshakes: one request per connection
+(Connection: close) with session resumption off everywhere, so req/s is full
+handshakes per second and CPU per request is CPU per handshake.
 
 Configs are rendered from bench/templates/ (@NAME@ placeholders) into a
 temporary directory.  Needs nginx, haproxy, wrk and taskset on PATH (or in
@@ -40,6 +47,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from tlsconf import make_certificate  # bench/tlsconf.py
 from servers import (  # bench/servers.py: this script's directory is on sys.path
     CLK_TCK,
     PROXIES,
@@ -100,9 +108,15 @@ def parse_wrk(out: str) -> dict:
     }
 
 
+WRK_MODE = {"scheme": "http", "close": False}  # set once by bench() from --tls / --handshakes
+
+
 def run_wrk(port: int, duration: int, connections: int, threads: int, cpu: int) -> tuple[dict, str]:
     argv = ["taskset", "-c", str(cpu), which("wrk"), "-t", str(threads), "-c", str(connections),
-            "-d", f"{duration}s", "--timeout", "5s", "--latency", f"http://127.0.0.1:{port}/"]
+            "-d", f"{duration}s", "--timeout", "5s", "--latency"]
+    if WRK_MODE["close"]:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"{WRK_MODE['scheme']}://127.0.0.1:{port}/")
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired:
@@ -312,7 +326,13 @@ def parse_args(argv=None):
     ap.add_argument("--json", metavar="PATH", help="write raw results and summary as JSON")
     ap.add_argument("--keep-temp", action="store_true",
                     help="keep the temporary directory (configs, logs) for inspection")
+    ap.add_argument("--tls", choices=("none", "ecdsa", "rsa"), default="none",
+                    help="HTTPS with an ECDSA P-256 or RSA 2048 certificate (default: plain HTTP)")
+    ap.add_argument("--handshakes", action="store_true",
+                    help="with --tls: a new connection and a full handshake per request")
     args = ap.parse_args(argv)
+    if args.handshakes and args.tls == "none":
+        ap.error("--handshakes needs --tls ecdsa or --tls rsa")
     args.proxies = [p.strip() for p in args.proxies.split(",") if p.strip()]
     bad = [p for p in args.proxies if p not in PROXIES]
     if bad or not args.proxies:
@@ -339,6 +359,10 @@ def bench(args) -> int:
         print(f"lb python: {meta['lb_python_executable']} (--python {meta['lb_python']})")
         print(f"           {meta['lb_python_version']}")
         print(f"           lb from {meta['lb_package']}")
+    if args.tls != "none":
+        what = "full handshakes (one request per connection, no resumption)" if args.handshakes \
+            else "keep-alive requests"
+        print(f"https: {args.tls} certificate, {what}")
     print(f"plan: {args.rounds} rounds x {len(args.proxies)} proxies, {args.duration}s runs "
           f"(+{args.warmup}s warm-up), wrk -t{args.threads} -c{args.connections}; "
           f"proxy on CPU {args.proxy_cpu}, wrk + backends on CPU {args.load_cpu}")
@@ -349,24 +373,29 @@ def bench(args) -> int:
     procs: list[Proc] = []
     runs: list[Run] = []
     try:
-        bport1, bport2, nport, hport, lport, aport = free_ports(6)
+        bport1, bport2, nport, hport, lport, aport, plain = free_ports(7)
         backends = Backends(tmp, [bport1, bport2], args.load_cpu)
         procs.append(backends.proc)
         infos: dict[str, ProxyInfo] = {}
         py = args.python or sys.executable
+        tls = None
+        if args.tls != "none":
+            tls = make_certificate(tmp, args.tls, resume=not args.handshakes)
+            WRK_MODE["scheme"] = "https"
+        WRK_MODE["close"] = args.handshakes
         for name in args.proxies:
             if name == "nginx":
-                infos[name] = start_nginx(tmp, nport, backends.ports, args.proxy_cpu)
+                infos[name] = start_nginx(tmp, nport, backends.ports, args.proxy_cpu, tls)
             elif name == "haproxy":
-                infos[name] = start_haproxy(tmp, hport, backends.ports, args.proxy_cpu)
+                infos[name] = start_haproxy(tmp, hport, backends.ports, args.proxy_cpu, tls)
             else:
-                infos[name] = start_lb(tmp, lport, aport, backends.ports, args.proxy_cpu, py)
+                infos[name] = start_lb(tmp, lport, aport, backends.ports, args.proxy_cpu, py, tls, plain)
             procs.append(infos[name].proc)
         backends.wait_ready()
         for name, info in infos.items():
             if name == "lb":
                 wait_log_line(info.proc, '"event":"worker_ready"', 60, "lb")
-            wait_http(info.proc, info.port, 30, name)
+            wait_http(info.proc, info.port, 30, name, tls=info.tls)
             resolve_workers(info, args.proxy_cpu)
             note = sanity_check(info, backends.bodies)
             print(f"{name:<8} 127.0.0.1:{info.port}  worker pid {info.measured_pid} "

@@ -277,6 +277,10 @@ def get(name: str) -> Scenario:
         import fleets  # bench/fleets.py (imports this module)
 
         return fleets.generate(int(name[5:]))
+    if name.startswith("steady") and name[6:].isdigit():
+        import capacity_bench  # bench/capacity_bench.py: fleets of known capacity
+
+        return capacity_bench.steady_fleet(int(name[6:]))
     raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIOS)}, "
                      f"or fleet<seed> for a generated training fleet)")
 

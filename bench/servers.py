@@ -132,8 +132,14 @@ def pin(pid: int, cpu: int) -> None:
         raise BenchError(f"pid {pid} affinity is {sorted(got)} after pinning to {cpu}")
 
 
-def http_get(port: int, timeout: float = 2.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(port: int, timeout: float = 2.0, tls: bool = False) -> tuple[int, bytes]:
+    if tls:
+        import ssl
+
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", "/", headers={"Connection": "close"})
         resp = conn.getresponse()
@@ -221,7 +227,7 @@ class Proc:
         self._log.close()
 
 
-def wait_http(proc: Proc, port: int, timeout: float, what: str) -> None:
+def wait_http(proc: Proc, port: int, timeout: float, what: str, tls: bool = False) -> None:
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while time.monotonic() < deadline:
@@ -231,7 +237,7 @@ def wait_http(proc: Proc, port: int, timeout: float, what: str) -> None:
                 f"log {proc.log_path}:\n{proc.log_tail()}"
             )
         try:
-            status, _ = http_get(port, timeout=1.0)
+            status, _ = http_get(port, timeout=1.0, tls=tls)
             if status == 200:
                 return
             last = f"HTTP {status}"
@@ -326,9 +332,10 @@ class ProxyInfo:
     proc: Proc
     measured_pid: int = 0
     other_pids: list[int] = field(default_factory=list)
+    tls: bool = False  # `port` speaks HTTPS
 
 
-def start_nginx(tmp: str, port: int, backend_ports: list[int], cpu: int) -> ProxyInfo:
+def start_nginx(tmp: str, port: int, backend_ports: list[int], cpu: int, tls=None) -> ProxyInfo:
     prefix = os.path.join(tmp, "nginx")
     os.makedirs(os.path.join(prefix, "tmp"), mode=0o755)
     upstream = "\n".join(f"        server 127.0.0.1:{p};" for p in backend_ports)
@@ -341,14 +348,16 @@ def start_nginx(tmp: str, port: int, backend_ports: list[int], cpu: int) -> Prox
                 TEMP_PATHS=nginx_temp_paths(prefix),
                 UPSTREAM_SERVERS=upstream,
                 PORT=port,
+                SSL=" ssl" if tls else "",
+                TLS_SETTINGS=tls.nginx_server() if tls else "",
             )
         )
     argv = ["taskset", "-c", str(cpu), which("nginx"), "-p", prefix + "/", "-c", conf,
             "-e", os.path.join(prefix, "error.log")]
-    return ProxyInfo("nginx", port, Proc("nginx", argv, os.path.join(prefix, "stdout.log")))
+    return ProxyInfo("nginx", port, Proc("nginx", argv, os.path.join(prefix, "stdout.log")), tls=bool(tls))
 
 
-def start_haproxy(tmp: str, port: int, backend_ports: list[int], cpu: int) -> ProxyInfo:
+def start_haproxy(tmp: str, port: int, backend_ports: list[int], cpu: int, tls=None) -> ProxyInfo:
     prefix = os.path.join(tmp, "haproxy")
     os.makedirs(prefix)
     servers = "\n".join(
@@ -356,17 +365,20 @@ def start_haproxy(tmp: str, port: int, backend_ports: list[int], cpu: int) -> Pr
     )
     conf = os.path.join(prefix, "haproxy.cfg")
     with open(conf, "w") as f:
-        f.write(render("haproxy.cfg", PORT=port, SERVERS=servers))
+        f.write(render("haproxy.cfg", PORT=port, SERVERS=servers, BIND_TLS=tls.haproxy_bind() if tls else "",
+                       GLOBAL_TLS=tls.haproxy_global() if tls else ""))
     check = subprocess.run([which("haproxy"), "-c", "-f", conf], capture_output=True, text=True,
                            timeout=20)
     if check.returncode != 0:
         raise BenchError(f"haproxy -c rejected {conf}:\n{check.stdout}{check.stderr}")
     argv = ["taskset", "-c", str(cpu), which("haproxy"), "-db", "-f", conf]
-    return ProxyInfo("haproxy", port, Proc("haproxy", argv, os.path.join(prefix, "haproxy.log")))
+    return ProxyInfo("haproxy", port, Proc("haproxy", argv, os.path.join(prefix, "haproxy.log")),
+                     tls=bool(tls))
 
 
 def start_lb(tmp: str, port: int, admin_port: int, backend_ports: list[int], cpu: int,
-             python: str) -> ProxyInfo:
+             python: str, tls=None, plain_port: int = 0) -> ProxyInfo:
+    """lb on `port`; with `tls`, its HTTPS listener is `port` and the plain one `plain_port`."""
     prefix = os.path.join(tmp, "lb")
     os.makedirs(prefix)
     backends = "\n".join(
@@ -374,9 +386,11 @@ def start_lb(tmp: str, port: int, admin_port: int, backend_ports: list[int], cpu
     )
     conf = os.path.join(prefix, "lb.toml")
     with open(conf, "w") as f:
-        f.write(render("lb.toml", PORT=port, ADMIN_PORT=admin_port, BACKENDS=backends))
+        f.write(render("lb.toml", PORT=plain_port if tls else port, ADMIN_PORT=admin_port,
+                       BACKENDS=backends, TLS=tls.lb_section(port) if tls else ""))
     argv = ["taskset", "-c", str(cpu), python, "-m", "lb", "run", "-c", conf, "-w", "1"]
-    return ProxyInfo("lb", port, Proc("lb", argv, os.path.join(prefix, "lb.log"), cwd=REPO_ROOT))
+    return ProxyInfo("lb", port, Proc("lb", argv, os.path.join(prefix, "lb.log"), cwd=REPO_ROOT),
+                     tls=bool(tls))
 
 
 def resolve_workers(info: ProxyInfo, cpu: int) -> None:
@@ -420,7 +434,7 @@ def resolve_workers(info: ProxyInfo, cpu: int) -> None:
 def sanity_check(info: ProxyInfo, bodies: list[bytes]) -> str:
     seen = set()
     for _ in range(4):
-        status, body = http_get(info.port)
+        status, body = http_get(info.port, tls=info.tls)
         if status != 200 or body not in bodies:
             raise BenchError(f"{info.name}: GET / answered {status} {body[:60]!r}")
         seen.add(bodies.index(body))

@@ -6,6 +6,7 @@ simulator (`bench/sim.py`) drive the very same `Engine`:
     engine = Engine(cfg, model, now=t0)          # model None: fallback "model_error"
     engine.ingest(worker_stats, now)             # any number of times
     engine.set_control(control)                  # drained / down backends
+    engine.set_fleet(control.fleet, now)         # backends added, removed, reweighed
     table = engine.tick(now, epoch, seq)         # once per learning.interval
 
 One tick folds the stats received since the previous one, builds the feature
@@ -97,6 +98,20 @@ class Engine:
         out = set(control.drained) | set(control.down) if control is not None else set()
         self.live = np.array([n not in out for n in self.backends], dtype=bool)
         self.folder.set_live(self.live, self.folder.last_fold)
+
+    def set_fleet(self, fleet, now: float) -> bool:
+        """The admin's fleet (`FleetBackend`s): the tables cover exactly its
+        backends from the next tick.  True if it changed."""
+        names = [fb.name for fb in fleet]
+        weights = [fb.weight for fb in fleet]
+        if names == self.backends and weights == self.cfg_weights.tolist():
+            return False
+        self.folder.resize(names, weights, now)
+        self.backends = names
+        self.cfg_weights = np.array(weights, dtype=np.float64)
+        self.tables.clear()  # their feature rows are laid out for the old fleet
+        self.set_control(self.control)
+        return True
 
     def set_model(self, model: Model) -> None:
         """Hot swap: the next tick scores with `model`; its track record starts afresh."""

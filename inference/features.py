@@ -175,6 +175,37 @@ class StatsFolder:
         self.reports += 1
         return True
 
+    def resize(self, backends: list[str], weights: list[int], now: float) -> None:
+        """The fleet changed: per-backend state follows each backend by name;
+        a backend new to the fleet starts empty and young (slow start age)."""
+        old = self.bindex
+        take = np.array([old.get(n, -1) for n in backends], dtype=np.int64)
+        have = np.nonzero(take >= 0)[0]
+
+        def remap(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
+            axis = 1 if a.ndim == 3 else a.ndim - 1  # (B), (C, B), (C, B, buckets)
+            shape = list(a.shape)
+            shape[axis] = len(backends)
+            out = np.full(shape, fill, dtype=a.dtype)
+            dst, src = [slice(None)] * a.ndim, [slice(None)] * a.ndim
+            dst[axis], src[axis] = have, take[have]
+            out[tuple(dst)] = a[tuple(src)]
+            return out
+
+        for attr in ("acc_requests", "acc_nores", "rate", "acc_resp", "acc_errs", "acc_lsum",
+                     "d_resp", "d_att", "d_errs", "d_lsum", "acc_hist", "d_hist", "last_hist"):
+            setattr(self, attr, remap(getattr(self, attr)))
+        self.live_since = remap(self.live_since, now)
+        if getattr(self, "_live", None) is not None:
+            self._live = remap(self._live, True)
+        self.backends = list(backends)
+        self.bindex = {n: i for i, n in enumerate(self.backends)}
+        self.B = len(self.backends)
+        w = np.asarray(weights, dtype=np.float64)
+        self.weight_rel = w / max(w.mean(), 1e-9) if self.B else w
+        for wk in self.workers.values():  # the workers' own orders map anew
+            wk.bidx = np.array([self.bindex.get(n, -1) for n in wk.names], dtype=np.int64)
+
     def set_live(self, live: np.ndarray, now: float) -> None:
         """Record down -> up transitions (health/slow-start age)."""
         prev = getattr(self, "_live", None)

@@ -32,6 +32,7 @@ from inference.engine import Engine
 from inference.model import DEFAULT_MODEL, Model, ModelError
 from lb import config as cfgmod
 from lb.clone import Publisher, Subscriber
+from lb.fleet import compose
 from lb.children import supervisor_pid
 from lb.log import log, reopen
 from lb.messages import TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, control_decoder, encode, endpoints, stats_decoder
@@ -120,7 +121,12 @@ class InferenceProcess:
             self._drain_stats()
             self.pub.serve_snapshots()
             if self.control.poll():
-                self.engine.set_control(self.control.state)
+                control = self.control.state
+                if control.fleet_known:
+                    backends = compose(self.cfg, control.discovered, control.added, control.shared)
+                    if self.engine.set_fleet(backends, time.time()):
+                        log("fleet_applied", backends=len(backends))
+                self.engine.set_control(control)
             now = time.monotonic()
             if now >= next_tick:
                 self._tick()

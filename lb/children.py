@@ -92,23 +92,28 @@ class Child:
 
 
 def start(kind: str, slot: int, generation: int, blob: bytes, runtime_dir: str,
-          sock: socket.socket | None = None) -> Child:
+          sock: socket.socket | None = None, tls_sock: socket.socket | None = None,
+          env: dict[str, str] | None = None) -> Child:
+    fds = [sock.fileno()] if sock is not None else []
     if kind == WORKER:
         argv = [*python_argv("workers"), "--fd", str(sock.fileno()), "--slot", str(slot),
                 "--runtime", runtime_dir, "--generation", str(generation)]
+        if tls_sock is not None:  # the HTTPS listener's socket for this slot
+            argv += ["--tls-fd", str(tls_sock.fileno())]
+            fds.append(tls_sock.fileno())
     elif kind == INFERENCE:
         argv = [*python_argv("inference"), "--runtime", runtime_dir]
     elif kind == ADMIN:
         argv = [*python_argv("lb.admin"), "--runtime", runtime_dir, "--fd", str(sock.fileno())]
     else:  # pragma: no cover - programming error
         raise ValueError(kind)
-    env = dict(os.environ, **{SUPERVISOR_PID_ENV: str(os.getpid())})
+    env = dict(os.environ, **(env or {}), **{SUPERVISOR_PID_ENV: str(os.getpid())})
     proc = subprocess.Popen(
         argv,
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        pass_fds=(sock.fileno(),) if sock is not None else (),
+        pass_fds=fds,
         # Its own process group: a terminal's Ctrl-C reaches only the supervisor,
         # which stops the children in order (a child still importing its modules
         # would otherwise die of KeyboardInterrupt with a traceback).

@@ -1,4 +1,4 @@
-"""Command line: `lb run`, `lb check`, `lb demo`.
+"""Command line: `lb run`, `lb check`, `lb capacity`, `lb demo`.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
 Errors are one line on stderr, never a traceback.
@@ -18,13 +18,32 @@ def _error(msg: str, code: int) -> int:
     return code
 
 
+def _load(path: str):
+    """The config, its files checked (paths lb writes, certificates it reads);
+    returns it and the TLS certificates found."""
+    from lb import tls
+
+    cfg = cfgmod.load(path)
+    cfgmod.check_paths(cfg, path)
+    return cfg, tls.check(cfg, path)
+
+
 def cmd_check(args) -> int:
+    import time
+
+    from lb.tls import EXPIRY_WARN
+
     try:
-        cfg = cfgmod.load(args.config)
-        cfgmod.check_paths(cfg, args.config)
+        cfg, certs = _load(args.config)
     except cfgmod.ConfigError as exc:
         return _error(str(exc), 2)
-    print(f"{args.config}: ok ({len(cfg.backends)} backends, strategy {cfg.strategy}, listen {cfg.listen})")
+    for c in certs:
+        left = c.expires_in()
+        if left < EXPIRY_WARN:
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(c.not_after))
+            print(f"lb: warning: {c.path}: expires in {left / 86400:.1f} days ({when})", file=sys.stderr)
+    tls = f", tls {cfg.tls.listen} ({len(cfg.tls.certificates)} certificates)" if cfg.tls.listen else ""
+    print(f"{args.config}: ok ({len(cfg.backends)} backends, strategy {cfg.strategy}, listen {cfg.listen}{tls})")
     return 0
 
 
@@ -32,8 +51,7 @@ def cmd_run(args) -> int:
     from lb.supervisor import Supervisor, SupervisorError
 
     try:
-        cfg = cfgmod.load(args.config)
-        cfgmod.check_paths(cfg, args.config)
+        cfg, _certs = _load(args.config)
     except cfgmod.ConfigError as exc:
         return _error(str(exc), 2)
     if args.workers is not None and not 1 <= args.workers <= 256:
@@ -54,6 +72,60 @@ def cmd_run(args) -> int:
         return Supervisor(cfg, args.config, args.workers).run()
     except SupervisorError as exc:
         return _error(str(exc), 1)
+
+
+def cmd_capacity(args) -> int:
+    """Ask the running instance's admin API (the config's admin.listen) for
+    GET /api/capacity and print it; --json prints it as received."""
+    import http.client
+    import json
+
+    try:
+        cfg = cfgmod.load(args.config)
+    except cfgmod.ConfigError as exc:
+        return _error(str(exc), 2)
+    if not cfg.admin.enabled:
+        return _error(f"{args.config}: admin.enabled is false: no API to ask", 2)
+    host, _, port = cfg.admin.listen.rpartition(":")
+    try:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=10)
+        conn.request("GET", "/api/capacity")
+        resp = conn.getresponse()
+        body = resp.read()
+    except OSError as exc:
+        return _error(f"cannot reach lb's admin API at {cfg.admin.listen}: {exc.strerror or exc}", 1)
+    if resp.status != 200:
+        return _error(f"admin API answered {resp.status}: {body[:200]!r}", 1)
+    view = json.loads(body)
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    print(format_capacity(view))
+    return 0
+
+
+def format_capacity(view: dict) -> str:
+    f = view["fleet"]
+
+    def num(x, fmt="{:,.1f}"):
+        return "-" if x is None else fmt.format(x)
+
+    lines = [f"load {num(f['load_rps'])} req/s, capacity {num(f['capacity_rps'])} req/s at p99 <= "
+             f"{f['slo_p99_ms']:g} ms, headroom {num(f['headroom'], '{:.0%}')}, "
+             f"{f['routable_backends']} routable backends, recommended {num(f['recommended_backends'], '{}')}"
+             + ("" if f["known"] in (True, None) else " (a lower bound: some backends not seen under load)")]
+    if view["backends"]:
+        lines.append(f"{'backend':<24} {'capacity':>10} {'saturation':>11} {'slots':>6} {'service':>9}  known")
+        for name, b in view["backends"].items():
+            lines.append(f"{name:<24} {b['capacity_rps']:>10,.1f} {b['saturation_rps']:>11,.1f} {b['slots']:>6.2f} "
+                         f"{b['service_ms']:>7.1f}ms  {'yes' if b['known'] else 'no: ' + b['note']}")
+    if view["forecast"]:
+        lines.append(f"forecast ({view['forecast_method']}, {view['history_minutes']} minutes of history): "
+                     + ", ".join(f"+{p['minutes']} min {p['rps']:,.1f} [{p['low']:,.1f}-{p['high']:,.1f}]"
+                                 for p in view["forecast"]))
+    else:
+        lines.append(f"forecast: none ({view['forecast_reason']})")
+    return "\n".join(lines)
 
 
 def cmd_demo(args) -> int:
@@ -88,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(func=cmd_check)
+
+    cap = sub.add_parser("capacity", help="capacity, load, forecast and advice of a running instance")
+    cap.add_argument("-c", "--config", required=True, help="the running instance's config (its admin.listen)")
+    cap.add_argument("--json", action="store_true", help="print the API's JSON")
+    cap.set_defaults(func=cmd_capacity)
 
     demo = sub.add_parser("demo", help="run lb in front of simulated backends with built-in load")
     demo.add_argument("--duration", type=float, default=None,

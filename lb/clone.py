@@ -12,6 +12,13 @@ higher sequence, or a different epoch (the publisher restarted).  So a process
 that starts (or restarts) gets the current state at once, and never goes back
 to an older version because a PUB update and the snapshot crossed.
 
+A subscription reaches the publisher some time after `connect` (longer when
+the publisher binds after the subscriber connected: ZeroMQ retries every
+100 ms), and an update published before it arrives is not delivered.  Until
+its first PUB message proves the subscription live, a subscriber therefore
+asks for a snapshot again every LIVE_RETRY seconds, so an update published in
+that window reaches it within LIVE_RETRY, not at the next republish.
+
 Both sides are non-blocking and never wait: `poll()` takes what has arrived.
 Callers wire the sockets' file descriptors into their event loop (or call
 `poll()` from a timer); ZeroMQ's descriptor is edge-triggered, so `poll()`
@@ -28,6 +35,7 @@ import zmq
 from lb.messages import SNAPSHOT_REQUEST
 
 SNAPSHOT_RETRY = 1.0  # seconds without any state before asking again
+LIVE_RETRY = 0.1  # seconds between snapshot requests until the subscription is live
 
 
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -105,6 +113,7 @@ class Subscriber:
         self.dealer = _socket(ctx, zmq.DEALER)
         self.dealer.connect(snapshot)
         self.asked = 0.0
+        self.live = False  # a PUB message has arrived: the subscription is in place
         self._ask()  # ... then ask for the snapshot
 
     def _ask(self) -> None:
@@ -151,9 +160,11 @@ class Subscriber:
             except zmq.Again:
                 break
             if len(frames) == 2:
+                self.live = True
                 changed |= self.offer(frames[1])
-        if self.state is None and time.monotonic() - self.asked > SNAPSHOT_RETRY:
-            self._ask()
+        if not self.live:
+            if time.monotonic() - self.asked > (LIVE_RETRY if self.state is not None else SNAPSHOT_RETRY):
+                self._ask()
         return changed
 
     def close(self) -> None:

@@ -17,6 +17,8 @@ from typing import Literal, Union
 
 import msgspec
 
+FLEET_FILE = "backends.json"  # in state_dir: the API's backends and the last DNS answers (lb/admin/fleet.py)
+
 STRATEGIES = (
     "round_robin",
     "weighted_round_robin",
@@ -86,6 +88,12 @@ def parse_address(value: str, *, allow_hostname: bool) -> tuple[str, int]:
     return host, int(port)
 
 
+def _same_address(a: str, b: str) -> bool:
+    """Two listen addresses name the same socket ('[::]:80' and '[::0]:80' do)."""
+    (ha, pa), (hb, pb) = parse_address(a, allow_hostname=False), parse_address(b, allow_hostname=False)
+    return pa == pb and ipaddress.ip_address(ha) == ipaddress.ip_address(hb)
+
+
 class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     pass
 
@@ -98,17 +106,65 @@ def _checked(field: str, fn, *args, **kw):
         raise ValueError(f"{field}: {exc}") from None
 
 
+_DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
 class Backend(Base):
-    address: str
+    address: str = ""  # "host:port": an IP literal, or a name that DNS discovery resolves
     weight: int = 1
     name: str = ""
+    tls: bool = False  # speak TLS to this backend (verified as [upstream] tls_* say)
+    sni: str = ""  # TLS: server name sent and verified; "" = the address's host
+    srv: str = ""  # a DNS SRV name instead of an address: every target is a backend
 
     def __post_init__(self):
-        _checked("address", parse_address, self.address, allow_hostname=True)
+        if bool(self.address) == bool(self.srv):
+            raise ValueError("address: give either an address or an srv name")
+        if self.srv:
+            if not _DNS_NAME.fullmatch(self.srv):
+                raise ValueError(f"srv: {self.srv!r} is not a DNS name")
+        else:
+            _checked("address", parse_address, self.address, allow_hostname=True)
         if not 0 <= self.weight <= 1000:
             raise ValueError("weight: must be between 0 and 1000")
         if not self.name:
-            self.name = self.address
+            self.name = self.address or self.srv
+        if self.sni and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self.sni):
+            raise ValueError("sni: must be a DNS name")
+
+    @property
+    def dynamic(self) -> bool:
+        """Found by DNS discovery (an SRV name, or a host name to resolve)."""
+        return bool(self.srv) or not is_ip(self.address.rpartition(":")[0])
+
+
+class Discovery(Base):
+    """DNS discovery of `[[backends]]` given by name (run by the admin process)."""
+
+    resolvers: list[str] = []  # "ip" or "ip:port"; [] = the system's (resolv.conf, and /etc/hosts for names)
+    interval: float = 5.0  # seconds between look-ups of one name (shorter when its records' TTL is)
+    timeout: float = 2.0  # seconds for one look-up
+
+    def __post_init__(self):
+        out = []
+        for r in self.resolvers:
+            if not r.startswith("[") and r.count(":") != 1:  # no port: 53
+                r = f"[{r}]:53" if ":" in r else f"{r}:53"
+            host, port = _checked("resolvers", parse_address, r, allow_hostname=False)
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self.resolvers = out
+        if not 0.5 <= self.interval <= 3600:
+            raise ValueError("interval: must be between 0.5 and 3600 seconds")
+        if not 0.1 <= self.timeout <= 30:
+            raise ValueError("timeout: must be between 0.1 and 30 seconds")
 
 
 class Admin(Base):
@@ -196,8 +252,15 @@ class Upstream(Base):
     retries: int = 1  # extra attempts on another backend (see docs/configuration.md)
     retry_connect_non_idempotent: bool = True  # a failed connect sent nothing: safe to retry
     request_id: bool = True  # add X-Request-Id when the request has none (kept when it has one)
+    # TLS to backends with `tls = true`
+    tls_ca: str = ""  # PEM bundle of the CAs trusted; "" = the system's
+    tls_verify: bool = True  # verify the backend's certificate and name
+    tls_cert: str = ""  # client certificate (PEM chain) presented to backends (mTLS); "" = none
+    tls_key: str = ""  # its private key; "" = in tls_cert
 
     def __post_init__(self):
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key: needs tls_cert")
         if not 0 <= self.keepalive <= 10000:
             raise ValueError("keepalive: must be between 0 and 10000")
         if not 0 <= self.retries <= 5:
@@ -309,6 +372,91 @@ class RequestClass(Base):
             raise ValueError("max_body: must be >= min_body (or 0 for no bound)")
 
 
+TLS_CIPHERS = (  # TLS 1.2: forward secret AEAD suites only (no RSA key exchange, no CBC)
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+class Certificate(Base):
+    cert: str  # PEM chain, leaf first
+    key: str  # PEM private key
+    names: list[str] = []  # SNI names it serves; [] = the names in the certificate
+
+    def __post_init__(self):
+        for n in self.names:
+            if not re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*", n):
+                raise ValueError(f"names: {n!r} is not a DNS name (or *.wildcard)")
+
+
+class TLS(Base):
+    """The HTTPS listener (see docs/configuration.md); off while `listen` is ""."""
+
+    listen: str = ""
+    certificates: list[Certificate] = []  # picked by SNI; the first is the default
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    ciphers: str = TLS_CIPHERS  # TLS 1.2 suites, OpenSSL syntax (TLS 1.3 suites are all AEAD)
+    handshake_timeout: float = 10.0  # seconds from accept to a finished handshake
+    session_tickets: bool = True  # resumption; ticket keys shared by all workers, rotated
+    ticket_rotation: float = 3600.0  # seconds a ticket key encrypts new tickets (accepted twice as long)
+    redirect_http: bool = False  # the plain listener answers every request with a redirect here
+    redirect_port: int = 0  # the port in those redirects; 0 = listen's (443 is left out)
+    proxy_protocol: bool = False  # connections open with a PROXY protocol header (v1 or v2)
+
+    def __post_init__(self):
+        if not self.listen:
+            if self.certificates or self.redirect_http:
+                raise ValueError("listen: required with certificates or redirect_http")
+            return
+        _checked("listen", parse_address, self.listen, allow_hostname=False)
+        if not self.certificates:
+            raise ValueError("certificates: at least one [[tls.certificates]] entry is required")
+        if not 0 < self.handshake_timeout <= 600:
+            raise ValueError("handshake_timeout: must be > 0 and at most 600 seconds")
+        if not 60 <= self.ticket_rotation <= 7 * 86400:
+            raise ValueError("ticket_rotation: must be between 60 seconds and 7 days")
+        if not self.ciphers.strip():
+            raise ValueError("ciphers: must not be empty")
+        if not 0 <= self.redirect_port <= 65535:
+            raise ValueError("redirect_port: must be between 0 (listen's port) and 65535")
+
+
+class Fleet(Base):
+    """Several lb hosts sharing one etcd (lb/admin/etcd.py)."""
+
+    etcd: list[str] = []  # "http://host:port" endpoints of one etcd cluster; [] = no fleet
+    prefix: str = "/lb"  # backends under PREFIX/backends/NAME, members under PREFIX/members/ID
+    member: str = ""  # this member's id; "" = host name and admin port
+    lease_ttl: float = 5.0  # seconds: a member that stops refreshing leaves the list after this
+
+    def __post_init__(self):
+        for url in self.etcd:
+            m = re.fullmatch(r"http://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})/?", url)
+            if not m or not 0 < int(m.group(2)) < 65536:
+                raise ValueError(f"etcd: {url!r} is not an endpoint like 'http://127.0.0.1:2379' "
+                                 "(https endpoints are not supported)")
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]*[A-Za-z0-9._-]", self.prefix):
+            raise ValueError(f"prefix: {self.prefix!r} must start with '/' and not end with one")
+        if self.member and not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", self.member):
+            raise ValueError("member: 1-128 characters of letters, digits and . _ : -")
+        if not 2 <= self.lease_ttl <= 300:
+            raise ValueError("lease_ttl: must be between 2 and 300 seconds")
+
+
+class Capacity(Base):
+    """Capacity estimates and scaling advice (GET /api/capacity)."""
+
+    slo_p99_ms: float = 250.0  # the latency objective a backend's capacity is measured against
+    headroom: float = 0.25  # spare capacity the recommendation keeps over the forecast's high end
+
+    def __post_init__(self):
+        if not 1 <= self.slo_p99_ms <= 600_000:
+            raise ValueError("slo_p99_ms: must be between 1 and 600000")
+        if not 0 <= self.headroom <= 10:
+            raise ValueError("headroom: must be between 0 and 10")
+
+
 class Learning(Base):
     """The inference process and the `ml` strategy (see docs/learning.md)."""
 
@@ -340,11 +488,12 @@ class Learning(Base):
 
 
 class Config(Base):
-    backends: list[Backend]
+    backends: list[Backend] = []
     listen: str = "127.0.0.1:8080"
     strategy: Strategy = "p2c_ewma"
     workers: int = 1
     backlog: int = 2048
+    proxy_protocol: bool = False  # plain listener: connections open with a PROXY protocol header
     admin: Admin = msgspec.field(default_factory=Admin)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     limits: Limits = msgspec.field(default_factory=Limits)
@@ -355,8 +504,15 @@ class Config(Base):
     outlier: Outlier = msgspec.field(default_factory=Outlier)
     protection: Protection = msgspec.field(default_factory=Protection)
     access_log: AccessLog = msgspec.field(default_factory=AccessLog)
+    tls: TLS = msgspec.field(default_factory=TLS)
+    capacity: Capacity = msgspec.field(default_factory=Capacity)
+    discovery: Discovery = msgspec.field(default_factory=Discovery)
+    fleet: Fleet = msgspec.field(default_factory=Fleet)
     classes: list[RequestClass] = []
     runtime_dir: str = ""  # ipc sockets between lb's processes; "" = a private temp dir
+    # backends added through the admin API, the last DNS answers, the load history;
+    # "" = the runtime directory (kept across lb restarts only when that is configured)
+    state_dir: str = ""
 
     def __post_init__(self):
         _checked("listen", parse_address, self.listen, allow_hostname=False)
@@ -364,8 +520,8 @@ class Config(Base):
             raise ValueError("workers: must be between 1 and 256")
         if not 1 <= self.backlog <= 65535:
             raise ValueError("backlog: must be between 1 and 65535")
-        if not self.backends:
-            raise ValueError("backends: at least one [[backends]] entry is required")
+        if not self.backends and not self.fleet.etcd:
+            raise ValueError("backends: at least one [[backends]] entry is required (or a [fleet] etcd)")
         seen: set[str] = set()
         for b in self.backends:
             if b.name in seen:
@@ -376,8 +532,30 @@ class Config(Base):
             raise ValueError("classes: duplicate class name")
         if len(self.classes) > 63:
             raise ValueError("classes: at most 63 classes")
+        if self.tls.listen and _same_address(self.tls.listen, self.listen):
+            raise ValueError("tls.listen: must differ from listen")
         if len(self.runtime_dir) > 80:
             raise ValueError("runtime_dir: path too long for ipc sockets (80 characters at most)")
+        if not self.admin.enabled and any(b.srv for b in self.backends):
+            raise ValueError("backends: srv: DNS discovery runs in the admin process (admin.enabled = true)")
+        if not self.admin.enabled and self.fleet.etcd:
+            raise ValueError("fleet: etcd: the fleet member runs in the admin process (admin.enabled = true)")
+
+    @property
+    def discovers(self) -> bool:
+        """The admin process resolves backends given by name and publishes the
+        fleet; without it, a worker resolves a name each time it connects."""
+        return self.admin.enabled
+
+    def fleet_file(self, runtime_dir: str) -> str:
+        """Where the admin process keeps the backends it added or discovered."""
+        return os.path.join(self.state_dir or runtime_dir, FLEET_FILE)
+
+    def static_backends(self) -> list[Backend]:
+        """The backends a worker starts with, before the admin's fleet arrives."""
+        if not self.discovers:
+            return list(self.backends)
+        return [b for b in self.backends if not b.dynamic]
 
     @property
     def class_names(self) -> list[str]:

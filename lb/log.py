@@ -50,3 +50,21 @@ def log(event: str, **fields) -> None:
         _stream.flush()
     except (OSError, ValueError, AttributeError):
         pass
+
+
+class Throttle:
+    """At most one line per `seconds` for a recurring event: `due()` says
+    whether this occurrence may log (and starts the next interval if so)."""
+
+    __slots__ = ("seconds", "last")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = -float("inf")
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True

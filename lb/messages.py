@@ -11,6 +11,7 @@ per request: workers aggregate and report every `learning.stats_interval`.
     inference --ROUTER snapshot   (Clone pattern: subscribe, ask for a
                                    snapshot, drop updates older than it)
     admin     --PUB control--->  workers, inference       topic b"control"
+                                  (overrides, health verdicts, the fleet)
     admin     --ROUTER snapshot
 
 Counters in `WorkerStats` are cumulative since the worker started: a lost
@@ -81,6 +82,10 @@ class BackendStats(Msg, array_like=True):
     ramp: float = 1.0  # gauge: slow start, share of picks kept (1 = full)
     ejections: int = 0  # passive outlier ejections by this worker
     overflows: int = 0  # requests turned away by this backend's circuit breaker
+    # ml's load curve of the backend in this worker (workers/loadcurve.py); 0/[]: none
+    slots: float = 0.0  # fitted requests served at once (this worker's share)
+    slots_seen: float = 0.0  # the highest in-flight count (+1) with recent answers: the evidence
+    class_service: list[float] = []  # seconds per request class, when sent to a free slot
 
 
 class TraceSample(Msg, array_like=True):
@@ -111,6 +116,9 @@ class WorkerStats(Msg):
     no_backend: int  # 503: nothing to route to
     shed: int = 0  # 503 by a protection limit
     limited: int = 0  # 429 by the per-client rate limit
+    proxy_errors: int = 0  # connections closed for a missing or bad PROXY protocol header
+    tls_handshakes: int = 0  # completed on the HTTPS listener
+    tls_failures: dict[str, int] = {}  # failed handshakes by reason (lb/tls.py)
     panic: bool = False  # gauge: too few healthy backends, routing to all routable ones
     strategy: str = ""  # the strategy in force
     mode: str = ""  # ml only: "learned" or "fallback"
@@ -172,8 +180,19 @@ class Table(Msg):
 # -- admin -> workers, inference ------------------------------------------------------------
 
 
+class FleetBackend(Msg, array_like=True):
+    """One backend of the instance's fleet (lb/admin/fleet.py)."""
+
+    name: str
+    address: str  # "ip:port" or "[v6]:port"
+    weight: int
+    tls: bool = False
+    sni: str = ""  # TLS server name ("" = the address's host)
+    source: str = "config"  # config | dns | etcd | api
+
+
 class Control(Msg):
-    """Operator overrides and shared health, published by the admin process."""
+    """Operator overrides, shared health and the fleet, published by the admin process."""
 
     epoch: int
     seq: int
@@ -181,6 +200,14 @@ class Control(Msg):
     drained: list[str] = []  # backends taken out of rotation by an operator
     pinned_strategy: str = ""  # "" = the config's strategy
     down: list[str] = []  # backends failing their active health checks
+    # The fleet beyond the config file: the last DNS answers per `[[backends]]`
+    # entry name, the backends added through the API, those in etcd.  Each receiver
+    # composes them with its own config (lb/fleet.py) and applies the result in
+    # place (no reload); with `fleet_known` False it keeps the config's backends.
+    discovered: dict[str, list[FleetBackend]] = {}
+    added: list[FleetBackend] = []
+    shared: list[FleetBackend] = []  # the fleet's backends in etcd ([fleet])
+    fleet_known: bool = False
 
 
 def encode(msg: Msg) -> bytes:

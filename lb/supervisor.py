@@ -26,7 +26,8 @@ import zmq
 
 from lb import children
 from lb import config as cfgmod
-from lb import messages
+from lb import messages, tickets
+from lb import tls as tlsmod
 from lb.children import ADMIN, INFERENCE, WORKER, Child
 from lb.log import log, reopen
 
@@ -100,6 +101,10 @@ class Supervisor:
         self.path = path
         self.n_workers = workers or cfg.workers
         self.sockets: list[socket.socket] = []
+        self.tls_sockets: list[socket.socket] = []  # the HTTPS listener's, one per slot
+        # TLS session ticket keys of every worker derive from it (lb/tickets.py);
+        # kept for the supervisor's life, so tickets survive reloads.
+        self.ticket_secret = os.urandom(32).hex()
         self.children: dict[int, Child] = {}
         self.generation = 0
         self.blob = self.encode(cfg)
@@ -140,9 +145,14 @@ class Supervisor:
 
     def bind(self) -> None:
         ensure_free(self.cfg.listen)
+        if self.cfg.tls.listen:
+            ensure_free(self.cfg.tls.listen)
         if self.cfg.admin.enabled:
             self.admin_sock = admin_socket(self.cfg.admin.listen)
         self.sockets = [listen_socket(self.cfg.listen, self.cfg.backlog) for _ in range(self.n_workers)]
+        if self.cfg.tls.listen:
+            self.tls_sockets = [listen_socket(self.cfg.tls.listen, self.cfg.backlog)
+                                for _ in range(self.n_workers)]
 
     def make_runtime_dir(self) -> None:
         if self.cfg.runtime_dir:
@@ -173,7 +183,9 @@ class Supervisor:
     def spawn(self, slot: int, generation: int, blob: bytes | None = None) -> Child:
         """Start a worker for `slot`, configured with `blob` (default: the running config)."""
         child = children.start(WORKER, slot, generation, self.blob if blob is None else blob,
-                               self.runtime_dir, self.sockets[slot])
+                               self.runtime_dir, self.sockets[slot],
+                               self.tls_sockets[slot] if self.tls_sockets else None,
+                               {tickets.SECRET_ENV: self.ticket_secret})
         self.children[child.pid] = child
         return child
 
@@ -232,7 +244,7 @@ class Supervisor:
         return self.exit_code
 
     def cleanup(self) -> None:
-        for s in self.sockets:
+        for s in self.sockets + self.tls_sockets:
             s.close()
         if self.admin_sock is not None:
             self.admin_sock.close()
@@ -440,10 +452,19 @@ class Supervisor:
         if cfg.listen != self.cfg.listen or (cfg.workers != self.cfg.workers and self.n_workers == self.cfg.workers):
             log("reload_rejected", error=f"{self.path}: listen/workers: changing these needs a restart")
             return
+        if cfg.tls.listen != self.cfg.tls.listen:
+            log("reload_rejected", error=f"{self.path}: tls.listen: changing it needs a restart")
+            return
+        try:
+            tlsmod.check(cfg, self.path)
+        except cfgmod.ConfigError as exc:  # the running workers keep their certificates
+            log("reload_rejected", error=str(exc))
+            return
         if cfg.admin.listen != self.cfg.admin.listen or cfg.admin.enabled != self.cfg.admin.enabled \
-                or cfg.runtime_dir != self.cfg.runtime_dir:
-            log("reload_rejected",
-                error=f"{self.path}: admin.listen/admin.enabled/runtime_dir: changing these needs a restart")
+                or cfg.runtime_dir != self.cfg.runtime_dir or cfg.state_dir != self.cfg.state_dir \
+                or cfg.fleet != self.cfg.fleet:
+            log("reload_rejected", error=f"{self.path}: admin.listen/admin.enabled/runtime_dir/state_dir/"
+                                         "fleet: changing these needs a restart")
             return
         if self.pending_generation is not None:
             # A newer config supersedes the reload still starting up.
@@ -469,7 +490,7 @@ class Supervisor:
         self.kill_all(signal.SIGTERM if graceful else signal.SIGQUIT)
         # Stopping for good: drop the listeners so new connections are refused at
         # once instead of queueing for workers that no longer accept.
-        for sock in self.sockets:
+        for sock in self.sockets + self.tls_sockets:
             sock.close()
         self.aux_due.clear()
 

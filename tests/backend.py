@@ -20,6 +20,8 @@ Routes (query string ignored unless noted):
   /sized/N         N bytes ("s"), Content-Length; a HEAD gets the same head, no body
   anything else    200, "backend NAME\n"
 Run: python -m tests.backend --port P --name NAME [--keepalive-timeout S]
+With --tls-cert/--tls-key it serves HTTPS (and with --tls-client-ca asks for a
+client certificate from that CA, recording its subject as "client_cert").
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sta
             headers = [(k.decode(), v.decode("latin-1")) for k, v in event.headers]
             record = {"method": event.method.decode(), "target": target, "headers": headers,
                       "http_version": event.http_version.decode()}
+            peer = writer.get_extra_info("peercert")
+            if peer:
+                record["client_cert"] = dict(x[0] for x in peer["subject"])
             if path == "/__requests":
                 body = json.dumps(state.requests).encode()
                 await finish(reader, writer, conn, *response(200, body, [(b"Content-Type", b"application/json")]))
@@ -209,10 +214,19 @@ async def next_event(reader, conn: h11.Connection, timeout: float):
         return event
 
 
-async def main(port: int, name: str, keepalive_timeout: float) -> None:
+async def main(port: int, name: str, keepalive_timeout: float, tls=None) -> None:
     state = State(name, keepalive_timeout)
-    server = await asyncio.start_server(lambda r, w: handle(r, w, state), "127.0.0.1", port,
-                                        reuse_address=True, limit=1024 * 1024)
+    ctx = None
+    if tls is not None and tls.tls_cert:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls.tls_cert, tls.tls_key)
+        if tls.tls_client_ca:
+            ctx.load_verify_locations(tls.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_OPTIONAL  # recorded; the control routes need none
+    server = await asyncio.start_server(lambda r, w: handle(r, w, state), getattr(tls, "host", "127.0.0.1"), port,
+                                        reuse_address=True, limit=1024 * 1024, ssl=ctx)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
@@ -222,9 +236,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--name", default="b")
+    ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--keepalive-timeout", type=float, default=300.0)
+    ap.add_argument("--tls-cert", default="")
+    ap.add_argument("--tls-key", default="")
+    ap.add_argument("--tls-client-ca", default="")
     a = ap.parse_args()
     try:
-        asyncio.run(main(a.port, a.name, a.keepalive_timeout))
+        asyncio.run(main(a.port, a.name, a.keepalive_timeout, a))
     except KeyboardInterrupt:
         pass

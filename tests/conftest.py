@@ -18,6 +18,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def child_processes(pid: int, needle: str, recursive: bool = False) -> list[psutil.Process]:
+    """Live children of `pid` whose command line contains `needle`. A child that exits while it is
+    being looked at (an old worker retiring after a reload) is skipped, not an error."""
+    try:
+        children = psutil.Process(pid).children(recursive=recursive)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for c in children:
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE and needle in " ".join(c.cmdline()):
+                out.append(c)
+        except psutil.Error:
+            pass
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,22 +93,35 @@ class LogReader(threading.Thread):
 
 
 class BackendProc:
-    def __init__(self, name: str, keepalive_timeout: float | None = None, port: int | None = None) -> None:
+    def __init__(self, name: str, keepalive_timeout: float | None = None, port: int | None = None,
+                 tls: dict | None = None, host: str = "127.0.0.1") -> None:
         self.name = name
+        self.host = host  # any of 127/8: several backends on one port, for DNS records
         self.port = port or free_port()
-        args = [sys.executable, "-m", "tests.backend", "--port", str(self.port), "--name", name]
+        self.tls = tls  # {"cert", "key", "client_ca"}: an HTTPS backend
+        args = [sys.executable, "-m", "tests.backend", "--port", str(self.port), "--name", name,
+                "--host", host]
         if keepalive_timeout is not None:
             args += ["--keepalive-timeout", str(keepalive_timeout)]
+        if tls:
+            args += ["--tls-cert", tls["cert"], "--tls-key", tls["key"],
+                     "--tls-client-ca", tls.get("client_ca", "")]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
         line = self.proc.stdout.readline()
         assert line.strip() == b"ready", line
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def _get(self, method: str, path: str) -> bytes:
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        if self.tls:
+            import ssl
+
+            c = http.client.HTTPSConnection(self.host, self.port, timeout=5,
+                                            context=ssl._create_unverified_context())
+        else:
+            c = http.client.HTTPConnection(self.host, self.port, timeout=5)
         c.request(method, path)
         body = c.getresponse().read()
         c.close()
@@ -153,7 +183,7 @@ class LBProc:
         self.log.wait_for("worker_ready", workers)
 
     def worker_pids(self) -> list[int]:
-        return [c.pid for c in psutil.Process(self.proc.pid).children() if "workers" in " ".join(c.cmdline())]
+        return [c.pid for c in child_processes(self.proc.pid, "workers")]
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -10,9 +10,7 @@ import json
 import os
 import signal
 
-import psutil
-
-from tests.conftest import get
+from tests.conftest import child_processes, get
 from tests.test_admin_harness import metric_samples, wait_until
 
 TOKEN = "lb-run-token"
@@ -77,8 +75,7 @@ def test_metrics_drain_reload_restart(lb_factory, backend_factory, monkeypatch):
                timeout=10)
 
     # kill -9 the admin process: the supervisor starts another; the drain persists
-    admin_pid = next(c.pid for c in psutil.Process(lb.proc.pid).children()
-                     if "lb.admin" in " ".join(c.cmdline()))
+    admin_pid = next(c.pid for c in child_processes(lb.proc.pid, "lb.admin"))
     os.kill(admin_pid, signal.SIGKILL)
 
     def back() -> bool:

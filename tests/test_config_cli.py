@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, LogReader, free_port, get, wait_port
+from tests.conftest import ROOT, LogReader, child_processes, free_port, get, wait_port
 
 GOOD = """\
 listen = "127.0.0.1:{port}"
@@ -85,6 +85,13 @@ BAD = [
     ("bad_size_string", '[limits]\nmax_body_size = "lots"\n' + BACKEND, "max_body_size"),
     ("bad_size_unit", '[limits]\nmax_header_size = "16 parsecs"\n' + BACKEND, "max_header_size"),
     ("negative_weight", '[[backends]]\naddress = "127.0.0.1:9101"\nweight = -1\n', "weight"),
+    ("address_and_srv", '[[backends]]\naddress = "127.0.0.1:9101"\nsrv = "_http._tcp.x.test"\n', "address"),
+    ("bad_srv_name", '[[backends]]\nsrv = "not a name"\n', "srv"),
+    ("srv_without_admin", '[admin]\nenabled = false\n[[backends]]\nsrv = "_http._tcp.x.test"\n', "srv"),
+    ("bad_resolver", '[discovery]\nresolvers = ["dns.example"]\n' + BACKEND, "discovery.resolvers"),
+    ("zero_interval", "[discovery]\ninterval = 0\n" + BACKEND, "discovery.interval"),
+    ("https_etcd", '[fleet]\netcd = ["https://127.0.0.1:2379"]\n', "fleet.etcd"),
+    ("bad_prefix", '[fleet]\netcd = ["http://127.0.0.1:2379"]\nprefix = "lb/"\n', "fleet.prefix"),
     ("missing_file", None, None),
 ]
 
@@ -195,8 +202,7 @@ class Running:
         wait_port(self.port)
 
     def workers(self) -> list[psutil.Process]:
-        return [c for c in psutil.Process(self.proc.pid).children(recursive=True)
-                if "workers" in " ".join(c.cmdline())]
+        return child_processes(self.proc.pid, "workers", recursive=True)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

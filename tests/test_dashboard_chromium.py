@@ -175,6 +175,13 @@ def test_dashboard_live_in_chromium(env, tmp_path):
         let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i+3] > 0 && (d[i] < 200 || d[i+2] < 200)) n++;
         return n; })()""")
     assert inked > 500
+    # the load/capacity chart drew the load line, and its note says what is known of capacity
+    inked = b.evaluate("""(() => { const c = document.getElementById('c-cap');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i+3] > 0 && d[i] < 100) n++;
+        return n; })()""")
+    assert inked > 20  # (a few seconds of load: a short line)
+    assert "capacity" in b.evaluate("document.getElementById('cap-note').textContent")
 
     # drain through the page's button: the token is asked once and kept in sessionStorage
     b.evaluate(f"window.prompt = () => {json.dumps(TOKEN)}")

@@ -324,3 +324,18 @@ def test_compare_models_passes_a_model_against_itself_and_judges_by_routing():
                         "--duration", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "affinity (held out)" in p.stdout and p.stdout.rstrip().endswith("candidate is not worse")
+
+
+def test_capacity_fleets_are_static_and_known():
+    """bench/capacity_bench.py's fleets: no phases, one class, and the load it
+    estimates at is the stated share of their saturation."""
+    import capacity_bench  # noqa: E402
+
+    for seed in (1, 2, 1001):
+        sc = scn.get(f"steady{seed}")
+        assert sc is not None and 2 <= len(sc.backends) <= 3
+        assert all(not b.phases and b.join_at == 0 and b.capacity in (1, 2, 4) for b in sc.backends)
+        assert sc.heavy_share == 0.0
+        sat = sum(capacity_bench.saturation(b) for b in sc.backends)
+        assert math.isclose(sc.rate, sat * capacity_bench.LOAD)
+    assert scn.get("steady7").backends == scn.get("steady7").backends  # same seed, same fleet

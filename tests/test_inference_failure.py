@@ -52,20 +52,36 @@ def test_killed_inference_process_is_replaced_and_traffic_continues(backend_fact
         lb.log.wait_for("inference_ready", count=2, timeout=20)
         # Workers route by the new process's tables: whatever they logged since the
         # kill is "stale" (when the replacement took longer than two table
-        # intervals to publish, which a fast one need not) or "learned", and they
-        # end learned.  (Only the workers' own events: the inference and admin
-        # processes log policy_mode too.)
+        # intervals to publish, which a fast one need not) or a mode the new
+        # process published, and they end in the new process's current mode:
+        # learned, or, on a host busy enough to blur latencies (the full suite
+        # on two cores), the fallback it chose itself.  Never stuck on "stale":
+        # that would be a worker left with the dead process's tables.  (Only the
+        # workers' own events: the inference and admin processes log
+        # policy_mode too.)
         def since_kill(slot: int) -> list[tuple[str, str]]:
             return worker_modes(lb, slot)[n_before[slot]:] or worker_modes(lb, slot)[-1:]
 
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(since_kill(s)[-1:] == [("learned", "")] for s in (0, 1)):
+        def published() -> list[tuple[str, str]]:  # the new process's own mode changes
+            return [(e["mode"], e["reason"]) for e in lb.log.events("policy_mode") if e.get("pid") == new[0]]
+
+        def settled() -> bool:
+            now = published()[-1:] or [("learned", "")]
+            return all(since_kill(s)[-1:] == now for s in (0, 1))
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (settled() and since_kill(0)[-1] == ("learned", "")):
             time.sleep(0.05)
         time.sleep(0.5)  # longer than twice the table interval: a worker left with the dead
         for slot in (0, 1):  # process's tables would have gone stale by now
             modes = since_kill(slot)
-            assert set(modes) <= {("fallback", "stale"), ("learned", "")}, modes
-            assert modes[-1] == ("learned", ""), modes
+            # A replacement that ticks before the first stats report reaches it
+            # publishes warming_up (then low_confidence until its error estimate
+            # settles): the fresh process's own states.
+            fresh = {("fallback", "warming_up"), ("fallback", "low_confidence")}
+            assert set(modes) <= {("fallback", "stale"), ("learned", "")} | fresh, modes
+            assert modes[-1] != ("fallback", "stale"), modes
+            assert modes[-1] == (published()[-1:] or [("learned", "")])[0], (modes, published())
     finally:
         load.stop.set()
         load.join(10)

@@ -109,7 +109,7 @@ def test_prometheus_scrapes_and_queries(tmp_path):
         def rules_evaluated():
             groups = api(port, "/api/v1/rules")["data"]["groups"]
             rules = [r for g in groups for r in g["rules"]]
-            return len(rules) == 9 and all(r.get("lastEvaluation", "").startswith("20") for r in rules) and rules
+            return len(rules) == 11 and all(r.get("lastEvaluation", "").startswith("20") for r in rules) and rules
         rules = wait_until(rules_evaluated, timeout=15, interval=0.5)
         assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
         firing = {r["name"]: r["state"] for r in rules}

@@ -58,13 +58,15 @@ from __future__ import annotations
 import codecs
 import re
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProc, LBProc, get
+from tests.conftest import BackendProc, LBProc, free_port, get
+from tests.tlsutil import CertAuthority, tls_section
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CASE_FILES = sorted(CORPUS.glob("*.http"))
@@ -240,11 +242,15 @@ class Outcome:
         return [r.status for r in self.responses if r.status >= 200]
 
 
-def exchange(port: int, data: bytes, want: int, need_close: bool, timeout: float = READ_TIMEOUT) -> Outcome:
-    """Send data at once; read until `want` final responses (and the close if asked)."""
+def exchange(port: int, data: bytes, want: int, need_close: bool, timeout: float = READ_TIMEOUT,
+             tls: ssl.SSLContext | None = None) -> Outcome:
+    """Send data at once; read until `want` final responses (and the close if asked).
+    With `tls`, over a TLS connection made with that context."""
     out = Outcome()
     buf = b""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if tls is not None:
+        s = tls.wrap_socket(s, server_hostname="localhost")
     try:
         try:
             s.sendall(data)
@@ -279,6 +285,9 @@ def exchange(port: int, data: bytes, want: int, need_close: bool, timeout: float
             except ConnectionResetError:
                 out.reset = out.eof = True
                 continue
+            except ssl.SSLError:  # closed without close_notify: an end of stream all the same
+                out.eof = True
+                continue
             if chunk:
                 buf += chunk
             else:
@@ -298,21 +307,32 @@ def corpus_backend():
     b.kill()
 
 
-# Each case runs against lb with its C fast path (workers/_fastpath.c) and
-# without it (LB_NO_FASTPATH=1): both must hold every expectation.
-DATA_PATHS = {"c": {}, "python": {"LB_NO_FASTPATH": "1"}}
+# Each case runs against lb with its C fast path (workers/_fastpath.c), without
+# it (LB_NO_FASTPATH=1), and over its HTTPS listener (the C path on the
+# decrypted bytes): all must hold every expectation.
+DATA_PATHS = {"c": {}, "python": {"LB_NO_FASTPATH": "1"}, "tls": {}}
 
 
 @pytest.fixture(scope="module")
-def corpus_lbs(corpus_backend, tmp_path_factory):
+def corpus_ca(tmp_path_factory):
+    return CertAuthority(tmp_path_factory.mktemp("corpus-ca"))
+
+
+@pytest.fixture(scope="module")
+def corpus_lbs(corpus_backend, corpus_ca, tmp_path_factory):
     """lb processes by (config name, data path), started on first use and shared by all cases."""
     made: dict[tuple[str, str], LBProc] = {}
 
     def get(config: str, data_path: str = "c") -> LBProc:
         key = (config, data_path)
         if key not in made:
+            extra, tls_port = CONFIGS[config], None
+            if data_path == "tls":
+                tls_port = free_port()
+                extra += "\n" + tls_section(tls_port, [corpus_ca.issue("localhost")])
             made[key] = LBProc(tmp_path_factory.mktemp(f"lb-{config}-{data_path}"), [corpus_backend],
-                               extra=CONFIGS[config], env=DATA_PATHS[data_path])
+                               extra=extra, env=DATA_PATHS[data_path])
+            made[key].tls_port = tls_port
         lb = made[key]
         assert lb.proc.poll() is None, f"lb ({config}) exited: {lb.log.lines[-20:]}"
         return lb
@@ -369,12 +389,16 @@ def after_fence(lb: LBProc, backend: BackendProc) -> list[dict]:
 
 @pytest.mark.parametrize("data_path", DATA_PATHS)
 @pytest.mark.parametrize("path", CASE_FILES, ids=[p.stem for p in CASE_FILES])
-def test_corpus_case(path, data_path, corpus_backend, corpus_lbs):
+def test_corpus_case(path, data_path, corpus_backend, corpus_lbs, corpus_ca):
     case = parse_case(path)
     lb = corpus_lbs(case.config, data_path)
     corpus_backend.reset()
 
-    out = exchange(lb.port, case.data, want=len(case.statuses), need_close=case.closed)
+    if data_path == "tls":
+        out = exchange(lb.tls_port, case.data, want=len(case.statuses), need_close=case.closed,
+                       tls=corpus_ca.client_context())
+    else:
+        out = exchange(lb.port, case.data, want=len(case.statuses), need_close=case.closed)
     context = (f"\n{case.name}: {case.comment}\nrequest: {case.data[:600]!r}\n"
                f"responses: {[(r.status, r.body[:120]) for r in out.responses]}\n"
                f"eof={out.eof} reset={out.reset} leftover={out.leftover[:200]!r}")
@@ -407,6 +431,9 @@ def test_corpus_case(path, data_path, corpus_backend, corpus_lbs):
         if case.host is not None:
             got = [(k.lower(), v) for k, v in records[0]["headers"] if k.lower() in ("host", "x-forwarded-host")]
             assert got == [("host", case.host), ("x-forwarded-host", case.host)], f"{got}{context}{seen}"
+        if data_path == "tls":
+            xfp = [v for k, v in records[0]["headers"] if k.lower() == "x-forwarded-proto"]
+            assert xfp == ["https"], f"{xfp}{context}{seen}"
         for rec in records:
             try:
                 _check_forwarded(rec, case)

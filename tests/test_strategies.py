@@ -419,3 +419,12 @@ def test_seed_zero_seeds_from_the_os():
         s = make_strategy("random", mk(*[(f"n{i}", 1) for i in range(10)]), decay=10.0, seed=0)
         seqs.add(tuple(picks(s, 20)))
     assert len(seqs) > 1
+
+
+def test_every_strategy_answers_none_over_an_empty_fleet():
+    """A fleet from etcd can be empty (every backend deleted): 503, never an exception."""
+    from workers.strategies import STRATEGIES, make_strategy
+
+    for name in STRATEGIES:
+        s = make_strategy(name, [], decay=10.0, seed=1)
+        assert s.pick((), 0) is None and s.pick((), 0) is None, name

@@ -160,10 +160,12 @@ class RoundRobin(Strategy):
     def pick(self, exclude=(), cls=0):
         backends = self.backends
         n = len(backends)
+        if not n:  # (a fleet from etcd can be empty)
+            return None
         i = self.i
         b = backends[i % n]
         self.i = i + 1
-        # the usual case first, without the loop (the config requires a backend)
+        # the usual case first, without the loop
         if b.available and b not in exclude:
             return b
         for _ in range(n - 1):
@@ -206,6 +208,8 @@ class LeastConnections(Strategy):
     def pick(self, exclude=(), cls=0):
         backends = self.backends
         n = len(backends)
+        if not n:
+            return None
         self.i = start = (self.i + 1) % n
         best = None
         best_load = 0.0
@@ -253,8 +257,8 @@ class P2CEwma(Strategy):
     def pick(self, exclude=(), cls=0):
         backends = self.backends
         n = len(backends)
-        if n == 1 or exclude:
-            cands = self.eligible(exclude) if (exclude or not backends[0].available) else backends
+        if n <= 1 or exclude:
+            cands = self.eligible(exclude) if (exclude or n == 0 or not backends[0].available) else backends
             n = len(cands)
             if n == 0:
                 return None

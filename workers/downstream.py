@@ -35,6 +35,7 @@ from workers.http import (
     XFP_HTTP,
 )
 from workers.linger import LINGER_BYTES, linger
+from workers.released import CLOSED
 from workers.request_head import GOOD_HOSTS, HEAD_SLACK, NAME_TAGS, Reject, build_exchange, name_tag
 from workers.timers import CLOCK, INF
 
@@ -65,6 +66,8 @@ class _StopReading(Exception):
 
 
 class Downstream(Dispatcher, asyncio.Protocol):
+    XFP = XFP_HTTP  # the X-Forwarded-Proto line this listener adds
+
     __slots__ = (
         "worker",
         "parser",
@@ -138,21 +141,27 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(flow.WRITE_LIMIT)
         self.gate = flow.ReadGate(transport)
-        peer = transport.get_extra_info("peername")
-        self.client_ip = ip = (peer[0] if peer else "unknown").encode()
-        self.xff_line = b"X-Forwarded-For: " + ip + CRLF
-        self.xff_tail = CRLF + self.xff_line + XFP_HTTP + CRLF
+        if not self.client_ip:  # (else set from a PROXY protocol header: workers/proxyproto.py)
+            peer = transport.get_extra_info("peername")
+            self.client_ip = (peer[0] if peer else "unknown").encode()
+        self.set_client(self.client_ip)
         # Timers that start rarely read the exact time: the coarse clock may lag
         # by a sweep interval (more on a loaded machine) and would fire them early.
         self.deadline = CLOCK.tick() + w.t_client_header
         w.conns.add(self)
         w.accepted += 1
-        if len(w.conns) >= w.max_connections:
-            w.listener.pause()  # here, so the accept loop stops right after this one
+        w.listener.accepted()  # here, so the accept loop stops right after this one at the cap
         if w.draining:
             # Accepted just before the listener closed: serve it (with Connection:
             # close), but do not let it idle.
             self.deadline = CLOCK.now + DRAIN_IDLE_GRACE
+
+    def set_client(self, ip: bytes) -> None:
+        """The client's address: the peer's, or the one a PROXY protocol header
+        gave (workers/proxyproto.py); X-Forwarded-For, rate limits and logs use it."""
+        self.client_ip = ip
+        self.xff_line = b"X-Forwarded-For: " + ip + CRLF
+        self.xff_tail = CRLF + self.xff_line + self.XFP + CRLF
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -176,6 +185,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.reading = self.upgrading = None
         self.headers = []
         self.specials = []
+        self.transport = self.gate.transport = CLOSED  # (workers/released.py)
 
     def peer_gone(self) -> bool:
         """Reading is paused, so an end of file or a reset from the client goes
@@ -719,4 +729,5 @@ class Downstream(Dispatcher, asyncio.Protocol):
         close) instead of meeting a reset."""
         if self.ex is None and self.reading is None and not self.url and self.tunnel is None:
             self.deadline = min(self.deadline, CLOCK.now + DRAIN_IDLE_GRACE)
+
 

@@ -63,6 +63,18 @@ class HealthState:
             self.drained, self.down = drained, down
             self.recompute(time.monotonic())
 
+    def fleet_changed(self, added, removed, ramp: bool) -> None:
+        """Backends joined or left the fleet (workers/fleet.py)."""
+        for b in added:
+            b.eject_after = self.threshold
+            b.on_outlier = self.eject
+            if ramp:
+                b.available = False  # so that recompute starts its slow start
+        for b in removed:
+            for state in (self.ejected_until, self.streak, self.clean_since, self.since):
+                state.pop(b.name, None)
+        self.recompute(time.monotonic())
+
     def eject(self, backend) -> None:
         """Called by `Backend.record` after `eject_after` failures in a row."""
         backend.failures = 0

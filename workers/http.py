@@ -130,6 +130,25 @@ TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 REQUEST_TAIL_11 = b" HTTP/1.1\r\n"
 XFP_HTTP = b"X-Forwarded-Proto: http\r\n"
+XFP_HTTPS = b"X-Forwarded-Proto: https\r\n"
+
+
+def redirect_host(head: bytes) -> bytes:
+    """The host (port dropped) of a forwarded request head, for a redirect to https."""
+    i = head.find(b"\r\nHost: ") + 8
+    host = head[i:head.index(b"\r\n", i)]
+    if host.startswith(b"["):
+        return host[:host.index(b"]") + 1]
+    return host.partition(b":")[0]
+
+
+def redirect_target(head: bytes) -> bytes:
+    """The request target of a forwarded head as origin-form (absolute-form reduced)."""
+    target = head[head.index(b" ") + 1:head.index(b" HTTP/1.")]
+    if not target.startswith(b"/"):
+        scheme, sep, rest = target.partition(b"://")
+        target = b"/" + rest.partition(b"/")[2] if sep else b"/"
+    return target
 
 
 def drop_connection_named(head: bytes, lhead: bytes) -> bytes:
@@ -170,6 +189,16 @@ class DateCache:
             self._second = now
             self.header = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + CRLF
             self._errors.clear()
+
+    def redirect(self, status: int, location: bytes, *, close: bool, head_only: bool) -> bytes:
+        """A redirect (301/308) to `location`, with a short body."""
+        body = b"" if head_only else b"Redirecting to " + location + b"\n"
+        return b"".join((
+            status_line(status), b"Server: lb\r\n", self.header, b"Location: ", location, CRLF,
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % (len(location) + 16),
+            CONNECTION_CLOSE if close else b"", CRLF, body,
+        ))
 
     def error(self, status: int, *, close: bool = True, head_only: bool = False) -> bytes:
         """A complete lb-generated error response."""

@@ -88,7 +88,8 @@ class TableStrategy(P2CEwma):
         self.explore = exploration
         n = len(self.class_names)
         for b in backends:
-            b.curve = Curve(n)
+            if b.curve is None or len(b.curve.service) != n:  # (a rebuild over a new fleet keeps them)
+                b.curve = Curve(n)
         self._curves = [b.curve for b in backends]
         self.clock = monotonic  # the clock answers are timed with (the simulator's is simulated)
         self._fitted = 0.0  # clock time of the last curve fit (of any chunk)

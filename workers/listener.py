@@ -1,4 +1,4 @@
-"""A worker's listening socket, with a cap on the client connections it holds.
+"""A worker's listening sockets, with a cap on the client connections they hold.
 
 At `max_connections` the worker stops accepting: it closes its asyncio server
 (which owns a duplicate of the inherited descriptor, never the descriptor
@@ -17,9 +17,8 @@ import errno
 import os
 import resource
 import socket
-import time
 
-from lb.log import log
+from lb.log import Throttle, log
 
 # errnos of a connect that failed here, not at the backend
 LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
@@ -41,89 +40,120 @@ def connection_cap(configured: int, n_backends: int, keepalive: int) -> int:
 
 
 class Listener:
-    """Serves a socket through a protocol factory (`start`); pauses at `cap`
-    connections, resumes at `resume_at`."""
+    """Serves the worker's sockets (the plain one, and the HTTPS one when
+    configured), each through its protocol factory (`serve`); pauses all of
+    them at `cap` connections in total, resumes at `resume_at`."""
 
     def __init__(self, worker, backlog: int, cap: int) -> None:
         self.worker = worker
-        self.sock = None
-        self.factory = None
+        self.served: list[_Served] = []
         self.backlog = backlog
         self.cap = cap
         # A little below the cap, so a busy worker does not flap at the mark.
         self.resume_at = cap - max(1, cap // 10) if cap > 1 else 0
-        self.server = None
         self.paused = False
         self.resuming = False
         self.closed = False
         self.pauses = 0
         self.local_errors = 0
-        self._logged_at = 0.0
+        self._throttle = Throttle(LOG_EVERY)
         self._unlogged = 0
 
-    async def start(self, sock: socket.socket, factory) -> None:
-        self.sock = sock
-        self.factory = factory
-        self.server = await self.worker.loop.create_server(
-            self.factory, sock=self._dup(), backlog=self.backlog)
+    async def serve(self, sock: socket.socket, factory, **server_kw) -> None:
+        """Accept on `sock` (server_kw: ssl and its handshake timeout)."""
+        s = _Served(sock, factory, server_kw)
+        s.server = await self._open(s)
+        self.served.append(s)
+        if self.paused or self.closed:  # paused (or closed) while this one was opening
+            s.server.close()
+            if self.closed:
+                s.sock.close()
 
-    def _dup(self) -> socket.socket:
+    async def _open(self, s: "_Served"):
         # The server closes the socket it was given: give it a duplicate.
-        return socket.socket(fileno=os.dup(self.sock.fileno()))
+        dup = socket.socket(fileno=os.dup(s.sock.fileno()))
+        try:
+            return await self.worker.loop.create_server(s.factory, sock=dup, backlog=self.backlog,
+                                                        **s.server_kw)
+        except BaseException:
+            dup.close()
+            raise
+
+    def accepted(self) -> None:
+        """Called by each new connection (a Downstream, or one still in its TLS
+        handshake or before its PROXY header): at the cap, stop accepting."""
+        w = self.worker
+        if len(w.conns) + len(w.pending) >= self.cap:
+            self.pause()
 
     def pause(self) -> None:
         """Called by a new connection that reached the cap (inside connection_made,
         so the accept loop stops right after it)."""
-        if self.paused or self.closed or self.server is None:
+        if self.paused or self.closed or not self.served:
             return
         self.paused = True
         self.pauses += 1
-        self.server.close()
+        for s in self.served:
+            s.server.close()
         log("accept_paused", slot=self.worker.slot, connections=len(self.worker.conns),
             max_connections=self.cap)
 
     def maybe_resume(self) -> None:
+        w = self.worker
         if (self.paused and not self.resuming and not self.closed
-                and len(self.worker.conns) <= self.resume_at):
+                and len(w.conns) + len(w.pending) <= self.resume_at):
             self.resuming = True
             self.worker.loop.create_task(self._resume())
 
     async def _resume(self) -> None:
+        opened = []
         try:
-            server = await self.worker.loop.create_server(
-                self.factory, sock=self._dup(), backlog=self.backlog)
+            for s in self.served:
+                opened.append(await self._open(s))
         except OSError as exc:  # out of descriptors for the duplicate: the sweep retries
+            for server in opened:
+                server.close()
             self.local_error(exc)
             return
         finally:
             self.resuming = False
         if self.closed:
-            server.close()
+            for server in opened:
+                server.close()
             return
-        self.server = server
+        for s, server in zip(self.served, opened):
+            s.server = server
         self.paused = False
         log("accept_resumed", slot=self.worker.slot, connections=len(self.worker.conns),
             max_connections=self.cap)
 
     def close(self) -> None:
-        """Stop accepting for good (drain): this worker's copy of the socket goes
+        """Stop accepting for good (drain): this worker's copies of the sockets go
         too, so once the supervisor closes its own, connections are refused."""
         if self.closed:
             return
         self.closed = True
-        if self.server is not None:
+        for s in self.served:
             if not self.paused:
-                self.server.close()
-            self.sock.close()
+                s.server.close()
+            s.sock.close()
 
     def local_error(self, exc: OSError) -> None:
         """Counted, and logged at most once a second (with how many since the last line)."""
         self.local_errors += 1
         self._unlogged += 1
-        now = time.monotonic()
-        if now - self._logged_at >= LOG_EVERY:
-            self._logged_at = now
+        if self._throttle.due():
             log("local_resource_error", slot=self.worker.slot,
                 error=errno.errorcode.get(exc.errno, str(exc.errno)), count=self._unlogged,
                 connections=len(self.worker.conns))
             self._unlogged = 0
+
+
+class _Served:
+    __slots__ = ("sock", "factory", "server_kw", "server")
+
+    def __init__(self, sock: socket.socket, factory, server_kw: dict) -> None:
+        self.sock = sock
+        self.factory = factory
+        self.server_kw = server_kw
+        self.server = None

@@ -103,6 +103,15 @@ class Curve:
             self.quiet_since = now  # a busy period begins
         return s
 
+    def evidence(self) -> float:
+        """The in-flight count (+1) up to which recent answers show how the
+        backend behaves: slots at or above it are a lower bound, not a fit."""
+        top = 0.0
+        for n, load in zip(self.level_n, self.level_load):
+            if n >= MIN_LEVEL_ANSWERS:
+                top = max(top, load / n + 1.0)
+        return top
+
     def done(self, work: float, inflight: int) -> None:
         """A request sent with `start` no longer occupies the backend."""
         self.work = self.work - work if inflight > 0 else 0.0

@@ -9,20 +9,30 @@ handed to a request.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
+from lb.log import Throttle, log
 from workers.timers import CLOCK
+
+TLS_LOG_EVERY = 10.0  # seconds between two upstream_tls_failed lines for one backend
 
 
 class Pool:
-    __slots__ = ("backend", "idle", "max_idle", "idle_timeout", "loop", "factory")
+    __slots__ = ("backend", "idle", "max_idle", "idle_timeout", "loop", "factory", "tls",
+                 "tls_failures", "_tls_log")
 
-    def __init__(self, backend, loop, factory, *, max_idle: int, idle_timeout: float) -> None:
+    def __init__(self, backend, loop, factory, *, max_idle: int, idle_timeout: float,
+                 tls: dict | None = None) -> None:
         self.backend = backend
         self.loop = loop
         self.factory = factory  # () -> UpstreamConnection
         self.idle: list = []
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        # TLS backends: create_connection's ssl, server_hostname, ssl_handshake_timeout
+        self.tls = tls
+        self.tls_failures = 0
+        self._tls_log = Throttle(TLS_LOG_EVERY)
 
     def acquire(self):
         idle = self.idle
@@ -52,12 +62,31 @@ class Pool:
         `backend.connecting` counts the ones still opening (max_pending)."""
         b = self.backend
         b.connecting += 1
-        task = self.loop.create_task(self.loop.create_connection(self.factory, b.host, b.port))
+        if self.tls is None:
+            opening = self.loop.create_connection(self.factory, b.host, b.port)
+        else:
+            opening = self.loop.create_connection(self.factory, b.host, b.port, **self.tls)
+        task = self.loop.create_task(opening)
         task.add_done_callback(self._opened)
         return task
 
-    def _opened(self, _task) -> None:
+    def _opened(self, task) -> None:
         self.backend.connecting -= 1
+        if self.tls is not None and not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, ssl.SSLError):
+                self._tls_failed(exc)
+
+    def _tls_failed(self, exc: ssl.SSLError) -> None:
+        """A TLS handshake with the backend failed (nothing was sent to it):
+        counted, and logged at most every TLS_LOG_EVERY seconds per backend."""
+        from lb.tls import describe
+
+        self.tls_failures += 1
+        if self._tls_log.due():
+            log("upstream_tls_failed", backend=self.backend.name,
+                server_name=self.tls["server_hostname"], error=describe(exc),
+                failures=self.tls_failures)
 
     def expire(self, now: float) -> None:
         idle = self.idle

@@ -48,6 +48,8 @@ class Prequal(Strategy):
     def _candidates(self, exclude) -> list:
         backends = self.backends
         n = len(backends)
+        if not n:
+            return []
         if n <= POOL:
             # every backend, from a rotating start: equal candidates (no answer
             # yet, same latency) take turns instead of the first one taking all

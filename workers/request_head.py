@@ -34,7 +34,6 @@ from workers.http import (
     PLAIN_CONNECTION_TOKENS,
     REQUEST_TAIL_11,
     TE_CHUNKED,
-    XFP_HTTP,
     connection_tokens,
     request_name_tag,
 )
@@ -182,7 +181,7 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
         parts.append(conn.xff_line)
     else:
         parts += (b"X-Forwarded-For: ", xff, b", ", conn.client_ip, CRLF)
-    parts.append(XFP_HTTP)
+    parts.append(conn.XFP)
     chunked = is_upgrade = expect_continue = False
     has_body = False
     if te is not None:

@@ -16,6 +16,7 @@ which covers ZeroMQ's edge-triggered descriptors.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -25,9 +26,11 @@ import zmq
 
 from lb import messages as m
 from lb.clone import Subscriber
+from lb.fleet import compose
 from lb.log import log
+from workers import fleet
 from workers.learned import TableStrategy
-from workers.strategies import STRATEGIES, make_strategy
+from workers.strategies import STRATEGIES
 
 MAX_TRACES = 256  # per report; the rest of a burst is not sampled
 
@@ -117,6 +120,10 @@ def build_stats(backends, class_names, *, slot: int, pid: int, generation: int, 
             for b in backends
         ]
     mode = reason = ""
+    for bs, b in zip(bstats, backends):
+        c = b.curve
+        if c is not None:
+            bs.slots, bs.slots_seen, bs.class_service = c.slots, c.evidence(), list(c.service)
     table_seq = 0
     table_age = -1.0
     if isinstance(strategy, TableStrategy):
@@ -160,6 +167,8 @@ class Telemetry:
                 b.tracer = self.tracer
         self.mode: tuple[bool, str] | None = None
         self.pinned = ""
+        self.fleet: list[m.FleetBackend] | None = None  # the last fleet applied
+        self.fleet_waiter = None
         self.loop = None
         self.timer = None
         self.closed = False
@@ -206,6 +215,13 @@ class Telemetry:
 
     def apply_control(self, control: m.Control) -> None:
         w = self.worker
+        if control.fleet_known:
+            backends = compose(w.cfg, control.discovered, control.added, control.shared)
+            if backends != self.fleet:
+                first, self.fleet = self.fleet is None, backends
+                fleet.apply(w, backends, ramp=not first)
+            if self.fleet_waiter is not None and not self.fleet_waiter.done():
+                self.fleet_waiter.set_result(None)
         w.health.set_control(control.drained, control.down)
         pinned = control.pinned_strategy if control.pinned_strategy in STRATEGIES else ""
         if pinned != self.pinned:
@@ -216,20 +232,30 @@ class Telemetry:
         w = self.worker
         if w.strategy.name == name:
             return
-        cfg = w.cfg
-        strategy = make_strategy(
-            name, w.backends, decay=cfg.balancer.ewma_decay,
-            seed=(cfg.balancer.seed + w.slot) if cfg.balancer.seed else 0,
-            class_names=cfg.class_names, guard_share=cfg.learning.guard_share,
-            exploration=cfg.learning.exploration,
-        )
-        if isinstance(strategy, TableStrategy) and self.tables.state is not None:
-            strategy.set_table(self.tables.state)
+        strategy = w.make_strategy(name)
+        self.install_table(strategy)
         w.strategy = strategy
         log("strategy_switched", slot=w.slot, pid=self.pid, strategy=name,
             pinned=bool(self.pinned))
         self.mode = None
         self.check_mode()
+
+    def install_table(self, strategy) -> None:
+        if isinstance(strategy, TableStrategy) and self.tables.state is not None:
+            strategy.set_table(self.tables.state)
+
+    async def fleet_ready(self, timeout: float) -> None:
+        """Until the admin's fleet has been applied (or `timeout` seconds)."""
+        self.poll()
+        if self.fleet is not None:
+            return
+        self.fleet_waiter = self.loop.create_future()
+        try:
+            await asyncio.wait_for(self.fleet_waiter, timeout)
+        except asyncio.TimeoutError:
+            log("fleet_wait_timeout", slot=self.worker.slot, seconds=timeout)
+        finally:
+            self.fleet_waiter = None
 
     def check_mode(self) -> None:
         strategy = self.worker.strategy
@@ -260,7 +286,13 @@ class Telemetry:
             "connections": len(w.conns), "accepted": w.accepted, "requests": w.requests,
             "rejected": w.rejected, "timeouts": w.timeouts, "no_backend": w.no_backend,
             "shed": w.shed, "limited": w.limited, "panic": w.health.panic,
+            "proxy_errors": w.proxy_errors,
         }
+        if w.tls_ctx is not None:
+            from lb.tls import HANDSHAKES
+
+            counters["tls_handshakes"] = HANDSHAKES.ok
+            counters["tls_failures"] = dict(HANDSHAKES.failed)
         stats = build_stats(
             w.backends, self.class_names, slot=w.slot, pid=self.pid, generation=self.generation,
             seq=self.seq, ts=time.time(), counters=counters, strategy=w.strategy,

@@ -40,6 +40,7 @@ from workers.http import (
     UPGRADE_VALUE,
     drop_connection_named,
 )
+from workers.released import CLOSED
 from workers.timers import CLOCK, INF
 
 # How the response body is relayed to the client.
@@ -257,6 +258,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.alive = False
         self.pool.discard(self)
+        if self.pool.tls is not None:  # what a TLS transport holds goes now (workers/released.py)
+            self.transport = self.gate.transport = CLOSED
         if self.tunnel is not None:
             self.tunnel.transport.close()
             self.tunnel = None

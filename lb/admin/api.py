@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lb.config import STRATEGIES
 
 from . import views
+from .fleet import FleetError
 from .hosts import HostCheck
 from .httpserver import HTTPError, Request, Response, Router, json_response, to_json
 from .metrics import Exporter
@@ -46,11 +47,17 @@ class API:
         r.add("GET", "/api/route", self.get_route)
         r.add("POST", "/api/route", self.post_route)
         r.add("GET", "/api/backends", self.backends)
+        r.add("POST", "/api/backends", self.add_backend)
+        r.add("PATCH", "/api/backends/{name}", self.patch_backend)
+        r.add("DELETE", "/api/backends/{name}", self.delete_backend)
         r.add("POST", "/api/backends/{name}/drain", self.drain)
         r.add("POST", "/api/backends/{name}/enable", self.enable)
         r.add("GET", "/api/strategy", self.get_strategy)
         r.add("POST", "/api/strategy", self.post_strategy)
         r.add("GET", "/api/events", self.events)
+        r.add("GET", "/api/tls", self.get_tls)
+        r.add("GET", "/api/capacity", self.get_capacity)
+        r.add("GET", "/api/fleet", self.get_fleet)
 
     # -- auth -----------------------------------------------------------------------
 
@@ -107,6 +114,20 @@ class API:
 
     async def backends(self, req: Request) -> Response:
         return json_response({"backends": views.backends(self.s)})
+
+    async def get_capacity(self, req: Request) -> Response:
+        return json_response(self.s.capacity.view())
+
+    async def get_fleet(self, req: Request) -> Response:
+        if self.s.member is None:
+            raise HTTPError(404, "no fleet configured ([fleet] etcd)")
+        return json_response(self.s.member.view())
+
+    async def get_tls(self, req: Request) -> Response:
+        view = views.tls(self.s)
+        if view is None:
+            raise HTTPError(404, "no HTTPS listener configured ([tls] listen)")
+        return json_response(view)
 
     async def get_strategy(self, req: Request) -> Response:
         return json_response(self._strategy_view())
@@ -166,6 +187,30 @@ class API:
         changed = self.s.control.set_drained(self._backend(name), False)
         return json_response({"backend": name, "drained": False, "changed": changed})
 
+    async def add_backend(self, req: Request) -> Response:
+        """Into the fleet at once, no reload: every worker routes to it within milliseconds."""
+        self.authorize(req)
+        fb = self._fleet_change(self.s.fleet.add, req.json())
+        return json_response(_fleet_view(fb), 201, [("Location", f"/api/backends/{fb.name}")])
+
+    async def patch_backend(self, req: Request, name: str) -> Response:
+        self.authorize(req)
+        return json_response(_fleet_view(self._fleet_change(self.s.fleet.set_weight, name, req.json())))
+
+    async def delete_backend(self, req: Request, name: str) -> Response:
+        """Out of the fleet: no new requests; those in flight finish on it."""
+        self.authorize(req)
+        fb = self._fleet_change(self.s.fleet.remove, name)
+        return json_response({**_fleet_view(fb), "removed": True})
+
+    def _fleet_change(self, change, *args):
+        try:
+            fb = change(*args)
+        except FleetError as exc:
+            raise HTTPError(exc.status, exc.message) from None
+        self.s.fleet_changed()
+        return fb
+
     async def post_strategy(self, req: Request) -> Response:
         self.authorize(req)
         data = req.json()
@@ -191,6 +236,11 @@ class API:
                 await asyncio.wait_for(self.stopping.wait(), EVENT_INTERVAL)
             except asyncio.TimeoutError:
                 pass
+
+
+def _fleet_view(fb) -> dict:
+    return {"name": fb.name, "address": fb.address, "weight": fb.weight, "tls": fb.tls,
+            "sni": fb.sni or None, "source": fb.source}
 
 
 def _sse(event: str, data: object) -> bytes:

@@ -24,6 +24,7 @@ from lb.children import supervisor_pid
 from lb.config import Config, decode
 
 from .api import API
+from .discovery import Discovery
 from .health import HealthChecker
 from .httpserver import Server
 from .state import AdminState
@@ -57,6 +58,15 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
     await server.start()
     checker = HealthChecker(state)
     checker.start()
+    discovery = Discovery(state)
+    discovery.start()
+    state.discovery = discovery
+    if state.cfg.fleet.etcd:  # (a reload cannot add or remove the fleet: that needs a restart)
+        from .etcd import Member
+
+        state.member = Member(state)
+        state.member.start()
+    forecasting = loop.create_task(state.capacity.run())
     fds = state.fds()
     for fd in fds:
         loop.add_reader(fd, state.poll)
@@ -82,7 +92,11 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
                 break
     log.log("admin_stopping")
     api.stopping.set()
+    forecasting.cancel()
     await checker.stop()
+    await discovery.stop()
+    if state.member is not None:
+        await state.member.stop()
     for fd in fds:
         loop.remove_reader(fd)
     await server.close()

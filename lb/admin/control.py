@@ -1,4 +1,4 @@
-"""Operator overrides: drained backends and the pinned strategy.
+"""Operator overrides (drained backends, the pinned strategy), health verdicts and the fleet.
 
 The admin process owns this state.  It is published as `lb.messages.Control`
 through a Clone-pattern `Publisher` (workers and the inference process
@@ -25,8 +25,9 @@ REPUBLISH = 1.0  # seconds
 
 
 class ControlState:
-    def __init__(self, ctx: zmq.Context, runtime_dir: str) -> None:
+    def __init__(self, ctx: zmq.Context, runtime_dir: str, fleet=None) -> None:
         ep = endpoints(runtime_dir)
+        self.fleet = fleet  # lb.admin.fleet.Fleet, or None: the workers keep the config's backends
         self.path = os.path.join(runtime_dir, STATE_FILE)
         self.drained: list[str] = []
         self.pinned: str = ""
@@ -67,8 +68,14 @@ class ControlState:
 
     def message(self) -> Control:
         epoch, seq = self.publisher.next_version()
-        return Control(epoch=epoch, seq=seq, ts=time.time(), drained=list(self.drained),
-                       pinned_strategy=self.pinned, down=list(self.down))
+        f = self.fleet
+        drained = sorted(set(self.drained) | f.etcd_drained) if f is not None else list(self.drained)
+        return Control(epoch=epoch, seq=seq, ts=time.time(), drained=drained,
+                       pinned_strategy=self.pinned, down=list(self.down),
+                       discovered=dict(f.dns) if f is not None else {},
+                       added=list(f.api.values()) if f is not None else [],
+                       shared=list(f.etcd.values()) if f is not None else [],
+                       fleet_known=f is not None)
 
     def publish(self) -> None:
         self.publisher.publish(encode(self.message()))
@@ -77,7 +84,7 @@ class ControlState:
     def tick(self) -> None:
         """Answer snapshot requests; republish when a second has passed."""
         self.publisher.serve_snapshots()
-        if time.monotonic() - self.published_at >= REPUBLISH:
+        if time.monotonic() - self.published_at >= REPUBLISH * 0.9:  # (called once a second)
             self.publish()
 
     # -- changes (each one saved and published at once) ----------------------

@@ -1,7 +1,8 @@
 """Active HTTP health checks, run once for the whole instance.
 
 One asyncio task per backend sends `GET <health.path>` every `interval` on a
-fresh connection (so the check sees what a new client connection would) and
+fresh connection (so the check sees what a new client connection would; over
+TLS for `tls = true` backends, verified as the workers verify them) and
 reads the status line within `timeout`.  A backend goes down after `fall`
 failed checks in a row and comes back after `rise` passed ones; it starts up.
 The result is the `down` list of the control state (lb/admin/control.py),
@@ -13,6 +14,7 @@ receive it within milliseconds, and workers stop routing to a down backend
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from lb import log
 
@@ -40,16 +42,17 @@ class HealthChecker:
         self.tasks.clear()
 
     async def _watch(self) -> None:
-        """(Re)start the per-backend tasks when the config changes (reload)."""
+        """(Re)start the per-backend tasks when the config or the fleet changes."""
         while True:
             cfg = self.state.cfg
-            sig = (cfg.health, tuple((b.name, b.address) for b in cfg.backends))
+            fleet = self.state.fleet.backends()  # the config's, the discovered and the added ones
+            sig = (cfg.health, cfg.upstream, tuple((b.name, b.address, b.tls, b.sni) for b in fleet))
             if sig != self.signature:
                 self.signature = sig
                 for t in self.tasks.values():
                     t.cancel()
                 self.tasks.clear()
-                names = {b.name for b in cfg.backends}
+                names = {b.name for b in fleet}
                 if not cfg.health.path:
                     names = set()
                 stale = self.down - names
@@ -58,18 +61,31 @@ class HealthChecker:
                     self._publish()
                 if cfg.health.path:
                     loop = asyncio.get_running_loop()
-                    for b in cfg.backends:
-                        self.tasks[b.name] = loop.create_task(self._check_loop(b, cfg.health))
+                    tls_ctx = None
+                    if any(b.tls for b in fleet):
+                        from lb.tls import client_context
+
+                        try:
+                            tls_ctx = client_context(cfg)  # as the workers speak to them
+                        except Exception as exc:  # noqa: BLE001
+                            # (files changed since the config was checked): TLS backends go
+                            # unchecked until the next config; the others are still checked
+                            log.log("health_tls_unavailable", error=str(exc) or type(exc).__name__)
+                    for b in fleet:
+                        if b.tls and tls_ctx is None:
+                            continue
+                        self.tasks[b.name] = loop.create_task(self._check_loop(b, cfg.health, tls_ctx))
             await asyncio.sleep(1.0)
 
-    async def _check_loop(self, backend, hc) -> None:
+    async def _check_loop(self, backend, hc, tls_ctx) -> None:
         host, _, port = backend.address.rpartition(":")
         host = host.strip("[]")
+        tls = {"ssl": tls_ctx, "server_hostname": backend.sni or host} if backend.tls else {}
         request = (f"GET {hc.path} HTTP/1.1\r\nHost: {hc.host or backend.address}\r\n"
                    f"User-Agent: lb-health-check\r\nConnection: close\r\n\r\n").encode()
         passes = fails = 0
         while True:
-            ok, detail = await self._check(host, int(port), request, hc)
+            ok, detail = await self._check(host, int(port), request, hc, tls)
             if ok:
                 passes, fails = passes + 1, 0
                 if backend.name in self.down and passes >= hc.rise:
@@ -85,15 +101,19 @@ class HealthChecker:
                     self._publish()
             await asyncio.sleep(hc.interval)
 
-    async def _check(self, host: str, port: int, request: bytes, hc) -> tuple[bool, str]:
+    async def _check(self, host: str, port: int, request: bytes, hc, tls: dict) -> tuple[bool, str]:
         writer = None
         try:
             async with asyncio.timeout(hc.timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(host, port, **tls)
                 writer.write(request)
                 line = await reader.readuntil(b"\r\n")
         except TimeoutError:
             return False, "timeout"
+        except ssl.SSLError as exc:
+            from lb.tls import describe
+
+            return False, describe(exc)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             return False, type(exc).__name__
         finally:

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from lb.messages import LATENCY_BOUNDS
 
 from .state import AdminState
-from .stats import STATUS_CLASSES
+from .stats import STATUS_CLASSES, TLS_FAILED
 
 WORKER_COUNTER_HELP = {
     "accepted": ("lb_connections_accepted", "Client connections accepted."),
@@ -32,6 +32,8 @@ WORKER_COUNTER_HELP = {
     "no_backend": ("lb_no_backend", "Requests answered 503 because nothing was routable."),
     "shed": ("lb_shed", "Requests answered 503 by a protection limit (load shedding, circuit breaking)."),
     "limited": ("lb_limited", "Requests answered 429 by the per-client rate limit."),
+    "proxy_errors": ("lb_proxy_protocol_errors",
+                     "Connections closed for a missing or malformed PROXY protocol header."),
 }
 
 
@@ -147,6 +149,9 @@ class AdminCollector(Collector):
         # -- instance-wide counters from the workers ------------------------------------------
         for key, (name, doc) in WORKER_COUNTER_HELP.items():
             yield CounterMetricFamily(name, doc, value=totals.workers.get(key, 0))
+        if s.cfg.tls.listen:
+            yield from self._tls(totals)
+        yield from self._load()
         yield GaugeMetricFamily("lb_client_connections", "Client connections open.", value=g.connections)
         yield GaugeMetricFamily("lb_workers_reporting", "Workers whose stats arrived in the last 2 s.",
                                 value=g.workers)
@@ -176,6 +181,32 @@ class AdminCollector(Collector):
                                       value=st.inference_restarts)
             yield GaugeMetricFamily("lb_supervisor_status_age_seconds", "Age of the last supervisor status.",
                                     value=max(0.0, time.time() - st.ts))
+
+        # -- the fleet and discovery ----------------------------------------------------------------
+        by_source: dict[str, int] = {"config": 0, "dns": 0, "etcd": 0, "api": 0}
+        for fb in s.fleet.backends():
+            by_source[fb.source] = by_source.get(fb.source, 0) + 1
+        fleet = GaugeMetricFamily("lb_fleet_backends", "Backends in the fleet, by where they came from.",
+                                  labels=["source"])
+        for source, n in by_source.items():
+            fleet.add_metric([source], n)
+        yield fleet
+        if s.member is not None:
+            yield GaugeMetricFamily("lb_fleet_connected", "1 while this member's etcd session is up.",
+                                    value=1 if s.member.connected else 0)
+            yield GaugeMetricFamily("lb_fleet_members", "Members of the fleet registered in etcd.",
+                                    value=len(s.member.members))
+            yield CounterMetricFamily("lb_fleet_disconnects", "etcd sessions lost by this member.",
+                                      value=s.member.disconnects)
+            yield GaugeMetricFamily("lb_fleet_invalid_backends", "Backends in etcd skipped for a bad value.",
+                                    value=len(s.member.invalid))
+        if s.discovery is not None and s.discovery.lookups:
+            lookups = CounterMetricFamily("lb_discovery_lookups",
+                                          "DNS discovery look-ups by entry and result (ok, error, empty).",
+                                          labels=["backend", "result"])
+            for (entry, result), n in sorted(s.discovery.lookups.items()):
+                lookups.add_metric([entry, result], n)
+            yield lookups
 
         # -- policy ---------------------------------------------------------------------------------
         strategy = s.strategy()
@@ -221,6 +252,53 @@ class AdminCollector(Collector):
         if g.table_age_max >= 0:
             yield GaugeMetricFamily("lb_worker_table_age_seconds_max",
                                     "Oldest routing table a live worker routes with.", value=g.table_age_max)
+
+
+    def _load(self):
+        cap = self.s.capacity
+        view = cap.view()
+        fleet = view["fleet"]
+        yield GaugeMetricFamily("lb_fleet_load_rps", "Requests per second over the last 10 s.",
+                                value=fleet["load_rps"])
+        for key, name, doc in (("capacity_rps", "lb_fleet_capacity_rps",
+                                "Request rate the routable backends take within the p99 objective."),
+                               ("headroom", "lb_fleet_headroom", "Fleet capacity / load - 1."),
+                               ("recommended_backends", "lb_fleet_recommended_backends",
+                                "Routable backends the forecast needs, with the configured headroom.")):
+            if fleet[key] is not None:
+                yield GaugeMetricFamily(name, doc, value=fleet[key])
+        per = GaugeMetricFamily("lb_backend_capacity_rps", "A backend's request rate within the p99 objective "
+                                "(known=false: a lower bound, not seen under enough load).",
+                                labels=["backend", "known"])
+        for name, b in view["backends"].items():
+            per.add_metric([name, "true" if b["known"] else "false"], b["capacity_rps"])
+        yield per
+        points = cap.latest.points
+        if points:
+            for name, attr, doc in (("lb_fleet_load_forecast_rps", "rps", "Forecast request rate"),
+                                    ("lb_fleet_load_forecast_low_rps", "low", "Low end of its 95% interval"),
+                                    ("lb_fleet_load_forecast_high_rps", "high", "High end of its 95% interval")):
+                fam = GaugeMetricFamily(name, f"{doc}, minutes ahead (lb/forecast.py).", labels=["minutes"])
+                for p in points:
+                    fam.add_metric([str(p.minutes)], getattr(p, attr))
+                yield fam
+
+    def _tls(self, totals):
+        yield CounterMetricFamily("lb_tls_handshakes", "TLS handshakes completed on the HTTPS listener.",
+                                  value=totals.workers.get("tls_handshakes", 0))
+        failed = CounterMetricFamily("lb_tls_handshake_failures",
+                                     "TLS handshakes that failed on the HTTPS listener, by reason "
+                                     "(OpenSSL's, lower case; timeout; client_closed).", labels=["reason"])
+        for key, n in sorted(totals.workers.items()):
+            if key.startswith(TLS_FAILED):
+                failed.add_metric([key[len(TLS_FAILED):]], n)
+        yield failed
+        expiry = GaugeMetricFamily("lb_tls_certificate_expiry_seconds",
+                                   "When a certificate the HTTPS listener serves expires (Unix time).",
+                                   labels=["cert", "names"])
+        for info in self.s.certificates():
+            expiry.add_metric([info.path, ",".join(info.names)], info.not_after)
+        yield expiry
 
 
 def _le(bound: float) -> str:

@@ -33,7 +33,10 @@ from lb.messages import (
     table_decoder,
 )
 
+from .capacity import CapacityView
 from .control import ControlState
+from .fleet import Fleet
+from .loadhistory import LoadHistory
 from .saved_counters import CounterStore
 from .stats import Aggregator
 
@@ -43,6 +46,8 @@ STATUS_STALE = 5.0  # seconds without a SupervisorStatus before it is ignored
 class AdminState:
     def __init__(self, cfg: Config, runtime_dir: str, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
+        self._certs: list = []
+        self._certs_of = None  # the config `_certs` was read for
         self.runtime_dir = runtime_dir
         self.started = time.time()
         self.ctx = ctx or zmq.Context.instance()
@@ -54,12 +59,20 @@ class AdminState:
         self.stats.setsockopt(zmq.SUBSCRIBE, TOPIC_STATUS)
         self.stats.bind(ep["stats_admin"])
         self.tables = Subscriber(self.ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE, table_decoder.decode)
-        self.control = ControlState(self.ctx, runtime_dir)
-        self.agg = Aggregator([b.name for b in cfg.backends])
+        self.state_dir = cfg.state_dir or runtime_dir
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.fleet = Fleet(cfg, self.state_dir)
+        self.control = ControlState(self.ctx, runtime_dir, self.fleet)
+        self.agg = Aggregator([b.name for b in self.fleet.backends()])
         self.counters = CounterStore(runtime_dir, supervisor_pid())
+        self.load = LoadHistory(self.state_dir)  # per-minute request rate, for the forecast
+        self.load.load()
+        self.capacity = CapacityView(self)
         self.counters.load(self.agg)  # a restarted admin process continues the counters
         self.last_mode: tuple[str, str] | None = None
         self.generation: int | None = None
+        self.discovery = None  # lb.admin.discovery.Discovery, once the process serves
+        self.member = None  # lb.admin.etcd.Member with a [fleet]
 
     # -- input ---------------------------------------------------------------
 
@@ -101,7 +114,7 @@ class AdminState:
         self.generation = generation
         if blob:
             try:
-                self.cfg = decode(blob)
+                self._set_config(decode(blob))
                 log.log("admin_config_reloaded", generation=generation, source="supervisor")
                 return
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -113,8 +126,17 @@ class AdminState:
         except ConfigError as exc:
             log.log("admin_config_unreadable", generation=generation, error=str(exc))
             return
-        self.cfg = cfg
+        self._set_config(cfg)
         log.log("admin_config_reloaded", generation=generation, path=path)
+
+    def _set_config(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.fleet.set_config(cfg)
+        self.fleet_changed()
+
+    def fleet_changed(self) -> None:
+        """Publish the fleet at once (the workers apply it within milliseconds)."""
+        self.control.publish()
 
     def tick(self) -> None:
         """Once a second: history sample, control republish, pid retirement."""
@@ -122,13 +144,32 @@ class AdminState:
         self.control.tick()
         self.agg.retire()
         self.counters.save(self.agg)
-        self.agg.sample().weights = self.effective_weights()
+        sample = self.agg.sample()
+        sample.weights = self.effective_weights()
+        self.load.observe(sample.ts, sample.workers.get("requests", 0))
+        self.load.save()  # (only when a minute was added)
+        self.capacity.update()
         mode = self.mode()
         if mode != self.last_mode and self.strategy() == "ml":
             log.log("policy_mode", mode=mode[0], reason=mode[1])
         self.last_mode = mode
 
     # -- derived -------------------------------------------------------------
+
+    def certificates(self) -> list:
+        """The HTTPS listener's certificates as the running config names them
+        (lb/tls.py CertInfo), read again after each reload."""
+        if self._certs_of is not self.cfg:
+            from lb import tls
+
+            infos = []
+            for i, c in enumerate(self.cfg.tls.certificates):
+                try:
+                    infos.append(tls.inspect(c.cert, c.key, f"tls.certificates[{i}]"))
+                except ConfigError as exc:
+                    log.log("admin_certificate_unreadable", error=str(exc))
+            self._certs, self._certs_of = infos, self.cfg
+        return self._certs
 
     @property
     def table(self) -> Table | None:
@@ -149,9 +190,9 @@ class AdminState:
         return self.control.pinned or self.config_strategy()
 
     def backend_names(self) -> list[str]:
-        """The config's backends, then any other one live workers or the table
+        """The fleet's backends, then any other one live workers or the table
         name (a reload in flight), in a stable order."""
-        names = [b.name for b in self.cfg.backends]
+        names = [b.name for b in self.fleet.backends()]
         extra = {b.name for ws in self.agg.live_workers() for b in ws.backends}
         t = self.table
         if t is not None:
@@ -161,8 +202,8 @@ class AdminState:
         return names
 
     def config_weights(self) -> dict[str, int]:
-        weights = {b.name: b.weight for b in self.cfg.backends}
-        weights.update(self.agg.gauges().config_weight)  # what workers run now (after reloads)
+        weights = dict(self.agg.gauges().config_weight)  # what workers run now (after reloads)
+        weights.update({b.name: b.weight for b in self.fleet.backends()})
         return weights
 
     def mode(self) -> tuple[str, str]:
@@ -217,6 +258,7 @@ class AdminState:
 
     def close(self) -> None:
         self.counters.save(self.agg)
+        self.load.save()
         self.stats.close()
         self.tables.close()
         self.control.close()

@@ -25,7 +25,9 @@ HISTORY = 300  # one sample per second: five minutes
 STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 # per-backend counters summed as they are, in BackendStats and BackendTotals alike
 SCALAR_COUNTERS = ("requests", "connect_errors", "timeouts", "retries", "resets", "ejections", "overflows")
-WORKER_COUNTERS = ("accepted", "requests", "rejected", "timeouts", "no_backend", "shed", "limited")
+WORKER_COUNTERS = ("accepted", "requests", "rejected", "timeouts", "no_backend", "shed", "limited",
+                   "tls_handshakes", "proxy_errors")
+TLS_FAILED = "tls_failed."  # + reason: failed handshakes on the HTTPS listener, in Totals.workers
 
 
 @dataclass
@@ -75,6 +77,9 @@ class Totals:
         w = self.workers
         for name in WORKER_COUNTERS:
             w[name] += getattr(ws, name)
+        for reason, n in ws.tls_failures.items():
+            key = TLS_FAILED + reason
+            w[key] = w.get(key, 0) + n
         classes = ws.classes
         for b in ws.backends:
             t = self.backends.get(b.name)

@@ -61,14 +61,16 @@ def backends(s: AdminState) -> list[dict]:
     g = s.agg.gauges()
     t = s.agg.totals()
     cfgw = s.config_weights()
-    addresses = {b.name: b.address for b in s.cfg.backends}
+    fleet = {b.name: b for b in s.fleet.backends()}
     out = []
     for n in s.backend_names():
         bt = t.backends.get(n)
         w = cfgw.get(n, 0)
+        fb = fleet.get(n)
         out.append({
             "name": n,
-            "address": addresses.get(n),
+            "address": fb.address if fb is not None else None,
+            "source": fb.source if fb is not None else None,  # None: leaving (a reload or a removal)
             "state": backend_state(s, n, w, g),
             "drained": n in s.control.drained,
             "down": n in s.control.down,
@@ -188,6 +190,25 @@ def history(s: AdminState) -> list[dict]:
     return [_point(a, b, names) for a, b in zip(h, h[1:])]
 
 
+def tls(s: AdminState) -> dict | None:
+    """The HTTPS listener: its certificates (expiry) and handshake counts; None without one."""
+    cfg = s.cfg.tls
+    if not cfg.listen:
+        return None
+    from lb.admin.stats import TLS_FAILED
+
+    now = time.time()
+    totals = s.agg.totals().workers
+    certs = [{"cert": c.path, "names": c.names, "key_type": c.key_type, "not_after": c.not_after,
+              "expires_in_days": round((c.not_after - now) / 86400, 2)} for c in s.certificates()]
+    return {
+        "listen": cfg.listen,
+        "certificates": certs,
+        "handshakes": totals.get("tls_handshakes", 0),
+        "failures": {k[len(TLS_FAILED):]: v for k, v in sorted(totals.items()) if k.startswith(TLS_FAILED)},
+    }
+
+
 def snapshot(s: AdminState) -> dict:
     """The dashboard's once-a-second event."""
     names = s.backend_names()
@@ -208,4 +229,6 @@ def snapshot(s: AdminState) -> dict:
         "table_seq": t.seq if t else None,
         "table_age": round(time.time() - t.ts, 3) if t else None,
         "health": hv,
+        "tls": tls(s),
+        "capacity": s.capacity.view(),
     }

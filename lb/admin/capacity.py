@@ -1,0 +1,151 @@
+"""`GET /api/capacity` and the fleet gauges: capacity, load, forecast, advice.
+
+* Capacity per backend (lb/capacity.py) from what the workers report of
+  their load curves (ml only: the other strategies learn none): the slot
+  count (a worker's own count plus the others' load, averaged over workers
+  and over SMOOTH seconds), the service
+  time per class weighted by the class mix it answered, the p99/p50 ratio of
+  its latency over the last WINDOW seconds.  Known (not a lower bound) when a
+  worker's curve saw it queue within the last WINDOW seconds.
+* The load now (LOAD_WINDOW seconds) and its forecast: the per-minute
+  history (lb/admin/loadhistory.py) fitted once a minute (lb/forecast.py,
+  statsmodels) in a thread, off the event loop that serves the API.
+* The recommendation: routable backends needed so that the forecast's high
+  end (or the load now, if higher) plus `capacity.headroom` stays under the
+  fleet's capacity, at the mean capacity of the backends routable now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from lb import log
+from lb.capacity import Estimate, estimate
+from lb.forecast import Forecast, forecast
+
+from .stats import quantile
+
+REFIT = 60.0  # seconds between two forecasts
+LOAD_WINDOW = 10.0  # seconds the current load is averaged over
+WINDOW = 60.0  # seconds of latency (p99/p50) and of queueing evidence
+SMOOTH = 20.0  # seconds: time constant of the slot counts' average
+
+
+class CapacityView:
+    def __init__(self, state) -> None:
+        self.state = state
+        self.latest = Forecast("none", [], 0, "no forecast yet")
+        self.fitted_at = 0.0
+        self.slots: dict[str, float] = {}  # each backend's smoothed slot count (from every worker's)
+        self.knee_at: dict[str, float] = {}  # when a curve last saw the backend queue
+        self.updated = 0.0
+
+    def update(self, now: float | None = None) -> None:
+        """Once a second (AdminState.tick): fold the workers' latest curves in."""
+        now = time.monotonic() if now is None else now
+        dt = now - self.updated if self.updated else 1.0
+        self.updated = now
+        keep = math.exp(-dt / SMOOTH)
+        # Each worker's curve counts slots in its own in-flight requests: it sees
+        # the backend queue once its load plus the others' reaches the slots.
+        # So the backend's slots are a worker's count plus what the others had
+        # in flight: mean over workers of (slots - own load), plus the total load.
+        spare: dict[str, float] = {}
+        load: dict[str, float] = {}
+        workers: dict[str, int] = {}
+        for ws in self.state.agg.live_workers():
+            for b in ws.backends:
+                if b.slots <= 0:
+                    continue
+                spare[b.name] = spare.get(b.name, 0.0) + b.slots - b.inflight
+                load[b.name] = load.get(b.name, 0.0) + b.inflight
+                workers[b.name] = workers.get(b.name, 0) + 1
+                if b.slots_seen > b.slots + 0.5:  # its fit found queueing below the load it saw
+                    self.knee_at[b.name] = now
+        total = {n: max(1.0, spare[n] / workers[n] + load[n]) for n in spare}
+        for name, k in total.items():
+            old = self.slots.get(name)
+            self.slots[name] = k if old is None else keep * old + (1 - keep) * k
+
+    def backends(self, now: float | None = None) -> dict[str, Estimate]:
+        now = time.monotonic() if now is None else now
+        slo = self.state.cfg.capacity.slo_p99_ms / 1000.0
+        service: dict[str, tuple[float, float]] = {}  # name -> (sum of service x answers, answers)
+        for ws in self.state.agg.live_workers():
+            for b in ws.backends:
+                for s, n in zip(b.class_service, b.class_responses):
+                    if s > 0 and n > 0:
+                        acc = service.get(b.name, (0.0, 0.0))
+                        service[b.name] = (acc[0] + s * n, acc[1] + n)
+        w = self.state.agg.window(WINDOW)
+        out = {}
+        configured = {b.name for b in self.state.fleet.backends()}  # (not those removed since)
+        for name, k in self.slots.items():
+            if name not in configured:
+                continue
+            acc = service.get(name)
+            if not acc or acc[1] <= 0:
+                continue
+            ratio = 1.0
+            if w:
+                old, new = w
+                cur = new.hist.get(name, [])
+                before = old.hist.get(name) or [0] * len(cur)  # (none: not heard of yet then)
+                h = [b - a for a, b in zip(before, cur)]
+                p50, p99 = quantile(h, 0.5), quantile(h, 0.99)
+                if p50 and p99:
+                    ratio = p99 / p50
+            known = now - self.knee_at.get(name, -math.inf) <= WINDOW
+            out[name] = estimate(k, acc[0] / acc[1], ratio, slo, known)
+        return out
+
+    async def run(self) -> None:
+        """Refit every REFIT seconds (the first one at once)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            series = self.state.load.series()
+            try:
+                self.latest = await loop.run_in_executor(None, forecast, series)
+                self.fitted_at = time.time()
+            except Exception as exc:  # noqa: BLE001 - a model that fails keeps the last forecast
+                log.log("forecast_failed", error=f"{type(exc).__name__}: {exc}", minutes=len(series))
+            await asyncio.sleep(REFIT)
+
+    def load_rps(self) -> float:
+        w = self.state.agg.window(LOAD_WINDOW)
+        if not w:
+            return 0.0
+        old, new = w
+        dt = new.mono - old.mono
+        return max(0.0, (new.workers.get("requests", 0) - old.workers.get("requests", 0)) / dt) if dt > 0 else 0.0
+
+    def view(self) -> dict:
+        f = self.latest
+        load = self.load_rps()
+        per = self.backends()
+        routable = [n for n in self.state.routable() if n in per]
+        fleet: dict = {"load_rps": round(load, 3), "capacity_rps": None, "headroom": None,
+                       "recommended_backends": None, "routable_backends": len(self.state.routable()),
+                       "known": None, "slo_p99_ms": self.state.cfg.capacity.slo_p99_ms}
+        if routable:
+            cap = sum(per[n].capacity_rps for n in routable)
+            fleet["capacity_rps"] = round(cap, 3)
+            fleet["known"] = all(per[n].known for n in routable) and len(routable) == fleet["routable_backends"]
+            if load > 0:
+                fleet["headroom"] = round(cap / load - 1.0, 4)
+            high = max([load] + [p.high for p in f.points])
+            mean = cap / len(routable)
+            if mean > 0:
+                need = high * (1.0 + self.state.cfg.capacity.headroom) / mean
+                fleet["recommended_backends"] = max(1, math.ceil(need - 1e-9))
+        return {
+            "fleet": fleet,
+            "backends": {n: e.as_dict() for n, e in per.items()},
+            "forecast": [p.as_dict() for p in f.points],
+            "forecast_method": f.method,
+            "forecast_reason": f.reason,
+            "forecast_at": round(self.fitted_at, 3) if self.fitted_at else None,
+            "history_minutes": len(self.state.load.rates),
+        }
