@@ -16,9 +16,10 @@ import os
 
 import numpy as np
 
+from inference.adopted import SHIPPED
 from inference.features import FEATURES
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "default.onnx")
+DEFAULT_MODEL = SHIPPED
 META_FEATURES = "lb.features"
 META_VERSION = "lb.version"
 

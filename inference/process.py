@@ -101,6 +101,9 @@ class InferenceProcess:
 
             self.retrainer = Retrainer(runtime_dir, cfg.learning.retrain_interval, seed=cfg.balancer.seed)
         self.bad_stats = 0
+        self.trains = True  # False while another member of the fleet leads (Control.trains)
+        self.fleet_seen = ""  # the last fleet model version considered
+        self.fleet_candidate: tuple[Model, str] | None = None  # (model, member) awaiting its check
 
     def run(self) -> int:
         interval = self.cfg.learning.interval
@@ -127,6 +130,10 @@ class InferenceProcess:
                     if self.engine.set_fleet(backends, time.time()):
                         log("fleet_applied", backends=len(backends))
                 self.engine.set_control(control)
+                self.trains = control.trains
+                if control.shared_version and control.shared_version != self.fleet_seen:
+                    self.fleet_seen = control.shared_version
+                    self._fleet_model(control)
             now = time.monotonic()
             if now >= next_tick:
                 self._tick()
@@ -179,18 +186,57 @@ class InferenceProcess:
                 self.retrainer.add(records)
 
     def _retrain_poll(self) -> None:
-        done = self.retrainer.poll(self.engine.model)
+        if self.fleet_candidate is not None and self.retrainer.ready_to_check():
+            self._check_fleet_model()
+        done = self.retrainer.poll(self.engine.model, may_start=self.trains)
         if done is None:
             return
         event, fields, model = done
         if model is not None:
-            self.engine.set_model(model)
-            try:  # kept for the next inference process (reload, crash)
-                adopted.save(self.runtime_dir, model.path,
-                             adopted.base_model(self.cfg.learning.model, DEFAULT_MODEL), model.version)
-            except OSError as exc:
-                log("model_keep_failed", error=str(exc))
+            self._adopt(model, "retrain")
         log(event, **fields)
+
+    def _adopt(self, model: Model, origin: str) -> None:
+        """Route by `model` from now on, and keep it for the next inference
+        process (reload, crash)."""
+        try:
+            path = adopted.save(self.runtime_dir, model.path,
+                                adopted.base_model(self.cfg.learning.model, DEFAULT_MODEL), model.version,
+                                origin)
+            model = Model.load(path)  # (the source file may be replaced: refer to the kept copy)
+        except (OSError, ModelError) as exc:
+            log("model_keep_failed", error=str(exc))
+        self.engine.set_model(model)
+
+    def _fleet_model(self, control) -> None:
+        """The fleet's leader published a model: check it like a refit of our own
+        (inference/retrain.py) once there are records to check it on."""
+        live = self.engine.model
+        if live is not None and live.version == control.shared_version:
+            return  # ours (we lead), or adopted already
+        if self.retrainer is None:
+            log("fleet_model_ignored", version=control.shared_version, reason="learning.retrain_interval is 0")
+            return
+        try:
+            model = Model.load(control.shared_model)
+        except ModelError as exc:
+            log("fleet_model_rejected", version=control.shared_version, member=control.shared_from,
+                error=str(exc))
+            return
+        if model.version != control.shared_version:
+            return  # already replaced by a newer one: its own control message follows
+        self.fleet_candidate = (model, control.shared_from)
+
+    def _check_fleet_model(self) -> None:
+        (model, member), self.fleet_candidate = self.fleet_candidate, None
+        live = self.engine.model
+        swap, fields = self.retrainer.check(live, model)
+        fields.update(version=model.version, member=member, previous=live.version if live is not None else "")
+        if swap:
+            self._adopt(model, "fleet")
+            log("model_adopted", **fields)
+        else:
+            log("model_declined", **fields)
 
     def close(self) -> None:
         if self.writer is not None:

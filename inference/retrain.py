@@ -55,15 +55,17 @@ class Retrainer:
         while self.n - len(self.chunks[0]["latency"]) >= MAX_RECORDS:
             self.n -= len(self.chunks.pop(0)["latency"])
 
-    def poll(self, live: Model | None) -> tuple[str, dict, Model | None] | None:
-        """Advance: start a refit when due, collect a finished one.
+    def poll(self, live: Model | None, may_start: bool = True) -> tuple[str, dict, Model | None] | None:
+        """Advance: start a refit when due (and `may_start`: a fleet member that
+        does not lead adopts the leader's models instead), collect a finished one.
 
         Returns None, or (event, fields, new model or None) when a refit ended."""
         if self.child is not None:
             if self.child.poll() is None:
                 return None
             return self._collect(live)
-        if time.monotonic() < self.next_run or self.new_since_fit < MIN_RECORDS // 5 or self.n < MIN_RECORDS:
+        if (not may_start or time.monotonic() < self.next_run or self.new_since_fit < MIN_RECORDS // 5
+                or self.n < MIN_RECORDS):
             return None
         self._start(live)
         return None
@@ -109,6 +111,23 @@ class Retrainer:
             return "retrain_failed", {"error": str(exc)}, None
         fields["version"] = model.version
         return "model_swapped", fields, model
+
+    def ready_to_check(self) -> bool:
+        return self.n >= MIN_RECORDS
+
+    def check(self, live: Model | None, candidate: Model) -> tuple[bool, dict]:
+        """The held-out check of a refit, for a model from elsewhere (the fleet's
+        leader): scored against the live model on the most recent 20% of this
+        instance's own records.  (swap?, fields for the log line)."""
+        from inference.traces import concat
+        from inference.train import evaluate_challenger, score, split_recent
+
+        data = concat(self.chunks)
+        order = np.argsort(data["ts"], kind="stable")
+        _older, heldout = split_recent({k: v[order] for k, v in data.items()})
+        swap = evaluate_challenger(live, candidate, heldout)
+        return swap, {"live_score": round(score(live, heldout), 4) if live is not None else None,
+                      "challenger_score": round(score(candidate, heldout), 4), "records": self.n}
 
     def stop(self) -> None:
         if self.child is not None and self.child.poll() is None:

@@ -208,6 +208,14 @@ class Control(Msg):
     added: list[FleetBackend] = []
     shared: list[FleetBackend] = []  # the fleet's backends in etcd ([fleet])
     fleet_known: bool = False
+    # The fleet's learned model (lb/admin/modelshare.py): `trains` is False on a
+    # member that is not the fleet's leader (it adopts models instead of fitting
+    # its own); `shared_model` is the file, in the runtime directory, of the
+    # latest version the leader published, `shared_from` the member it came from.
+    trains: bool = True
+    shared_model: str = ""
+    shared_version: str = ""
+    shared_from: str = ""
 
 
 def encode(msg: Msg) -> bytes:

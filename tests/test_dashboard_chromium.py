@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.test_admin_harness import TOKEN, AdminProc, Feeder, wait_until
+from tests.etcdserver import Etcd
+from tests.test_admin_harness import TOKEN, AdminProc, Feeder, base_config, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package chromium)")
@@ -126,8 +127,12 @@ class DevTools:
 
 
 @pytest.fixture
-def env():
-    admin = AdminProc()
+def env(tmp_path):
+    # a member of a fleet, with another member registered in the same (real) etcd
+    etcd = Etcd(tmp_path)
+    etcd.put("/lb/dash/members/other-7", json.dumps({"id": "other-7", "listen": "10.0.0.7:8080",
+                                                      "version": "0.9", "backends": 3, "rps": 12.5}))
+    admin = AdminProc(base_config(fleet={"etcd": [etcd.url], "prefix": "/lb/dash", "member": "this-1"}))
     feeder = Feeder(admin.runtime, [("fast", 1), ("slow", 2), ("flaky", 1)], ["default", "upload", "api"]).start()
     wait_until(lambda: admin.get("/api/metrics")[2]["window"] >= 1.0, timeout=10)
     browser = DevTools()
@@ -137,6 +142,7 @@ def env():
         browser.close()
         feeder.stop()
         admin.cleanup()
+        etcd.close()
 
 
 def test_dashboard_live_in_chromium(env, tmp_path):
@@ -169,6 +175,15 @@ def test_dashboard_live_in_chromium(env, tmp_path):
         strategy: document.getElementById('strategy').textContent})""")
     assert header == {"mode": "learned", "model": "test-model-7", "health": "ready", "conn": "live",
                       "strategy": "ml"}, header
+    # the fleet: both members, this one marked, and the etcd session
+    wait_until(lambda: len(b.evaluate("document.querySelectorAll('#members tr').length ? "
+                                      "Array.from(document.querySelectorAll('#members tr')) : []")) == 2,
+               timeout=10, interval=0.2)
+    members = b.evaluate("""Array.from(document.querySelectorAll('#members tr')).map(
+        tr => Array.from(tr.cells).map(td => td.textContent))""")
+    assert members[0][:5] == ["other-7", "10.0.0.7:8080", "0.9", "12.5", "3"], members
+    assert members[1][0] == "this-1 (this one)", members
+    assert "etcd 127.0.0.1:" in b.evaluate("document.getElementById('fleet-note').textContent")
     # the charts drew something: some non-white pixels in the share chart
     inked = b.evaluate("""(() => { const c = document.getElementById('c-share');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;

@@ -8,15 +8,18 @@ and restarted under load loses no request while every member reports
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
 
-from tests.conftest import get
+from tests.conftest import child_processes, get
 from tests.etcdserver import Etcd
 from tests.test_admin_harness import metric_samples, wait_until
 from tests.test_admin_lb_run import TOKEN, admin_call
 from tests.test_backend_failover import Load
+from tests.test_inference_engine import constant_model
 
 PREFIX = "/lb/test"
 
@@ -40,14 +43,17 @@ def metric(lb, name: str) -> float | None:
     return metric_samples(admin_call(lb, "GET", "/metrics", token=None)[1].decode()).get(name)
 
 
-def start_members(lb_factory, etcd, tmp_path, n: int = 3) -> list:
+def start_members(lb_factory, etcd, tmp_path, n: int = 3, strategy: str = "round_robin",
+                  learning: str = "", first: int = 0) -> list:
+    """Members m{first}... m{first+n-1}."""
     lbs = []
-    for i in range(n):
-        lbs.append(lb_factory([], workers=1, strategy="round_robin", backend_lines="",
+    for i in range(first, first + n):
+        lbs.append(lb_factory([], workers=1, strategy=strategy, backend_lines="",
                               extra=f'state_dir = "{tmp_path}/state-{i}"\n'
                                     f'[fleet]\netcd = ["{etcd.url}"]\nprefix = "{PREFIX}"\n'
                                     f'member = "m{i}"\nlease_ttl = 2\n'
-                                    "[balancer]\nslow_start = 0\n[learning]\nstats_interval = 0.1\n"))
+                                    "[balancer]\nslow_start = 0\n[learning]\nstats_interval = 0.1\n"
+                                    + learning))
     for lb in lbs:
         wait_until(lambda: (fleet_view(lb) or {}).get("connected") is True, timeout=20, interval=0.1)
     return lbs
@@ -147,3 +153,91 @@ def test_three_members_follow_etcd_and_survive_its_outage(lb_factory, backend_fa
     t0 = time.time()
     etcd.ctl("del", f"{PREFIX}/backends/b3")
     assert max(applied_everywhere(lbs, "b3", t0, key="removed")) < 1.0
+
+
+def agreed_leader(lbs) -> str | None:
+    """The leader every member names, once they all name the same one."""
+    named = {(fleet_view(lb) or {}).get("leader") for lb in lbs}
+    return named.pop() if len(named) == 1 else None
+
+
+def kill_all(lb) -> None:
+    """SIGKILL an lb instance and every process under it."""
+    pids = [lb.proc.pid] + [c.pid for c in child_processes(lb.proc.pid, "", recursive=True)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    lb.proc.wait(10)
+
+
+def test_the_leader_trains_for_the_fleet_and_a_killed_one_hands_over(lb_factory, backend_factory, etcd,
+                                                                      tmp_path):
+    # Every member starts from a model that is plainly wrong (3 s, 50% errors
+    # for every backend): a refit beats it on held-out records.
+    bad = constant_model(tmp_path / "bad.onnx", 3.0, 0.5, version="bad-1")
+    b1, b2 = backend_factory("b1"), backend_factory("b2")
+    learning = f'model = "{bad}"\nretrain_interval = 1\ntrace_sample = 1.0\n'
+    lbs = start_members(lb_factory, etcd, tmp_path, strategy="ml", learning=learning)
+    for name, b in (("b1", b1), ("b2", b2)):
+        put_backend(etcd, name, b)
+    by_id = {f"m{i}": lb for i, lb in enumerate(lbs)}
+    first = wait_until(lambda: agreed_leader(lbs), timeout=10, interval=0.05)
+    assert [fleet_view(lb)["leads"] for lb in lbs].count(True) == 1
+    assert metric(by_id[first], "lb_fleet_leader") == 1
+
+    # the leader is killed (every process of it): another takes over
+    t_kill = time.monotonic()
+    kill_all(by_id.pop(first))
+    rest = list(by_id.values())
+    leader_id = wait_until(lambda: (m if (m := agreed_leader(rest)) != first else None), timeout=15, interval=0.05)
+    took = time.monotonic() - t_kill
+    assert took < 2 + 2 / 3 + 1.5, took  # lease_ttl, a third of it for the next try, and slack
+    leader = by_id[leader_id]
+    (follower,) = [lb for m, lb in by_id.items() if m != leader_id]
+    assert leader.log.events("fleet_leader")[-1]["role"] == "leader"
+    assert metric(leader, "lb_fleet_leader") == 1 and metric(follower, "lb_fleet_leader") == 0
+
+    loads = [Load(lb.port) for lb in rest]
+    for load in loads:
+        load.start()
+    try:
+        # the new leader refits, wins its held-out check and publishes the version
+        swapped = leader.log.wait_for("model_swapped", timeout=60)[0]
+        version = swapped["version"]
+        assert swapped["previous"] == "bad-1"
+        published = leader.log.wait_for("fleet_model_published", timeout=10)[0]
+        assert published["version"] == version and published["member"] == leader_id
+        assert metric(leader, "lb_fleet_models_published_total") >= 1
+        # the other checks it on its own records and adopts it; it trained nothing
+        # (the leader goes on refitting: a later version may be the first one seen)
+        def published_versions() -> set:
+            return {e["version"] for e in leader.log.events("fleet_model_published")}
+
+        ev = follower.log.wait_for("model_adopted", timeout=30)[0]
+        assert ev["version"] in published_versions() and ev["member"] == leader_id
+        assert ev["previous"] == "bad-1" and ev["challenger_score"] < ev["live_score"]
+        assert follower.log.events("model_swapped") == [] and follower.log.events("model_kept") == []
+        assert follower.log.events("retrain_failed") == []
+        wait_until(lambda: (fleet_view(follower)["model"] or {}).get("version") in published_versions(),
+                   timeout=5, interval=0.05)
+
+        # a member that joins later starts from the fleet's model once it has checked it
+        (late,) = start_members(lb_factory, etcd, tmp_path, n=1, strategy="ml", learning=learning,
+                                 first=3)
+        wait_until(lambda: admin_call(late, "GET", "/api/health", token=None)[0] == 200, timeout=10, interval=0.05)
+        wait_until(lambda: get(late.port, "/x")[0] == 200, timeout=5, interval=0.02)  # (the readiness probe's cue)
+        late_load = Load(late.port)
+        loads.append(late_load)
+        late_load.start()
+        ev = late.log.wait_for("model_adopted", timeout=30)[0]
+        assert ev["version"] in published_versions() and ev["member"] == leader_id
+        assert late.log.events("model_swapped") == [] and agreed_leader([late, leader]) == leader_id
+    finally:
+        for load in loads:
+            load.stop.set()
+        for load in loads:
+            load.join(10)
+    for load in loads:
+        assert load.results and load.errors() == [], load.errors()[:5]

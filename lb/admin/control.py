@@ -32,6 +32,8 @@ class ControlState:
         self.drained: list[str] = []
         self.pinned: str = ""
         self.down: list[str] = []
+        # the fleet's learned model (lb/admin/modelshare.py): (trains, file, version, member)
+        self.model: tuple[bool, str, str, str] = (True, "", "", "")
         self._load()
         self.publisher = Publisher(ctx, ep["control"], ep["control_snapshot"], TOPIC_CONTROL)
         self.published_at = 0.0
@@ -75,7 +77,8 @@ class ControlState:
                        discovered=dict(f.dns) if f is not None else {},
                        added=list(f.api.values()) if f is not None else [],
                        shared=list(f.etcd.values()) if f is not None else [],
-                       fleet_known=f is not None)
+                       fleet_known=f is not None, trains=self.model[0], shared_model=self.model[1],
+                       shared_version=self.model[2], shared_from=self.model[3])
 
     def publish(self) -> None:
         self.publisher.publish(encode(self.message()))
@@ -112,6 +115,14 @@ class ControlState:
         """The active health checks' verdict (not persisted: checks run again)."""
         if down != self.down:
             self.down = list(down)
+            self.publish()
+
+    def set_model(self, trains: bool, path: str, version: str, member: str) -> None:
+        """Who trains, and the fleet's latest model (not persisted: the leader
+        and the model are read from etcd again)."""
+        model = (trains, path, version, member)
+        if model != self.model:
+            self.model = model
             self.publish()
 
     def _changed(self, event: str, **fields) -> None:

@@ -6,6 +6,9 @@ Layout under `prefix` (written by operators and deploy tools with etcdctl):
     PREFIX/members/ID      written by each member under a lease: what it serves,
                            its version and request rate; gone `lease_ttl` after
                            the member stops refreshing it
+    PREFIX/leader, PREFIX/model
+                           the member that trains the fleet's learned model, and
+                           the latest model it published (lb/admin/modelshare.py)
 
 The member reads every backend (a snapshot and its revision), then watches
 the prefix from the next revision: a change reaches the workers of every
@@ -38,6 +41,7 @@ from lb import __version__, log
 from lb.messages import FleetBackend
 
 from .fleet import NAME, FleetError, canonical
+from .modelshare import ModelShare
 
 LOG_EVERY = 30.0  # seconds between two etcd_unreachable lines
 BACKOFF = (0.25, 0.5, 1.0, 2.0)  # seconds between attempts, growing while etcd stays away
@@ -89,6 +93,7 @@ class Member:
         self.snapshots = 0
         self.task: asyncio.Task | None = None
         self._logged = -LOG_EVERY
+        self.share = ModelShare(state, self.id, self.prefix)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -130,6 +135,7 @@ class Member:
             await self._snapshot(client)
         lease = await client.lease(int(max(2, self.ttl)))
         await self._register(client, lease)
+        await self.share.step(client, lease)
         watch = await client.watch_prefix(self.backends_prefix, start_revision=self.revision + 1)
         keeper = asyncio.get_running_loop().create_task(self._keep(client, lease))
         self.connected, self.endpoint = True, endpoint
@@ -207,6 +213,7 @@ class Member:
                 except (ValueError, UnicodeDecodeError):
                     continue
             self.members = members
+            await self.share.step(client, lease)
 
     def _disconnected(self, endpoint: str, exc: BaseException) -> None:
         if self.connected:
@@ -225,6 +232,7 @@ class Member:
             "backends": sorted(self.backends), "drained": sorted(self.drained),
             "invalid": dict(sorted(self.invalid.items())),
             "members": [self.members[k] for k in sorted(self.members)],
+            **self.share.view(),
         }
 
 

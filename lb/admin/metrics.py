@@ -200,6 +200,11 @@ class AdminCollector(Collector):
                                       value=s.member.disconnects)
             yield GaugeMetricFamily("lb_fleet_invalid_backends", "Backends in etcd skipped for a bad value.",
                                     value=len(s.member.invalid))
+            yield GaugeMetricFamily("lb_fleet_leader",
+                                    "1 while this member leads the fleet (trains and publishes its model).",
+                                    value=1 if s.member.share.leads else 0)
+            yield CounterMetricFamily("lb_fleet_models_published", "Model versions this member published.",
+                                      value=s.member.share.published)
         if s.discovery is not None and s.discovery.lookups:
             lookups = CounterMetricFamily("lb_discovery_lookups",
                                           "DNS discovery look-ups by entry and result (ok, error, empty).",

@@ -231,4 +231,5 @@ def snapshot(s: AdminState) -> dict:
         "health": hv,
         "tls": tls(s),
         "capacity": s.capacity.view(),
+        "fleet": s.member.view() if s.member is not None else None,
     }
