@@ -31,6 +31,7 @@ from lb.boot import python_argv
 
 MIN_RECORDS = 500  # records before a refit is attempted
 MAX_RECORDS = 50_000  # most recent records kept for refits
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # the refit's BLAS: one thread
 
 
 class Retrainer:
@@ -86,8 +87,11 @@ class Retrainer:
                "--seed", str(self.seed), "--max-iter", str(self.max_iter)]
         if live is not None:
             cmd += ["--live", live.path]
+        # One thread: BLAS would otherwise start one per core, and its threads
+        # spin while they wait, taking CPU from the workers beside it.
+        env = {**os.environ, **{k: "1" for k in THREAD_VARS}}
         self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(10))
+                                      stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.nice(10))
 
     def _collect(self, live: Model | None) -> tuple[str, dict, Model | None]:
         child, self.child = self.child, None
@@ -98,7 +102,8 @@ class Retrainer:
             msg = err.decode(errors="replace").strip().splitlines()
             return "retrain_failed", {"error": msg[-1][:300] if msg else f"exit code {child.returncode}"}, None
         fields = {"live_score": result.get("live"), "challenger_score": result.get("challenger"),
-                  "records": result.get("records"), "previous": live.version if live is not None else ""}
+                  "records": result.get("records"), "cpu_s": result.get("cpu_s"),
+                  "previous": live.version if live is not None else ""}
         if not result.get("swap"):
             try:
                 os.unlink(self.out)
@@ -161,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "wb") as f:
             f.write(blob)
         os.replace(tmp, args.output)
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({
-        "swap": swap, "records": len(data["latency"]),
+        "swap": swap, "records": len(data["latency"]), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
         "live": round(score(live, heldout), 4) if live is not None else None,
         "challenger": round(score(challenger, heldout), 4),
     }), flush=True)

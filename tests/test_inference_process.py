@@ -242,6 +242,7 @@ def test_continuous_learning_swaps_out_a_bad_live_model(runtime, tmp_path):
         swapped = proc.named("model_swapped")
         assert len(swapped) == 1 and swapped[0]["previous"] == "bad-1"
         assert swapped[0]["challenger_score"] < swapped[0]["live_score"]
+        assert swapped[0]["cpu_s"] > 0  # what the refit cost, from the child's own rusage
         assert swapped[0]["version"] == feeder.tables.state.model_version
         assert proc.stop() == 0
         # the adopted model was kept for the next inference process (reload, crash)
