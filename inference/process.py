@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 
 import msgspec
@@ -33,19 +32,12 @@ from inference.model import DEFAULT_MODEL, Model, ModelError
 from lb import config as cfgmod
 from lb.clone import Publisher, Subscriber
 from lb.fleet import compose
-from lb.children import supervisor_pid
+from lb.child import EXIT_BOOT, EXIT_OK, READY, BootError, Liveness, read_config, tell
 from lb.log import log, reopen
 from lb.messages import TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, control_decoder, encode, endpoints, stats_decoder
 
-HEARTBEAT = 1.0
 MAX_DRAIN = 10_000  # stats messages taken per loop iteration at most
 
-
-def _write(b: bytes) -> None:
-    try:
-        os.write(1, b)
-    except OSError:
-        pass  # the supervisor went away; it is not ours to die for that
 
 
 def load_model(cfg: cfgmod.Config, runtime_dir: str = "") -> tuple[Model | None, str]:
@@ -73,7 +65,7 @@ class InferenceProcess:
         self.cfg = cfg
         self.runtime_dir = runtime_dir
         self.stop = False
-        self.parent = supervisor_pid()  # a different parent: the supervisor is gone
+        self.liveness = Liveness()
         self.ctx = zmq.Context.instance()
         ep = endpoints(runtime_dir)
         self.sub = self.ctx.socket(zmq.SUB)
@@ -110,13 +102,12 @@ class InferenceProcess:
         poller = zmq.Poller()
         for s in (self.sub, self.pub.router, self.control.sub, self.control.dealer):
             poller.register(s, zmq.POLLIN)
-        _write(b"R")
+        tell(READY)
         log("inference_ready", backends=len(self.cfg.backends), classes=len(self.cfg.class_names),
             interval=interval, epoch=self.pub.epoch)
         next_tick = time.monotonic() + interval
-        next_beat = time.monotonic() + HEARTBEAT
         while not self.stop:
-            timeout = max(0.0, min(next_tick, next_beat) - time.monotonic())
+            timeout = max(0.0, min(next_tick, self.liveness.next) - time.monotonic())
             try:
                 poller.poll(timeout * 1000)
             except zmq.ZMQError:
@@ -140,15 +131,12 @@ class InferenceProcess:
                 next_tick += interval
                 if next_tick < now:  # fell behind (machine busy): do not burst to catch up
                     next_tick = now + interval
-            if now >= next_beat:
-                _write(b"H")
-                next_beat = now + HEARTBEAT
-                if os.getppid() != self.parent:
-                    log("inference_orphaned")
-                    break
+            if now >= self.liveness.next and not self.liveness.beat(now):
+                log("inference_orphaned")
+                break
             if self.retrainer is not None:
                 self._retrain_poll()
-        return 0
+        return EXIT_OK
 
     def _drain_stats(self) -> None:
         for _ in range(MAX_DRAIN):
@@ -256,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", required=True, help="runtime directory (ipc endpoints)")
     args = ap.parse_args(argv)
     try:
-        cfg = cfgmod.decode(sys.stdin.buffer.read())
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log("boot_failed", error=f"config on stdin: {exc}")
-        return 3
+        cfg = read_config()
+    except BootError as exc:
+        log("boot_failed", error=str(exc))
+        return EXIT_BOOT
     proc: InferenceProcess | None = None
     stop_requested = False
 
@@ -279,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         proc = InferenceProcess(cfg, args.runtime)
     except zmq.ZMQError as exc:
         log("boot_failed", error=f"{args.runtime}: {exc}")
-        return 3
+        return EXIT_BOOT
     if stop_requested:
         proc.close()
         log("inference_stopped")
-        return 0
+        return EXIT_OK
     try:
         return proc.run()
     finally:

@@ -6,12 +6,12 @@ Three kinds, all started with the validated config as msgpack on stdin:
   * the admin process (`python -m lb.admin`), one, with the admin listening socket.
 Each runs through lb/boot.py: the supervisor's own packages, never the current
 directory's.
-Each writes single bytes on its stdout, read by the supervisor:
-  R  ready (accepting / serving)
-  D  draining, no longer accepting (workers)
-  H  heartbeat, once a second from inside its event loop; a child silent for
-     `timeouts.heartbeat` is stuck and gets killed (then replaced like any death)
-Exit code 3 means "could not boot" (bad socket, config or package).
+Each speaks the protocol of lb/child.py (the child side, shared by all three):
+single bytes on its stdout, READY (accepting / serving), DRAINING (no longer
+accepting: workers) and HEARTBEAT (once a second from inside its loop; a
+child silent for `timeouts.heartbeat` is stuck and gets killed, then
+replaced like any death); exit code EXIT_BOOT means "could not boot" (bad
+socket, config or package).
 """
 
 from __future__ import annotations
@@ -22,25 +22,13 @@ import subprocess
 import time
 
 from lb.boot import python_argv
+from lb.child import DRAINING, READY, SUPERVISOR_PID_ENV
 
 WORKER = "worker"
 INFERENCE = "inference"
 ADMIN = "admin"
 
 BOOT_TIMEOUT = 15.0  # seconds for an auxiliary child to say R
-SUPERVISOR_PID_ENV = "LB_SUPERVISOR_PID"
-
-
-def supervisor_pid() -> int:
-    """The pid a child must have as its parent.  Taken from the environment,
-    not from getppid() at boot: a supervisor that died while the child was
-    still importing would otherwise leave it believing init is its parent."""
-    try:
-        return int(os.environ[SUPERVISOR_PID_ENV])
-    except (KeyError, ValueError):
-        return os.getppid()
-
-
 class Child:
     __slots__ = ("proc", "kind", "slot", "generation", "ready", "stopping", "drained",
                  "started", "heard", "fd", "killed")
@@ -72,9 +60,9 @@ class Child:
         if not data:
             return
         self.heard = time.monotonic()
-        if b"R" in data:
+        if READY in data:
             self.ready = True
-        if b"D" in data:
+        if DRAINING in data:
             self.drained = True
 
     def silent_for(self, now: float) -> float:

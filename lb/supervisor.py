@@ -28,10 +28,10 @@ from lb import children
 from lb import config as cfgmod
 from lb import messages, tickets
 from lb import tls as tlsmod
+from lb.child import EXIT_BOOT  # a child that could not start
 from lb.children import ADMIN, INFERENCE, WORKER, Child
 from lb.log import log, reopen
 
-EXIT_BOOT = 3  # a worker that could not start (see workers.worker)
 READY_TIMEOUT = 15.0
 MAX_BOOT_FAILURES = 5
 STATUS_INTERVAL = 1.0  # seconds between two SupervisorStatus reports to the admin process

@@ -15,12 +15,11 @@ import os
 import random
 import signal
 import socket
-import sys
 
 import uvloop
 
 from lb import config as cfgmod
-from lb.children import supervisor_pid
+from lb.child import DRAINING, EXIT_BOOT, EXIT_OK, READY, Liveness, read_config, tell
 from lb.log import Throttle, log, reopen
 from workers import fastpath
 from workers.accesslog import AccessLog
@@ -41,17 +40,7 @@ from workers.telemetry import Telemetry
 from workers.timers import CLOCK, SWEEP_INTERVAL
 from workers.upstream import UpstreamConnection
 
-EXIT_OK = 0
-EXIT_BOOT = 3
 FLEET_WAIT = 2.0  # seconds a starting worker waits for the fleet when backends come from DNS
-
-
-def tell_supervisor(signal_byte: bytes) -> None:
-    """One byte on stdout, read by the supervisor (lb/children.py): never blocks."""
-    try:
-        os.write(1, signal_byte)
-    except OSError:
-        pass  # BlockingIOError included: a full pipe only delays the news
 
 
 class Worker:
@@ -145,8 +134,7 @@ class Worker:
         self._tls_setup(cfg)
         self._stopped: asyncio.Future | None = None
         self._aborted = False  # stop_now: stop without waiting for connections
-        self._ppid = supervisor_pid()
-        self._next_beat = 0.0
+        self.liveness = Liveness()
 
     def _tls_setup(self, cfg: cfgmod.Config) -> None:
         """The HTTPS listener's context (certificates, SNI, shared ticket keys)
@@ -226,7 +214,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         loop.call_later(SWEEP_INTERVAL, self._sweep)
-        tell_supervisor(b"R")  # readiness: first, as we accept now
+        tell(READY)  # first, as we accept now
         log("worker_ready", slot=self.slot, pid=os.getpid(), strategy=self.strategy.name,
             fastpath=self.scan_request is not None, max_connections=self.max_connections)
         while True:
@@ -292,7 +280,7 @@ class Worker:
         self.draining = True
         log("worker_draining", slot=self.slot, pid=os.getpid(), connections=len(self.conns))
         self.listener.close()
-        tell_supervisor(b"D")  # no longer accepting
+        tell(DRAINING)
         for c in list(self.conns):
             c.drain()
         self.loop.call_later(self.t_drain, self.stop_now)
@@ -342,12 +330,10 @@ class Worker:
             self.access_log.flush()
         if self.limiter is not None:
             self.limiter.sweep(now)
-        if now >= self._next_beat:
-            self._next_beat = now + 1.0
-            tell_supervisor(b"H")  # heartbeat: this loop is alive
+        alive = self.liveness.beat(now)  # a heartbeat: this loop is alive
         if self.draining:
             self._maybe_stopped()
-        elif os.getppid() != self._ppid:
+        elif not alive:
             log("worker_orphaned", slot=self.slot, pid=os.getpid())
             self.drain()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -364,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-fd", type=int, default=-1, help="the HTTPS listener's socket")
     args = ap.parse_args(argv)
     try:
-        os.set_blocking(1, False)
-        cfg = cfgmod.decode(sys.stdin.buffer.read())
+        os.set_blocking(1, False)  # a full pipe only delays the news (lb/child.py tell)
+        cfg = read_config()
         sock = socket.socket(fileno=args.fd)
         tls_sock = socket.socket(fileno=args.tls_fd) if args.tls_fd >= 0 else None
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor by exit code

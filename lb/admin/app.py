@@ -14,14 +14,12 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 
-import msgspec
 import zmq
 
 from lb import log
-from lb.children import supervisor_pid
-from lb.config import Config, decode
+from lb.child import EXIT_BOOT, EXIT_OK, READY, BootError, Liveness, read_config, tell
+from lb.config import Config
 
 from .api import API
 from .discovery import Discovery
@@ -31,13 +29,6 @@ from .state import AdminState
 
 POLL = 0.1  # seconds: fallback poll of the ZeroMQ sockets (their descriptors are edge-triggered)
 TICK = 1.0  # seconds: history sample, control republish, heartbeat
-
-
-def _write(byte: bytes) -> None:
-    try:
-        os.write(1, byte)
-    except OSError:
-        pass  # nobody reads our stdout: not a reason to stop serving
 
 
 def _listener(fd: int) -> socket.socket:
@@ -70,9 +61,9 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
     fds = state.fds()
     for fd in fds:
         loop.add_reader(fd, state.poll)
-    parent = supervisor_pid()
+    liveness = Liveness()
     addr = sock.getsockname()
-    _write(b"R")
+    tell(READY)
     log.log("admin_ready", listen=f"{addr[0]}:{addr[1]}", runtime=state.runtime_dir)
     state.tick()
     next_tick = loop.time() + TICK
@@ -86,8 +77,7 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
         if now >= next_tick:
             next_tick = max(next_tick + TICK, now + TICK / 2)
             state.tick()
-            _write(b"H")
-            if os.getppid() != parent:
+            if not liveness.beat():
                 log.log("admin_orphaned")
                 break
     log.log("admin_stopping")
@@ -102,7 +92,7 @@ async def serve(state: AdminState, sock: socket.socket) -> int:
     await server.close()
     state.close()
     log.log("admin_exit")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,23 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
     try:
-        cfg: Config = decode(sys.stdin.buffer.read())
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        log.log("admin_boot_failed", error=f"invalid config on stdin: {exc}")
-        return 3
+        cfg: Config = read_config()
+    except BootError as exc:
+        log.log("admin_boot_failed", error=str(exc))
+        return EXIT_BOOT
     try:
         sock = _listener(args.fd)
     except OSError as exc:
         log.log("admin_boot_failed", error=f"admin socket: {exc.strerror or exc}")
-        return 3
+        return EXIT_BOOT
     try:
         os.makedirs(args.runtime, exist_ok=True)
         state = AdminState(cfg, args.runtime)
     except (OSError, zmq.ZMQError) as exc:
         log.log("admin_boot_failed", error=f"runtime endpoints in {args.runtime}: {exc}")
-        return 3
+        return EXIT_BOOT
     try:
         return asyncio.run(serve(state, sock))
     except FileNotFoundError as exc:  # the dashboard file missing from an install
         log.log("admin_boot_failed", error=str(exc))
-        return 3
+        return EXIT_BOOT

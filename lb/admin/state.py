@@ -19,7 +19,7 @@ import msgspec
 import zmq
 
 from lb import log
-from lb.children import supervisor_pid
+from lb.child import supervisor_pid
 from lb.clone import Subscriber
 from lb.config import Config, ConfigError, decode, load
 from lb.messages import (
