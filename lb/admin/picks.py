@@ -22,11 +22,8 @@ import time
 from lb.config import Backend as BackendConfig
 from lb.messages import Table
 
-try:  # the strategy registry (workers/strategies.py); older trees keep it in balancer.py
-    from workers.strategies import make_strategy
-except ImportError:  # pragma: no cover - depends on the workers package layout
-    from workers.balancer import make_strategy
 from workers.balancer import DEFAULT_RTT, Backend
+from workers.strategies import make_strategy
 
 PICKS = 4000
 SEED = 1  # fixed: the same state explains the same way

@@ -1,11 +1,9 @@
 """`/api/route`: the request class of a described request, and the current
 routing table (which backend it would go to now: lb/admin/picks.py).
 
-Request classes follow the config's `[[classes]]` rules exactly as the
-workers apply them: the first rule whose every set condition holds wins
-(method in `methods`, target starting with `path_prefix`, declared body size
-within [min_body, max_body]; a chunked body has no declared size and only
-matches rules without `max_body`); anything else is class "default".
+Request classes are the workers' own: `workers.classes.make_classifier`
+decides (the first rule whose every set condition holds wins; anything else
+is class "default"); this module only puts the reason in words.
 """
 
 from __future__ import annotations
@@ -15,8 +13,7 @@ from dataclasses import dataclass
 
 from lb.config import Config
 from lb.messages import Table
-
-CHUNKED = -1
+from workers.classes import CHUNKED, make_classifier
 
 
 class BadRequest(ValueError):
@@ -62,18 +59,13 @@ class RouteRequest:
 
 
 def classify(cfg: Config, req: RouteRequest) -> tuple[str, str]:
-    """(class name, the reason in words)."""
+    """(class name, the reason in words).  The class comes from the workers'
+    own classifier (workers/classes.py), so the two cannot disagree."""
     body = req.body_size()
-    for r in cfg.classes:
-        if r.methods and req.method not in r.methods:
-            continue
-        if r.path_prefix and not req.path.startswith(r.path_prefix):
-            continue
-        if body == CHUNKED:
-            if r.max_body:
-                continue
-        elif body < r.min_body or (r.max_body and body > r.max_body):
-            continue
+    rules = make_classifier(cfg.classes)
+    idx = rules(req.method.encode(), req.path.encode(), body) if rules is not None else 0
+    if idx:
+        r = cfg.classes[idx - 1]
         why = [f"rule {r.name!r}"]
         if r.methods:
             why.append(f"method {req.method} in {r.methods}")
