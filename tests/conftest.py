@@ -18,6 +18,32 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# -- tiers -----------------------------------------------------------------------------------------
+# The fast tier (`pytest -m unit`, a few seconds): modules whose tests run in
+# this process only.  Every other test is marked `process` (it starts lb,
+# backends, DNS or etcd servers, a browser...).  A unit test that tries to
+# start a process fails, so the tier cannot quietly grow slow.
+UNIT_MODULES = frozenset({
+    "test_child", "test_clone", "test_fastpath", "test_fleet_bench", "test_guard", "test_inference_engine",
+    "test_kubernetes_examples", "test_loadcurve", "test_table_rows",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        unit = item.module.__name__.rpartition(".")[2] in UNIT_MODULES
+        item.add_marker(pytest.mark.unit if unit else pytest.mark.process)
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_process(request, monkeypatch):
+    if request.node.get_closest_marker("unit") is not None:
+        def refuse(*a, **k):
+            raise AssertionError("a unit-tier test started a process: move it out of UNIT_MODULES")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
+
+
 def child_processes(pid: int, needle: str, recursive: bool = False) -> list[psutil.Process]:
     """Live children of `pid` whose command line contains `needle`. A child that exits while it is
     being looked at (an old worker retiring after a reload) is skipped, not an error."""
