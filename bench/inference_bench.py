@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inference import synthetic  # noqa: E402
+from tests import synthetic  # noqa: E402  (the synthetic worker the tests use)
 from inference.engine import Engine  # noqa: E402
 from inference.model import DEFAULT_MODEL, Model  # noqa: E402
 

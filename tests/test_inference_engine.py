@@ -1,6 +1,6 @@
 """The inference Engine (I/O free) and model loading: fallbacks, weights, trace joins.
 
-Stats come from `inference.synthetic.SyntheticWorker` (cumulative counters
+Stats come from `tests.synthetic.SyntheticWorker` (cumulative counters
 exactly as workers send them); models are real ONNX files.
 """
 
@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from inference import policy, synthetic
+from inference import policy
+from tests import synthetic
 from inference.engine import Engine
 from inference.features import FEATURES, N_FEATURES
 from inference.model import DEFAULT_MODEL, Model, ModelError

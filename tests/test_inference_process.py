@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import zmq
 
-from inference import synthetic, traces
+from inference import traces
+from tests import synthetic
 from lb.clone import Publisher, Subscriber
 from lb.config import encode as encode_config
 from lb.messages import (TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, Control, encode, endpoints,

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from inference import synthetic, traces, train
+from inference import traces, train
+from tests import synthetic
 from inference.engine import Engine
 from inference.model import Model
 from tests.test_inference_engine import constant_model
