@@ -9,7 +9,7 @@ down or slow just misses a report, and counters are cumulative).
 Tables (from the inference process) and the operator's control state (from
 the admin process) arrive through `lb.clone.Subscriber`s: the worker gets the
 current versions at start, then every newer one, and routes from what it
-holds.  Their sockets are watched by the event loop, so a new table is in use
+holds (workers/control.py applies them).  Their sockets are watched by the event loop, so a new table is in use
 within milliseconds of being published; the periodic timer also polls them,
 which covers ZeroMQ's edge-triggered descriptors.
 """
@@ -26,11 +26,9 @@ import zmq
 
 from lb import messages as m
 from lb.clone import Subscriber
-from lb.fleet import compose
 from lb.log import log
-from workers import fleet
+from workers.control import Steering
 from workers.learned import TableStrategy
-from workers.strategies import STRATEGIES
 
 MAX_TRACES = 256  # per report; the rest of a burst is not sampled
 
@@ -165,10 +163,7 @@ class Telemetry:
             self.tracer = Tracer(cfg.learning.trace_sample, seed=cfg.balancer.seed + worker.slot)
             for b in worker.backends:
                 b.tracer = self.tracer
-        self.mode: tuple[bool, str] | None = None
-        self.pinned = ""
-        self.fleet: list[m.FleetBackend] | None = None  # the last fleet applied
-        self.fleet_waiter = None
+        self.steer = Steering(worker, self.tables)
         self.loop = None
         self.timer = None
         self.closed = False
@@ -203,69 +198,26 @@ class Telemetry:
         if self.closed:
             return
         if self.control.poll():
-            self.apply_control(self.control.state)
+            self.steer.apply(self.control.state)
         if self.tables.poll():
             table = self.tables.state
-            strategy = self.worker.strategy
             if self.tracer is not None:
                 self.tracer.install(table.epoch, table.seq)
-            if isinstance(strategy, TableStrategy):
-                strategy.set_table(table)
-                self.check_mode()
-
-    def apply_control(self, control: m.Control) -> None:
-        w = self.worker
-        if control.fleet_known:
-            backends = compose(w.cfg, control.discovered, control.added, control.shared)
-            if backends != self.fleet:
-                first, self.fleet = self.fleet is None, backends
-                fleet.apply(w, backends, ramp=not first)
-            if self.fleet_waiter is not None and not self.fleet_waiter.done():
-                self.fleet_waiter.set_result(None)
-        w.health.set_control(control.drained, control.down)
-        pinned = control.pinned_strategy if control.pinned_strategy in STRATEGIES else ""
-        if pinned != self.pinned:
-            self.pinned = pinned
-            self.switch_strategy(pinned or w.cfg.strategy)
-
-    def switch_strategy(self, name: str) -> None:
-        w = self.worker
-        if w.strategy.name == name:
-            return
-        strategy = w.make_strategy(name)
-        self.install_table(strategy)
-        w.strategy = strategy
-        log("strategy_switched", slot=w.slot, pid=self.pid, strategy=name,
-            pinned=bool(self.pinned))
-        self.mode = None
-        self.check_mode()
-
-    def install_table(self, strategy) -> None:
-        if isinstance(strategy, TableStrategy) and self.tables.state is not None:
-            strategy.set_table(self.tables.state)
+            self.steer.set_table(table)
 
     async def fleet_ready(self, timeout: float) -> None:
         """Until the admin's fleet has been applied (or `timeout` seconds)."""
         self.poll()
-        if self.fleet is not None:
+        steer = self.steer
+        if steer.fleet is not None:
             return
-        self.fleet_waiter = self.loop.create_future()
+        steer.fleet_waiter = self.loop.create_future()
         try:
-            await asyncio.wait_for(self.fleet_waiter, timeout)
+            await asyncio.wait_for(steer.fleet_waiter, timeout)
         except asyncio.TimeoutError:
             log("fleet_wait_timeout", slot=self.worker.slot, seconds=timeout)
         finally:
-            self.fleet_waiter = None
-
-    def check_mode(self) -> None:
-        strategy = self.worker.strategy
-        if not isinstance(strategy, TableStrategy):
-            return
-        mode = strategy.check(time.time())
-        if mode != self.mode:
-            self.mode = mode
-            log("policy_mode", slot=self.worker.slot, pid=self.pid,
-                mode="learned" if mode[0] else "fallback", reason=mode[1])
+            steer.fleet_waiter = None
 
     # -- out ------------------------------------------------------------------
 
@@ -274,7 +226,7 @@ class Telemetry:
             return
         try:
             self.poll()
-            self.check_mode()
+            self.steer.check_mode()
             self.send()
         finally:
             self.timer = self.loop.call_later(self.interval, self._tick)

@@ -182,7 +182,7 @@ class Worker:
         """Over a changed fleet: the same strategy, the table in hand installed again."""
         strategy = self.make_strategy(self.strategy.name)
         if self.telemetry is not None:
-            self.telemetry.install_table(strategy)
+            self.telemetry.steer.install_table(strategy)
         self.strategy = strategy
 
     # -- lifecycle ------------------------------------------------------------
