@@ -120,7 +120,8 @@ def pick_bench(table, n_backends: int, n_classes: int, picks: int = 200_000) -> 
     import random
 
     from lb.config import Backend as BackendConfig
-    from workers.balancer import Backend, P2CEwma
+    from workers.backend import Backend
+    from workers.classic import P2CEwma
     from workers.learned import TableStrategy
 
     backends = [Backend(BackendConfig(address=f"127.0.0.1:{20000 + i}", name=table.backends[i]),
@@ -175,7 +176,7 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
 
     from lb import messages as m
     from lb.config import Backend as BackendConfig
-    from workers.balancer import Backend
+    from workers.backend import Backend
     from workers.learned import TableStrategy
     from workers.telemetry import build_stats
 

@@ -1,7 +1,7 @@
 """Discrete-event simulator of lb in front of the quality scenarios' backends.
 
 It runs THE SAME policy code as lb's workers: each simulated worker holds its
-own `workers.balancer.Backend` objects (its own in-flight counts, peak-EWMA
+own `workers.backend.Backend` objects (its own in-flight counts, peak-EWMA
 and counters) and its own strategy from `workers.strategies.make_strategy`;
 every request is routed by `strategy.pick`, every answer goes through
 `strategy.observe` and the per-class `Backend.record`.  Only time is fake:
@@ -67,7 +67,7 @@ for _p in (BENCH_DIR, REPO_ROOT):
 
 import scenarios as scn  # noqa: E402  (bench/scenarios.py)
 from lb.config import Backend as BackendConfig, Learning  # noqa: E402
-from workers import balancer, strategies  # noqa: E402
+from workers import backend as wbackend, classic, strategies  # noqa: E402
 
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",
             "ml-identity", "ml-curves", "least-latency")
@@ -84,18 +84,18 @@ STATS_INTERVAL = 0.1  # lb's default learning.stats_interval
 
 # The balancer's API gained a request class (pick(exclude, cls), Backend(cfg,
 # n_classes, idx)); accept both so the simulator runs whichever is checked out.
-_PICK_TAKES_CLASS = "cls" in inspect.signature(balancer.Strategy.pick).parameters
-_BACKEND_TAKES_CLASSES = "n_classes" in inspect.signature(balancer.Backend.__init__).parameters
-_HAS_RECORD = hasattr(balancer.Backend, "record")
+_PICK_TAKES_CLASS = "cls" in inspect.signature(classic.Strategy.pick).parameters
+_BACKEND_TAKES_CLASSES = "n_classes" in inspect.signature(wbackend.Backend.__init__).parameters
+_HAS_RECORD = hasattr(wbackend.Backend, "record")
 # Backend.record(cls, latency, error, now) also updates the peak EWMA (one call per response).
-_RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(balancer.Backend.record).parameters
+_RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(wbackend.Backend.record).parameters
 # ... and takes the in-flight count the request was sent at (ml's load curves)
-_RECORD_LOADS = _HAS_RECORD and "load" in inspect.signature(balancer.Backend.record).parameters
+_RECORD_LOADS = _HAS_RECORD and "load" in inspect.signature(wbackend.Backend.record).parameters
 
 _DONE, _FAILED, _TICK = 0, 1, 2  # event kinds
 
 
-class LeastLatency(balancer.P2CEwma):
+class LeastLatency(classic.P2CEwma):
     """Ablation, not an lb strategy: every pick scans all backends for the least
     peak-EWMA x (in-flight + 1), no sampling (ties: the first after a rotating
     start, so equal backends share)."""
@@ -161,9 +161,9 @@ class Worker:
         for i, spec in enumerate(sc.backends):
             cfg = BackendConfig(address=f"127.0.0.1:{20000 + i}", weight=spec.weight, name=spec.name)
             if _BACKEND_TAKES_CLASSES:
-                b = balancer.Backend(cfg, len(scn.CLASSES), i)
+                b = wbackend.Backend(cfg, len(scn.CLASSES), i)
             else:
-                b = balancer.Backend(cfg)
+                b = wbackend.Backend(cfg)
             self.backends.append(b)
         self.index = {id(b): i for i, b in enumerate(self.backends)}
         kw = {"decay": EWMA_DECAY, "seed": seed * 1000 + slot + 1}

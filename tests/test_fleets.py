@@ -159,9 +159,9 @@ def test_ml_identity_routes_by_what_the_cells_showed():
 
 def test_least_latency_takes_the_least_ewma_times_load_of_all():
     from lb.config import Backend as BackendConfig
-    from workers import balancer
+    from workers import backend
 
-    bs = [balancer.Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"x{i}"), 2, i)
+    bs = [backend.Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"x{i}"), 2, i)
           for i in range(6)]
     for b, ewma, inflight in zip(bs, (0.010, 0.002, 0.004, 0.001, 0.020, 0.003),
                                  (0, 3, 1, 9, 0, 0)):

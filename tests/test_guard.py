@@ -130,7 +130,7 @@ def test_a_table_that_routes_badly_is_caught_and_held_off():
     guard's small share of picks."""
     from lb import messages as m
     from lb.config import Backend as BackendConfig
-    from workers.balancer import Backend
+    from workers.backend import Backend
     from workers.learned import TableStrategy
     from workers.strategies import make_strategy
 

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from lb.config import Backend as BackendConfig
-from workers.balancer import Backend
+from workers.backend import Backend
 from workers.loadcurve import DEFAULT_SERVICE, Curve, fit
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 from lb.config import Backend as BackendConfig
 from workers import prequal
-from workers.balancer import Backend
+from workers.backend import Backend
 from workers.strategies import make_strategy
 
 

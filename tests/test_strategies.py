@@ -13,7 +13,7 @@ import pytest
 from lb.config import Backend as BackendConfig
 from tests.conftest import ThreadedServer, get
 from workers import strategies as balancer
-from workers.balancer import Backend
+from workers.backend import Backend
 from workers.strategies import make_strategy
 
 ALL = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal")

@@ -13,7 +13,7 @@ import pytest
 
 from lb import messages as m
 from lb.config import Backend as BackendConfig
-from workers.balancer import Backend
+from workers.backend import Backend
 from workers.strategies import make_strategy
 
 

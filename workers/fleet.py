@@ -22,7 +22,7 @@ installed again.  Nothing here runs per request.
 from __future__ import annotations
 
 from lb.log import log
-from workers.balancer import Backend
+from workers.backend import Backend
 from workers.pool import Pool
 
 

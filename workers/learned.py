@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from time import monotonic
 
-from workers.balancer import Backend, P2CEwma
+from workers.backend import Backend
+from workers.classic import P2CEwma
 from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from workers.balancer import Backend, LeastConnections, P2CEwma, Random, RoundRobin, WeightedRoundRobin
+from workers.backend import Backend
+from workers.classic import LeastConnections, P2CEwma, Random, RoundRobin, WeightedRoundRobin
 from workers.learned import TableStrategy
 from workers.prequal import Prequal
 from workers.strategy import Strategy

@@ -1,6 +1,6 @@
-"""The base every routing strategy shares (workers/balancer.py, workers/prequal.py).
+"""The base every routing strategy shares (workers/classic.py, workers/prequal.py, workers/learned.py).
 
-A strategy answers `pick(exclude, cls)` with a `workers.balancer.Backend` (or
+A strategy answers `pick(exclude, cls)` with a `workers.backend.Backend` (or
 None when nothing is eligible) from state the worker holds locally.
 """
 
@@ -10,7 +10,7 @@ import random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from workers.balancer import Backend
+    from workers.backend import Backend
 
 
 class Strategy:

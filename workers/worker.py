@@ -23,7 +23,7 @@ from lb.child import DRAINING, EXIT_BOOT, EXIT_OK, READY, Liveness, read_config,
 from lb.log import Throttle, log, reopen
 from workers import fastpath
 from workers.accesslog import AccessLog
-from workers.balancer import Backend
+from workers.backend import Backend
 from workers.strategies import make_strategy
 from workers.classes import make_classifier
 from workers.health import NEVER, HealthState

@@ -22,7 +22,7 @@ import time
 from lb.config import Backend as BackendConfig
 from lb.messages import Table
 
-from workers.balancer import DEFAULT_RTT, Backend
+from workers.backend import DEFAULT_RTT, Backend
 from workers.strategies import make_strategy
 
 PICKS = 4000
