@@ -129,3 +129,17 @@ def test_only_ml_keeps_load_curves():
     assert all(isinstance(b.curve, Curve) and len(b.curve.service) == 2 for b in bs)
     make_strategy("p2c_ewma", bs, decay=10.0, seed=1)  # a pinned strategy replaces ml
     assert all(b.curve is None for b in bs)
+
+
+def test_the_fit_keeps_the_evidence_the_stats_report():
+    # The stats report each curve's evidence as of its last fit (`top`, computed
+    # with the fit for every curve at once): the same as evidence() just before it.
+    rng = random.Random(7)
+    curves = [Curve(1) for _ in range(5)]
+    for k, c in enumerate(curves):
+        for _ in range(40 * k):
+            c.learn(0, 0.004 * math.exp(rng.gauss(0.0, 0.2)), rng.randint(0, 3 * k), 1.0)
+    before = [c.evidence() for c in curves]
+    fit(curves, 0.1)
+    assert [c.top for c in curves] == pytest.approx(before)
+    assert before[0] == 0.0 and before[-1] > 1.0

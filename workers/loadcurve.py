@@ -59,11 +59,12 @@ SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 
 class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
-    __slots__ = ("service", "slots", "seen", "level_n", "level_sum", "level_load", "work", "quiet_since")
+    __slots__ = ("service", "slots", "top", "seen", "level_n", "level_sum", "level_load", "work", "quiet_since")
 
     def __init__(self, n_classes: int) -> None:
         self.service = [0.0] * n_classes  # seconds; 0: no answer of that class yet
         self.slots = 1.0
+        self.top = 0.0  # evidence() as of the last fit (reported with the stats at no cost)
         self.work = 0.0  # expected service seconds of this worker's requests in flight here
         self.quiet_since = -1.0  # the last answer, or the start of the busy period if later (-1: never)
         self.seen = 0.0  # monotonic time of the last answer learned from
@@ -155,6 +156,7 @@ def fit(curves: list[Curve], dt: float) -> None:
     err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
     best = SLOT_GRID[err.argmin(axis=1)]
     enough = w.sum(axis=1) >= MIN_FIT_ANSWERS
+    top = np.where(use, loads / safe + 1.0, 0.0).max(axis=1)  # evidence(), for every curve at once
     keep = math.exp(-dt / TAU)
     n *= keep
     total *= keep
@@ -162,6 +164,7 @@ def fit(curves: list[Curve], dt: float) -> None:
     for i, c in enumerate(curves):
         if enough[i]:
             c.slots = float(best[i])
+        c.top = float(top[i])
         c.level_n = n[i].tolist()
         c.level_sum = total[i].tolist()
         c.level_load = loads[i].tolist()

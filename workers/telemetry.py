@@ -121,7 +121,10 @@ def build_stats(backends, class_names, *, slot: int, pid: int, generation: int, 
     for bs, b in zip(bstats, backends):
         c = b.curve
         if c is not None:
-            bs.slots, bs.slots_seen, bs.class_service = c.slots, c.evidence(), list(c.service)
+            # (the evidence as of the curve's last fit: evidence() per backend per
+            # report would cost more than the rest of the report at 256 backends)
+            bs.slots, bs.slots_seen = c.slots, c.top
+            bs.class_service = list(c.service) if copy else c.service
     table_seq = 0
     table_age = -1.0
     if isinstance(strategy, TableStrategy):
