@@ -61,6 +61,11 @@ def child_processes(pid: int, needle: str, recursive: bool = False) -> list[psut
     return out
 
 
+def inference_pids(lb_pid: int) -> list[int]:
+    """The live inference process(es) of an lb supervisor."""
+    return [c.pid for c in child_processes(lb_pid, " inference")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

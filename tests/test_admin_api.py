@@ -10,7 +10,7 @@ import pytest
 
 from lb.config import STRATEGIES
 from tests.conftest import RawConn, build_request
-from tests.test_admin_harness import TOKEN, AdminProc, Feeder, base_config, metric_samples, wait_until
+from tests.adminharness import TOKEN, AdminProc, Feeder, base_config, metric_samples, wait_until
 
 BACKENDS = [("fast", 1), ("slow", 2), ("flaky", 1)]
 CLASSES = ["default", "upload", "api"]
@@ -354,7 +354,7 @@ def test_boot_failures_exit_3(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_admin_harness import ROOT
+    from tests.adminharness import ROOT
 
     # garbage config on stdin
     with socket.socket() as s:

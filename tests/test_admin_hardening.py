@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, get
-from tests.test_admin_harness import AdminProc, base_config
+from tests.adminharness import AdminProc, base_config
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,14 @@ operator's overrides."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 from tests.conftest import child_processes, get
-from tests.test_admin_harness import metric_samples, wait_until
+from tests.adminharness import RUN_TOKEN as TOKEN
+from tests.adminharness import admin_call, metric_samples, wait_until
 
-TOKEN = "lb-run-token"
 CLASSES = '[[classes]]\nname = "api"\npath_prefix = "/api/"\n'
-
-
-def admin_call(lb, method: str, path: str, body: object = None, token: str | None = TOKEN):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    data = None if body is None else json.dumps(body).encode()
-    status, _, raw = get(lb.admin_port, path, method=method, body=data, headers=headers)
-    return status, json.loads(raw) if raw.startswith(b"{") else raw
 
 
 def served_by(backend) -> int:

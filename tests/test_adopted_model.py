@@ -13,7 +13,7 @@ import tempfile
 
 from inference import adopted
 from inference.model import DEFAULT_MODEL
-from tests.test_inference_engine import constant_model
+from tests.models import constant_model
 
 
 def reload(lb, n: int) -> None:

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.etcdserver import Etcd
-from tests.test_admin_harness import TOKEN, AdminProc, Feeder, base_config, wait_until
+from tests.adminharness import TOKEN, AdminProc, Feeder, base_config, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package chromium)")

@@ -19,7 +19,7 @@ import re
 import pytest
 
 from lb import config
-from tests.test_request_corpus import CASE_FILES, parse_case
+from tests.corpuscases import CASE_FILES, parse_case
 from workers import fastpath
 from workers.downstream import Downstream
 from workers.pool import Pool

@@ -11,8 +11,9 @@ import threading
 import time
 
 from tests.conftest import LBProc, child_processes, get
-from tests.test_admin_harness import metric_samples, wait_until
-from tests.test_admin_lb_run import TOKEN, admin_call
+from tests.adminharness import metric_samples, wait_until
+from tests.adminharness import RUN_TOKEN as TOKEN
+from tests.adminharness import admin_call
 
 
 def fleet(lb) -> dict[str, dict]:

@@ -16,10 +16,11 @@ import pytest
 
 from tests.conftest import child_processes, get
 from tests.etcdserver import Etcd
-from tests.test_admin_harness import metric_samples, wait_until
-from tests.test_admin_lb_run import TOKEN, admin_call
-from tests.test_backend_failover import Load
-from tests.test_inference_engine import constant_model
+from tests.adminharness import metric_samples, wait_until
+from tests.adminharness import RUN_TOKEN as TOKEN
+from tests.adminharness import admin_call
+from tests.load import Load
+from tests.models import constant_model
 
 PREFIX = "/lb/test"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.test_admin_harness import ROOT, AdminProc, Feeder, wait_until
+from tests.adminharness import ROOT, AdminProc, Feeder, wait_until
 
 DASHBOARD = ROOT / "configs" / "grafana-dashboard.json"
 METRIC = re.compile(r"\blb_[a-zA-Z0-9_]+")

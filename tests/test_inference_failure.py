@@ -8,20 +8,8 @@ import os
 import signal
 import time
 
-import psutil
-
-from tests.test_backend_failover import Load
-
-
-def inference_pids(lb_pid: int) -> list[int]:
-    out = []
-    for c in psutil.Process(lb_pid).children():
-        try:
-            if c.status() != psutil.STATUS_ZOMBIE and "inference" in c.cmdline():
-                out.append(c.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+from tests.conftest import inference_pids
+from tests.load import Load
 
 
 def worker_modes(lb, slot: int) -> list[tuple[str, str]]:

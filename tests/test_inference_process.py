@@ -22,7 +22,7 @@ from lb.clone import Publisher, Subscriber
 from lb.config import encode as encode_config
 from lb.messages import (TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, Control, encode, endpoints,
                          table_decoder)
-from tests.test_inference_engine import constant_model
+from tests.models import constant_model
 
 
 class Proc:

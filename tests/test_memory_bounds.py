@@ -13,9 +13,10 @@ import time
 
 import psutil
 
+from tests.servers import EarlyAnswer
 from tests.conftest import RawConn, ThreadedServer, build_request, read_head
 from tests.supervision import wait_until
-from tests.test_streaming import RssSampler, single_worker
+from tests.rss import RssSampler, single_worker
 
 MiB = 1024 * 1024
 RSS_GROWTH_LIMIT = 64 * MiB
@@ -147,32 +148,6 @@ def test_huge_response_head_gets_502_in_bounded_memory(lb_factory):
 
 
 # -- item: an early response must not make the worker buffer the request body -------
-
-
-class EarlyAnswer(ThreadedServer):
-    """Answers `status` as soon as a request head arrives, then stops reading
-    (the connection stays open until lb closes it)."""
-
-    def __init__(self, status: int = 401) -> None:
-        self.status = status
-        super().__init__()
-
-    def handle(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        try:
-            buf = read_head(conn)
-            if buf is None:
-                return
-            if buf.startswith(b"GET "):  # warm-up requests: one per connection
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
-                return
-            conn.sendall(b"HTTP/1.1 %d Early\r\nContent-Length: 6\r\n\r\nearly\n" % self.status)
-            while not self.stopping:  # never reads the body, never closes first
-                time.sleep(0.05)
-        except OSError:
-            pass
-        finally:
-            conn.close()
 
 
 def test_early_answer_to_a_200_mb_upload_is_not_buffered(lb_factory):

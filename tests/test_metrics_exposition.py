@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb.messages import LATENCY_BOUNDS
-from tests.test_admin_harness import AdminProc, Feeder, FakeWorker, metric_samples, wait_until
+from tests.adminharness import AdminProc, Feeder, FakeWorker, metric_samples, wait_until
 
 BACKENDS = [("fast", 1), ("slow", 2), ("flaky", 1)]
 CLASSES = ["default", "upload", "api"]

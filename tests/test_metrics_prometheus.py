@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_admin_harness import ROOT, AdminProc, Feeder, wait_until
+from tests.adminharness import ROOT, AdminProc, Feeder, wait_until
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")

@@ -92,7 +92,7 @@ def test_exclude_and_unavailable():
 
 
 def test_e2e_prequal_shuns_a_slow_backend(lb_factory, backend_factory):
-    from tests.test_strategies import SlowServer, route
+    from tests.servers import SlowServer, route
 
     fast1, fast2 = backend_factory("fast1"), backend_factory("fast2")
     slow = SlowServer("slow", 0.3)

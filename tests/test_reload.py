@@ -241,7 +241,7 @@ def test_after_a_failed_reload_a_respawned_worker_uses_the_running_config(backen
 
 
 def test_reloads_with_the_ml_strategy_restart_inference_and_lose_no_request(backend_factory, lb_factory):
-    from tests.test_backend_failover import Load
+    from tests.load import Load
 
     b1, b2 = backend_factory("b1"), backend_factory("b2")
     lb = lb_factory([b1, b2], workers=2, strategy="ml")

@@ -3,7 +3,6 @@ end to end through lb with real backends."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
@@ -11,7 +10,8 @@ from collections import Counter
 import pytest
 
 from lb.config import Backend as BackendConfig
-from tests.conftest import ThreadedServer, get
+from tests.servers import SlowServer, route
+from tests.conftest import get
 from workers import strategies as balancer
 from workers.backend import Backend
 from workers.strategies import make_strategy
@@ -278,20 +278,6 @@ def test_p2c_ewma_unavailable_backend_never_picked_even_when_fastest():
 # -- end to end ---------------------------------------------------------------------------------
 
 
-def backend_of(body: bytes) -> str:
-    assert body.startswith(b"backend "), body
-    return body[len(b"backend "):].strip().decode()
-
-
-def route(port: int, n: int, path: str = "/") -> list[str]:
-    out = []
-    for _ in range(n):
-        status, _, body = get(port, path)
-        assert status == 200
-        out.append(backend_of(body))
-    return out
-
-
 @pytest.fixture
 def three(backend_factory):
     return [backend_factory(n) for n in ("a", "b", "c")]
@@ -346,37 +332,6 @@ def test_e2e_random_reaches_every_backend(lb_factory, three):
     got = Counter(route(lb.port, 200))
     assert set(got) == {"a", "b", "c"}
     assert all(v >= 30 for v in got.values()), got
-
-
-class SlowServer(ThreadedServer):
-    """A keep-alive HTTP/1.1 server that answers every request after `delay` s."""
-
-    def __init__(self, name: str, delay: float) -> None:
-        self.name = name
-        self.delay = delay
-        self.count = 0
-        super().__init__()
-
-    def handle(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        body = f"backend {self.name}\n".encode()
-        buf = b""
-        try:
-            while not self.stopping:
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                _, _, buf = buf.partition(b"\r\n\r\n")  # GETs only: no body
-                with self.lock:
-                    self.count += 1
-                time.sleep(self.delay)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        except OSError:
-            pass
-        finally:
-            conn.close()
 
 
 def test_e2e_p2c_ewma_shuns_a_slow_backend(lb_factory, backend_factory):

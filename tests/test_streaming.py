@@ -4,12 +4,12 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 
 import psutil
 import pytest
 
+from tests.rss import RssSampler, single_worker
 from tests.conftest import RawConn, build_request, chunk_body
 
 MiB = 1024 * 1024
@@ -119,36 +119,6 @@ def test_unframed_response_to_http10_client_is_close_delimited(lb, route):
 
 
 # -- big transfers: worker memory stays flat --------------------------------------
-
-
-class RssSampler(threading.Thread):
-    """Samples one process's RSS every `interval` seconds until stopped."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.interval = interval
-        self.samples: list[int] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            self.samples.append(self.proc.memory_info().rss)
-            self.halt.wait(self.interval)
-
-    def __enter__(self) -> "RssSampler":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.halt.set()
-        self.join(5)
-
-
-def single_worker(lb) -> int:
-    pids = lb.worker_pids()
-    assert len(pids) == 1, pids
-    return pids[0]
 
 
 def warm_up(lb) -> int:

@@ -8,9 +8,8 @@ import os
 import signal
 import time
 
-from tests.conftest import get
+from tests.conftest import get, inference_pids
 from tests.supervision import live_workers
-from tests.test_inference_failure import inference_pids
 
 
 def test_stuck_worker_and_inference_are_killed_and_replaced(lb_factory, backend):

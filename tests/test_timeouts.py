@@ -302,7 +302,7 @@ def test_upstream_connect_timeout_gives_504_with_default_retries(lb_factory, bla
 
 
 def test_stalled_body_after_an_early_answer_is_closed_without_a_second_response(lb_factory):
-    from tests.test_memory_bounds import EarlyAnswer
+    from tests.servers import EarlyAnswer
 
     server = EarlyAnswer(401)
     try:

@@ -12,7 +12,7 @@ from inference import traces, train
 from tests import synthetic
 from inference.engine import Engine
 from inference.model import Model
-from tests.test_inference_engine import constant_model
+from tests.models import constant_model
 
 
 @pytest.fixture(scope="module")
