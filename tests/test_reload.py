@@ -203,7 +203,7 @@ def test_failed_reloads_keep_the_old_workers_serving(backend_factory, swappable)
             break
         lb.proc.send_signal(signal.SIGHUP)
         try:
-            lb.log.wait_for("reload_failed", i, timeout=5)
+            lb.log.wait_for("reload_failed", i, timeout=10)  # (a loaded host boots python slowly)
         except TimeoutError:
             break
         time.sleep(0.2)
