@@ -194,7 +194,7 @@ def test_the_leader_trains_for_the_fleet_and_a_killed_one_hands_over(lb_factory,
     rest = list(by_id.values())
     leader_id = wait_until(lambda: (m if (m := agreed_leader(rest)) != first else None), timeout=15, interval=0.05)
     took = time.monotonic() - t_kill
-    assert took < 2 + 2 / 3 + 1.5, took  # lease_ttl, a third of it for the next try, and slack
+    assert took < 6.0, took  # lease_ttl (2 s) + a third of it for the next try, twice over for a loaded host
     leader = by_id[leader_id]
     (follower,) = [lb for m, lb in by_id.items() if m != leader_id]
     assert leader.log.events("fleet_leader")[-1]["role"] == "leader"
