@@ -37,3 +37,11 @@ class Load(threading.Thread):
     def share(self, name: str, t0: float, t1: float) -> float:
         window = [b for t, b in self.results if t0 <= t < t1]
         return sum(b == name for b in window) / max(1, len(window))
+
+
+def stop_all(loads) -> None:
+    """Stop every load at once, then wait for each to end."""
+    for load in loads:
+        load.stop.set()
+    for load in loads:
+        load.join(10)

@@ -19,7 +19,7 @@ from tests.etcdserver import Etcd
 from tests.adminharness import metric_samples, wait_until
 from tests.adminharness import RUN_TOKEN as TOKEN
 from tests.adminharness import admin_call
-from tests.load import Load
+from tests.load import Load, stop_all
 from tests.models import constant_model
 
 PREFIX = "/lb/test"
@@ -139,10 +139,7 @@ def test_three_members_follow_etcd_and_survive_its_outage(lb_factory, backend_fa
         t0 = put_backend(etcd, "b3", b3)
         assert max(applied_everywhere(lbs, "b3", t0)) < 1.0
     finally:
-        for load in loads:
-            load.stop.set()
-        for load in loads:
-            load.join(10)
+        stop_all(loads)
     for load in loads:
         assert load.results and load.errors() == [], load.errors()[:5]
         assert {b for _, b in load.results} <= {"b2", "b3"}
@@ -236,9 +233,6 @@ def test_the_leader_trains_for_the_fleet_and_a_killed_one_hands_over(lb_factory,
         assert ev["version"] in published_versions() and ev["member"] == leader_id
         assert late.log.events("model_swapped") == [] and agreed_leader([late, leader]) == leader_id
     finally:
-        for load in loads:
-            load.stop.set()
-        for load in loads:
-            load.join(10)
+        stop_all(loads)
     for load in loads:
         assert load.results and load.errors() == [], load.errors()[:5]

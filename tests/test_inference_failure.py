@@ -9,7 +9,7 @@ import signal
 import time
 
 from tests.conftest import inference_pids
-from tests.load import Load
+from tests.load import Load, stop_all
 
 
 def worker_modes(lb, slot: int) -> list[tuple[str, str]]:
@@ -71,7 +71,6 @@ def test_killed_inference_process_is_replaced_and_traffic_continues(backend_fact
             assert modes[-1] != ("fallback", "stale"), modes
             assert modes[-1] == (published()[-1:] or [("learned", "")])[0], (modes, published())
     finally:
-        load.stop.set()
-        load.join(10)
+        stop_all([load])
     assert load.errors() == [], load.errors()[:5]
     assert len(load.results) > 100

@@ -241,7 +241,7 @@ def test_after_a_failed_reload_a_respawned_worker_uses_the_running_config(backen
 
 
 def test_reloads_with_the_ml_strategy_restart_inference_and_lose_no_request(backend_factory, lb_factory):
-    from tests.load import Load
+    from tests.load import Load, stop_all
 
     b1, b2 = backend_factory("b1"), backend_factory("b2")
     lb = lb_factory([b1, b2], workers=2, strategy="ml")
@@ -257,8 +257,7 @@ def test_reloads_with_the_ml_strategy_restart_inference_and_lose_no_request(back
             lb.log.wait_for("inference_ready", i + 1, timeout=20)  # restarted with the new config
         time.sleep(0.8)
     finally:
-        load.stop.set()
-        load.join(10)
+        stop_all([load])
     assert load.errors() == [], load.errors()[:5]
     assert len(load.results) > 200
     assert lb.log.events("child_died") == []  # restarted on purpose, not crashed
