@@ -191,9 +191,16 @@ class InferenceProcess:
             path = adopted.save(self.runtime_dir, model.path,
                                 adopted.base_model(self.cfg.learning.model, DEFAULT_MODEL), model.version,
                                 origin)
-            model = Model.load(path)  # (the source file may be replaced: refer to the kept copy)
+            kept = Model.load(path)  # (the source file may be replaced: refer to the kept copy)
         except (OSError, ModelError) as exc:
             log("model_keep_failed", error=str(exc))
+        else:
+            if origin == "retrain":  # a refit's own output file: the kept copy replaces it
+                try:
+                    os.unlink(model.path)
+                except OSError:
+                    pass
+            model = kept
         self.engine.set_model(model)
 
     def _fleet_model(self, control) -> None:
