@@ -34,98 +34,9 @@ import time
 from lb.boot import python_argv
 from lb.config import STRATEGIES, Learning, Outlier
 from lb.demo_backends import SIMULATED, free_port
+from lb.demo_load import Load, percentile
 
 WORKERS = 2  # lb's workers in the demo
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = min(len(sorted_values) - 1, int(q * len(sorted_values)))
-    return sorted_values[k]
-
-
-class Load:
-    """Open-loop HTTP/1.1 load over a pool of keep-alive connections."""
-
-    def __init__(self, port: int, rate: float, connections: int = 64) -> None:
-        self.port = port
-        self.rate = rate
-        self.idle: list = []
-        self.max_connections = connections
-        self.open = 0
-        self.window: list[tuple[str, float, bool]] = []  # (backend, latency, ok)
-        self.total = 0
-        self.errors = 0
-        self.all: list[tuple[str, float, bool]] = []  # kept for --compare
-        self.record_after: float | None = None  # seconds into the run; None: keep nothing
-        self.started = time.monotonic()
-
-    async def _conn(self):
-        if self.idle:
-            return self.idle.pop()
-        self.open += 1
-        return await asyncio.open_connection("127.0.0.1", self.port)
-
-    async def one(self, scheduled: float, path: bytes) -> None:
-        backend, ok = "-", False
-        try:
-            reader, writer = await self._conn()
-            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: demo\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                low = line.lower()
-                if low.startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-                elif low.startswith(b"x-backend:"):
-                    backend = line.split(b":", 1)[1].strip().decode()
-            if length:
-                await reader.readexactly(length)
-            ok = status < 500
-            if b"connection: close" in head.lower():
-                writer.close()
-                self.open -= 1
-            else:
-                self.idle.append((reader, writer))
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
-            self.open = max(0, self.open - 1)
-        latency = time.monotonic() - scheduled
-        self.total += 1
-        if not ok:
-            self.errors += 1
-        self.window.append((backend, latency, ok))
-        if self.record_after is not None and scheduled - self.started >= self.record_after:
-            self.all.append((backend, latency, ok))
-
-    async def run(self, duration: float, on_tick) -> None:
-        loop = asyncio.get_running_loop()
-        start = self.started = time.monotonic()
-        interval = 1.0 / self.rate
-        n = 0
-        tasks: set = set()
-        next_tick = start + 1.0
-        while True:
-            now = time.monotonic()
-            if now - start >= duration:
-                break
-            while start + n * interval <= now:
-                scheduled = start + n * interval
-                path = b"/api/items" if n % 4 else b"/api/report"
-                t = loop.create_task(self.one(scheduled, path))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-                n += 1
-            if now >= next_tick:
-                on_tick(self, now - start)
-                self.window = []
-                next_tick += 1.0
-            await asyncio.sleep(min(interval, 0.005))
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
-        for _r, w in self.idle:
-            w.close()
 
 
 async def _fetch_json(port: int, path: str) -> dict | None:
@@ -195,8 +106,8 @@ class View:
             lat = sorted(x[0] for x in rows.get(name, []))
             errs = sum(1 for x in rows.get(name, []) if not x[1])
             w = f"{weights[name]:8.2f}" if name in weights else f"{'-':>8}"
-            print(f"   {name:<12}{len(lat) / n * 100:6.1f}%{_percentile(lat, .5) * 1e3:9.1f}"
-                  f"{_percentile(lat, .99) * 1e3:9.1f}{errs:8d}{w}")
+            print(f"   {name:<12}{len(lat) / n * 100:6.1f}%{percentile(lat, .5) * 1e3:9.1f}"
+                  f"{percentile(lat, .99) * 1e3:9.1f}{errs:8d}{w}")
         sys.stdout.flush()
 
 
@@ -403,8 +314,8 @@ def run_compare(args) -> int:
         by_backend = collections.Counter(x[0] for x in load.all if not x[2])
         errors = sum(by_backend.values())
         errors_from[strategy] = by_backend
-        results.append((strategy, len(lat), _percentile(lat, .5), _percentile(lat, .99),
-                        _percentile(lat, .999), errors / max(1, len(lat))))
+        results.append((strategy, len(lat), percentile(lat, .5), percentile(lat, .99),
+                        percentile(lat, .999), errors / max(1, len(lat))))
         print(f"  {strategy:<22} done: {len(lat)} requests, {errors} errors")
         sys.stdout.flush()
     print(f"\n  {'strategy':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>9}")
