@@ -104,6 +104,33 @@ def test_rows_match_the_plain_rule(seed):
         assert s._rows == reference_rows(s, table)
 
 
+def reference_own(s):
+    """The worker's own rows (no table): the available backends by their curve's
+    service for the class, or their unknown price, no penalty."""
+    unknown = [unknown_price(s, b) for b in s.backends]
+    rows = []
+    for k in range(len(s.class_names)):
+        price = {b.idx: b.curve.service[k] or unknown[b.idx] for b in s.backends}
+        order = sorted((b for b in s.backends if b.available), key=lambda b: price[b.idx])
+        rows.append((order, [price[b.idx] for b in order], [1.0] * len(s.backends), unknown))
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_own_rows_match_the_plain_rule(seed):
+    rng = random.Random(500 + seed)
+    classes = ["default"] + [f"c{i}" for i in range(rng.randint(0, 3))]
+    s = make_strategy("ml", backends(rng, classes), decay=10.0, seed=1, class_names=classes)
+    now = 100.0
+    s.clock = lambda: now
+    teach(rng, s, now)
+    s.refresh()  # no table: the own rows are built
+    assert s.table is None and s._own == reference_own(s)
+    s.backends[rng.randrange(len(s.backends))].available ^= True
+    s.refresh()
+    assert s._own == reference_own(s)
+
+
 def full_scan(s, cls, now, exclude=()):
     """The least expected cost over every candidate of the row, no early exit."""
     order, _, penalty, prior = s._rows[cls] if s.usable else s._own[cls]

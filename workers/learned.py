@@ -10,19 +10,14 @@ from __future__ import annotations
 
 from time import monotonic
 
+import numpy as np
+
 from workers.backend import Backend
 from workers.classic import P2CEwma
 from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
 
 NO_ARM = -1  # a pick the guard does not judge (a retry)
-
-
-def _row(backends, cands, price, penalty, prior):
-    """One class's row: the candidates (indexes) in price order, their prices,
-    and the penalty and prior of every backend (by idx)."""
-    idx = sorted(cands, key=price.__getitem__)
-    return [backends[i] for i in idx], [price[i] for i in idx], penalty, prior
 
 
 class TableStrategy(P2CEwma):
@@ -163,39 +158,71 @@ class TableStrategy(P2CEwma):
         backends = self.backends
         unknown = self._unknown
         ones = [1.0] * len(backends)
-        live = [i for i, b in enumerate(backends) if b.available]
+        if not backends:
+            self._own = [([], [], ones, unknown) for _ in self.class_names]
+            return
+        live = np.flatnonzero([b.available for b in backends])
+        service = self._service()
+        fallback = np.array(unknown, dtype=np.float64)
         own = []
         for k in range(len(self.class_names)):
-            price = [cv.service[k] or u for cv, u in zip(self._curves, unknown)]
-            own.append(_row(backends, live, price, ones, unknown))
+            svc = service[:, k]
+            price = np.where(svc != 0.0, svc, fallback)
+            order = live[np.argsort(price[live], kind="stable")]
+            own.append(([backends[i] for i in order.tolist()], price[order].tolist(), ones, unknown))
         self._own = own
 
+    def _service(self) -> np.ndarray:
+        """Every curve's service time per class: (backends, classes); 0 = no answer yet."""
+        return np.array([cv.service for cv in self._curves], dtype=np.float64)
+
     def _build_rows(self, table) -> None:
+        """Each class's row, vectorised over the backends (numpy): the candidates
+        in price order (a stable sort: ties keep the backends' order), their prices, and every
+        backend's penalty and prior.  tests/test_table_rows.py checks the rows
+        against a per-backend rule."""
         backends = self.backends
         if table.backends != self._cols_for:
             col = {name: i for i, name in enumerate(table.backends)}
             self._cols = [col.get(b.name, -1) for b in backends]
             self._cols_for = table.backends
+        if not backends:
+            self._rows = [([], [], [], []) for _ in self.class_names]
+            return
         # the table's column of each backend (by idx), -1 if absent or unavailable
-        cols = [c if b.available else -1 for b, c in zip(backends, self._cols)]
+        cols = np.array([c if b.available else -1 for b, c in zip(backends, self._cols)], dtype=np.int64)
         by_name = dict(zip(table.classes, table.weights))
         default = by_name.get("default") or (table.weights[0] if table.weights else [])
         lat = dict(zip(table.classes, table.latency)) if table.latency else {}
         cost = dict(zip(table.classes, table.cost)) if table.cost else {}
-        unknown = self._unknown
-        curves = self._curves
+        unknown = np.array(self._unknown, dtype=np.float64)
+        service = self._service()
         rows = []
         for k, cname in enumerate(self.class_names):
-            wrow = by_name.get(cname, default)
+            wrow = np.asarray(by_name.get(cname, default), dtype=np.float64)
             lrow = lat.get(cname) or lat.get("default") or []
             crow = cost.get(cname) or cost.get("default") or []
             nw, nl = len(wrow), min(len(lrow), len(crow))
-            prior = [max(lrow[c], 1e-6) if 0 <= c < nl else u for c, u in zip(cols, unknown)]
-            # (1 - priced error) ** -8: the table's cost over its latency (inference/policy.py)
-            penalty = [max(crow[c] / max(lrow[c], 1e-9), 1.0) if 0 <= c < nl else 1.0 for c in cols]
-            price = [(cv.service[k] or p) * q for cv, p, q in zip(curves, prior, penalty)]
-            cands = [i for i, c in enumerate(cols) if 0 <= c < nw and wrow[c] > 0]
-            rows.append(_row(backends, cands, price, penalty, prior))
+            in_l = (cols >= 0) & (cols < nl)
+            if nl:
+                at = np.where(in_l, cols, 0)
+                lv = np.asarray(lrow[:nl], dtype=np.float64)[at]
+                cv = np.asarray(crow[:nl], dtype=np.float64)[at]
+                prior = np.where(in_l, np.maximum(lv, 1e-6), unknown)
+                # (1 - priced error) ** -8: the table's cost over its latency (inference/policy.py)
+                penalty = np.where(in_l, np.maximum(cv / np.maximum(lv, 1e-9), 1.0), 1.0)
+            else:
+                prior, penalty = unknown, np.ones(len(backends))
+            svc = service[:, k]
+            price = np.where(svc != 0.0, svc, prior) * penalty  # (a class not answered yet: its prior)
+            in_w = (cols >= 0) & (cols < nw)
+            if nw:
+                cands = np.flatnonzero(in_w & (wrow[np.where(in_w, cols, 0)] > 0))
+            else:
+                cands = np.flatnonzero(in_w)
+            order = cands[np.argsort(price[cands], kind="stable")]
+            rows.append(([backends[i] for i in order.tolist()], price[order].tolist(), penalty.tolist(),
+                         prior.tolist()))
         self._rows = rows
 
     def check(self, now: float) -> tuple[bool, str]:
