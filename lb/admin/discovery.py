@@ -35,6 +35,8 @@ from lb import log
 from lb.config import Backend, Config
 from lb.messages import FleetBackend
 
+from .tasks import cancel
+
 MIN_WAIT = 0.5  # seconds between two look-ups of one name, whatever the TTL
 LOG_EVERY = 30.0  # seconds between two discovery_failed lines for one entry
 
@@ -153,10 +155,7 @@ class Discovery:
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
-        tasks = list(self.tasks.values()) + ([self.watcher] if self.watcher else [])
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel([*self.tasks.values(), self.watcher])
         self.tasks.clear()
 
     async def _watch(self) -> None:

@@ -18,6 +18,8 @@ import ssl
 
 from lb import log
 
+from .tasks import cancel
+
 MAX_HEAD = 8192
 
 
@@ -33,12 +35,7 @@ class HealthChecker:
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
-        tasks = list(self.tasks.values())
-        if self.watcher is not None:
-            tasks.append(self.watcher)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel([*self.tasks.values(), self.watcher])
         self.tasks.clear()
 
     async def _watch(self) -> None:
