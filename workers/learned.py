@@ -132,9 +132,8 @@ class TableStrategy(P2CEwma):
 
         Runs once per table (every `learning.interval`) on the worker's event
         loop: column lookups are cached while the table's backend list stays the
-        same, each row is a few comprehensions and one sort (256 backends x 8
-        classes with the curves' refit in well under a millisecond;
-        bench/inference_bench.py measures it).  The worker's own rows are
+        same, and the rows are built with numpy over all backends at once
+        (bench/inference_bench.py measures it with the curves' refit).  The worker's own rows are
         built only while no table may route."""
         backends = self.backends
         # a backend that has not answered yet is priced at its peak EWMA (the
@@ -145,14 +144,17 @@ class TableStrategy(P2CEwma):
         self._unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
                          for b in backends]
         table = self.table
+        # every curve's service time per class, (backends, classes); 0 = no answer yet
+        service = np.array([cv.service for cv in self._curves], dtype=np.float64).reshape(
+            len(backends), len(self.class_names))
         if table is None:
             self._rows = []
         else:
-            self._build_rows(table)
+            self._build_rows(table, service)
         if table is None or not self.usable:
-            self._build_own()
+            self._build_own(service)
 
-    def _build_own(self) -> None:
+    def _build_own(self, service: np.ndarray) -> None:
         """The worker's own rows, for when no table may route: its curves alone,
         classes not answered yet priced as `_unknown`, no error penalty."""
         backends = self.backends
@@ -162,7 +164,6 @@ class TableStrategy(P2CEwma):
             self._own = [([], [], ones, unknown) for _ in self.class_names]
             return
         live = np.flatnonzero([b.available for b in backends])
-        service = self._service()
         fallback = np.array(unknown, dtype=np.float64)
         own = []
         for k in range(len(self.class_names)):
@@ -172,11 +173,7 @@ class TableStrategy(P2CEwma):
             own.append(([backends[i] for i in order.tolist()], price[order].tolist(), ones, unknown))
         self._own = own
 
-    def _service(self) -> np.ndarray:
-        """Every curve's service time per class: (backends, classes); 0 = no answer yet."""
-        return np.array([cv.service for cv in self._curves], dtype=np.float64)
-
-    def _build_rows(self, table) -> None:
+    def _build_rows(self, table, service: np.ndarray) -> None:
         """Each class's row, vectorised over the backends (numpy): the candidates
         in price order (a stable sort: ties keep the backends' order), their prices, and every
         backend's penalty and prior.  tests/test_table_rows.py checks the rows
@@ -196,7 +193,6 @@ class TableStrategy(P2CEwma):
         lat = dict(zip(table.classes, table.latency)) if table.latency else {}
         cost = dict(zip(table.classes, table.cost)) if table.cost else {}
         unknown = np.array(self._unknown, dtype=np.float64)
-        service = self._service()
         rows = []
         for k, cname in enumerate(self.class_names):
             wrow = np.asarray(by_name.get(cname, default), dtype=np.float64)
