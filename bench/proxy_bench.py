@@ -15,6 +15,15 @@ Usage:
     python bench/proxy_bench.py [--rounds 5] [--duration 5] [--connections 50]
                                 [--python /path/to/python] [--json out.json]
                                 [--tls ecdsa|rsa [--handshakes]]
+                                [--workload get|post1k|get16k|get1m|chunked16k|gzip16k]
+
+--workload: what every request is: `get` (default) the backends' 100-byte
+answer; `post1k` a POST with a 1 KiB body (Content-Length); `get16k` and
+`get1m` a file of that size (Content-Length); `chunked16k` 16 KiB of text
+sent chunked (the backend's SSI filter drops the length); `gzip16k` the same
+text compressed by the backend (Accept-Encoding: gzip), chunked.  Where the
+backends' CPU is the limit (load util near 100%: gzip16k, get1m), compare
+CPU per request rather than req/s.
 
 --tls: every proxy terminates HTTPS with the same certificate (ECDSA P-256 or
 RSA 2048, made for the run; bench/tlsconf.py), wrk speaks HTTPS over
@@ -108,7 +117,55 @@ def parse_wrk(out: str) -> dict:
     }
 
 
-WRK_MODE = {"scheme": "http", "close": False}  # set once by bench() from --tls / --handshakes
+WRK_MODE = {"scheme": "http", "close": False, "path": "/", "headers": [], "script": None}
+# (set once by bench() from --tls / --handshakes / --workload)
+
+# --workload: what each request is.  (path, extra request headers, body size)
+WORKLOADS = {
+    "get": ("/", [], 0),  # the backends' own 100-byte answer
+    "post1k": ("/", ["Content-Type: application/octet-stream"], 1024),
+    "get16k": ("/files/16k", [], 0),
+    "get1m": ("/files/1m", [], 0),
+    "chunked16k": ("/chunked/text16k", [], 0),  # 16 KiB, chunked
+    "gzip16k": ("/files/text16k", ["Accept-Encoding: gzip"], 0),  # chunked, about 5 KiB
+}
+
+
+def check_workload(info: ProxyInfo, workload: str) -> str:
+    """One request of the workload through the proxy: the answer it must give."""
+    import http.client
+    import ssl
+
+    path, headers, body = WORKLOADS[workload]
+    if info.tls:
+        conn = http.client.HTTPSConnection("127.0.0.1", info.port, timeout=5,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", info.port, timeout=5)
+    try:
+        hdrs = dict(h.split(": ", 1) for h in headers)
+        conn.request("POST" if body else "GET", path, body=b"x" * body if body else None, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        te = resp.getheader("Transfer-Encoding", "")
+        ce = resp.getheader("Content-Encoding", "")
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BenchError(f"{info.name}: {workload} answered {resp.status} {data[:60]!r}")
+    want = {"gzip16k": ("gzip", "chunked"), "chunked16k": ("", "chunked")}.get(workload, ("", ""))
+    if (ce, te) != want:
+        raise BenchError(f"{info.name}: {workload} answered Content-Encoding {ce!r}, "
+                         f"Transfer-Encoding {te!r} (want {want})")
+    framing = "chunked" if te else f"{len(data)} bytes"
+    return f"{workload}: 200, {framing}{', gzip' if ce else ''}"
+
+
+def wrk_post_script(tmp: str, size: int) -> str:
+    path = os.path.join(tmp, "post.lua")
+    with open(path, "w") as f:
+        f.write(f'wrk.method = "POST"\nwrk.body = string.rep("x", {size})\n')
+    return path
 
 
 def run_wrk(port: int, duration: int, connections: int, threads: int, cpu: int) -> tuple[dict, str]:
@@ -116,7 +173,11 @@ def run_wrk(port: int, duration: int, connections: int, threads: int, cpu: int) 
             "-d", f"{duration}s", "--timeout", "5s", "--latency"]
     if WRK_MODE["close"]:
         argv += ["-H", "Connection: close"]
-    argv.append(f"{WRK_MODE['scheme']}://127.0.0.1:{port}/")
+    for h in WRK_MODE["headers"]:
+        argv += ["-H", h]
+    if WRK_MODE["script"]:
+        argv += ["-s", WRK_MODE["script"]]
+    argv.append(f"{WRK_MODE['scheme']}://127.0.0.1:{port}{WRK_MODE['path']}")
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired:
@@ -330,6 +391,8 @@ def parse_args(argv=None):
                     help="HTTPS with an ECDSA P-256 or RSA 2048 certificate (default: plain HTTP)")
     ap.add_argument("--handshakes", action="store_true",
                     help="with --tls: a new connection and a full handshake per request")
+    ap.add_argument("--workload", choices=tuple(WORKLOADS), default="get",
+                    help="what each request is (default get: a 100-byte answer)")
     args = ap.parse_args(argv)
     if args.handshakes and args.tls == "none":
         ap.error("--handshakes needs --tls ecdsa or --tls rsa")
@@ -363,6 +426,8 @@ def bench(args) -> int:
         what = "full handshakes (one request per connection, no resumption)" if args.handshakes \
             else "keep-alive requests"
         print(f"https: {args.tls} certificate, {what}")
+    print(f"workload: {args.workload} ({' '.join(map(str, WORKLOADS[args.workload][:1]))}, "
+          f"request body {WORKLOADS[args.workload][2]} bytes)")
     print(f"plan: {args.rounds} rounds x {len(args.proxies)} proxies, {args.duration}s runs "
           f"(+{args.warmup}s warm-up), wrk -t{args.threads} -c{args.connections}; "
           f"proxy on CPU {args.proxy_cpu}, wrk + backends on CPU {args.load_cpu}")
@@ -383,6 +448,10 @@ def bench(args) -> int:
             tls = make_certificate(tmp, args.tls, resume=not args.handshakes)
             WRK_MODE["scheme"] = "https"
         WRK_MODE["close"] = args.handshakes
+        path, headers, body = WORKLOADS[args.workload]
+        WRK_MODE["path"] = path
+        WRK_MODE["headers"] = headers
+        WRK_MODE["script"] = wrk_post_script(tmp, body) if body else None
         for name in args.proxies:
             if name == "nginx":
                 infos[name] = start_nginx(tmp, nport, backends.ports, args.proxy_cpu, tls)
@@ -397,7 +466,7 @@ def bench(args) -> int:
                 wait_log_line(info.proc, '"event":"worker_ready"', 60, "lb")
             wait_http(info.proc, info.port, 30, name, tls=info.tls)
             resolve_workers(info, args.proxy_cpu)
-            note = sanity_check(info, backends.bodies)
+            note = sanity_check(info, backends.bodies) + "; " + check_workload(info, args.workload)
             print(f"{name:<8} 127.0.0.1:{info.port}  worker pid {info.measured_pid} "
                   f"(pinned to CPU {args.proxy_cpu}; other pids {info.other_pids}); {note}")
         print(f"backends 127.0.0.1:{bport1}, 127.0.0.1:{bport2} (one nginx, pid {backends.proc.pid})")

@@ -284,6 +284,30 @@ def nginx_temp_paths(prefix: str) -> str:
     )
 
 
+# The files the backends serve under /files/ (proxy_bench --workload).
+FILE_SIZES = {"16k": 16 * 1024, "1m": 1024 * 1024}
+TEXT_SIZE = 16 * 1024  # "text16k": words, compressible about 3x (gzip workload)
+
+
+def write_files(www: str) -> None:
+    import random
+
+    os.makedirs(www, mode=0o755)
+    rng = random.Random(7)
+    for name, size in FILE_SIZES.items():
+        with open(os.path.join(www, name), "wb") as f:
+            f.write(rng.randbytes(size))
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    text = ""
+    while len(text) < TEXT_SIZE:
+        text += rng.choice(words) + (" " if rng.random() < 0.9 else "\n")
+    with open(os.path.join(www, "text16k"), "w") as f:
+        f.write(text[:TEXT_SIZE])
+    for name in os.listdir(www):
+        os.chmod(os.path.join(www, name), 0o644)
+
+
 class Backends:
     """One nginx, one worker, two ports, each returning its own fixed body."""
 
@@ -292,8 +316,10 @@ class Backends:
         self.bodies = [backend_body(i + 1).encode() for i in range(len(ports))]
         self.prefix = os.path.join(tmp, "backend")
         os.makedirs(os.path.join(self.prefix, "tmp"), mode=0o755)
+        self.www = os.path.join(self.prefix, "www")
+        write_files(self.www)
         servers = "\n".join(
-            render("backend_server.conf", PORT=port, BODY=body.decode().rstrip("\n") + "\\n")
+            render("backend_server.conf", PORT=port, BODY=body.decode().rstrip("\n") + "\\n", WWW=self.www)
             for port, body in zip(ports, self.bodies)
         )
         conf = os.path.join(self.prefix, "nginx.conf")
