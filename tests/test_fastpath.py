@@ -308,6 +308,43 @@ def test_fast_and_slow_requests_interleave_on_one_connection():
     assert len(forwarded) == 5 and forwarded[1].endswith(b"\r\n\r\nbody")
 
 
+POST = (b"POST /up?x=1 HTTP/1.1\r\nHost: h\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: 300\r\n\r\n" + bytes(range(256)) + b"z" * 44)
+
+
+def test_content_length_bodies_take_the_fast_path_however_they_are_cut():
+    get = REQUESTS[0]
+    data = POST + get + POST + get
+    p = Pair(True)
+    story = p.run([data], [RESPONSE])
+    assert p.down.fast and p.worker.requests == 4
+    forwarded = [s[1] for s in story if s[0] == "backend"]
+    assert len(forwarded) == 4 and forwarded[0].endswith(b"Content-Length: 300\r\n\r\n" + POST[-300:])
+    assert story == Pair(False).run([data], [RESPONSE])
+    # every cut in two, then one byte at a time (the body relayed by counting)
+    for i in range(1, len(POST) + len(get)):
+        check([data[:i], data[i:]])
+    check([data[i:i + 1] for i in range(len(data))])
+
+
+def test_an_answer_before_the_body_ends_is_handled_the_same():
+    # The backend answers after the first piece: the answer says Connection:
+    # close, the rest of the body is read and dropped, then the connection ends.
+    cut = POST.index(b"\r\n\r\n") + 10
+    for resp in (RESPONSE, RESPONSES[2]):
+        story = check([POST[:cut], POST[cut:] + REQUESTS[0]], [resp])
+        assert b"Connection: close" in story[-2][1] and story[-2][2]
+        assert story[-1] == ("requests counted", 1)
+    check([POST[:cut], POST[cut:-5], POST[-5:] + REQUESTS[0]])
+
+
+def test_the_body_limit_is_the_same_on_both_paths():
+    for size in (9, 10, 11):
+        req = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size
+        story = check([req + REQUESTS[0]], limits={"max_body_size": 10})
+        assert (b"413" in story[-2][1]) == (size > 10)
+
+
 def test_hostile_corpus_requests_are_answered_the_same():
     for path in CASE_FILES:
         case = parse_case(path)
@@ -325,7 +362,7 @@ def _mutations(data: bytes):
                 yield data[:i] + bytes([c]) + data[i + 1:]
 
 
-@pytest.mark.parametrize("base", REQUESTS[:3], ids=["get", "head", "pipelined"])
+@pytest.mark.parametrize("base", REQUESTS, ids=["get", "head", "pipelined", "post"])
 def test_every_single_byte_mutation_of_a_request_is_handled_the_same(base):
     n = 0
     for req in _mutations(base):
@@ -350,7 +387,7 @@ def test_scanner_limits_and_declines():
     assert s(b"GET /0123456789 HTTP/1.1\r\nHost: h\r\n\r\n", 0, tail) is None  # target too long
     assert s(b"GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nB: 2\r\n\r\n", 0, tail) is None  # too many fields
     assert s(b"GET / HTTP/1.1\r\nHost: h\r\nA: " + b"x" * 100 + b"\r\n\r\n", 0, tail) is None
-    for special in (b"Content-Length: 0", b"Transfer-Encoding: chunked", b"Connection: close",
+    for special in (b"Transfer-Encoding: chunked", b"Connection: close",
                     b"Upgrade: x", b"Expect: 100-continue", b"X-Forwarded-For: 1.1.1.1",
                     b"x-request-id: 7", b"TE: trailers", b"Host: again", b"Keep-Alive: 1"):
         assert s(b"GET / HTTP/1.1\r\nHost: h\r\n" + special + b"\r\n\r\n", 0, tail) is None, special
@@ -365,6 +402,19 @@ def test_scanner_limits_and_declines():
         s("GET", 0, tail)
     with pytest.raises(ValueError):
         s(two, len(two) + 1, tail)
+    # Content-Length: plain digits only, once, within max_body
+    for value in (b"010", b"1 ", b"+1", b"-1", b"1x", b"", b"1" * 16, b"0x1"):
+        assert s(b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: " + value + b"\r\n\r\n1", 0, tail) is None, value
+    assert s(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 0, tail) is None
+    limited = RequestScanner(100, 1000, 10, None, 4).scan
+    assert limited(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n12345", 0, tail) is None
+    post = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n"
+    fwd = b"POST / HTTP/1.1\r\nHost: h\r\nX-Forwarded-Host: h\r\nContent-Length: 4\r\n\r\n"
+    assert limited(post + b"1234GET", 0, tail)[2:] == (fwd + b"1234", b"", len(post) + 4, 4, 0)
+    assert limited(post + b"12", 0, tail)[2:] == (fwd + b"12", b"", len(post) + 2, 4, 2)
+    assert limited(post, 0, tail)[2:] == (fwd, b"", len(post), 4, 4)
+    zero = limited(b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", 0, tail)
+    assert zero[2].endswith(b"Content-Length: 0\r\n\r\n") and zero[5:] == (0, 0)
     rid = RequestScanner(100, 1000, 10, iter([b"r1"]).__next__).scan
     assert b"\r\nX-Request-Id: r1\r\n" in rid(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", 0, tail)[2]
 

@@ -10,8 +10,16 @@
  * which answers it exactly as it would without this module.  Nothing is
  * ever rejected here, so the module can only make the accepted cases cheaper.
  *
- * RequestScanner(max_line, max_head, max_headers, request_id).scan(data, pos, tail)
- *     -> None | (method, target, forwarded_head, request_id, end)
+ * RequestScanner(max_line, max_head, max_headers, request_id, max_body).scan(data, pos, tail)
+ *     -> None | (method, target, forwarded, request_id, end, content_length, body_left)
+ *
+ * A request with a Content-Length body is forwarded as its head followed by
+ * the body bytes this read holds; `body_left` more are relayed by counting
+ * (workers/downstream.py), never parsed.
+ *
+ * The head forwarded is the one workers/request_head.py builds for the same
+ * request (build_exchange: field order, the X-Forwarded-* lines, the
+ * Content-Length line after them); tests/test_fastpath.py compares both.
  * scan_response(data)
  *     -> None | (status, out, remaining, keep_alive)
  */
@@ -125,10 +133,13 @@ value_is(const Field *f, const char *lower, Py_ssize_t n)
     return f->value_len == n && ascii_ieq(f->value, lower, n);
 }
 
-/* Request fields: 0 ordinary (forwarded as is), 1 Host, 2 Connection, 3 any
- * other field with a rule (framing, hop-by-hop, X-Forwarded-*, X-Request-Id,
- * Expect, Upgrade): the full path handles those. */
-enum { F_PLAIN = 0, F_HOST = 1, F_CONNECTION = 2, F_RULE = 3 };
+/* Request fields: 0 ordinary (forwarded as is), 1 Host, 2 Connection,
+ * 3 Content-Length, 4 any other field with a rule (Transfer-Encoding and the
+ * other hop-by-hop ones, X-Forwarded-*, X-Request-Id, Expect, Upgrade): the
+ * full path handles those. */
+enum { F_PLAIN = 0, F_HOST = 1, F_CONNECTION = 2, F_LENGTH = 3, F_RULE = 4 };
+
+#define MAX_LENGTH_DIGITS 15 /* a longer Content-Length value: declined */
 
 static int
 request_field_kind(const Field *f)
@@ -149,7 +160,7 @@ request_field_kind(const Field *f)
     case 12:
         return name_is(f, "x-request-id", 12) ? F_RULE : F_PLAIN;
     case 14:
-        return name_is(f, "content-length", 14) ? F_RULE : F_PLAIN;
+        return name_is(f, "content-length", 14) ? F_LENGTH : F_PLAIN;
     case 15:
         return name_is(f, "x-forwarded-for", 15) ? F_RULE : F_PLAIN;
     case 16:
@@ -206,17 +217,19 @@ typedef struct {
     Py_ssize_t max_head;     /* longest forwarded head, target excluded */
     Py_ssize_t max_headers;  /* most field lines, Host included */
     PyObject *request_id;    /* callable -> bytes, or None */
+    Py_ssize_t max_body;     /* largest Content-Length accepted (0: any) */
 } RequestScanner;
 
 static int
 RequestScanner_init(RequestScanner *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"max_line", "max_head", "max_headers", "request_id", NULL};
+    static char *kwlist[] = {"max_line", "max_head", "max_headers", "request_id", "max_body", NULL};
     PyObject *rid = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nnn|O", kwlist, &self->max_line,
-                                     &self->max_head, &self->max_headers, &rid))
+    self->max_body = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nnn|On", kwlist, &self->max_line,
+                                     &self->max_head, &self->max_headers, &rid, &self->max_body))
         return -1;
-    if (self->max_line < 1 || self->max_head < 1 || self->max_headers < 0) {
+    if (self->max_line < 1 || self->max_head < 1 || self->max_headers < 0 || self->max_body < 0) {
         PyErr_SetString(PyExc_ValueError, "limits must be positive");
         return -1;
     }
@@ -239,10 +252,13 @@ RequestScanner_dealloc(RequestScanner *self)
 /* scan(data, pos, tail): the request head starting at data[pos], if it is a
  * complete common one (known method but CONNECT, origin-form target, HTTP/1.1,
  * exactly one Host with a plain value, no field with a rule but
- * "Connection: keep-alive", no field name another server might fold).
+ * "Connection: keep-alive" and one Content-Length of plain digits within
+ * max_body, no field name another server might fold).
  * The forwarded head is: request line, the ordinary fields as name ": " value,
  * Host, X-Forwarded-Host, X-Request-Id (when configured), then `tail` (which
- * holds X-Forwarded-For, X-Forwarded-Proto and the blank line). */
+ * holds X-Forwarded-For, X-Forwarded-Proto and the blank line), with the
+ * Content-Length line before that blank line.  The body bytes this read holds
+ * follow the head in the same bytes object. */
 static PyObject *
 RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -295,6 +311,7 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t all = 0;  /* every field line, dropped ones included (the max_headers limit) */
     const Field *host = NULL;
     Py_ssize_t plain_bytes = 0;
+    Py_ssize_t clen = -1;  /* Content-Length, -1: none */
     const unsigned char *scan_end = (end - p > self->max_head) ? p + self->max_head : end;
     for (;;) {
         if (scan_end - p >= 2 && p[0] == '\r' && p[1] == '\n') {
@@ -324,6 +341,22 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
             if (!value_is(f, "keep-alive", 10))
                 Py_RETURN_NONE;
             break;  /* hop-by-hop, and says nothing HTTP/1.1 does not already mean */
+        case F_LENGTH:
+            /* Digits only, no leading zero (the full path forwards the value it
+             * frames by, and tells a malformed one), no trailing whitespace. */
+            if (clen >= 0 || f->value_len < 1 || f->value_len > MAX_LENGTH_DIGITS
+                    || (f->value[0] == '0' && f->value_len > 1))
+                Py_RETURN_NONE;
+            clen = 0;
+            for (Py_ssize_t i = 0; i < f->value_len; i++) {
+                unsigned char c = f->value[i];
+                if (c < '0' || c > '9')
+                    Py_RETURN_NONE;
+                clen = clen * 10 + (c - '0');
+            }
+            if (self->max_body && clen > self->max_body)
+                Py_RETURN_NONE;  /* the full path answers 413 */
+            break;  /* forwarded after X-Forwarded-Proto, as the full path does */
         default:
             Py_RETURN_NONE;
         }
@@ -347,13 +380,24 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
     }
     Py_ssize_t hlen = host->value_len;
     Py_ssize_t tlen = PyBytes_GET_SIZE(args[2]);
+    if (tlen < 2) {
+        Py_XDECREF(rid);
+        PyErr_SetString(PyExc_ValueError, "tail must end the head with CRLF");
+        return NULL;
+    }
+    char digits[MAX_LENGTH_DIGITS + 1];
+    Py_ssize_t dlen = 0, body_in = 0;
+    if (clen >= 0) {
+        dlen = snprintf(digits, sizeof(digits), "%zd", clen);
+        body_in = n - head_end < clen ? n - head_end : clen;
+    }
     Py_ssize_t total = mlen + 1 + ulen + 11 + plain_bytes + 6 + hlen + 20 + hlen
-        + (rid ? 16 + rlen : 0) + tlen;
+        + (rid ? 16 + rlen : 0) + tlen + (clen >= 0 ? 18 + dlen : 0);
     if (total - ulen > self->max_head) {
         Py_XDECREF(rid);
         Py_RETURN_NONE;
     }
-    PyObject *head = PyBytes_FromStringAndSize(NULL, total);
+    PyObject *head = PyBytes_FromStringAndSize(NULL, total + body_in);
     PyObject *target = PyBytes_FromStringAndSize((const char *)url, ulen);
     if (head == NULL || target == NULL) {
         Py_XDECREF(head);
@@ -383,7 +427,17 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
         PUT_LIT(&w, "\r\nX-Request-Id: ");
         put(&w, PyBytes_AS_STRING(rid), rlen);
     }
-    put(&w, PyBytes_AS_STRING(args[2]), tlen);
+    if (clen >= 0) {
+        put(&w, PyBytes_AS_STRING(args[2]), tlen - 2);
+        PUT_LIT(&w, "Content-Length: ");
+        put(&w, digits, dlen);
+        PUT_LIT(&w, "\r\n\r\n");
+        put(&w, buf + head_end, body_in);
+        head_end += body_in;
+        total += body_in;
+    }
+    else
+        put(&w, PyBytes_AS_STRING(args[2]), tlen);
     if (w - PyBytes_AS_STRING(head) != total) {  /* cannot happen: the sizes above are exact */
         Py_DECREF(head);
         Py_DECREF(target);
@@ -397,20 +451,17 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
         Py_INCREF(rid);
     }
     PyObject *end_obj = PyLong_FromSsize_t(head_end);
-    if (end_obj == NULL) {
-        Py_DECREF(METHODS[m]);
-        Py_DECREF(head);
-        Py_DECREF(target);
-        Py_DECREF(rid);
-        return NULL;
-    }
-    PyObject *res = PyTuple_New(5);
+    PyObject *clen_obj = PyLong_FromSsize_t(clen > 0 ? clen : 0);
+    PyObject *left_obj = PyLong_FromSsize_t(clen > 0 ? clen - body_in : 0);
+    PyObject *res = (end_obj && clen_obj && left_obj) ? PyTuple_New(7) : NULL;
     if (res == NULL) {
         Py_DECREF(METHODS[m]);
         Py_DECREF(head);
         Py_DECREF(target);
         Py_DECREF(rid);
-        Py_DECREF(end_obj);
+        Py_XDECREF(end_obj);
+        Py_XDECREF(clen_obj);
+        Py_XDECREF(left_obj);
         return NULL;
     }
     PyTuple_SET_ITEM(res, 0, METHODS[m]);
@@ -418,12 +469,15 @@ RequestScanner_scan(RequestScanner *self, PyObject *const *args, Py_ssize_t narg
     PyTuple_SET_ITEM(res, 2, head);
     PyTuple_SET_ITEM(res, 3, rid);
     PyTuple_SET_ITEM(res, 4, end_obj);
+    PyTuple_SET_ITEM(res, 5, clen_obj);
+    PyTuple_SET_ITEM(res, 6, left_obj);
     return res;
 }
 
 static PyMethodDef RequestScanner_methods[] = {
     {"scan", (PyCFunction)(void (*)(void))RequestScanner_scan, METH_FASTCALL,
-     "scan(data, pos, tail) -> None | (method, target, head, request_id, end)"},
+     "scan(data, pos, tail) -> None | (method, target, forwarded, request_id, end, "
+     "content_length, body_left)"},
     {NULL, NULL, 0, NULL},
 };
 

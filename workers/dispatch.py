@@ -165,7 +165,7 @@ class Dispatcher:
             retry = ex.idempotent or w.retry_connect_non_idempotent
         else:
             # Sent, and no answer: only a bodyless idempotent request can be resent.
-            retry = ex.idempotent and ex.pending is None
+            retry = ex.idempotent and ex.pending is None and not ex.has_body
             ex.retry_same = reused
         if retry and len(tried) <= w.retries and not self.closed:
             nxt = w.strategy.pick(tried, ex.cls)

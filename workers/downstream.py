@@ -97,6 +97,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "discard_idle",
         "unparsed",
         "parse_scheduled",
+        "body_left",
     )
 
     def __init__(self, worker) -> None:
@@ -133,6 +134,9 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.discard_idle = min(DISCARD_IDLE, worker.t_client_body)
         self.unparsed = b""  # read, not parsed yet: the pipeline is full
         self.parse_scheduled = False
+        # Bytes of a Content-Length body the C scanner began (`reading`) still
+        # to come: relayed by counting, never parsed.
+        self.body_left = 0
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -218,10 +222,15 @@ class Downstream(Dispatcher, asyncio.Protocol):
         return ex.upstream if ex is not None else None
 
     def data_received(self, data: bytes) -> None:
+        if self.body_left:
+            data = self._count_body(data)
+            if not data:
+                return
         if self.fast:
             # The common requests, recognised whole by the C scanner; it declines
             # the first one it does not fully recognise (or a head cut by the end
-            # of this read), which then goes to httptools with the rest.
+            # of this read), which then goes to httptools with the rest.  A
+            # Content-Length body comes with its head, as far as this read holds it.
             scan = self.scanner
             tail = self.xff_tail
             pos = 0
@@ -230,8 +239,10 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 if r is None:
                     break
                 pos = r[4]
-                self._simple(r[0], r[1], r[2], r[3])
+                self._simple(r[0], r[1], r[2], r[3], r[5], r[6])
                 if pos == len(data):
+                    if self.body_left:
+                        self._flush_body()
                     return
                 q = self.queue
                 if q is not None and len(q) >= PIPELINE_DEPTH:
@@ -308,8 +319,33 @@ class Downstream(Dispatcher, asyncio.Protocol):
         r = self.reading
         if r is not None and r.chunk:
             self._seal_chunk(r)  # this read's pieces of a chunked body: one chunk
+        self._flush_body()  # body bytes collected during this read
+
+    def _count_body(self, data: bytes) -> bytes:
+        """The next bytes of a body the C scanner began: relayed up to its end
+        (as httptools' on_body / on_message_complete would), the rest returned."""
+        left = self.body_left
+        if len(data) <= left:
+            piece = data
+            data = b""
+        else:
+            piece = data[:left]
+            data = data[left:]
+        left = self.body_left = left - len(piece)
+        try:
+            self.on_body(piece)
+            if not left:
+                self.on_message_complete()
+        except _StopReading:
+            return b""
+        self._flush_body()
+        return data
+
+    def _flush_body(self) -> None:
+        """Body bytes collected for the exchange in flight: send them, or pause
+        reading once too many wait for its upstream connection."""
         ex = self.ex
-        if ex is not None and ex.pending:  # body bytes collected during this read
+        if ex is not None and ex.pending:
             if ex.upstream is not None:
                 self._flush_up(ex)
             elif ex.buffered > flow.WRITE_LIMIT:
@@ -446,8 +482,11 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self.host = None
         self._full_head(p, specials)
 
-    def _simple(self, method: bytes, url: bytes, head: bytes, rid: bytes) -> None:
-        """A common request (no body, nothing with a rule), its forwarded head built."""
+    def _simple(self, method: bytes, url: bytes, head: bytes, rid: bytes,
+                length: int = 0, left: int = 0) -> None:
+        """A common request (nothing with a rule), its forwarded head built.
+        With a Content-Length body (`length`), `head` holds the body bytes read
+        so far; `left` more are still to come (relayed by `_count_body`)."""
         w = self.worker
         w.requests += 1
         ex = Exchange(self, method, head)
@@ -455,9 +494,13 @@ class Downstream(Dispatcher, asyncio.Protocol):
             ex.rid = rid
         if method == b"HEAD":
             ex.plain = False
+        if length:
+            ex.has_body = True  # never resent once sent
+            if left:
+                self._read_body(ex, length, left)
         if w.request_checks:  # request classes or a rate limit are configured
             if w.classify is not None:
-                ex.cls = w.classify(method, url, 0)
+                ex.cls = w.classify(method, url, length)
             if w.limiter is not None and not w.limiter.allow(self.client_ip):
                 w.limited += 1
                 ex.error = 429
@@ -471,6 +514,20 @@ class Downstream(Dispatcher, asyncio.Protocol):
             self._dispatch(ex)
         else:
             self._enqueue(ex)
+
+    def _read_body(self, ex: Exchange, length: int, left: int) -> None:
+        """`ex`'s body is still arriving: it is the request being read, as
+        `_full_head` makes one (the head and the body read so far wait in `pending`)."""
+        ex.pending = [ex.head]
+        ex.body_done = False
+        ex.content_length = length
+        ex.body_bytes = ex.buffered = length - left
+        if ex.plain:
+            ex.plain = False  # until the body ends (see _full_head)
+            ex.plain_after_body = True
+        self.reading = ex
+        self.body_left = left
+        self.deadline = CLOCK.tick() + self.worker.t_client_body
 
     def _full_head(self, p, specials) -> None:
         w = self.worker
@@ -673,6 +730,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             return
         self.broken = True
         self.fast = False
+        self.body_left = 0
         # The rejected request's method, once its request line is read (`url`
         # set; before that the parser still holds the previous request's): an
         # answer to HEAD ends with its head (RFC 9112 6.3), even lb's own.

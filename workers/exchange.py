@@ -40,7 +40,7 @@ class Exchange:
     plain_after_body = False  # `plain` once the request body has ended (False until then)
     discard = False  # answered before its body ended: the rest of the body is dropped
     discard_until = 0.0  # ... until this time at the latest (monotonic)
-    content_length = 0  # declared body length (Content-Length bodies; slow path only)
+    content_length = 0  # declared body length (Content-Length bodies)
     chunk = None  # body pieces of a chunked request read in this read, not yet re-chunked
     guard = None  # ml: the guard to credit this request's outcome to (workers/guard.py) ...
     arm = -1  # ... under this arm (the one that picked its first backend)

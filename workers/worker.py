@@ -81,7 +81,7 @@ class Worker:
         # The C fast path for the common request head (None: httptools only).
         self.scan_request = fastpath.RequestScanner(
             lim.max_request_line, lim.max_header_size + HEAD_SLACK, lim.max_headers,
-            self.new_request_id if self.request_id else None,
+            self.new_request_id if self.request_id else None, self.max_body_size,
         ).scan if fastpath.AVAILABLE else None
         al = cfg.access_log
         self.access_log = AccessLog(al.path, al.sample, al.buffer, slot) if al.path else None
