@@ -1,10 +1,12 @@
 """The client side: one protocol per accepted connection, parsing requests.
 
-Parser callbacks store slices and nothing more; the forwarded head is built
-once in `on_headers_complete`: the common request on a fast path here, every
-other one through the rules of `workers/request_head.py`.  A request that
-breaks a rule raises `Reject(status)` from inside the parser, which stops
-llhttp at once: nothing of it reaches a backend.
+Two parse paths: the C scanner (workers/_fastpath.c) takes the common
+requests whole, head and Content-Length body; everything else goes to
+httptools, whose callbacks store slices and nothing more, and the forwarded
+head is built once in `on_headers_complete` by the rules of
+`workers/request_head.py`.  A request that breaks a rule raises
+`Reject(status)` from inside the parser, which stops llhttp at once: nothing
+of it reaches a backend.
 
 Pipelined requests are answered in order: only the exchange at the head of the
 pipeline is dispatched; the ones behind it wait in `queue` with reading paused,
@@ -27,16 +29,13 @@ from workers.http import (
     CONTINUE_100,
     CRLF,
     DATE,
-    H_CONTENT_LENGTH,
-    H_HOST,
     LAST_CHUNK,
-    REQUEST_TAIL_11,
     SEP,
     XFP_HTTP,
 )
 from workers.linger import LINGER_BYTES, linger
 from workers.released import CLOSED
-from workers.request_head import GOOD_HOSTS, HEAD_SLACK, NAME_TAGS, Reject, build_exchange, name_tag
+from workers.request_head import NAME_TAGS, Reject, build_exchange, name_tag
 from workers.timers import CLOCK, INF
 
 monotonic = time.monotonic
@@ -78,7 +77,6 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "queue",
         "headers",
         "specials",
-        "host",
         "url",
         "head_bytes",
         "deadline",
@@ -110,8 +108,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.reading = None  # the exchange whose request is being read
         self.queue = None  # exchanges waiting behind `ex`
         self.headers: list = []
-        self.specials: list = []  # (tag, value) of the fields with a rule, but the first Host
-        self.host = None  # the first Host value (kept apart: the fast path needs only it)
+        self.specials: list = []  # (tag, value) of the fields with a rule
         self.url = b""
         self.head_bytes = 0
         self.deadline = INF
@@ -433,54 +430,43 @@ class Downstream(Dispatcher, asyncio.Protocol):
             tag = name_tag(name)
         if not tag:
             self.headers += (name, SEP, value, CRLF)
-        elif tag == H_HOST and self.host is None:
-            self.host = value
         else:
             self.specials.append((tag, value))
 
     def on_headers_complete(self) -> None:
-        p = self.parser
-        host = self.host
-        if (host is not None and not self.specials and p.should_keep_alive()
-                and host in GOOD_HOSTS and self.url[:1] == b"/"):
-            # The common request: HTTP/1.1, keep-alive, one Host already seen
-            # valid, origin-form target, no body, no header that needs a rule.
-            # Everything else takes the full path.
-            headers = self.headers
-            w = self.worker
-            method = p.get_method()
-            if method == b"CONNECT":
-                raise Reject(405)
-            # len(headers) + 4 (Host) > max, both multiples of 4 (name, sep, value, CRLF)
-            if len(headers) >= w.max_header_fields:
-                raise Reject(431)
-            url = self.url
-            if w.request_id:
-                rid = w.new_request_id()
-                head = b"".join([method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
-                                 b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Request-Id: ", rid,
-                                 self.xff_tail])
-            else:
-                rid = b""
-                head = b"".join([method, b" ", url, REQUEST_TAIL_11, *headers, b"Host: ", host,
-                                 b"\r\nX-Forwarded-Host: ", host, self.xff_tail])
-            if len(head) > w.small_head:  # below it neither limit can be exceeded
-                if len(url) > w.max_request_line:
-                    raise Reject(414)
-                if len(head) - len(url) > w.max_header_size + HEAD_SLACK:
-                    raise Reject(431)
-            self.headers = []
-            self.host = None
-            self.url = b""
-            if self.head_bytes:
-                self.head_bytes = 0
-            self._simple(method, url, head, rid)
-            return
-        specials = self.specials
-        if host is not None:
-            specials.insert(0, (H_HOST, host))
-            self.host = None
-        self._full_head(p, specials)
+        # The C scanner takes the common requests whole; what reaches httptools
+        # gets every rule here (workers/request_head.py): one assembly and one
+        # limits check per path.
+        w = self.worker
+        ex = build_exchange(self, self.parser, self.url, self.headers, self.specials, w)
+        if ex.upgrade and ex.has_body:
+            # httptools skips the body of an upgrade request (it hands over at the
+            # end of the head): forwarded, its framing would promise the backend a
+            # body that then arrives, if ever, as tunnel bytes.
+            raise Reject(400)
+        if not ex.keep_alive:
+            self.scanner = None  # the last request on this connection
+        if w.limiter is not None and not w.limiter.allow(self.client_ip):
+            w.limited += 1
+            ex.error = 429
+        self.headers = []
+        self.specials = []
+        self.url = b""
+        self.head_bytes = 0
+        w.requests += 1
+        if ex.pending is not None:  # a body (or upgrade) follows
+            self.reading = ex
+            if ex.has_body:
+                self.deadline = CLOCK.tick() + w.t_client_body
+                if ex.plain:
+                    # Until the body ends, a response is early: the upstream takes
+                    # its slow path, which closes the connection after it.
+                    ex.plain = False
+                    ex.plain_after_body = True
+        if self.ex is None:
+            self._start(ex)
+        else:
+            self._enqueue(ex)
 
     def _simple(self, method: bytes, url: bytes, head: bytes, rid: bytes,
                 length: int = 0, left: int = 0) -> None:
@@ -517,53 +503,17 @@ class Downstream(Dispatcher, asyncio.Protocol):
 
     def _read_body(self, ex: Exchange, length: int, left: int) -> None:
         """`ex`'s body is still arriving: it is the request being read, as
-        `_full_head` makes one (the head and the body read so far wait in `pending`)."""
+        `on_headers_complete` makes one (the head and the body read so far wait in `pending`)."""
         ex.pending = [ex.head]
         ex.body_done = False
         ex.content_length = length
         ex.body_bytes = ex.buffered = length - left
         if ex.plain:
-            ex.plain = False  # until the body ends (see _full_head)
+            ex.plain = False  # until the body ends (see on_headers_complete)
             ex.plain_after_body = True
         self.reading = ex
         self.body_left = left
         self.deadline = CLOCK.tick() + self.worker.t_client_body
-
-    def _full_head(self, p, specials) -> None:
-        w = self.worker
-        ex = build_exchange(self, p, self.url, self.headers, specials, w)
-        if ex.upgrade and ex.has_body:
-            # httptools skips the body of an upgrade request (it hands over at the
-            # end of the head): forwarded, its framing would promise the backend a
-            # body that then arrives, if ever, as tunnel bytes.
-            raise Reject(400)
-        if not ex.keep_alive:
-            self.scanner = None  # the last request on this connection
-        if w.limiter is not None and not w.limiter.allow(self.client_ip):
-            w.limited += 1
-            ex.error = 429
-        self.headers = []
-        self.specials = []
-        self.url = b""
-        self.head_bytes = 0
-        w.requests += 1
-        if ex.pending is not None:  # a body (or upgrade) follows
-            self.reading = ex
-            if ex.has_body:
-                self.deadline = CLOCK.tick() + w.t_client_body
-                if ex.plain:
-                    # Until the body ends, a response is early: the upstream takes
-                    # its slow path, which closes the connection after it.
-                    ex.plain = False
-                    ex.plain_after_body = True
-                if not ex.chunked:
-                    for tag, value in specials:
-                        if tag == H_CONTENT_LENGTH:
-                            ex.content_length = int(value)  # (llhttp checked the digits)
-        if self.ex is None:
-            self._start(ex)
-        else:
-            self._enqueue(ex)
 
     def _enqueue(self, ex: Exchange) -> None:
         if self.queue is None:

@@ -9,8 +9,9 @@ or malformed Content-Length, CL with TE, bare CR, NUL, obs-fold and invalid
 names.  A broken rule raises `Reject(status)` from inside the parser
 callback, which stops llhttp at once.
 
-`Downstream.on_headers_complete` handles the common request itself (fast
-path); everything else comes here.
+The C scanner (workers/_fastpath.c) forwards the common requests it
+recognises whole as the same bytes this module would; everything else comes
+here from `Downstream.on_headers_complete`.
 """
 
 from __future__ import annotations
@@ -54,10 +55,6 @@ _HOST = re.compile(
 # path and query (which may be empty).
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 _HTTP_SCHEMES = (b"http", b"https")
-GOOD_HOSTS_MAX = 1024  # Host values remembered as valid (bounded: they come from clients)
-# Host values seen valid, as sent: Downstream's common path forwards a Host
-# from this set as it is and sends any other to build_exchange (validated once).
-GOOD_HOSTS: set[bytes] = set()
 
 
 class Reject(Exception):
@@ -82,8 +79,6 @@ def valid_host(value: bytes) -> bytes:
     m = _HOST.fullmatch(host)
     if m is None or (m.group(1) is not None and int(m.group(1)) > 65535):
         raise Reject(400)
-    if host is value and len(GOOD_HOSTS) < GOOD_HOSTS_MAX:
-        GOOD_HOSTS.add(host)
     return host
 
 
@@ -170,9 +165,9 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
         parts += (b"Host: ", host, CRLF, b"X-Forwarded-Host: ", host, CRLF)
     else:  # HTTP/1.0 without Host, forwarded as HTTP/1.1, which requires one
         parts += (b"Host: ", w.listen_host, CRLF)
-    # X-Request-Id before X-Forwarded-*: the order the common-request paths use
-    # (Downstream.on_headers_complete and workers/_fastpath.c), so one request
-    # is forwarded as the same bytes whichever path takes it.
+    # X-Request-Id before X-Forwarded-*: the order the C scanner uses
+    # (workers/_fastpath.c), so one request is forwarded as the same bytes
+    # whichever path takes it.
     if rid is None and w.request_id:
         rid = w.new_request_id()
     if rid is not None:
@@ -223,6 +218,8 @@ def build_exchange(conn, p, url: bytes, headers: list, specials: list, w) -> Exc
         ex.chunked = chunked
         ex.upgrade = is_upgrade
         ex.expect_continue = expect_continue
+        if has_body and not chunked:
+            ex.content_length = int(cl)
     if not keep_alive:
         ex.keep_alive = ex.plain = False
     if http10:

@@ -68,7 +68,6 @@ class Worker:
         self.max_body_size = lim.max_body_size
         self.max_head_bytes = lim.max_request_line + lim.max_header_size
         self.max_response_head = lim.max_response_head
-        self.small_head = min(lim.max_request_line, lim.max_header_size)
         self.retries = cfg.upstream.retries
         self.retry_connect_non_idempotent = cfg.upstream.retry_connect_non_idempotent
         self.listen_host = cfg.listen.encode()  # Host for HTTP/1.0 requests that have none
