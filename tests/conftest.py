@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # start a process fails, so the tier cannot quietly grow slow.
 UNIT_MODULES = frozenset({
     "test_child", "test_clone", "test_fastpath", "test_fleet_bench", "test_guard", "test_inference_engine",
-    "test_kubernetes_examples", "test_loadcurve", "test_table_rows",
+    "test_inline_copies", "test_kubernetes_examples", "test_loadcurve", "test_table_rows",
 })
 
 

@@ -102,7 +102,7 @@ class Pair:
         random.seed(7)  # the same request-id prefix in both workers of a comparison
         w = self.worker = Worker(cfg)
         if not fast:
-            w.scan_request = None
+            w.scan_request = w.scan_response = None
         self.fast = fast
         b = self.backend = w.backends[0]
         b.pool = Pool(b, None, None, max_idle=8, idle_timeout=60)
@@ -116,8 +116,6 @@ class Pair:
         idle = self.backend.pool.idle
         while len(idle) < self.SPARE:
             up = UpstreamConnection(self.backend, self.worker)
-            if not self.fast:
-                up.fast = False
             up.connection_made(Transport())
             idle.insert(0, up)
             self.ups.append(up)

@@ -1,11 +1,11 @@
 """Sending an exchange to a backend: pick, pooled or new connection, retries,
-upstream timeouts.  A mixin of `Downstream`, which owns the exchanges."""
+upstream timeouts.  One `Dispatcher` per worker; the client connection that
+owns an exchange (`ex.conn`) answers it when nothing can be forwarded."""
 
 from __future__ import annotations
 
 import time
 
-from workers import flow
 from workers.exchange import Exchange
 from workers.listener import LOCAL_ERRNOS
 from workers.timers import CLOCK
@@ -14,23 +14,26 @@ monotonic = time.monotonic
 
 
 class Dispatcher:
-    """Needs from the class it is mixed into: `worker`, `gate`, `transport`,
-    `closed`, `ex`, and `_write_error` / `response_done`."""
+    __slots__ = ("worker",)
 
-    __slots__ = ()
+    def __init__(self, worker) -> None:
+        self.worker = worker
 
-    def _dispatch(self, ex: Exchange, backend=None) -> None:
+    def dispatch(self, ex: Exchange, backend=None) -> None:
+        """Bind `ex` to `backend` (or the strategy's pick) and send its head, or
+        open a connection for it; answer 503 when nothing can take it.  With a
+        body collected (`ex.pending`), the caller flushes it (`ex.flush()`)."""
         w = self.worker
         if backend is None:
             if w.active >= w.max_active:
                 w.shed += 1  # load shedding: the instance-wide in-flight cap
-                self._write_error(ex, 503)
+                ex.conn.write_error(ex, 503)
                 return
             strategy = w.strategy
             backend = strategy.pick((), ex.cls)
             if backend is None:
                 w.no_backend += 1
-                self._write_error(ex, 503)
+                ex.conn.write_error(ex, 503)
                 return
             if strategy.guard is not None and strategy.arm >= 0:
                 ex.guard = strategy.guard
@@ -40,12 +43,12 @@ class Dispatcher:
                 backend = self._second_choice(backend, ex)
                 if backend is None:
                     w.shed += 1  # every candidate's circuit breaker is open
-                    self._write_error(ex, 503)
+                    ex.conn.write_error(ex, 503)
                     return
         elif backend.inflight >= backend.max_conns:
             backend.overflows += 1
             w.shed += 1
-            self._write_error(ex, 503)
+            ex.conn.write_error(ex, 503)
             return
         backend.requests += 1
         ex.t0 = now = monotonic()
@@ -58,8 +61,9 @@ class Dispatcher:
         w.active += 1
         ex.backend = backend
         ex.bound = True
-        # Pool.acquire() inlined for the usual case: the warmest idle connection
-        # is alive (a closed one leaves the pool in connection_lost).
+        # Pool.acquire(), inlined for the usual case (tests/test_inline_copies.py
+        # checks they agree): the warmest idle connection is alive (a closed one
+        # leaves the pool in connection_lost).
         idle = backend.pool.idle
         up = idle.pop() if idle else None
         if up is not None and not up.alive:
@@ -69,14 +73,12 @@ class Dispatcher:
             ex.upstream = up
             if ex.pending is None:
                 up.transport.write(ex.head)
-            # else: the caller flushes the body collected so far (after the
-            # parser returns, or right away when called from outside it)
             return
         if backend.connecting >= backend.max_pending:
             backend.overflows += 1
             w.shed += 1
             ex.unbind()
-            self._write_error(ex, 503)
+            ex.conn.write_error(ex, 503)
             return
         task = ex.connecting = backend.pool.connect()
         task.add_done_callback(ex.on_connected)
@@ -101,7 +103,8 @@ class Dispatcher:
             exclude.append(alt)
         return first if room else None
 
-    def upstream_connected(self, ex: Exchange, task) -> None:
+    def connected(self, ex: Exchange, task) -> None:
+        """The connect task of `ex` ended (done callback)."""
         if ex.connecting is not task:
             # Superseded (timed out, or the client left): keep a good connection.
             if not task.cancelled() and task.exception() is None:
@@ -117,11 +120,11 @@ class Dispatcher:
                 self.worker.listener.local_error(exc)
                 ex.unbind()
                 ex.upstream = None
-                self._write_error(ex, 503)
+                ex.conn.write_error(ex, 503)
                 return
             ex.backend.connect_errors += 1
             ex.unbind()
-            self.upstream_failed(ex, sent_nothing=True, status=502)
+            self.failed(ex, sent_nothing=True, status=502)
             return
         proto = task.result()[1]
         proto.ex = ex
@@ -130,22 +133,9 @@ class Dispatcher:
         if ex.pending is None:
             proto.transport.write(ex.head)
         else:
-            self._flush_up(ex)
+            ex.flush()
 
-    def _flush_up(self, ex: Exchange) -> None:
-        pending = ex.pending
-        if pending:
-            if len(pending) == 1:
-                ex.upstream.transport.write(pending[0])
-            else:
-                ex.upstream.transport.writelines(pending)
-            pending.clear()
-            ex.buffered = 0
-            if self.gate.reasons & flow.BODY_BUFFER:
-                self.gate.resume(flow.BODY_BUFFER)
-
-    def upstream_failed(self, ex: Exchange, *, sent_nothing: bool, status: int,
-                        reused: bool = False) -> None:
+    def failed(self, ex: Exchange, *, sent_nothing: bool, status: int, reused: bool = False) -> None:
         """No response byte came back from `ex.backend`: retry elsewhere, or answer `status`.
 
         A failed connect is retried on another backend only (as nginx does: one
@@ -167,28 +157,29 @@ class Dispatcher:
             # Sent, and no answer: only a bodyless idempotent request can be resent.
             retry = ex.idempotent and ex.pending is None and not ex.has_body
             ex.retry_same = reused
-        if retry and len(tried) <= w.retries and not self.closed:
+        if retry and len(tried) <= w.retries and not ex.conn.closed:
             nxt = w.strategy.pick(tried, ex.cls)
             if nxt is None and ex.retry_same:
                 nxt = w.strategy.pick((), ex.cls)
             if nxt is not None:
                 backend.retries += 1
-                self._dispatch(ex, nxt)
+                self.dispatch(ex, nxt)
                 if ex.pending and ex.upstream is not None:
-                    self._flush_up(ex)
+                    ex.flush()
                 return
-        self.upstream_error(ex, status)
+        self.error(ex, status)
 
-    def upstream_error(self, ex: Exchange, status: int) -> None:
+    def error(self, ex: Exchange, status: int) -> None:
+        """`ex` cannot be forwarded any more: answer `status`."""
         ex.upstream = None
         ex.unbind()
         if ex.guard is not None:  # the request failed: an error outcome for the arm that routed it
             ex.guard.outcome(ex.arm, monotonic() - ex.guard_t0, True)
         if ex.backend is not None:
             ex.backend.responses[5] += 1
-        self._write_error(ex, status)
+        ex.conn.write_error(ex, status)
 
-    def upstream_timeout(self, ex: Exchange) -> None:
+    def timeout(self, ex: Exchange) -> None:
         """Called by the sweep: `ex` waited too long to connect or for response bytes."""
         backend = ex.backend
         backend.timeouts += 1
@@ -198,22 +189,22 @@ class Dispatcher:
             ex.connecting = None
             task.cancel()
             ex.unbind()
-            self.upstream_failed(ex, sent_nothing=True, status=504)
+            self.failed(ex, sent_nothing=True, status=504)
             return
         up = ex.upstream
         if up is not None:
             ex.upstream = None
             up.abandon()
         ex.unbind()
-        if not ex.response_started:
-            backend.record(ex.cls, monotonic() - ex.t0, True)
         if ex.response_started:
-            self.ex = None
-            self.transport.close()
+            ex.conn.abort_after_upstream(ex)
         else:
-            self.upstream_error(ex, 504)
+            backend.record(ex.cls, monotonic() - ex.t0, True)
+            self.error(ex, 504)
 
-    def _abandon(self, ex: Exchange) -> None:
+    @staticmethod
+    def abandon(ex: Exchange) -> None:
+        """The client went away (or broke its request): drop what `ex` holds upstream."""
         task = ex.connecting
         if task is not None:
             ex.connecting = None

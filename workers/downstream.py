@@ -23,7 +23,6 @@ from collections import deque
 from httptools import HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade, HttpRequestParser
 
 from workers import flow
-from workers.dispatch import Dispatcher
 from workers.exchange import Exchange
 from workers.http import (
     CONTINUE_100,
@@ -64,7 +63,7 @@ class _StopReading(Exception):
     after that point is parsed (and nothing answered)."""
 
 
-class Downstream(Dispatcher, asyncio.Protocol):
+class Downstream(asyncio.Protocol):
     XFP = XFP_HTTP  # the X-Forwarded-Proto line this listener adds
 
     __slots__ = (
@@ -96,6 +95,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         "unparsed",
         "parse_scheduled",
         "body_left",
+        "dispatch",
     )
 
     def __init__(self, worker) -> None:
@@ -134,6 +134,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         # Bytes of a Content-Length body the C scanner began (`reading`) still
         # to come: relayed by counting, never parsed.
         self.body_left = 0
+        self.dispatch = worker.dispatcher.dispatch  # sends an exchange upstream (workers/dispatch.py)
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -176,7 +177,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         ex = self.ex
         if ex is not None:
             self.ex = None
-            self._abandon(ex)
+            self.worker.dispatcher.abandon(ex)
         if self.queue:
             self.queue.clear()
         # The protocol and its parser refer to each other: this object waits for
@@ -279,7 +280,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 self._hold_upgrade(ex, rest)
             first = self.ex  # the upgrade request itself, or a request before it whose
             if first is not None and first.pending and first.upstream is not None:
-                self._flush_up(first)  # body (or head) this read brought
+                first.flush()  # body (or head) this read brought
             return
         except HttpParserError as exc:
             ctx = exc.__context__
@@ -294,7 +295,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 self._reject(400, self.parser.get_method() if past_method else None)
             ex = self.ex
             if ex is not None and ex.pending and ex.upstream is not None:
-                self._flush_up(ex)  # what earlier, valid requests read along with it
+                ex.flush()  # what earlier, valid requests read along with it
             return
         if self.url:
             version = self.parser.get_http_version()
@@ -308,7 +309,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
             if self.broken:
                 ex = self.ex
                 if ex is not None and ex.pending and ex.upstream is not None:
-                    self._flush_up(ex)  # what earlier, valid requests read along with it
+                    ex.flush()  # what earlier, valid requests read along with it
                 return
         elif (not self.in_message and self.reading is None and self.upgrading is None
               and self.scanner is not None):
@@ -344,7 +345,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
         ex = self.ex
         if ex is not None and ex.pending:
             if ex.upstream is not None:
-                self._flush_up(ex)
+                ex.flush()
             elif ex.buffered > flow.WRITE_LIMIT:
                 self.gate.pause(flow.BODY_BUFFER)
 
@@ -497,7 +498,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 return
         if self.ex is None:
             self.ex = ex
-            self._dispatch(ex)
+            self.dispatch(ex)
         else:
             self._enqueue(ex)
 
@@ -587,19 +588,19 @@ class Downstream(Dispatcher, asyncio.Protocol):
         self.transport.close()
         raise _StopReading  # what follows the body is not read
 
-    # -- the pipeline (sending to a backend: workers/dispatch.py) -----------
+    # -- the pipeline ----------------------------------------------------------
 
     def _start(self, ex: Exchange) -> None:
         """`ex` becomes the head of the pipeline: answer it or send it upstream."""
         self.ex = ex
         if ex.error:
-            self._write_error(ex, ex.error)
+            self.write_error(ex, ex.error)
             return
         if ex.expect_continue:
             self.transport.write(CONTINUE_100)
-        self._dispatch(ex)
+        self.dispatch(ex)
 
-    def _write_error(self, ex: Exchange, status: int) -> None:
+    def write_error(self, ex: Exchange, status: int) -> None:
         ex.status = status
         # An upgrade request answered by lb: what the client sent after it is
         # not HTTP lb has read (held, then dropped), so the connection ends here.
@@ -644,7 +645,7 @@ class Downstream(Dispatcher, asyncio.Protocol):
                 self.gate.resume(flow.PIPELINE)
             self._start(nxt)
             if nxt.pending and nxt.upstream is not None:
-                self._flush_up(nxt)
+                nxt.flush()
         elif self.reading is None and not self.url:
             if w.draining:
                 # This response's head went out before the drain began, without
@@ -695,12 +696,12 @@ class Downstream(Dispatcher, asyncio.Protocol):
         if ex is not None and reading is ex:
             # The bad bytes belong to the exchange in flight (its body).
             if ex.response_started:
-                self._abandon(ex)
+                self.worker.dispatcher.abandon(ex)
                 self.transport.close()
                 return
-            self._abandon(ex)
+            self.worker.dispatcher.abandon(ex)
             ex.keep_alive = False
-            self._write_error(ex, status)
+            self.write_error(ex, status)
             return
         if ex is None:
             self.transport.write(DATE.error(status, close=True, head_only=method == b"HEAD"))

@@ -71,16 +71,17 @@ class RedirectDownstream(Downstream):
         super().__init__(worker)
         self.scanner = None  # the head goes through httptools: the forwarded head is not used
         self.fast = False
+        self.dispatch = self._redirect
 
     def _start(self, ex: Exchange) -> None:
         ex.expect_continue = False  # no 100 Continue: the answer comes before any body
         super()._start(ex)
 
-    def _dispatch(self, ex: Exchange, backend=None) -> None:
+    def _redirect(self, ex: Exchange) -> None:
         w = self.worker
         host = redirect_host(ex.head)
         if host in UNSPECIFIED:  # no Host (HTTP/1.0): lb's own listen address is no name to send
-            self._write_error(ex, 400)
+            self.write_error(ex, 400)
             return
         ex.status = status = 301 if ex.method in (b"GET", b"HEAD") else 308
         close = not (ex.keep_alive and ex.body_done) or ex.upgrade or w.draining

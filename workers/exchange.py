@@ -1,8 +1,41 @@
-"""One request in flight, from its parsed head to the last byte of its response."""
+"""One request in flight, from its parsed head to the last byte of its response.
+
+The exchange is the contract between the two sides of the proxy.  The
+downstream side (workers/downstream.py, the client connection) creates it
+from a parsed head and answers requests in order; the dispatcher
+(workers/dispatch.py, one per worker) binds it to a backend and an upstream
+connection; the upstream side (workers/upstream.py) knows nothing of the
+client connection and calls only these methods:
+
+    client.write(data)     response bytes for the client (its transport, write only)
+    pause_client()         the upstream's send buffer is full: stop reading the client
+    resume_client()        ... and read again
+    complete()             the response ended: next request, or close
+    failed(...)            no response byte came back: retry elsewhere, or an error answer
+    answer_error(status)   the backend broke the protocol before answering: `status`
+    cut()                  the response broke off after it started: close the client
+    switch(up, rest)       101 Switching Protocols: the two connections become a tunnel
+
+Its states, derived from what it holds (`state`):
+
+    queued      parsed, waiting behind an earlier request of the same connection
+    connecting  bound to a backend, its connection opening
+    waiting     request sent (or its body still streaming), no response byte yet
+    responding  response bytes are flowing to the client
+    done        answered (or abandoned): no longer counted against its backend
+"""
 
 from __future__ import annotations
 
+from workers import flow
 from workers.http import IDEMPOTENT
+from workers.timers import INF
+
+QUEUED = "queued"
+CONNECTING = "connecting"
+WAITING = "waiting"
+RESPONDING = "responding"
+DONE = "done"
 
 
 class Exchange:
@@ -48,6 +81,7 @@ class Exchange:
 
     def __init__(self, conn, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it
+        self.client = conn.transport  # where the response goes (the upstream side writes only)
         self.method = method
         self.head = head  # the request head as forwarded (kept for retries)
         # Defaults that every request reads are stored anyway: reading an
@@ -76,6 +110,25 @@ class Exchange:
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT
 
+    @property
+    def state(self) -> str:
+        if not self.bound:
+            return DONE if self.t0 else QUEUED
+        if self.connecting is not None:
+            return CONNECTING
+        return RESPONDING if self.response_started else WAITING
+
+    def upstream_deadline(self, t_connect: float, t_response: float) -> float:
+        """When the upstream side has waited too long (the worker's sweep asks):
+        to connect, or, once the request is sent, for the next response bytes."""
+        if not self.bound:
+            return INF
+        if self.connecting is not None:
+            return self.t0 + t_connect
+        if self.body_done:
+            return (self.last_io or self.t0) + t_response
+        return INF  # the client is still sending the body: the client body timer runs
+
     def unbind(self) -> None:
         """Stop counting this exchange against its backend's in-flight requests."""
         if self.bound:
@@ -86,5 +139,45 @@ class Exchange:
                 self.curve.done(self.work, self.backend.inflight)
                 self.curve = None
 
+    def flush(self) -> None:
+        """Send the request bytes collected so far (head, body) upstream."""
+        pending = self.pending
+        if pending:
+            if len(pending) == 1:
+                self.upstream.transport.write(pending[0])
+            else:
+                self.upstream.transport.writelines(pending)
+            pending.clear()
+            self.buffered = 0
+            gate = self.conn.gate
+            if gate.reasons & flow.BODY_BUFFER:
+                gate.resume(flow.BODY_BUFFER)
+
     def on_connected(self, task) -> None:
-        self.conn.upstream_connected(self, task)
+        self.conn.worker.dispatcher.connected(self, task)
+
+    # -- the upstream side's interface --------------------------------------
+
+    def pause_client(self) -> None:
+        self.conn.gate.pause(flow.PEER_FULL)
+
+    def resume_client(self) -> None:
+        self.conn.gate.resume(flow.PEER_FULL)
+
+    def complete(self) -> None:
+        self.conn.response_done(self)
+
+    def failed(self, *, sent_nothing: bool, status: int, reused: bool = False) -> None:
+        self.conn.worker.dispatcher.failed(self, sent_nothing=sent_nothing, status=status, reused=reused)
+
+    def answer_error(self, status: int) -> None:
+        self.conn.worker.dispatcher.error(self, status)
+
+    def cut(self) -> None:
+        self.conn.abort_after_upstream(self)
+
+    def switch(self, up, rest: bytes) -> None:
+        conn = self.conn
+        if rest:
+            conn.transport.write(rest)
+        conn.start_tunnel(up, self)

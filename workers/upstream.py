@@ -19,7 +19,6 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from lb.log import log
 from workers import flow
-from workers.fastpath import scan_response
 from workers.http import (
     CONNECTION_CLOSE,
     CONNECTION_KEEP_ALIVE,
@@ -47,6 +46,7 @@ from workers.timers import CLOCK, INF
 MODE_NONE = 0  # no body (HEAD, 204, 304)
 MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1.0)
 MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
+MODE_UPGRADE = 3  # a 101 head: what follows it is tunnel bytes
 
 CRLF_CRLF = b"\r\n\r\n"
 NO_BODY = frozenset((204, 304))  # statuses whose responses never have a body
@@ -103,6 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
         "remaining",
         "max_head",
         "chunk",
+        "scan",
     )
 
     def __init__(self, backend, worker) -> None:
@@ -126,8 +127,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_deadline = INF
         self.tunnel = None  # the Downstream once a 101 has switched protocols
         self.framed = False
-        # The next response may go to the C scanner (httptools holds nothing of it).
-        self.fast = scan_response is not None
+        # The C response scanner (workers/_fastpath.c), injected by the worker
+        # (None: httptools only), and whether the next response may go to it
+        # (httptools holds nothing of it).
+        self.scan = worker.scan_response
+        self.fast = self.scan is not None
         self.remaining = 0  # body bytes still to relay of a response the scanner took
         # Longest response head accepted, informational (1xx) heads before it
         # included: a backend cannot make the worker hold or relay more.
@@ -145,14 +149,14 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.conn.gate.pause(flow.PEER_FULL)
+            ex.pause_client()
         elif self.tunnel is not None:
             self.tunnel.gate.pause(flow.PEER_FULL)
 
     def resume_writing(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.conn.gate.resume(flow.PEER_FULL)
+            ex.resume_client()
         elif self.tunnel is not None:
             self.tunnel.gate.resume(flow.PEER_FULL)
 
@@ -172,7 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.fast:
             if ex.plain and not self.worker.draining:
-                r = scan_response(data)
+                r = self.scan(data)
                 # (a head the scanner took whole, but longer than the limit, goes
                 # to httptools, which refuses it: only a long read is searched)
                 if r is not None and (len(data) <= self.max_head
@@ -187,7 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load)
                     if ex.guard is not None:
                         ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
-                    ex.conn.transport.write(out)
+                    ex.client.write(out)
                     if remaining:
                         self.remaining = remaining
                         self.framed = True
@@ -202,7 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self._flush()
-            if self.ex is not None and self.mode == -1:
+            if self.ex is not None and self.mode == MODE_UPGRADE:
                 self._switch_to_tunnel(data[exc.args[0]:])
             else:
                 self._protocol_error()
@@ -222,15 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.in_head and len(self.raw) > self.max_head:
             self._head_too_large()  # no end of the head within the limit (or 1xx after 1xx)
             return
-        if self.chunk:
-            self._seal_chunk()
-        out = self.out
-        if out:
-            # _flush() inlined: one write per read, the pieces joined (join of one
-            # item returns it as is); never one buffer per parsed span, which a
-            # body of tiny chunks would turn into many small objects held.
-            ex.conn.transport.write(b"".join(out))
-            out.clear()
+        self._flush()
         if self.done:
             self._finish()
         else:
@@ -242,17 +238,17 @@ class UpstreamConnection(asyncio.Protocol):
         n = len(data)
         if n < rest:
             self.remaining = rest - n
-            ex.conn.transport.write(data)
+            ex.client.write(data)
             ex.last_io = CLOCK.now
             return
         self.remaining = 0
         if n > rest:
             # Bytes past the body: the backend broke its framing.  As on the
             # httptools path: the body goes out, then both connections close.
-            ex.conn.transport.write(data[:rest])
+            ex.client.write(data[:rest])
             self._protocol_error()
             return
-        ex.conn.transport.write(data)
+        ex.client.write(data)
         self._finish()
 
     def connection_lost(self, exc) -> None:
@@ -271,7 +267,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.ex = None
             ex.unbind()
             self.backend.resets += 1
-            ex.conn.upstream_failed(ex, sent_nothing=False, status=502, reused=self.reused)
+            ex.failed(sent_nothing=False, status=502, reused=self.reused)
         elif not self.framed and not self.done:
             # Close-delimited response: the end of the connection ends the body.
             if self.mode == MODE_CHUNK:
@@ -286,7 +282,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.ex = None
             ex.unbind()
             self.backend.resets += 1
-            ex.conn.abort_after_upstream(ex)
+            ex.cut()
 
     # -- parser callbacks ---------------------------------------------------
     # No on_header: the head is taken whole from the bytes llhttp validated and
@@ -367,7 +363,7 @@ class UpstreamConnection(asyncio.Protocol):
             if not ex.upgrade or m is None:
                 raise HttpParserError("unexpected 101")
             self.out.append(out[:-2] + CONNECTION_UPGRADE + b"Upgrade: " + m.group(1) + CRLF + CRLF)
-            self.mode = -1
+            self.mode = MODE_UPGRADE
             return
         # A response that starts before the request body ended closes the client
         # connection after it (the rest of that body is read and dropped meanwhile).
@@ -432,13 +428,16 @@ class UpstreamConnection(asyncio.Protocol):
     # -- exchange lifecycle -------------------------------------------------
 
     def _flush(self) -> None:
+        """What this read collected, to the client: one write, the pieces joined
+        (a join of one item returns it as is); never one buffer per parsed span,
+        which a body of tiny chunks would turn into many small objects held."""
         if self.chunk:
             self._seal_chunk()
         out = self.out
         if out:
             ex = self.ex
             if ex is not None:
-                ex.conn.transport.write(b"".join(out))  # one write per read, one buffer
+                ex.client.write(b"".join(out))  # one write per read, one buffer
             out.clear()
 
     def _finish(self) -> None:
@@ -446,21 +445,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = None
         self.done = False
         self.in_head = True
-        if not self.fast and scan_response is not None:
+        if not self.fast and self.scan is not None:
             self.fast = True  # httptools completed its message: the next may be scanned
         backend = self.backend
-        if ex.bound:
+        if ex.bound:  # Exchange.unbind(), inlined (tests/test_inline_copies.py checks they agree)
             ex.bound = False
             backend.inflight -= 1
             self.worker.active -= 1
-            if ex.curve is not None:  # Exchange.unbind(), inlined
+            if ex.curve is not None:
                 ex.curve.done(ex.work, backend.inflight)
                 ex.curve = None
         backend.responses[ex.status // 100] += 1
         if self.keep_alive and ex.body_done and not ex.upgrade:
-            pool = self.pool
+            pool = self.pool  # Pool.release(), inlined (same test)
             idle = pool.idle
-            if len(idle) < pool.max_idle and self.alive:  # Pool.release(), inlined
+            if len(idle) < pool.max_idle and self.alive:
                 self.idle_deadline = CLOCK.now + pool.idle_timeout
                 self.reused = True
                 idle.append(self)
@@ -475,7 +474,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # Answered before the request body was all sent: the backend may
                 # never read the rest, so what is queued for it is dropped too.
                 self.transport.abort()
-        ex.conn.response_done(ex)
+        ex.complete()
 
     def _head_too_large(self) -> None:
         self.raw = b""
@@ -492,22 +491,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = None
         ex.unbind()
         if ex.response_started:
-            ex.conn.abort_after_upstream(ex)
+            ex.cut()
         else:
             # A failed attempt of that backend (passive health counts it).
             self.backend.record(ex.cls, monotonic() - ex.t0, True)
-            ex.conn.upstream_error(ex, 502)
+            ex.answer_error(502)
 
     def _switch_to_tunnel(self, rest: bytes) -> None:
         ex = self.ex
         self.ex = None
         ex.unbind()
         self.backend.responses[1] += 1
-        conn = ex.conn
-        self.tunnel = conn
-        if rest:
-            conn.transport.write(rest)
-        conn.start_tunnel(self, ex)
+        self.tunnel = ex.conn  # the client side, from now on only a byte pipe
+        ex.switch(self, rest)
 
     def abandon(self) -> None:
         """The client went away mid-exchange: this connection cannot be reused."""

@@ -26,6 +26,7 @@ from workers.accesslog import AccessLog
 from workers.backend import Backend
 from workers.strategies import make_strategy
 from workers.classes import make_classifier
+from workers.dispatch import Dispatcher
 from workers.health import NEVER, HealthState
 from workers import fleet
 from workers.downstream import Downstream
@@ -82,8 +83,10 @@ class Worker:
             lim.max_request_line, lim.max_header_size + HEAD_SLACK, lim.max_headers,
             self.new_request_id if self.request_id else None, self.max_body_size,
         ).scan if fastpath.AVAILABLE else None
+        self.scan_response = fastpath.scan_response  # ... and for the common response head
         al = cfg.access_log
         self.access_log = AccessLog(al.path, al.sample, al.buffer, slot) if al.path else None
+        self.dispatcher = Dispatcher(self)  # sends exchanges upstream (workers/dispatch.py)
         self.conns: set[Downstream] = set()
         # Transports accepted whose Downstream does not exist yet: in the TLS
         # handshake (workers/edge.py) or before their PROXY header.
@@ -313,13 +316,8 @@ class Worker:
                 c.transport.close()
                 continue
             ex = c.ex
-            if ex is not None and ex.bound:
-                # Upstream timers derive from the exchange's own timestamps.
-                if ex.connecting is not None:
-                    if now - ex.t0 > t_connect:
-                        c.upstream_timeout(ex)
-                elif ex.body_done and now - (ex.last_io or ex.t0) > t_response:
-                    c.upstream_timeout(ex)
+            if ex is not None and ex.upstream_deadline(t_connect, t_response) < now:
+                self.dispatcher.timeout(ex)
         for b in self.backends:
             b.pool.expire(now)
         if self.listener.paused:
