@@ -25,7 +25,7 @@ Seeds.  TRAINING_SEEDS (1000-1999) make the training fleets;
 EVALUATION_SEEDS (1-99) are kept for judging on random fleets the model never
 saw, beside the fixed evaluation set (`scenarios.SCENARIOS`, which no
 generated fleet is: they are hand-made).  The two ranges are disjoint
-(tests/test_fleets.py checks it); `scripts/make-training-traces` refuses a
+(tests/process/test_fleets.py checks it); `scripts/make-training-traces` refuses a
 seed outside TRAINING_SEEDS.
 """
 

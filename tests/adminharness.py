@@ -3,7 +3,7 @@ here, and the ZeroMQ peers it talks to (workers' stats, the supervisor's
 status, the inference process's tables), all real sockets; and `admin_call`,
 the admin API of an `lb run` started by a test.
 
-tests/test_admin_harness.py checks the harness itself.
+tests/process/test_admin_harness.py checks the harness itself.
 """
 
 from __future__ import annotations

@@ -19,27 +19,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- tiers -----------------------------------------------------------------------------------------
-# The fast tier (`pytest -m unit`, a few seconds): modules whose tests run in
-# this process only.  Every other test is marked `process` (it starts lb,
-# backends, DNS or etcd servers, a browser...).  A unit test that tries to
-# start a process fails, so the tier cannot quietly grow slow.
-UNIT_MODULES = frozenset({
-    "test_child", "test_clone", "test_fastpath", "test_fleet_bench", "test_guard", "test_inference_engine",
-    "test_inline_copies", "test_kubernetes_examples", "test_loadcurve", "test_table_rows",
-})
+# tests/unit: in this process only (`pytest -m unit` or `pytest tests/unit`, a
+# few seconds); tests/process: lb's own processes and Python backends;
+# tests/external: a real third-party engine as well (Prometheus, Chromium,
+# dnsmasq, etcd, openssl/curl/testssl.sh, Locust).  The directory gives the
+# marker (`unit`, `process`, `external`: external tests are `process` too).
+# A unit test that tries to start a process fails, so the tier cannot quietly
+# grow slow.
+TIERS = ("unit", "process", "external")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        unit = item.module.__name__.rpartition(".")[2] in UNIT_MODULES
-        item.add_marker(pytest.mark.unit if unit else pytest.mark.process)
+        tier = Path(str(item.fspath)).parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test module belongs in tests/unit, tests/process "
+                                    "or tests/external")
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier == "external":
+            item.add_marker(pytest.mark.process)
 
 
 @pytest.fixture(autouse=True)
 def _unit_starts_no_process(request, monkeypatch):
     if request.node.get_closest_marker("unit") is not None:
         def refuse(*a, **k):
-            raise AssertionError("a unit-tier test started a process: move it out of UNIT_MODULES")
+            raise AssertionError("a unit-tier test started a process: move it to tests/process")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     yield
 

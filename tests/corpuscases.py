@@ -1,8 +1,8 @@
 """The request corpus (tests/corpus/*.http): one raw request per file, its first
 line saying what lb must answer (`# expect STATUS... [forwarded[=N]] [partial]
 [closed] [body=N] [config=NAME] [target=T] [host=H]`), comments after it, then
-the request bytes with escapes.  Read by tests/test_request_corpus.py (over
-real sockets) and tests/test_fastpath.py (the scanner, in memory)."""
+the request bytes with escapes.  Read by tests/process/test_request_corpus.py (over
+real sockets) and tests/unit/test_fastpath.py (the scanner, in memory)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A raw TCP backend for the fuzz test (tests/test_fuzz.py).
+"""A raw TCP backend for the fuzz test (tests/process/test_fuzz.py).
 
 It keeps exactly the bytes it received on every connection and parses them
 with h11 (strict, independent of lb's parsers), so the test can check what lb

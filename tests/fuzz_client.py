@@ -1,4 +1,4 @@
-"""The client side of the fuzz test (tests/test_fuzz.py): send a case's bytes in
+"""The client side of the fuzz test (tests/process/test_fuzz.py): send a case's bytes in
 its splits over a real socket, and read lb's answers with h11 as the client
 of the requests the strict reading saw, until lb closes, every request is
 answered, or the bound passes."""

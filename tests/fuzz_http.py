@@ -1,4 +1,4 @@
-"""Requests for the fuzz test (tests/test_fuzz.py): valid ones, their mutations,
+"""Requests for the fuzz test (tests/process/test_fuzz.py): valid ones, their mutations,
 and what a strict parser makes of the bytes.
 
 Everything is drawn from one `random.Random`, so a seed names a run.  A case is

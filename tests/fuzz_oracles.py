@@ -1,4 +1,4 @@
-"""The oracles of the fuzz test (tests/test_fuzz.py): what the client got, what
+"""The oracles of the fuzz test (tests/process/test_fuzz.py): what the client got, what
 the backend got, and the canary after every case, each checked against the
 strict reading of what the client sent (tests/fuzz_http.py).  Each returns a
 list of what is wrong, empty when all is well."""

@@ -19,7 +19,7 @@
  *
  * The head forwarded is the one workers/request_head.py builds for the same
  * request (build_exchange: field order, the X-Forwarded-* lines, the
- * Content-Length line after them); tests/test_fastpath.py compares both.
+ * Content-Length line after them); tests/unit/test_fastpath.py compares both.
  * scan_response(data)
  *     -> None | (status, out, remaining, keep_alive)
  */

@@ -112,7 +112,7 @@ class Backend:
         `load`: the requests this worker had in flight here when it sent this
         one (-1: unknown), for the load curve (`ml` only)."""
         if now is not None:
-            # observe(), inlined (tests/test_strategies.py checks they agree)
+            # observe(), inlined (tests/process/test_strategies.py checks they agree)
             ewma = self.ewma
             if latency >= ewma:
                 self.ewma = latency

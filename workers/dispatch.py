@@ -61,7 +61,7 @@ class Dispatcher:
         w.active += 1
         ex.backend = backend
         ex.bound = True
-        # Pool.acquire(), inlined for the usual case (tests/test_inline_copies.py
+        # Pool.acquire(), inlined for the usual case (tests/unit/test_inline_copies.py
         # checks they agree): the warmest idle connection is alive (a closed one
         # leaves the pool in connection_lost).
         idle = backend.pool.idle

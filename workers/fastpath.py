@@ -3,7 +3,7 @@
 It recognises the common request head and the common response head whole, in
 one call each, and declines everything else to the httptools path, which
 handles every request the same way (only slower).  `LB_NO_FASTPATH=1` in the
-environment switches it off.  tests/test_fastpath.py compares the two paths
+environment switches it off.  tests/unit/test_fastpath.py compares the two paths
 byte for byte; the request corpus runs over real sockets against both.
 """
 

@@ -20,7 +20,7 @@ Both arms need `MIN_SAMPLES` outcomes in the window before a verdict: until
 then the guard says nothing (no fallback on too little evidence).  Latency is
 capped at `LAT_CAP` seconds per outcome, so one stuck request cannot swing the
 mean of a window.  The guard is I/O-free: outcomes and the clock come in,
-a verdict goes out, and tests/test_guard.py drives it directly.
+a verdict goes out, and tests/unit/test_guard.py drives it directly.
 
 The constants are statistical choices (a 5% practical margin, a 3-sigma
 test, a 20 s window of 1 s buckets), not fitted to any benchmark.

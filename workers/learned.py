@@ -176,7 +176,7 @@ class TableStrategy(P2CEwma):
     def _build_rows(self, table, service: np.ndarray) -> None:
         """Each class's row, vectorised over the backends (numpy): the candidates
         in price order (a stable sort: ties keep the backends' order), their prices, and every
-        backend's penalty and prior.  tests/test_table_rows.py checks the rows
+        backend's penalty and prior.  tests/unit/test_table_rows.py checks the rows
         against a per-backend rule."""
         backends = self.backends
         if table.backends != self._cols_for:

@@ -448,7 +448,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.fast and self.scan is not None:
             self.fast = True  # httptools completed its message: the next may be scanned
         backend = self.backend
-        if ex.bound:  # Exchange.unbind(), inlined (tests/test_inline_copies.py checks they agree)
+        if ex.bound:  # Exchange.unbind(), inlined (tests/unit/test_inline_copies.py checks they agree)
             ex.bound = False
             backend.inflight -= 1
             self.worker.active -= 1

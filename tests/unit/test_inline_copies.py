@@ -4,7 +4,7 @@
 `Dispatcher.dispatch` inlines `Pool.acquire()` (one call each saved per
 request).  Each case runs the inlined path and the plain calls on two
 identical setups and compares every field they touch.  (Backend.observe's
-inline copy is checked in tests/test_strategies.py.)
+inline copy is checked in tests/process/test_strategies.py.)
 """
 
 from __future__ import annotations

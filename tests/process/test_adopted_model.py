@@ -1,7 +1,7 @@
 """A model adopted by continuous learning survives a reload (which restarts the
 inference process), and gives way when the operator configures another model.
 
-The refit itself is inference/retrain.py's (tests/test_train.py); here the
+The refit itself is inference/retrain.py's (tests/process/test_train.py); here the
 inference process's copy of an adopted model is put in place with
 inference.adopted.save, as the process does after a swap, and lb is reloaded."""
 

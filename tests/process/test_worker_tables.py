@@ -55,7 +55,7 @@ class Harness:
             "backends": [{"address": b.address, "name": b.name} for b in backends],
             "classes": list(classes),
             # guard_share 0: every ml pick by the table (the guard's control share is
-            # tests/test_guard.py's), so a row's routing is exact here
+            # tests/unit/test_guard.py's), so a row's routing is exact here
             "learning": {"stats_interval": 0.05, "trace_sample": trace_sample, "guard_share": 0.0},
             "balancer": {"seed": 7},
         })
