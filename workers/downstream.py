@@ -20,10 +20,9 @@ the rules: answered, then nothing more is parsed), `closed`.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import deque
 
-from workers import flow
+from workers import flow, tunnel
 from workers.exchange import Exchange
 from workers.http import CONTINUE_100, CRLF, DATE, XFP_HTTP
 from workers.linger import LINGER_BYTES, linger
@@ -38,39 +37,13 @@ DRAIN_IDLE_GRACE = 1.0  # seconds an idle connection stays open once the worker 
 PIPELINE_DEPTH = 16
 
 
-# TCP states (Linux tcp_states.h) in which the client has closed its side or
-# reset the connection: TCP_CLOSE_WAIT, TCP_CLOSE.
-PEER_CLOSED_STATES = (8, 7)
-TCP_INFO = getattr(socket, "TCP_INFO", None)
-
-
 class Downstream(asyncio.Protocol):
     XFP = XFP_HTTP  # the X-Forwarded-Proto line this listener adds
 
     __slots__ = (
-        "worker",
-        "reader",
-        "transport",
-        "gate",
-        "ex",
-        "reading",
-        "queue",
-        "deadline",
-        "send_deadline",
-        "client_ip",
-        "xff_line",
-        "xff_tail",
-        "upgrading",
-        "tunnel",
-        "broken",
-        "linger_left",
-        "closed",
-        "fast",
-        "scanner",
-        "unparsed",
-        "parse_scheduled",
-        "body_left",
-        "dispatch",
+        "worker", "reader", "transport", "gate", "ex", "reading", "queue", "deadline", "send_deadline",
+        "client_ip", "xff_line", "xff_tail", "upgrading", "tunnel", "broken", "linger_left", "closed", "fast",
+        "scanner", "unparsed", "parse_scheduled", "body_left", "dispatch",
     )
 
     def __init__(self, worker) -> None:
@@ -140,7 +113,7 @@ class Downstream(asyncio.Protocol):
         if w.listener.paused:
             w.listener.maybe_resume()
         if self.tunnel is not None:
-            self.tunnel.transport.close()
+            self.tunnel.client_closed()
             self.tunnel = None
         ex = self.ex
         if ex is not None:
@@ -156,35 +129,23 @@ class Downstream(asyncio.Protocol):
         self.reader.reset()
         self.transport = self.gate.transport = CLOSED  # (workers/released.py)
 
-    def peer_gone(self) -> bool:
-        """Reading is paused, so an end of file or a reset from the client goes
-        unseen (and what this connection holds stays held): ask the kernel."""
-        if TCP_INFO is None:
-            return False
-        sock = self.transport.get_extra_info("socket")
-        try:
-            state = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)
-        except (OSError, AttributeError):
-            return False
-        return bool(state) and state[0] in PEER_CLOSED_STATES
-
     def pause_writing(self) -> None:
         self.send_deadline = CLOCK.tick() + self.worker.t_send
-        up = self._upstream()
-        if up is not None:
-            up.gate.pause(flow.PEER_FULL)
+        self._client_full(True)
 
     def resume_writing(self) -> None:
         self.send_deadline = INF
-        up = self._upstream()
-        if up is not None:
-            up.gate.resume(flow.PEER_FULL)
+        self._client_full(False)
 
-    def _upstream(self):
+    def _client_full(self, full: bool) -> None:
+        """Back-pressure from the client: stop (or resume) reading the backend."""
         if self.tunnel is not None:
-            return self.tunnel
+            self.tunnel.client_full(full)
+            return
         ex = self.ex
-        return ex.upstream if ex is not None else None
+        up = ex.upstream if ex is not None else None
+        if up is not None:
+            up.gate.pause(flow.PEER_FULL) if full else up.gate.resume(flow.PEER_FULL)
 
     def data_received(self, data: bytes) -> None:
         if self.body_left:
@@ -217,11 +178,10 @@ class Downstream(asyncio.Protocol):
             if pos:
                 data = data[pos:]
         if self.tunnel is not None:
-            self.tunnel.transport.write(data)
-            self.deadline = CLOCK.now + self.worker.t_tunnel_idle
+            self.tunnel.from_client(data)
             return
         if self.upgrading is not None:
-            self._hold_upgrade(self.upgrading, data)
+            tunnel.hold(self, self.upgrading, data)
             return
         if self.broken:
             self.linger_left -= len(data)  # dropped: after an error nothing more is parsed
@@ -250,14 +210,6 @@ class Downstream(asyncio.Protocol):
         self.data_received(data)
         if not self.unparsed and not self.queue:
             self.gate.resume(flow.PIPELINE)
-
-    def _hold_upgrade(self, ex, data: bytes) -> None:
-        """Bytes after an upgrade request: kept (reading is paused, so at most a
-        read or two) until a 101 starts the tunnel, dropped on any other answer."""
-        if ex.held is None:
-            ex.held = []
-        ex.held.append(data)
-        self.gate.pause(flow.UPGRADE)
 
     def _simple(self, method: bytes, url: bytes, head: bytes, rid: bytes,
                 length: int = 0, left: int = 0) -> None:
@@ -308,19 +260,6 @@ class Downstream(asyncio.Protocol):
     def pipeline_full(self) -> bool:
         q = self.queue
         return q is not None and len(q) >= PIPELINE_DEPTH
-
-    def upgrade_requested(self, ex: Exchange, rest: bytes) -> None:
-        """httptools stopped at the end of an upgrade request's head."""
-        self.upgrading = ex
-        # Nothing after the upgrade request is read or forwarded until the
-        # backend agrees to switch (101): to a backend that answers anything
-        # else, those bytes would be a request that skipped every rule here.
-        self.gate.pause(flow.UPGRADE)
-        if rest:
-            self._hold_upgrade(ex, rest)
-        first = self.ex  # the upgrade request itself, or a request before it whose
-        if first is not None and first.pending and first.upstream is not None:
-            first.flush()  # body (or head) this read brought
 
     def _start(self, ex: Exchange) -> None:
         """`ex` becomes the head of the pipeline: answer it or send it upstream."""
@@ -388,17 +327,6 @@ class Downstream(asyncio.Protocol):
             else:
                 self.deadline = CLOCK.now + w.t_keepalive
 
-    def start_tunnel(self, up, ex: Exchange) -> None:
-        self.tunnel = up
-        self.ex = None
-        self.upgrading = None
-        self.deadline = CLOCK.tick() + self.worker.t_tunnel_idle  # renewed by bytes either way
-        held = ex.held
-        if held:  # what the client sent after its upgrade request, now tunnel bytes
-            ex.held = None
-            up.transport.writelines(held)
-        self.gate.resume(flow.BODY_BUFFER | flow.PIPELINE | flow.UPGRADE)
-
     # -- failure paths --------------------------------------------------------
 
     def reject(self, status: int, method: bytes | None = None) -> None:
@@ -421,16 +349,14 @@ class Downstream(asyncio.Protocol):
         self.reader.reset()
         self.worker.rejected += 1
         self.gate.pause(flow.PIPELINE)
-        reading = self.reading
         self.reading = None
         ex = self.ex
         if ex is not None and reading is ex:
             # The bad bytes belong to the exchange in flight (its body).
+            self.worker.dispatcher.abandon(ex)
             if ex.response_started:
-                self.worker.dispatcher.abandon(ex)
                 self.transport.close()
                 return
-            self.worker.dispatcher.abandon(ex)
             ex.keep_alive = False
             self.write_error(ex, status)
             return

@@ -14,7 +14,8 @@ client connection and calls only these methods:
     failed(...)            no response byte came back: retry elsewhere, or an error answer
     answer_error(status)   the backend broke the protocol before answering: `status`
     cut()                  the response broke off after it started: close the client
-    switch(up, rest)       101 Switching Protocols: the two connections become a tunnel
+
+(On 101 Switching Protocols the upstream opens a `Tunnel`, workers/tunnel.py.)
 
 Its states, derived from what it holds (`state`):
 
@@ -175,9 +176,3 @@ class Exchange:
 
     def cut(self) -> None:
         self.conn.abort_after_upstream(self)
-
-    def switch(self, up, rest: bytes) -> None:
-        conn = self.conn
-        if rest:
-            conn.transport.write(rest)
-        conn.start_tunnel(up, self)

@@ -9,11 +9,18 @@ reason is gone.  Write-side back-pressure arrives as `pause_writing()` /
 
 from __future__ import annotations
 
+import socket
+
 PIPELINE = 1  # a further request is queued behind the one in flight
 BODY_BUFFER = 2  # request body buffered until the upstream connection is ready
 PEER_FULL = 4  # the peer's transport is above its write high-water mark
 UPGRADE = 8  # upgrade requested: hold tunnel bytes until the backend agrees
 WRITE_LIMIT = 64 * 1024  # write buffer high-water mark for both sides
+
+# TCP states (Linux tcp_states.h) in which the peer has closed its side or
+# reset the connection: TCP_CLOSE_WAIT, TCP_CLOSE.
+PEER_CLOSED_STATES = (8, 7)
+TCP_INFO = getattr(socket, "TCP_INFO", None)
 
 
 class ReadGate:
@@ -36,3 +43,15 @@ class ReadGate:
             self.reasons &= ~reason
             if not self.reasons and not self.transport.is_closing():
                 self.transport.resume_reading()
+
+    def peer_gone(self) -> bool:
+        """Reading is paused, so an end of file or a reset from the peer goes
+        unseen (and what its connection holds stays held): ask the kernel."""
+        if TCP_INFO is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)
+        except (OSError, AttributeError):
+            return False
+        return bool(state) and state[0] in PEER_CLOSED_STATES

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from httptools import HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade, HttpRequestParser
 
-from workers import flow
+from workers import flow, tunnel
 from workers.exchange import Exchange
 from workers.http import CRLF, LAST_CHUNK, SEP
 from workers.request_head import NAME_TAGS, Reject, build_exchange, name_tag
@@ -87,7 +87,7 @@ class RequestReader:
         except HttpParserUpgrade as exc:
             ex = conn.reading
             conn.reading = None
-            conn.upgrade_requested(ex, data[getattr(exc, "start", 0) + exc.args[0]:])
+            tunnel.requested(conn, ex, data[getattr(exc, "start", 0) + exc.args[0]:])
             return
         except HttpParserError as exc:
             ctx = exc.__context__

@@ -40,6 +40,7 @@ from workers.http import (
     drop_connection_named,
 )
 from workers.released import CLOSED
+from workers.tunnel import Tunnel
 from workers.timers import CLOCK, INF
 
 # How the response body is relayed to the client.
@@ -125,7 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.out: list = []
         self.idle_deadline = INF
-        self.tunnel = None  # the Downstream once a 101 has switched protocols
+        self.tunnel = None  # workers/tunnel.py, once a 101 has switched protocols
         self.framed = False
         # The C response scanner (workers/_fastpath.c), injected by the worker
         # (None: httptools only), and whether the next response may go to it
@@ -151,22 +152,20 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is not None:
             ex.pause_client()
         elif self.tunnel is not None:
-            self.tunnel.gate.pause(flow.PEER_FULL)
+            self.tunnel.backend_full(True)
 
     def resume_writing(self) -> None:
         ex = self.ex
         if ex is not None:
             ex.resume_client()
         elif self.tunnel is not None:
-            self.tunnel.gate.resume(flow.PEER_FULL)
+            self.tunnel.backend_full(False)
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
         if ex is None:
             if self.tunnel is not None:
-                t = self.tunnel
-                t.transport.write(data)
-                t.deadline = CLOCK.now + self.worker.t_tunnel_idle
+                self.tunnel.from_backend(data)
                 return
             # Bytes on an idle connection: the backend is out of sync with us.
             self.transport.abort()
@@ -257,7 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.pool.tls is not None:  # what a TLS transport holds goes now (workers/released.py)
             self.transport = self.gate.transport = CLOSED
         if self.tunnel is not None:
-            self.tunnel.transport.close()
+            self.tunnel.backend_closed()
             self.tunnel = None
             return
         ex = self.ex
@@ -502,8 +501,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = None
         ex.unbind()
         self.backend.responses[1] += 1
-        self.tunnel = ex.conn  # the client side, from now on only a byte pipe
-        ex.switch(self, rest)
+        Tunnel.open(ex, self, rest)  # sets self.tunnel: from now on only a byte pipe
 
     def abandon(self) -> None:
         """The client went away mid-exchange: this connection cannot be reused."""

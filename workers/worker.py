@@ -309,7 +309,7 @@ class Worker:
         for c in list(self.conns):
             if c.deadline < now or c.send_deadline < now:
                 c.on_deadline(now)
-            if c.gate.reasons and c.peer_gone():
+            if c.gate.reasons and c.gate.peer_gone():
                 # The client left while its connection was paused (pipeline full,
                 # upstream busy, upgrade pending): the end of file a read would
                 # have seen.  Queued requests and unparsed bytes go with it.
