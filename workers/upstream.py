@@ -12,64 +12,24 @@ inside its callbacks.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from lb.log import log
 from workers import flow
-from workers.http import (
-    CONNECTION_CLOSE,
-    CONNECTION_KEEP_ALIVE,
-    CONNECTION_UPGRADE,
-    CONTENT_LENGTH_LINES,
-    CRLF,
-    FIELDS_CL,
-    FIELDS_CL_CONNECTION,
-    FIELDS_CONNECTION_CL,
-    HOP_BY_HOP_LINES,
-    KEEP_ALIVE_LINE,
-    KEEP_ALIVE_LINE_LEN,
-    KEEP_ALIVE_TAIL,
-    KEEP_ALIVE_TAIL_LEN,
-    LAST_CHUNK,
-    TE_CHUNKED,
-    RESPONSE_FIELDS,
-    UPGRADE_VALUE,
-    drop_connection_named,
-)
+from workers.http import CRLF, LAST_CHUNK
 from workers.released import CLOSED
+from workers.response_head import (CONTROL_IN_LINE, CRLF_CRLF, MODE_CHUNK, MODE_NONE, MODE_RAW, MODE_UPGRADE,
+                                   NO_BODY, BadStatusLine, HeadTooLarge, framing, relayed_head, upgrade_head)
 from workers.tunnel import Tunnel
 from workers.timers import CLOCK, INF
-
-# How the response body is relayed to the client.
-MODE_NONE = 0  # no body (HEAD, 204, 304)
-MODE_RAW = 1  # bytes as they come (Content-Length, or close-delimited to HTTP/1.0)
-MODE_CHUNK = 2  # re-chunked for an HTTP/1.1 client
-MODE_UPGRADE = 3  # a 101 head: what follows it is tunnel bytes
-
-CRLF_CRLF = b"\r\n\r\n"
-NO_BODY = frozenset((204, 304))  # statuses whose responses never have a body
 
 monotonic = time.monotonic
 
 
 class _HeadResponseDone(Exception):
     """Raised from on_headers_complete to stop the parser after a HEAD response."""
-
-
-class _HeadTooLarge(Exception):
-    """Raised from on_headers_complete: the response head (1xx ones included)
-    is longer than `limits.max_response_head`."""
-
-
-class _BadStatusLine(Exception):
-    """Raised from on_headers_complete: a control character in the status line."""
-
-
-# The status line up to its first control character (HTAB aside), if it has one.
-_CONTROL_IN_LINE = re.compile(rb"[^\r\n\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _new_parser(proto) -> HttpResponseParser:
@@ -80,31 +40,9 @@ def _new_parser(proto) -> HttpResponseParser:
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "backend",
-        "pool",
-        "worker",
-        "transport",
-        "gate",
-        "parser",
-        "ex",
-        "mode",
-        "informational",
-        "done",
-        "keep_alive",
-        "out",
-        "idle_deadline",
-        "tunnel",
-        "alive",
-        "reused",
-        "framed",
-        "in_head",
-        "raw",
-        "head_start",
-        "fast",
-        "remaining",
-        "max_head",
-        "chunk",
-        "scan",
+        "backend", "pool", "worker", "transport", "gate", "parser", "ex", "mode", "informational", "done",
+        "keep_alive", "out", "idle_deadline", "tunnel", "alive", "reused", "framed", "in_head", "raw",
+        "head_start", "fast", "remaining", "max_head", "chunk", "scan",
     )
 
     def __init__(self, backend, worker) -> None:
@@ -212,7 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         except HttpParserError as exc:
             if not isinstance(exc.__context__, _HeadResponseDone):
-                if isinstance(exc.__context__, _HeadTooLarge):
+                if isinstance(exc.__context__, HeadTooLarge):
                     self._head_too_large()
                     return
                 self._flush()
@@ -294,15 +232,15 @@ class UpstreamConnection(asyncio.Protocol):
         start = self.head_start
         end = raw.find(b"\r\n\r\n", start) + 4
         if end > self.max_head:
-            raise _HeadTooLarge
+            raise HeadTooLarge
         if status < 200 and status != 101:
             self.head_start = end  # 100/102/103: not relayed; the final head follows
             self.informational = True
             return
-        if _CONTROL_IN_LINE.match(raw, start) is not None:
+        if CONTROL_IN_LINE.match(raw, start) is not None:
             # llhttp lets any byte but CR and LF through in a reason phrase;
             # relayed, a NUL or ESC there breaks the client's parser (RFC 9112 4).
-            raise _BadStatusLine
+            raise BadStatusLine
         ex = self.ex
         self.in_head = False
         self.raw = b""
@@ -319,76 +257,19 @@ class UpstreamConnection(asyncio.Protocol):
         if ex.guard is not None:
             ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
 
-        lhead = head.lower()
-        fields = RESPONSE_FIELDS.findall(lhead)
-        if fields == FIELDS_CL_CONNECTION or fields == FIELDS_CONNECTION_CL:
-            # What most servers send: Content-Length and one Connection line.
-            cl = self.framed = True
-            if lhead[-KEEP_ALIVE_TAIL_LEN:] == KEEP_ALIVE_TAIL:
-                # The usual spelling, last (cheaper than a find): cut it out.
-                out = head[:-KEEP_ALIVE_TAIL_LEN] + CRLF_CRLF
-            else:
-                i = lhead.find(KEEP_ALIVE_LINE)
-                if i >= 0:  # spelled the usual way: cut it out
-                    out = head[:i] + head[i + KEEP_ALIVE_LINE_LEN:]
-                else:
-                    out = self._strip_hop_by_hop(head, lhead, fields)
-        elif fields == FIELDS_CL:
-            cl = self.framed = True
-            out = head
-        else:
-            cl = b"content-length" in fields
-            self.framed = cl or b"transfer-encoding" in fields
-            out = self._strip_hop_by_hop(head, lhead, fields) if fields else head
-        if out[7] != 49 or out[5] != 49:  # not "HTTP/1.1" (bytes 5 and 7 are the digits)
-            out = b"HTTP/1.1" + out[8:]
+        out, cl, self.framed = relayed_head(head)
         if cl and ex.plain and status not in NO_BODY and not self.worker.draining:
             # The common response: Content-Length body to a keep-alive HTTP/1.1 client.
             self.mode = MODE_RAW
             self.out.append(out)
             return
-        self._head_slow(ex, status, head, out, cl)
-
-    @staticmethod
-    def _strip_hop_by_hop(head: bytes, lhead: bytes, fields: list) -> bytes:
-        """`head` without its hop-by-hop lines and the lines its Connection names."""
-        if b"connection" in fields:
-            head = drop_connection_named(head, lhead)
-        return HOP_BY_HOP_LINES.sub(b"", head)
-
-    def _head_slow(self, ex, status: int, head: bytes, out: bytes, cl: bool) -> None:
         if status == 101:
-            m = UPGRADE_VALUE.search(head)
-            if not ex.upgrade or m is None:
-                raise HttpParserError("unexpected 101")
-            self.out.append(out[:-2] + CONNECTION_UPGRADE + b"Upgrade: " + m.group(1) + CRLF + CRLF)
+            self.out.append(upgrade_head(ex, head, out))
             self.mode = MODE_UPGRADE
             return
-        # A response that starts before the request body ended closes the client
-        # connection after it (the rest of that body is read and dropped meanwhile).
-        keep = ex.keep_alive and ex.body_done and not self.worker.draining and not ex.upgrade
-        extra = b""
-        head_request = ex.method == b"HEAD"
-        if head_request or status == 204 or status == 304:
-            mode = MODE_NONE
-            if status == 204 and cl:
-                out = CONTENT_LENGTH_LINES.sub(b"", out)  # RFC 9110 8.6: none on a 204
-        elif cl:
-            mode = MODE_RAW
-        elif ex.http10:
-            mode = MODE_RAW  # close-delimited, as HTTP/1.0 has no chunked coding
-            keep = False
-        else:
-            mode = MODE_CHUNK
-            extra = TE_CHUNKED
-        self.mode = mode
-        if not keep:
-            ex.keep_alive = False
-            extra += CONNECTION_CLOSE
-        elif ex.http10:
-            extra += CONNECTION_KEEP_ALIVE
-        self.out.append(out[:-2] + extra + CRLF if extra else out)
-        if head_request:
+        self.mode, out = framing(ex, status, out, cl, self.worker.draining)
+        self.out.append(out)
+        if ex.method == b"HEAD":
             self.done = True
             self.keep_alive = self.framed and self.parser.should_keep_alive()
             raise _HeadResponseDone
