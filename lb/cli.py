@@ -48,6 +48,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from lb.sockets import ListenError
     from lb.supervisor import Supervisor, SupervisorError
 
     try:
@@ -70,7 +71,7 @@ def cmd_run(args) -> int:
         reopen()
     try:
         return Supervisor(cfg, args.config, args.workers).run()
-    except SupervisorError as exc:
+    except (SupervisorError, ListenError) as exc:
         return _error(str(exc), 1)
 
 

@@ -7,8 +7,8 @@ slot, and handed to every generation of workers, so neither a reload nor a
 respawn ever closes a listener (closing one would reset the connections
 waiting in its accept queue).
 
-Reload (SIGHUP) starts the new generation first, waits until every new worker
-says it is accepting, then asks the old generation to drain.
+Reload (SIGHUP, lb/reload.py) starts the new generation first, waits until
+every new worker says it is accepting, then asks the old generation to drain.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import zmq
 from lb import children
 from lb import config as cfgmod
 from lb import messages, tickets
-from lb import tls as tlsmod
 from lb.child import EXIT_BOOT  # a child that could not start
 from lb.children import ADMIN, INFERENCE, WORKER, Child
 from lb.log import log, reopen
+from lb.reload import Reload
+from lb.sockets import admin_socket, ensure_free, listen_socket
 
-READY_TIMEOUT = 15.0
 MAX_BOOT_FAILURES = 5
 STATUS_INTERVAL = 1.0  # seconds between two SupervisorStatus reports to the admin process
 STATUS_FAST_INTERVAL = 0.05  # ... for STATUS_FAST_FOR seconds after an admin process says ready
@@ -42,55 +42,6 @@ AUX_BACKOFF_MAX = 30.0  # an auxiliary child that keeps dying at boot is retried
 
 class SupervisorError(Exception):
     pass
-
-
-def listen_socket(address: str, backlog: int) -> socket.socket:
-    host, port = cfgmod.parse_address(address, allow_hostname=False)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise SupervisorError(f"cannot listen on {address}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def admin_socket(address: str) -> socket.socket:
-    """The admin listener: one socket, kept by the supervisor, inherited by each
-    admin process it starts (so restarting the admin process loses no port)."""
-    host, port = cfgmod.parse_address(address, allow_hostname=False)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise SupervisorError(f"cannot listen on {address} (admin): {exc.strerror}") from None
-    return sock
-
-
-def ensure_free(address: str) -> None:
-    """Fail if anything listens on `address` already.
-
-    SO_REUSEPORT would otherwise let a second lb (same user) bind the same port
-    and take half of the first one's connections.  A socket without
-    SO_REUSEPORT cannot bind where a listener exists, which makes the check.
-    """
-    host, port = cfgmod.parse_address(address, allow_hostname=False)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise SupervisorError(f"cannot listen on {address}: {exc.strerror}") from None
 
 
 class Supervisor:
@@ -112,12 +63,8 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.boot_failures = 0
-        self.pending_generation: int | None = None  # a reload waiting for its workers
-        self.pending_cfg: cfgmod.Config | None = None
-        self.pending_deadline = 0.0
         self.last_generation = 0
-        self.retiring: list[Child] = []  # the previous generation, until it stops accepting
-        self.retire_deadline = 0.0
+        self.reload = Reload(self)  # the reload pending, the generation retiring
         self.exit_code = 0
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -229,7 +176,7 @@ class Supervisor:
                 name = signal.Signals(signum).name[3:].lower()
                 getattr(self, f"handle_{name}")()
             self.reap()
-            self.check_pending()
+            self.reload.check()
             if not self.stopping:
                 self.check_heartbeats()
                 self.start_due()
@@ -348,10 +295,10 @@ class Supervisor:
             if child.stopping or self.stopping:
                 continue
             log("worker_died", slot=child.slot, pid=pid, code=code, generation=child.generation)
-            if child.generation == self.pending_generation:
+            if child.generation == self.reload.pending:
                 # A worker of a reload that is not live yet: the reload fails, the
                 # running generation goes on serving and nothing counts against it.
-                self.abort_reload("a new worker exited before it was ready")
+                self.reload.abort("a new worker exited before it was ready")
                 continue
             if code == EXIT_BOOT or not child.ready:  # died before it ever accepted
                 self.boot_failures += 1
@@ -387,97 +334,11 @@ class Supervisor:
             log("child_restart_delayed", kind=kind, seconds=delay, failures=n)
         self.aux_due[kind] = time.monotonic() + delay
 
-    # -- reload -----------------------------------------------------------------
-
-    def check_pending(self) -> None:
-        if self.retiring:
-            # reload_done once the old generation stopped accepting (or gave no sign in time).
-            if all(c.drained or c.proc.pid not in self.children for c in self.retiring) \
-                    or time.monotonic() > self.retire_deadline:
-                self.retiring = []
-                log("reload_done", generation=self.generation)
-        gen = self.pending_generation
-        if gen is None:
-            return
-        new = [c for c in self.children.values() if c.generation == gen]
-        if len(new) == self.n_workers and all(c.ready for c in new):
-            # The new generation accepts: now, and only now, retire the old one.
-            # Only its workers: the admin process stays (it takes the new config
-            # from the next SupervisorStatus), so its listener never blinks and
-            # its counters of retired workers are kept; the inference process is
-            # restarted on purpose below.
-            for c in self.children.values():
-                if c.kind == WORKER and c.generation != gen and not c.stopping:
-                    c.stopping = True
-                    c.send(signal.SIGTERM)
-                    self.retiring.append(c)
-            self.retire_deadline = time.monotonic() + 3.0
-            self.generation = gen
-            self.cfg = self.pending_cfg
-            self.blob = self.encode(self.cfg)
-            self.pending_generation = self.pending_cfg = None
-            self.reloads += 1
-            log("reload_switched", generation=gen)
-            inf = self.aux(INFERENCE)
-            if inf is not None:  # the inference process takes the new config by restarting
-                inf.stopping = True
-                inf.send(signal.SIGTERM)
-            self.next_status = 0.0  # tell the admin process about the new config now
-        elif time.monotonic() > self.pending_deadline:
-            self.abort_reload("new workers did not become ready in time")
-
-    def abort_reload(self, reason: str, event: str = "reload_failed") -> None:
-        """Stop the pending generation; the running one and its config stay."""
-        gen = self.pending_generation
-        for c in self.children.values():
-            if c.generation == gen and not c.stopping:
-                c.stopping = True
-                # SIGTERM, not SIGKILL: a worker may accept from the shared sockets
-                # before its "R" is read; it drains what it took.  One still booting
-                # has no handler yet and dies of it at once.
-                c.send(signal.SIGTERM)
-        self.pending_generation = self.pending_cfg = None
-        if event == "reload_failed":
-            self.reloads_failed += 1
-        log(event, generation=gen, reason=reason)
+    # -- reload (lb/reload.py) -----------------------------------------------------
 
     def handle_hup(self) -> None:
-        if self.stopping:
-            return
-        try:
-            cfg = cfgmod.load(self.path)
-        except cfgmod.ConfigError as exc:
-            log("reload_rejected", error=str(exc))
-            return
-        if cfg.listen != self.cfg.listen or (cfg.workers != self.cfg.workers and self.n_workers == self.cfg.workers):
-            log("reload_rejected", error=f"{self.path}: listen/workers: changing these needs a restart")
-            return
-        if cfg.tls.listen != self.cfg.tls.listen:
-            log("reload_rejected", error=f"{self.path}: tls.listen: changing it needs a restart")
-            return
-        try:
-            tlsmod.check(cfg, self.path)
-        except cfgmod.ConfigError as exc:  # the running workers keep their certificates
-            log("reload_rejected", error=str(exc))
-            return
-        if cfg.admin.listen != self.cfg.admin.listen or cfg.admin.enabled != self.cfg.admin.enabled \
-                or cfg.runtime_dir != self.cfg.runtime_dir or cfg.state_dir != self.cfg.state_dir \
-                or cfg.fleet != self.cfg.fleet:
-            log("reload_rejected", error=f"{self.path}: admin.listen/admin.enabled/runtime_dir/state_dir/"
-                                         "fleet: changing these needs a restart")
-            return
-        if self.pending_generation is not None:
-            # A newer config supersedes the reload still starting up.
-            self.abort_reload("a newer SIGHUP replaces it", event="reload_superseded")
-        self.last_generation += 1
-        gen = self.last_generation
-        blob = self.encode(cfg)
-        for slot in range(self.n_workers):
-            self.spawn(slot, gen, blob)
-        self.pending_generation = gen
-        self.pending_cfg = cfg
-        self.pending_deadline = time.monotonic() + READY_TIMEOUT
-        log("reload_start", generation=gen, strategy=cfg.strategy, backends=len(cfg.backends))
+        if not self.stopping:
+            self.reload.start()
 
     # -- stop -------------------------------------------------------------------
 
