@@ -304,7 +304,7 @@ RUN_TOKEN = "lb-run-token"  # the admin token tests give `lb run` (LB_ADMIN_TOKE
 
 def admin_call(lb, method: str, path: str, body: object = None, token: str | None = RUN_TOKEN):
     """(status, JSON body or raw bytes) of one admin API call to an `lb run` (tests.conftest.LBProc)."""
-    from tests.conftest import get
+    from tests.rawhttp import get
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     data = None if body is None else json.dumps(body).encode()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.conftest import ThreadedServer
+from tests.rawhttp import ThreadedServer
 
 
 class SwitchableServer(ThreadedServer):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-from tests.conftest import ThreadedServer
+from tests.rawhttp import ThreadedServer
 
 MAX_EVENT = 256 * 1024
 

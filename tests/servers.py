@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.conftest import ThreadedServer, get, read_head
+from tests.rawhttp import ThreadedServer, get, read_head
 
 
 def backend_of(body: bytes) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ROOT, LogReader, RawConn, free_port, wait_port
+from tests.conftest import ROOT, LogReader, free_port, wait_port
+from tests.rawhttp import RawConn
 
 
 def write_config(lb, backends, strategy: str = "round_robin", weights: dict | None = None) -> None:

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import free_port, get
+from tests.conftest import free_port
+from tests.rawhttp import get
 from tests.dnsserver import Dnsmasq
 from tests.adminharness import metric_samples, wait_until
 from tests.adminharness import RUN_TOKEN as TOKEN

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.conftest import child_processes, get
+from tests.conftest import child_processes
+from tests.rawhttp import get
 from tests.etcdserver import Etcd
 from tests.adminharness import metric_samples, wait_until
 from tests.adminharness import RUN_TOKEN as TOKEN

@@ -18,7 +18,8 @@ import pytest
 
 from lb import tls as tlsmod
 from lb.tickets import TicketKeys
-from tests.conftest import ROOT, BackendProc, LBProc, free_port, get
+from tests.conftest import ROOT, BackendProc, LBProc, free_port
+from tests.rawhttp import get
 from tests.supervision import wait_until
 from tests.tlsutil import CertAuthority, curl, have, https_get, s_client, tls_section
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lb.config import STRATEGIES
-from tests.conftest import RawConn, build_request
+from tests.rawhttp import RawConn, build_request
 from tests.adminharness import TOKEN, AdminProc, Feeder, base_config, metric_samples, wait_until
 
 BACKENDS = [("fast", 1), ("slow", 2), ("flaky", 1)]

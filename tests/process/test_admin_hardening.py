@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, get
+from tests.conftest import ROOT
+from tests.rawhttp import get
 from tests.adminharness import AdminProc, base_config
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.conftest import child_processes, get
+from tests.conftest import child_processes
+from tests.rawhttp import get
 from tests.adminharness import RUN_TOKEN as TOKEN
 from tests.adminharness import admin_call, metric_samples, wait_until
 

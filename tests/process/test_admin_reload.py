@@ -14,7 +14,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import get
+from tests.rawhttp import get
 from tests.supervision import live_workers, wait_until, write_config
 
 STATS = "[learning]\nstats_interval = 0.1\n"

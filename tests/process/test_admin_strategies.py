@@ -9,7 +9,7 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import get
+from tests.rawhttp import get
 from tests.supervision import wait_until
 
 TOKEN = "strategies-token"

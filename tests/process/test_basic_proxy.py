@@ -2,7 +2,7 @@
 
 import http.client
 
-from tests.conftest import get
+from tests.rawhttp import get
 
 
 def test_get_is_forwarded_with_forwarding_headers(lb, backend):

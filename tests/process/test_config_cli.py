@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, LogReader, child_processes, free_port, get, wait_port
+from tests.conftest import ROOT, LogReader, child_processes, free_port, wait_port
+from tests.rawhttp import get
 
 GOOD = """\
 listen = "127.0.0.1:{port}"

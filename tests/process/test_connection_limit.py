@@ -8,7 +8,7 @@ import socket
 import psutil
 import pytest
 
-from tests.conftest import RawConn, build_request, get
+from tests.rawhttp import RawConn, build_request, get
 from tests.supervision import wait_until
 
 

@@ -13,7 +13,8 @@ import time
 import psutil
 
 from lb.config import STRATEGIES, Learning
-from tests.conftest import ROOT, free_port, get
+from tests.conftest import ROOT, free_port
+from tests.rawhttp import get
 from workers import fastpath
 
 NAMES = ("fast", "slow", "degrading", "failing")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.conftest import RawConn, build_request, chunk_body
+from tests.rawhttp import RawConn, build_request, chunk_body
 
 LIMITED = "[limits]\nmax_body_size = 1000"
 

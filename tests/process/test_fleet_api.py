@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.conftest import LBProc, child_processes, get
+from tests.conftest import LBProc, child_processes
+from tests.rawhttp import get
 from tests.adminharness import metric_samples, wait_until
 from tests.adminharness import RUN_TOKEN as TOKEN
 from tests.adminharness import admin_call

@@ -11,7 +11,7 @@ import pytest
 
 from lb.admin.loadhistory import MAX_GAP, LoadHistory
 from lb.forecast import HORIZONS, MIN_MINUTES, forecast, mape
-from tests.conftest import get
+from tests.rawhttp import get
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "bench"))
 from forecast_bench import trace  # noqa: E402  (bench/forecast_bench.py: the synthetic trace)

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import h11
 import pytest
 
-from tests.conftest import LBProc, get
+from tests.conftest import LBProc
+from tests.rawhttp import get
 from tests.fuzz_backend import FuzzBackend, echo_token
 from tests.fuzz_client import HANG, LB_TIMEOUT, ResponseReader, drive
 from tests.fuzz_http import Reference, make_case, reference

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from inference.features import FEATURES
-from tests.conftest import get
+from tests.rawhttp import get
 
 
 def inverted_model(path) -> str:

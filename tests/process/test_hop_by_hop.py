@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import RawConn, ThreadedServer, chunk_body
+from tests.rawhttp import RawConn, ThreadedServer, chunk_body
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, LogReader, free_port, get
+from tests.conftest import ROOT, LogReader, free_port
+from tests.rawhttp import get
 
 # Planted next to lb's own package names: lb's, and a few of its dependencies.
 PLANTED = ("lb", "lb/admin", "workers", "inference", "msgspec", "zmq", "uvloop", "httptools")

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import RawConn, build_request, chunk_body
+from tests.rawhttp import RawConn, build_request, chunk_body
 
 
 def echo(resp) -> dict:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import get
+from tests.rawhttp import get
 
 KIB = 1024
 

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, free_port, get, wait_port
+from tests.conftest import ROOT, free_port, wait_port
+from tests.rawhttp import get
 from tests.supervision import live_workers
 
 

@@ -14,7 +14,7 @@ import time
 import psutil
 
 from tests.servers import EarlyAnswer
-from tests.conftest import RawConn, ThreadedServer, build_request, read_head
+from tests.rawhttp import RawConn, ThreadedServer, build_request, read_head
 from tests.supervision import wait_until
 from tests.rss import RssSampler, single_worker
 

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 
-from tests.conftest import get
+from tests.rawhttp import get
 
 
 

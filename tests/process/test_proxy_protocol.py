@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tests.conftest import LBProc, free_port, get
+from tests.conftest import LBProc, free_port
+from tests.rawhttp import get
 from tests.supervision import wait_until
 from tests.tlsutil import CertAuthority, tls_section
 from workers.proxyproto import V2_SIGNATURE, BadHeader, parse

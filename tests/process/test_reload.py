@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.conftest import RawConn, free_port, wait_port
+from tests.conftest import free_port, wait_port
+from tests.rawhttp import RawConn
 from tests.supervision import (
     Client,
     SwappableLB,

@@ -63,7 +63,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import BackendProc, LBProc, free_port, get
+from tests.conftest import BackendProc, LBProc, free_port
+from tests.rawhttp import get
 from tests.corpuscases import CASE_FILES, CONFIGS, Case, parse_case
 from tests.tlsutil import CertAuthority, tls_section
 

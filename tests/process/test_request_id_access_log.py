@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, RawConn, free_port, get
+from tests.conftest import ROOT, free_port
+from tests.rawhttp import RawConn, get
 
 
 def request_ids(backend) -> list[list[str]]:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import RawConn
+from tests.rawhttp import RawConn
 
 PATHS = {"c": {}, "python": {"LB_NO_FASTPATH": "1"}}
 # A header timeout far above the waits below: an answer that comes at all

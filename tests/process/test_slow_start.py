@@ -7,7 +7,7 @@ import json
 import time
 from collections import Counter
 
-from tests.conftest import get
+from tests.rawhttp import get
 from tests.flaky_backends import SwitchableServer
 
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, LogReader, free_port, get
+from tests.conftest import ROOT, LogReader, free_port
+from tests.rawhttp import get
 from tests.supervision import lb_cmd, live_workers, still_alive
 
 # -- address already in use ----------------------------------------------------------------

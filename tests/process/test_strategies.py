@@ -11,7 +11,7 @@ import pytest
 
 from lb.config import Backend as BackendConfig
 from tests.servers import SlowServer, route
-from tests.conftest import get
+from tests.rawhttp import get
 from workers import strategies as balancer
 from workers.backend import Backend
 from workers.strategies import make_strategy

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from tests.rss import RssSampler, single_worker
-from tests.conftest import RawConn, build_request, chunk_body
+from tests.rawhttp import RawConn, build_request, chunk_body
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -246,7 +246,7 @@ def test_slow_reader_download_stays_in_flat_memory(backend, lb_factory):
 def test_tiny_response_chunks_are_rechunked_per_read(lb_factory):
     # A backend writing 20,000 one-byte chunks in a few writes: the client gets
     # the same body, framed as a few large chunks (one per read), not 20,000.
-    from tests.conftest import ThreadedServer
+    from tests.rawhttp import ThreadedServer
 
     body = bytes(range(256)) * 78 + b"end!"
     wire = b"".join(b"1\r\n%s\r\n" % body[i:i + 1] for i in range(len(body))) + b"0\r\n\r\n"

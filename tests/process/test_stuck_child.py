@@ -8,7 +8,8 @@ import os
 import signal
 import time
 
-from tests.conftest import get, inference_pids
+from tests.conftest import inference_pids
+from tests.rawhttp import get
 from tests.supervision import live_workers
 
 

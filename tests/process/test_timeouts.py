@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import get, status_codes
+from tests.rawhttp import get, status_codes
 
 SLACK = 0.6
 EARLY = 0.05  # a timeout must not fire noticeably before its configured value

@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from tests.conftest import RawConn, ThreadedServer, build_request
+from tests.rawhttp import RawConn, ThreadedServer, build_request
 
 WS_HEADERS = {
     "Connection": "Upgrade",

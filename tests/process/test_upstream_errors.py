@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import ThreadedServer, free_port, get, read_head
+from tests.conftest import free_port
+from tests.rawhttp import ThreadedServer, get, read_head
 
 
 class ResettingServer(ThreadedServer):

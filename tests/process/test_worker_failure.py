@@ -12,7 +12,8 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ROOT, LogReader, RawConn, free_port
+from tests.conftest import ROOT, LogReader, free_port
+from tests.rawhttp import RawConn
 from tests.supervision import Client, lb_cmd, live_workers, still_alive, wait_until
 
 # -- several workers -----------------------------------------------------------------------

@@ -23,7 +23,8 @@ import zmq
 from lb import config as cfgmod
 from lb import messages as m
 from lb.clone import Publisher
-from tests.conftest import ROOT, free_port, get
+from tests.conftest import ROOT, free_port
+from tests.rawhttp import get
 
 
 class Harness:
