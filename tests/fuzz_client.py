@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import h11
 
-from tests.fuzz_http import Case, Reference
+from tests.fuzz_reference import Reference
+from tests.fuzz_requests import Case
 
 LB_TIMEOUT = 0.5  # lb's client and upstream timeouts in the fuzz test's config
 HANG = 4.0  # no answer nor close this long after the last byte: lb hangs

@@ -1,6 +1,6 @@
 """The oracles of the fuzz test (tests/process/test_fuzz.py): what the client got, what
 the backend got, and the canary after every case, each checked against the
-strict reading of what the client sent (tests/fuzz_http.py).  Each returns a
+strict reading of what the client sent (tests/fuzz_reference.py).  Each returns a
 list of what is wrong, empty when all is well."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import h11
 
 from tests.fuzz_backend import BROKEN_KINDS, EARLY_KINDS, FuzzBackend, echo_token
 from tests.fuzz_client import HANG, LB_TIMEOUT, Outcome
-from tests.fuzz_http import Case, Reference
+from tests.fuzz_reference import Reference
+from tests.fuzz_requests import Case
 
 FRAMING = {"content-length", "transfer-encoding"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}

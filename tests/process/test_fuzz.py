@@ -4,8 +4,8 @@ through a real lb process on both parse paths (C fast path, LB_NO_FASTPATH=1).
 Bounded and seeded: LB_FUZZ_SEED and LB_FUZZ_CASES widen a local run (the
 suite runs the defaults; LB_FUZZ_BUDGET bounds each path's seconds and
 LB_FUZZ_ONLY=3,17 replays cases of a seed).  Each case is one client
-connection (tests/fuzz_http.py builds it and reads its bytes strictly; the
-client is tests/fuzz_client.py), answered by a raw backend that keeps the
+connection (tests/fuzz_requests.py builds it, tests/fuzz_reference.py reads
+its bytes strictly; the client is tests/fuzz_client.py), answered by a raw backend that keeps the
 exact bytes it received and parses them with h11 (tests/fuzz_backend.py).
 The oracles (tests/fuzz_oracles.py, and the run below for the first):
 
@@ -38,7 +38,8 @@ from tests.conftest import LBProc
 from tests.rawhttp import get
 from tests.fuzz_backend import FuzzBackend, echo_token
 from tests.fuzz_client import HANG, LB_TIMEOUT, ResponseReader, drive
-from tests.fuzz_http import Reference, make_case, reference
+from tests.fuzz_reference import Reference, reference
+from tests.fuzz_requests import make_case
 from tests.fuzz_oracles import (
     canary,
     check_answers,

@@ -21,6 +21,7 @@ import pytest
 from lb import config
 from tests.corpuscases import CASE_FILES, parse_case
 from workers import fastpath
+from tests.memtransport import Transport
 from workers.downstream import Downstream
 from workers.pool import Pool
 from workers.upstream import UpstreamConnection
@@ -53,42 +54,6 @@ RESPONSES = [
     b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\nConnection: x-trace\r\nX-Trace: 1\r\nContent-Length: 2\r\n\r\nok",
 ]
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data) -> None:
-        self.out.append(bytes(data))
-
-    def writelines(self, parts) -> None:
-        self.out.append(b"".join(parts))
-
-    def set_write_buffer_limits(self, *a, **k) -> None:
-        pass
-
-    def get_extra_info(self, name, default=None):
-        return ("10.1.2.3", 40000) if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-    write_eof = close  # the client sees the end either way (workers/linger.py)
 
 
 class Pair:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from lb import config
+from tests.memtransport import Transport
 from workers.downstream import Downstream
 from workers.exchange import Exchange
 from workers.loadcurve import Curve
@@ -22,39 +23,6 @@ from workers.worker import Worker
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HEAD = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = self.aborted = False
-
-    def write(self, data) -> None:
-        self.out.append(bytes(data))
-
-    def writelines(self, parts) -> None:
-        self.out.append(b"".join(parts))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def set_write_buffer_limits(self, *a, **k) -> None:
-        pass
-
-    def get_extra_info(self, name, default=None):
-        return ("10.0.0.1", 1000) if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def setup(max_idle: int, idle_before: int, curve: bool, alive: bool = True):
