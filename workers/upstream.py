@@ -86,18 +86,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.gate = flow.ReadGate(transport)
 
     def pause_writing(self) -> None:
-        ex = self.ex
-        if ex is not None:
-            ex.pause_client()
-        elif self.tunnel is not None:
-            self.tunnel.backend_full(True)
+        self._backend_full(True)
 
     def resume_writing(self) -> None:
+        self._backend_full(False)
+
+    def _backend_full(self, full: bool) -> None:
+        """Back-pressure from the backend: stop (or resume) reading the client."""
         ex = self.ex
         if ex is not None:
-            ex.resume_client()
+            ex.pause_client() if full else ex.resume_client()
         elif self.tunnel is not None:
-            self.tunnel.backend_full(False)
+            self.tunnel.backend_full(full)
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
@@ -122,12 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
                     # HTTP/1.1 client; `out` is the head minus its Connection and
                     # Keep-Alive lines, with the body bytes read so far.
                     status, out, remaining, self.keep_alive = r
-                    ex.response_started = True
-                    ex.status = status
-                    now = monotonic()
-                    self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load)
-                    if ex.guard is not None:
-                        ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
+                    self._began(ex, status)
                     ex.client.write(out)
                     if remaining:
                         self.remaining = remaining
@@ -168,6 +163,17 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish()
         else:
             ex.last_io = CLOCK.now
+
+    def _began(self, ex, status: int) -> None:
+        """A final response head from the backend: the exchange is responding,
+        and the backend's outcome and peak EWMA of the time to first byte are
+        recorded in one call (the guard's arm gets the outcome too)."""
+        ex.response_started = True
+        ex.status = status
+        now = monotonic()
+        self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load)
+        if ex.guard is not None:
+            ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
 
     def _relay_rest(self, ex, data: bytes) -> None:
         """More body of a response the C scanner took: relay up to Content-Length."""
@@ -249,14 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
             head = raw[start:end]
         else:
             head = raw[:end]  # (the whole of raw, not a copy, when the read ends with the head)
-        ex.response_started = True
-        ex.status = status
-        now = monotonic()
-        # outcome and peak EWMA of the time to first byte, in one call
-        self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load)
-        if ex.guard is not None:
-            ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
-
+        self._began(ex, status)
         out, cl, self.framed = relayed_head(head)
         if cl and ex.plain and status not in NO_BODY and not self.worker.draining:
             # The common response: Content-Length body to a keep-alive HTTP/1.1 client.

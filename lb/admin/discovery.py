@@ -35,7 +35,7 @@ from lb import log
 from lb.config import Backend, Config
 from lb.messages import FleetBackend
 
-from .tasks import cancel
+from .tasks import TaskSet
 
 MIN_WAIT = 0.5  # seconds between two look-ups of one name, whatever the TTL
 LOG_EVERY = 30.0  # seconds between two discovery_failed lines for one entry
@@ -140,40 +140,27 @@ async def look_up(resolver: Resolver, entry: Backend) -> tuple[list[FleetBackend
     return found, ttl
 
 
-class Discovery:
+class Discovery(TaskSet):
     """One task per entry given by name; restarted when a reload changes them."""
 
     def __init__(self, state) -> None:
+        super().__init__()
         self.state = state  # AdminState: .cfg, .fleet, .fleet_changed()
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.signature = None
-        self.watcher: asyncio.Task | None = None
         self.lookups: dict[tuple[str, str], int] = {}  # (entry, result) -> count
         self.logged: dict[str, float] = {}
 
-    def start(self) -> None:
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+    def wanted(self):
+        cfg = self.state.cfg
+        entries = [b for b in cfg.backends if cfg.discovers and b.dynamic]
+        return (cfg.discovery, tuple(entries)), (cfg, entries)
 
-    async def stop(self) -> None:
-        await cancel([*self.tasks.values(), self.watcher])
-        self.tasks.clear()
-
-    async def _watch(self) -> None:
-        while True:
-            cfg = self.state.cfg
-            entries = [b for b in cfg.backends if cfg.discovers and b.dynamic]
-            sig = (cfg.discovery, tuple(entries))
-            if sig != self.signature:
-                self.signature = sig
-                for t in self.tasks.values():
-                    t.cancel()
-                self.tasks.clear()
-                if entries:
-                    resolver = Resolver(cfg)
-                    loop = asyncio.get_running_loop()
-                    for e in entries:
-                        self.tasks[e.name] = loop.create_task(self._entry_loop(resolver, e, cfg.discovery.interval))
-            await asyncio.sleep(1.0)
+    def restart(self, what) -> None:
+        cfg, entries = what
+        if entries:
+            resolver = Resolver(cfg)
+            loop = asyncio.get_running_loop()
+            for e in entries:
+                self.tasks[e.name] = loop.create_task(self._entry_loop(resolver, e, cfg.discovery.interval))
 
     async def _entry_loop(self, resolver: Resolver, entry: Backend, interval: float) -> None:
         loop = asyncio.get_running_loop()

@@ -18,61 +18,50 @@ import ssl
 
 from lb import log
 
-from .tasks import cancel
+from .tasks import TaskSet
 
 MAX_HEAD = 8192
 
 
-class HealthChecker:
+class HealthChecker(TaskSet):
+    """One active check task per backend of the fleet; restarted as a set when
+    the config or the fleet changes."""
+
     def __init__(self, state) -> None:
+        super().__init__()
         self.state = state  # AdminState: .cfg, .control
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.signature = None
         self.down: set[str] = set()
-        self.watcher: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+    def wanted(self):
+        cfg = self.state.cfg
+        fleet = self.state.fleet.backends()  # the config's, the discovered and the added ones
+        sig = (cfg.health, cfg.upstream, tuple((b.name, b.address, b.tls, b.sni) for b in fleet))
+        return sig, (cfg, fleet)
 
-    async def stop(self) -> None:
-        await cancel([*self.tasks.values(), self.watcher])
-        self.tasks.clear()
+    def restart(self, what) -> None:
+        cfg, fleet = what
+        names = {b.name for b in fleet} if cfg.health.path else set()
+        stale = self.down - names
+        if stale:
+            self.down -= stale
+            self._publish()
+        if not cfg.health.path:
+            return
+        loop = asyncio.get_running_loop()
+        tls_ctx = None
+        if any(b.tls for b in fleet):
+            from lb.tls import client_context
 
-    async def _watch(self) -> None:
-        """(Re)start the per-backend tasks when the config or the fleet changes."""
-        while True:
-            cfg = self.state.cfg
-            fleet = self.state.fleet.backends()  # the config's, the discovered and the added ones
-            sig = (cfg.health, cfg.upstream, tuple((b.name, b.address, b.tls, b.sni) for b in fleet))
-            if sig != self.signature:
-                self.signature = sig
-                for t in self.tasks.values():
-                    t.cancel()
-                self.tasks.clear()
-                names = {b.name for b in fleet}
-                if not cfg.health.path:
-                    names = set()
-                stale = self.down - names
-                if stale:
-                    self.down -= stale
-                    self._publish()
-                if cfg.health.path:
-                    loop = asyncio.get_running_loop()
-                    tls_ctx = None
-                    if any(b.tls for b in fleet):
-                        from lb.tls import client_context
-
-                        try:
-                            tls_ctx = client_context(cfg)  # as the workers speak to them
-                        except Exception as exc:  # noqa: BLE001
-                            # (files changed since the config was checked): TLS backends go
-                            # unchecked until the next config; the others are still checked
-                            log.log("health_tls_unavailable", error=str(exc) or type(exc).__name__)
-                    for b in fleet:
-                        if b.tls and tls_ctx is None:
-                            continue
-                        self.tasks[b.name] = loop.create_task(self._check_loop(b, cfg.health, tls_ctx))
-            await asyncio.sleep(1.0)
+            try:
+                tls_ctx = client_context(cfg)  # as the workers speak to them
+            except Exception as exc:  # noqa: BLE001
+                # (files changed since the config was checked): TLS backends go
+                # unchecked until the next config; the others are still checked
+                log.log("health_tls_unavailable", error=str(exc) or type(exc).__name__)
+        for b in fleet:
+            if b.tls and tls_ctx is None:
+                continue
+            self.tasks[b.name] = loop.create_task(self._check_loop(b, cfg.health, tls_ctx))
 
     async def _check_loop(self, backend, hc, tls_ctx) -> None:
         host, _, port = backend.address.rpartition(":")
