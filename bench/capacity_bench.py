@@ -34,9 +34,11 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import scenario_report as report  # noqa: E402  (bench/scenario_report.py)
 import scenarios as scn  # noqa: E402
 from loadgen import run_load  # noqa: E402
-from servers import REPO_ROOT, free_ports  # noqa: E402
+from procs import REPO_ROOT  # noqa: E402  (bench/procs.py)
+from servers import free_ports  # noqa: E402
 
 LOAD = 0.45
 STEPS = (0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1)  # (a 12 s step at saturation may not yet queue)
@@ -60,7 +62,7 @@ def saturation(spec: scn.BackendSpec) -> float:
 def _p99(records) -> tuple[float, float]:
     lat = sorted(r[1] for r in records if r[2] == 200)
     errors = sum(1 for r in records if r[2] != 200) / max(1, len(records))
-    return (scn.percentile(lat, 0.99) if lat else float("inf")), errors
+    return (report.percentile(lat, 0.99) if lat else float("inf")), errors
 
 
 def run_fleet(seed: int, slo: float, warm: float, python: str) -> dict:

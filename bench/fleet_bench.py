@@ -47,9 +47,11 @@ import tempfile
 import time
 
 import loadgen  # noqa: E402  (bench/ is on sys.path: this script's directory)
+import scenario_report as report  # bench/scenario_report.py
 import scenarios as scn  # noqa: E402
-from quality import lb_modes, start_backends  # noqa: E402
-from servers import REPO_ROOT, BenchError, Proc, UsageError, free_ports, wait_http, wait_log_line, which
+from procs import REPO_ROOT, BenchError, Proc, UsageError, wait_http, wait_log_line, which  # bench/procs.py
+from quality_procs import lb_modes, start_backends  # noqa: E402  (bench/quality_procs.py)
+from servers import free_ports  # bench/servers.py
 
 MEMBERS = 3
 FIRST_WINDOW = 10.0  # seconds of the new member's traffic compared with the others'
@@ -137,7 +139,7 @@ def deal(schedule: list[tuple[float, int]], join_at: float, seed: int) -> list[l
 
 
 def p(records, q: float) -> float:
-    return scn.percentile(sorted(r[1] for r in records), q)
+    return report.percentile(sorted(r[1] for r in records), q)
 
 
 def run_mode(mode: str, sc: scn.Scenario, args, tmp_root: str) -> dict:
@@ -213,7 +215,7 @@ def run_mode(mode: str, sc: scn.Scenario, args, tmp_root: str) -> dict:
 
 
 def table(rows: list[dict], args, sc: scn.Scenario) -> str:
-    ms = scn.fmt_ms
+    ms = report.fmt_ms
     out = [f"fleet_bench: scenario {sc.name}, {args.duration:.0f} s, new member from "
            f"{args.join * args.duration:.0f} s, retrain every {args.retrain:g} s, trace sample {args.sample:g}, "
            f"seed {args.seed}",

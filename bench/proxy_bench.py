@@ -45,175 +45,36 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-from tlsconf import make_certificate  # bench/tlsconf.py
-from servers import (  # bench/servers.py: this script's directory is on sys.path
-    CLK_TCK,
+# bench/ is on sys.path: this script's directory
+from cpus import CLK_TCK, cpu_busy, cpu_pair_problem, cpu_stat, cpu_ticks  # bench/cpus.py
+from procs import REPO_ROOT, BenchError, Proc, UsageError, tool_version, wait_http, wait_log_line, which
+from proxy_report import Run, fmt_latency, print_table, summarize  # bench/proxy_report.py
+from servers import (  # bench/servers.py
     PROXIES,
-    REPO_ROOT,
     Backends,
-    BenchError,
-    Proc,
     ProxyInfo,
-    UsageError,
-    cpu_busy,
-    cpu_pair_problem,
-    cpu_stat,
-    cpu_ticks,
-    fmt_latency,
     free_ports,
     resolve_workers,
     sanity_check,
     start_haproxy,
     start_lb,
     start_nginx,
-    tool_version,
-    wait_http,
-    wait_log_line,
-    which,
 )
+from tlsconf import make_certificate  # bench/tlsconf.py
+from wrk import WORKLOADS, WRK_MODE, check_workload, run_wrk, wrk_post_script  # bench/wrk.py
 
 # --------------------------------------------------------------------------
-# wrk
+# one measured run
 # --------------------------------------------------------------------------
-
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_LAT_RE = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
-
-
-def parse_wrk(out: str) -> dict:
-    m_req = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", out)
-    m_rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not m_req or not m_rps:
-        raise BenchError(f"cannot parse wrk output:\n{out}")
-    lat = {f"p{p}": float(v) * _UNITS[u] for p, v, u in _LAT_RE.findall(out)}
-    if "p99" not in lat:
-        raise BenchError(f"no 99% latency in wrk output:\n{out}")
-    errors = 0
-    m_sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m_sock:
-        errors += sum(int(x) for x in m_sock.groups())
-    m_non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    non2xx = int(m_non2xx.group(1)) if m_non2xx else 0
-    return {
-        "requests": int(m_req.group(1)),
-        "wrk_seconds": float(m_req.group(2)) * _UNITS[m_req.group(3)],
-        "rps": float(m_rps.group(1)),
-        "p50_s": lat.get("p50"),
-        "p90_s": lat.get("p90"),
-        "p99_s": lat["p99"],
-        "socket_errors": errors,
-        "non_2xx": non2xx,
-    }
-
-
-WRK_MODE = {"scheme": "http", "close": False, "path": "/", "headers": [], "script": None}
-# (set once by bench() from --tls / --handshakes / --workload)
-
-# --workload: what each request is.  (path, extra request headers, body size)
-WORKLOADS = {
-    "get": ("/", [], 0),  # the backends' own 100-byte answer
-    "post1k": ("/", ["Content-Type: application/octet-stream"], 1024),
-    "get16k": ("/files/16k", [], 0),
-    "get1m": ("/files/1m", [], 0),
-    "chunked16k": ("/chunked/text16k", [], 0),  # 16 KiB, chunked
-    "gzip16k": ("/files/text16k", ["Accept-Encoding: gzip"], 0),  # chunked, about 5 KiB
-}
-
-
-def check_workload(info: ProxyInfo, workload: str) -> str:
-    """One request of the workload through the proxy: the answer it must give."""
-    import http.client
-    import ssl
-
-    path, headers, body = WORKLOADS[workload]
-    if info.tls:
-        conn = http.client.HTTPSConnection("127.0.0.1", info.port, timeout=5,
-                                           context=ssl._create_unverified_context())
-    else:
-        conn = http.client.HTTPConnection("127.0.0.1", info.port, timeout=5)
-    try:
-        hdrs = dict(h.split(": ", 1) for h in headers)
-        conn.request("POST" if body else "GET", path, body=b"x" * body if body else None, headers=hdrs)
-        resp = conn.getresponse()
-        data = resp.read()
-        te = resp.getheader("Transfer-Encoding", "")
-        ce = resp.getheader("Content-Encoding", "")
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise BenchError(f"{info.name}: {workload} answered {resp.status} {data[:60]!r}")
-    want = {"gzip16k": ("gzip", "chunked"), "chunked16k": ("", "chunked")}.get(workload, ("", ""))
-    if (ce, te) != want:
-        raise BenchError(f"{info.name}: {workload} answered Content-Encoding {ce!r}, "
-                         f"Transfer-Encoding {te!r} (want {want})")
-    framing = "chunked" if te else f"{len(data)} bytes"
-    return f"{workload}: 200, {framing}{', gzip' if ce else ''}"
-
-
-def wrk_post_script(tmp: str, size: int) -> str:
-    path = os.path.join(tmp, "post.lua")
-    with open(path, "w") as f:
-        f.write(f'wrk.method = "POST"\nwrk.body = string.rep("x", {size})\n')
-    return path
-
-
-def run_wrk(port: int, duration: int, connections: int, threads: int, cpu: int) -> tuple[dict, str]:
-    argv = ["taskset", "-c", str(cpu), which("wrk"), "-t", str(threads), "-c", str(connections),
-            "-d", f"{duration}s", "--timeout", "5s", "--latency"]
-    if WRK_MODE["close"]:
-        argv += ["-H", "Connection: close"]
-    for h in WRK_MODE["headers"]:
-        argv += ["-H", h]
-    if WRK_MODE["script"]:
-        argv += ["-s", WRK_MODE["script"]]
-    argv.append(f"{WRK_MODE['scheme']}://127.0.0.1:{port}{WRK_MODE['path']}")
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish within {duration + 30}s") from None
-    if p.returncode != 0:
-        raise BenchError(f"wrk exited with {p.returncode}:\n{p.stdout}{p.stderr}")
-    return parse_wrk(p.stdout), p.stdout
-
-
-@dataclass
-class Run:
-    proxy: str
-    round: int
-    order: int
-    rps: float
-    requests: int
-    wrk_seconds: float
-    p50_s: float | None
-    p90_s: float | None
-    p99_s: float
-    socket_errors: int
-    non_2xx: int
-    wall_s: float
-    cpu_user_s: float
-    cpu_sys_s: float
-    cpu_us_per_req: float
-    user_us_per_req: float
-    sys_us_per_req: float
-    cpu_util: float  # proxy worker CPU seconds / wall seconds
-    other_cpu_s: float  # the proxy's other processes (masters, supervisor)
-    wrk_cpu_s: float
-    backend_cpu_s: float
-    load_util: float  # (wrk + backend nginx CPU seconds) / wall seconds, on the load CPU
-    proxy_cpu_busy: float  # whole-CPU busy fraction of the proxy's CPU (anyone's work)
-    load_cpu_busy: float
-    steal: float  # hypervisor steal, both CPUs averaged
 
 
 def measure(info: ProxyInfo, rnd: int, order: int, args, backend_pids: list[int]) -> Run:
@@ -256,67 +117,6 @@ def measure(info: ProxyInfo, rnd: int, order: int, args, backend_pids: list[int]
         steal=(psteal + lsteal) / 2,
         **res,
     )
-
-
-# --------------------------------------------------------------------------
-# report
-# --------------------------------------------------------------------------
-
-
-def summarize(runs: list[Run], proxies: list[str]) -> dict:
-    out = {}
-    for name in proxies:
-        rs = [r for r in runs if r.proxy == name]
-        if not rs:
-            continue
-        med = statistics.median
-        out[name] = {
-            "runs": len(rs),
-            "best_rps": max(r.rps for r in rs),
-            "median_rps": med(r.rps for r in rs),
-            "median_p99_s": med(r.p99_s for r in rs),
-            "median_cpu_us_per_req": med(r.cpu_us_per_req for r in rs),
-            "median_user_us_per_req": med(r.user_us_per_req for r in rs),
-            "median_sys_us_per_req": med(r.sys_us_per_req for r in rs),
-            "median_cpu_util": med(r.cpu_util for r in rs),
-            "median_load_util": med(r.load_util for r in rs),
-            "errors": sum(r.socket_errors + r.non_2xx for r in rs),
-        }
-    if "lb" in out:
-        lb = out["lb"]
-        for ref in ("nginx", "haproxy"):
-            if ref in out:
-                o = out[ref]
-                lb[f"vs_{ref}"] = {
-                    "best_rps_ratio": lb["best_rps"] / o["best_rps"],
-                    "median_rps_ratio": lb["median_rps"] / o["median_rps"],
-                    "cpu_per_req_ratio": lb["median_cpu_us_per_req"] / o["median_cpu_us_per_req"],
-                }
-    return out
-
-
-def print_table(summary: dict) -> None:
-    head = (f"{'proxy':<8} {'runs':>4} {'best req/s':>11} {'median req/s':>13} {'median p99':>11} "
-            f"{'CPU us/req':>10} {'user':>6} {'sys':>6} {'CPU util':>8} {'load util':>9} {'errors':>6}")
-    print(head)
-    print("-" * len(head))
-    for name, s in summary.items():
-        print(f"{name:<8} {s['runs']:>4} {s['best_rps']:>11,.0f} {s['median_rps']:>13,.0f} "
-              f"{fmt_latency(s['median_p99_s']):>11} {s['median_cpu_us_per_req']:>10.2f} "
-              f"{s['median_user_us_per_req']:>6.2f} {s['median_sys_us_per_req']:>6.2f} "
-              f"{s['median_cpu_util'] * 100:>7.0f}% {s['median_load_util'] * 100:>8.0f}% "
-              f"{s['errors']:>6}")
-    lb = summary.get("lb", {})
-    for ref in ("nginx", "haproxy"):
-        r = lb.get(f"vs_{ref}")
-        if r:
-            print(f"lb / {ref:<8} req/s best {r['best_rps_ratio']:.2f}x, "
-                  f"median {r['median_rps_ratio']:.2f}x; "
-                  f"CPU per request {r['cpu_per_req_ratio']:.2f}x")
-    print("(medians over runs.  CPU us/req, user, sys: the proxy's worker process only, "
-          "utime+stime per request.\n CPU util: that worker's CPU time / wall time.  load util: "
-          "wrk + backend nginx CPU time / wall time.\n A run where the CPU is 'busy' well above "
-          "the util shown for it was shared with foreign work: trust best-of more than median.)")
 
 
 # --------------------------------------------------------------------------

@@ -11,13 +11,20 @@ from a lognormal distribution around `median_ms`, multiplied by the cost of
 the request class (`/heavy` costs HEAVY_COST times `/light`).  Phases change
 a backend for a window of the run; their times are FRACTIONS of the run's
 duration, so a 10 s run and a 60 s simulation show the same story.
+
+A scenario also says where the tables' yardsticks are: when a backend that
+is serving slows down (`slowdowns`, for the time to divert) and the latency
+no router can beat (`floor`).  The summaries and tables themselves are in
+`bench/scenario_report.py`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from scenario_report import Summary, fmt_ms, percentile, time_to_divert  # bench/scenario_report.py
 
 # Request classes: index -> URL path.  The cost multiplies the service time.
 # The names are lb's: class 0 is "default" (no [[classes]] rule matched), and
@@ -319,12 +326,7 @@ def service_time(spec: BackendSpec, cls: int, slow: float, rng: random.Random) -
     return spec.median_ms * 1e-3 * spec.cost(cls) * slow * math.exp(rng.gauss(0.0, spec.sigma))
 
 
-
-# -- time to divert ------------------------------------------------------------------------------
-
-DIVERT_WINDOW = 0.25  # seconds: the sliding window a backend's share is measured over
-DIVERT_BEFORE = 1.0  # seconds before the slowdown its usual share is measured over
-DIVERT_STEP = 0.005  # seconds between two evaluations of the window
+# -- time to divert and the floor ----------------------------------------------------------------
 
 
 def slowdowns(sc: Scenario, min_factor: float = 2.0) -> list[tuple[str, float, float]]:
@@ -345,109 +347,10 @@ def slowdowns(sc: Scenario, min_factor: float = 2.0) -> list[tuple[str, float, f
     return out
 
 
-def time_to_divert(records: list[tuple[float, float, int, str]], backend: str, start: float,
-                   end: float, window: float = DIVERT_WINDOW, before: float = DIVERT_BEFORE,
-                   step: float = DIVERT_STEP) -> float | None:
-    """Seconds from `start` (a slowdown of `backend` begins) until the backend's
-    share of the requests sent in the last `window` seconds falls below half of
-    its share over the `before` seconds before `start`; None if that does not
-    happen before `end`, or if the backend had no share to lose.
-
-    records: (scheduled send time, latency, status, backend name), as the
-    benchmark and the simulator keep them; shares are by send time."""
-    times = sorted((r[0], r[3] == backend) for r in records if start - before <= r[0] < end)
-    pre = [mine for t, mine in times if t < start]
-    if not pre or not any(pre):
-        return None
-    half = 0.5 * sum(pre) / len(pre)
-    # the window slides over every request, those sent before the start
-    # included: a policy that turns away at once is credited about half a window
-    lo = hi = 0
-    n_mine = 0
-    k = 0
-    while True:
-        t = start + k * step
-        if t > end + 1e-12:
-            return None
-        while hi < len(times) and times[hi][0] < t:
-            n_mine += times[hi][1]
-            hi += 1
-        while lo < hi and times[lo][0] < t - window:
-            n_mine -= times[lo][1]
-            lo += 1
-        if hi > lo and n_mine < half * (hi - lo):
-            return t - start
-        k += 1
-
-
 def divert_times(sc: Scenario, records, duration: float) -> list[float | None]:
     """time_to_divert for every slowdown of the scenario (seconds, None: never)."""
     return [time_to_divert(records, name, a * duration, b * duration)
             for name, a, b in slowdowns(sc)]
-
-
-def divert_cell(times: list[float | None]) -> str:
-    """'0.31s' for one slowdown; 'median 0.4s, max 1.2s, 1 never' for several."""
-    if not times:
-        return ""
-    got = sorted(t for t in times if t is not None)
-    never = len(times) - len(got)
-    if len(times) == 1:
-        return fmt_ms(got[0]) if got else "never"
-    parts = []
-    if got:
-        parts.append(f"median {fmt_ms(percentile(got, 0.5))}, max {fmt_ms(got[-1])}")
-    if never:
-        parts.append(f"{never} of {len(times)} never")
-    return ", ".join(parts)
-
-
-@dataclass
-class Summary:
-    """What the tables show for one policy in one scenario."""
-
-    policy: str
-    requests: int
-    p50: float
-    p99: float
-    p999: float
-    error_rate: float
-    share: dict[str, float] = field(default_factory=dict)
-    note: str = ""
-    divert: list = field(default_factory=list)  # time_to_divert per slowdown (s, None: never)
-
-    def as_dict(self) -> dict:
-        return {"policy": self.policy, "requests": self.requests, "p50_s": self.p50,
-                "p99_s": self.p99, "p999_s": self.p999, "error_rate": self.error_rate,
-                "share": self.share, "note": self.note, "divert_s": self.divert}
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    k = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[k]
-
-
-def summarize(policy: str, records: list[tuple[float, float, int, str]],
-              backends: list[str], note: str = "") -> Summary:
-    """records: (scheduled time, latency s, status (0 = no response / timeout), backend name).
-
-    Latency percentiles are over every request, failed ones included (a fast
-    503 is fast; a timeout counts at its timeout), so a policy cannot look
-    good by failing quickly: the error rate stands next to them.
-    """
-    lat = sorted(r[1] for r in records)
-    n = len(records)
-    errors = sum(1 for r in records if r[2] == 0 or r[2] >= 500)
-    counts = {b: 0 for b in backends}
-    for r in records:
-        if r[3] in counts:
-            counts[r[3]] += 1
-    share = {b: (c / n if n else 0.0) for b, c in counts.items()}
-    return Summary(policy, n, percentile(lat, 0.5), percentile(lat, 0.99),
-                   percentile(lat, 0.999), errors / n if n else 0.0, share, note)
 
 
 def floor(sc: Scenario, schedule: list[tuple[float, int]], duration: float,
@@ -483,48 +386,3 @@ def floor(sc: Scenario, schedule: list[tuple[float, int]], duration: float,
 def floor_line(s: Summary) -> str:
     return (f"floor (each request alone on the fastest healthy backend): p50 {fmt_ms(s.p50)}, "
             f"p99 {fmt_ms(s.p99)}, p99.9 {fmt_ms(s.p999)}")
-
-
-def fmt_ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    if ms >= 1000:
-        return f"{seconds:.2f}s"
-    if ms >= 100:
-        return f"{ms:.0f}ms"
-    return f"{ms:.1f}ms"
-
-
-MAX_SHARE_COLUMNS = 8  # more backends: the share of the fastest and slowest quarters instead
-
-
-def table(sc: Scenario, rows: list[Summary], markdown: bool = False) -> str:
-    """The per-scenario table: policy, p50, p99, p99.9, error rate, time to divert
-    (scenarios with a slowdown), share per backend (or per quarter of the fleet
-    by speed when it has more than MAX_SHARE_COLUMNS backends)."""
-    names = [b.name for b in sc.backends]
-    divert = any(s.divert for s in rows)
-    head = ["policy", "p50", "p99", "p99.9", "errors"] + (["divert"] if divert else [])
-    if len(names) <= MAX_SHARE_COLUMNS:
-        groups = [(f"% {n}", [n]) for n in names]
-    else:
-        by_speed = [b.name for b in sorted(sc.backends, key=lambda b: b.median_ms * b.cost(0))]
-        q = max(1, len(by_speed) // 4)
-        groups = [("% fastest 1/4", by_speed[:q]), ("% slowest 1/4", by_speed[-q:])]
-    head += [g[0] for g in groups]
-    body = []
-    for s in rows:
-        cells = [s.policy + (f" ({s.note})" if s.note else ""), fmt_ms(s.p50), fmt_ms(s.p99),
-                 fmt_ms(s.p999), f"{s.error_rate * 100:.2f}%"]
-        if divert:
-            cells.append(divert_cell(s.divert) or "-")
-        cells += [f"{sum(s.share.get(n, 0.0) for n in g) * 100:.1f}" for _, g in groups]
-        body.append(cells)
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    fmt = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
-    lines = [fmt.format(*head), "-" * (sum(widths) + 2 * (len(widths) - 1))]
-    lines += [fmt.format(*c) for c in body]
-    return "\n".join(lines)

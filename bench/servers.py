@@ -1,45 +1,31 @@
-"""The processes a proxy benchmark needs: backends, nginx, HAProxy and lb.
+"""The servers a proxy benchmark runs: backends, nginx, HAProxy and lb.
 
-Each is started from a template in bench/templates/ into a temporary
-directory, pinned to a CPU, and stopped (with its children) at the end.
-Used by bench/proxy_bench.py.
+Each is started from a template in bench/templates/ (`render`) into a
+temporary directory, on free ports (`free_ports`), pinned to a CPU
+(bench/cpus.py), and stopped with its children at the end (`Proc`,
+bench/procs.py).  Used by bench/proxy_bench.py; `free_ports`, `render` and
+`nginx_temp_paths` by the other benchmarks too.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cpus import pin  # bench/cpus.py
+from procs import REPO_ROOT, BenchError, Proc, http_get, wait_http, wait_log_line, which  # bench/procs.py
+
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 PROXIES = ("nginx", "haproxy", "lb")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-
-class BenchError(Exception):
-    """A failure worth one clear line (exit code 1)."""
-
-
-class UsageError(Exception):
-    """A missing tool or an unusable option (exit code 2)."""
 
 
 # --------------------------------------------------------------------------
-# small helpers
+# ports and templates
 # --------------------------------------------------------------------------
-
-
-def which(name: str) -> str | None:
-    return shutil.which(name, path=SEARCH_PATH)
 
 
 def free_ports(n: int) -> list[int]:
@@ -65,206 +51,6 @@ def render(template_name: str, **values) -> str:
     if leftover:
         raise BenchError(f"template {template_name}: unfilled placeholder {leftover.group(0)}")
     return text
-
-
-def tool_version(argv: list[str]) -> str:
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown ({exc})"
-    for line in (p.stdout + "\n" + p.stderr).splitlines():
-        if line.strip():
-            return line.strip()
-    return "unknown"
-
-
-def cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime, stime) of a whole process (all its threads), in clock ticks."""
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-        data = f.read()
-    rest = data[data.rindex(")") + 2 :].split()
-    # rest[0] is field 3 (state); utime is field 14, stime field 15.
-    return int(rest[11]), int(rest[12])
-
-
-def cpu_stat() -> dict[int, tuple[int, int, int]]:
-    """Per CPU from /proc/stat: (busy, total, steal) in clock ticks."""
-    out = {}
-    with open("/proc/stat", encoding="ascii") as f:
-        for line in f:
-            if not line.startswith("cpu") or line.startswith("cpu "):
-                continue
-            name, *vals = line.split()
-            v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
-            total = sum(v)
-            out[int(name[3:])] = (total - v[3] - v[4], total, v[7])
-    return out
-
-
-def cpu_busy(before: dict, after: dict, cpu: int) -> tuple[float, float]:
-    """(busy fraction, steal fraction) of one CPU between two cpu_stat() samples."""
-    b0, t0, s0 = before[cpu]
-    b1, t1, s1 = after[cpu]
-    total = max(t1 - t0, 1)
-    return (b1 - b0) / total, (s1 - s0) / total
-
-
-def cpu_pair_problem(proxy_cpu: int, load_cpu: int) -> str | None:
-    """Why --proxy-cpu/--load-cpu cannot be used (None when they can)."""
-    avail = os.sched_getaffinity(0)
-    for opt, cpu in (("--proxy-cpu", proxy_cpu), ("--load-cpu", load_cpu)):
-        if cpu not in avail:
-            return f"{opt} {cpu}: CPU not available (allowed: {sorted(avail)})"
-    if proxy_cpu == load_cpu:
-        return "--proxy-cpu and --load-cpu must differ"
-    return None
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Pin every thread of pid to one CPU with taskset, then verify."""
-    p = subprocess.run(
-        ["taskset", "-a", "-pc", str(cpu), str(pid)], capture_output=True, text=True, timeout=10
-    )
-    if p.returncode != 0:
-        raise BenchError(f"taskset -a -pc {cpu} {pid} failed: {p.stderr.strip()}")
-    got = os.sched_getaffinity(pid)
-    if got != {cpu}:
-        raise BenchError(f"pid {pid} affinity is {sorted(got)} after pinning to {cpu}")
-
-
-def http_get(port: int, timeout: float = 2.0, tls: bool = False) -> tuple[int, bytes]:
-    if tls:
-        import ssl
-
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
-                                           context=ssl._create_unverified_context())
-    else:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/", headers={"Connection": "close"})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def fmt_latency(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f}us"
-    if seconds < 1.0:
-        return f"{seconds * 1e3:.2f}ms"
-    return f"{seconds:.2f}s"
-
-
-# --------------------------------------------------------------------------
-# processes
-# --------------------------------------------------------------------------
-
-
-class Proc:
-    """A started process in its own process group; output goes to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: str, cwd: str | None = None):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        try:
-            self.popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            self._log.close()
-            raise BenchError(f"{name}: cannot start {argv[0]}: {exc}") from None
-        self.pid = self.popen.pid  # also the process group id
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join("    " + line for line in lines[-n:])
-
-    def _group_exists(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
-    def stop(self, grace: float = 3.0) -> None:
-        """SIGTERM the process group, SIGKILL whatever is left after `grace` s."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if self.popen.poll() is not None and not self._group_exists():
-                    break
-                time.sleep(0.05)
-            else:
-                continue
-            break
-        try:
-            self.popen.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
-        self._log.close()
-
-
-def wait_http(proc: Proc, port: int, timeout: float, what: str, tls: bool = False) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise BenchError(
-                f"{what} exited with code {proc.popen.returncode} during startup; "
-                f"log {proc.log_path}:\n{proc.log_tail()}"
-            )
-        try:
-            status, _ = http_get(port, timeout=1.0, tls=tls)
-            if status == 200:
-                return
-            last = f"HTTP {status}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise BenchError(f"{what} not answering on 127.0.0.1:{port} after {timeout:.0f}s ({last})")
-
-
-def wait_log_line(proc: Proc, needle: str, timeout: float, what: str) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(proc.log_path, "rb") as f:
-                for raw in f:
-                    line = raw.decode("utf-8", "replace")
-                    if needle in line:
-                        return line
-        except OSError:
-            pass
-        if not proc.alive():
-            raise BenchError(
-                f"{what} exited with code {proc.popen.returncode} during startup; "
-                f"log {proc.log_path}:\n{proc.log_tail()}"
-            )
-        time.sleep(0.1)
-    raise BenchError(f"{what}: no {needle!r} in its log after {timeout:.0f}s:\n{proc.log_tail()}")
 
 
 # --------------------------------------------------------------------------
@@ -465,5 +251,3 @@ def sanity_check(info: ProxyInfo, bodies: list[bytes]) -> str:
             raise BenchError(f"{info.name}: GET / answered {status} {body[:60]!r}")
         seen.add(bodies.index(body))
     return f"{len(seen)}/{len(bodies)} backends seen in 4 requests"
-
-

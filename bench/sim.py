@@ -35,9 +35,12 @@ instances in front of the same backends: each has its own workers and its own
 inference engine and tables, and takes its share of the arrivals at random.
 
 Scenarios with a slowdown also get the time to divert per policy (column
-`divert`, `scenarios.time_to_divert`): from the slowdown's start until the
-backend's share of the requests over a sliding 0.25 s falls below half of
-what it was in the second before.
+`divert`, `scenario_report.time_to_divert`): from the slowdown's start
+until the backend's share of the requests over a sliding 0.25 s falls below
+half of what it was in the second before.
+
+The model (backends, requests, workers) is in `bench/sim_model.py`, the
+overview over scenarios in `bench/sim_report.py`; the event loop is here.
 
     python bench/sim.py [--scenario NAME[,NAME]|all|fleet<seed>] [--policies a,b]
                         [--duration 60] [--rate R] [--workers 1] [--instances N]
@@ -57,7 +60,6 @@ import os
 import random
 import sys
 import time
-from collections import deque
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
@@ -65,27 +67,14 @@ for _p in (BENCH_DIR, REPO_ROOT):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import scenario_report as report  # noqa: E402  (bench/scenario_report.py)
 import scenarios as scn  # noqa: E402  (bench/scenarios.py)
-from lb.config import Backend as BackendConfig, Learning  # noqa: E402
-from workers import backend as wbackend, classic, strategies  # noqa: E402
+from sim_model import (  # noqa: E402  (bench/sim_model.py)
+    FAIL_FAST, HOP, ML_POLICIES, POLICIES, RETRIES, STATS_INTERVAL, Request, Server, Worker)
+from sim_report import overview  # noqa: E402  (bench/sim_report.py)
+from workers import backend as wbackend  # noqa: E402
 
-POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",
-            "ml-identity", "ml-curves", "least-latency")
-ML_POLICIES = ("ml", "ml-identity")  # routed by the engine's tables (TableStrategy)
-CURVE_POLICIES = ML_POLICIES + ("ml-curves",)  # lb's ml strategy, with or without tables
-ABLATIONS = ("ml-identity", "ml-curves", "least-latency")  # not lb strategies
-ERROR_SLACK = 0.001  # overview: error rates within 0.1 point count as equal
-
-HOP = 0.0001  # seconds, one way between two processes on the same host
-FAIL_FAST = 0.0  # service time of a fast failure (lb measures ~0.16 ms for one, hops included)
-RETRIES = 1  # lb's default upstream.retries
-EWMA_DECAY = 10.0  # lb's default balancer.ewma_decay
-STATS_INTERVAL = 0.1  # lb's default learning.stats_interval
-
-# The balancer's API gained a request class (pick(exclude, cls), Backend(cfg,
-# n_classes, idx)); accept both so the simulator runs whichever is checked out.
-_PICK_TAKES_CLASS = "cls" in inspect.signature(classic.Strategy.pick).parameters
-_BACKEND_TAKES_CLASSES = "n_classes" in inspect.signature(wbackend.Backend.__init__).parameters
+# Which form of Backend.record the balancer has (for pick and Backend: bench/sim_model.py)
 _HAS_RECORD = hasattr(wbackend.Backend, "record")
 # Backend.record(cls, latency, error, now) also updates the peak EWMA (one call per response).
 _RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(wbackend.Backend.record).parameters
@@ -93,101 +82,6 @@ _RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(wbackend.Backend.r
 _RECORD_LOADS = _HAS_RECORD and "load" in inspect.signature(wbackend.Backend.record).parameters
 
 _DONE, _FAILED, _TICK = 0, 1, 2  # event kinds
-
-
-class LeastLatency(classic.P2CEwma):
-    """Ablation, not an lb strategy: every pick scans all backends for the least
-    peak-EWMA x (in-flight + 1), no sampling (ties: the first after a rotating
-    start, so equal backends share)."""
-
-    name = "least-latency"
-
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self._next = 0
-
-    def pick(self, exclude=(), cls=0):
-        backends = self.backends
-        n = len(backends)
-        start = self._next
-        self._next = start + 1 if start + 1 < n else 0
-        best = None
-        best_cost = 0.0
-        for k in range(n):
-            b = backends[(start + k) % n]
-            if not b.available or (exclude and b in exclude):
-                continue
-            c = b.ewma * (b.inflight + 1)
-            if best is None or c < best_cost:
-                best, best_cost = b, c
-        return best
-
-
-class Server:
-    """One simulated backend: `capacity` requests in service, the rest queue."""
-
-    __slots__ = ("spec", "rng", "busy", "queue", "served")
-
-    def __init__(self, spec: scn.BackendSpec, seed: int) -> None:
-        self.spec = spec
-        self.rng = random.Random(seed)
-        self.busy = 0
-        self.queue: deque[Request] = deque()
-        self.served = 0
-
-
-class Request:
-    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0", "arm", "load", "work")
-
-    def __init__(self, sched: float, cls: int, worker: int) -> None:
-        self.sched = sched
-        self.cls = cls
-        self.worker = worker
-        self.tried: list | None = None
-        self.backend = None
-        self.t0 = 0.0
-        self.arm = -1  # ml's guard: which arm picked the backend (-1: not judged)
-        self.load = -1  # the worker's in-flight requests to the backend when it was sent
-        self.work = 0.0  # ml: the expected service it added to the backend's load curve
-
-
-class Worker:
-    """What one lb worker holds: its Backend objects, its strategy, its counters."""
-
-    def __init__(self, slot: int, sc: scn.Scenario, policy: str, seed: int, instance: int = 0) -> None:
-        self.slot = slot
-        self.instance = instance  # which lb instance the worker belongs to
-        self.backends = []
-        for i, spec in enumerate(sc.backends):
-            cfg = BackendConfig(address=f"127.0.0.1:{20000 + i}", weight=spec.weight, name=spec.name)
-            if _BACKEND_TAKES_CLASSES:
-                b = wbackend.Backend(cfg, len(scn.CLASSES), i)
-            else:
-                b = wbackend.Backend(cfg)
-            self.backends.append(b)
-        self.index = {id(b): i for i, b in enumerate(self.backends)}
-        kw = {"decay": EWMA_DECAY, "seed": seed * 1000 + slot + 1}
-        if "class_names" in inspect.signature(strategies.make_strategy).parameters:
-            kw["class_names"] = scn.CLASSES
-        if "guard_share" in inspect.signature(strategies.make_strategy).parameters:
-            kw["guard_share"] = Learning().guard_share  # lb's default
-        if "exploration" in inspect.signature(strategies.make_strategy).parameters:
-            kw["exploration"] = Learning().exploration  # lb's default (a table may say otherwise)
-        if policy == LeastLatency.name:
-            self.strategy = LeastLatency(self.backends, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
-        else:
-            self.strategy = strategies.make_strategy("ml" if policy in CURVE_POLICIES else policy,
-                                                     self.backends, **kw)
-        self.guard = getattr(self.strategy, "guard", None)
-        self.requests = 0
-        self.no_backend = 0
-        self.timeouts = 0
-        self.seq = 0
-
-    def pick(self, exclude, cls: int):
-        if _PICK_TAKES_CLASS:
-            return self.strategy.pick(exclude, cls)
-        return self.strategy.pick(exclude)
 
 
 class Simulation:
@@ -392,13 +286,13 @@ class Simulation:
         else:
             self.records.append((req.sched, latency, status, backend))
 
-    def summary(self) -> scn.Summary:
-        s = scn.summarize(self.policy, self.records, [b.name for b in self.sc.backends], self.note)
+    def summary(self) -> report.Summary:
+        s = report.summarize(self.policy, self.records, [b.name for b in self.sc.backends], self.note)
         s.divert = scn.divert_times(self.sc, self.records, self.duration)
         return s
 
 
-def simulate(sc: scn.Scenario, policy: str, **kw) -> scn.Summary:
+def simulate(sc: scn.Scenario, policy: str, **kw) -> report.Summary:
     sim = Simulation(sc, policy, **kw)
     sim.run()
     return sim.summary()
@@ -465,10 +359,10 @@ def main(argv=None) -> int:
         lbs = f" x {instances} lb instances" if instances > 1 else ""
         print(f"\n== {name}: {sc.description}; {rate:g} req/s, {args.duration:g} s simulated, "
               f"{args.workers} worker(s){lbs}, seed {args.seed}")
-        for spec in sc.backends[:scn.MAX_SHARE_COLUMNS]:
+        for spec in sc.backends[:report.MAX_SHARE_COLUMNS]:
             print(f"   {spec.describe()}")
-        if len(sc.backends) > scn.MAX_SHARE_COLUMNS:
-            print(f"   ... {len(sc.backends) - scn.MAX_SHARE_COLUMNS} more, to {sc.backends[-1].describe()}")
+        if len(sc.backends) > report.MAX_SHARE_COLUMNS:
+            print(f"   ... {len(sc.backends) - report.MAX_SHARE_COLUMNS} more, to {sc.backends[-1].describe()}")
         rows = []
         for policy in args.policies:
             t0 = time.perf_counter()
@@ -477,7 +371,7 @@ def main(argv=None) -> int:
                                  model=args.model, traces=args.traces,
                                  exploration=args.exploration, instances=args.instances))
             rows[-1].wall = time.perf_counter() - t0  # type: ignore[attr-defined]
-        print(scn.table(sc, rows))
+        print(report.table(sc, rows))
         schedule = scn.run_schedule(sc, args.duration, args.rate, args.seed)
         print(scn.floor_line(scn.floor(sc, schedule, args.duration, args.seed)))
         print(f"({sum(r.requests for r in rows)} requests simulated in "
@@ -495,41 +389,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def overview(results: dict, policies: list[str], markdown: bool = False) -> str:
-    """One line per scenario: each policy's p99 / p99.9 (ms) and error rate, and
-    for each table-routed policy its p99 over the best p99 of the others that
-    fail no more requests than it does (ERROR_SLACK aside; the ablations are
-    not among "others": they are not lb strategies)."""
-    shipped = [p for p in policies if p not in ABLATIONS]
-    ratios = [p for p in policies if p in CURVE_POLICIES]
-    head = ["scenario"] + list(policies) + [f"{p} / best" for p in ratios]
-    body = []
-    for name, res in results.items():
-        by = {r["policy"]: r for r in res["rows"]}
-        cells = [name]
-        for p in policies:
-            r = by[p]
-            err = f" {r['error_rate'] * 100:.1f}%" if r["error_rate"] >= 0.0005 else ""
-            cells.append(f"{r['p99_s'] * 1e3:.1f} / {r['p999_s'] * 1e3:.0f}{err}")
-        for p in ratios:
-            # a policy that fails more requests is no bar for p99: fast errors are fast
-            others = [by[o]["p99_s"] for o in shipped if o != "ml"
-                      and by[o]["error_rate"] <= by[p]["error_rate"] + ERROR_SLACK]
-            if not [o for o in shipped if o != "ml"]:
-                cells.append("-")
-            elif not others:
-                cells.append("fewest errors")
-            else:
-                cells.append(f"{by[p]['p99_s'] / min(others):.2f}x" if min(others) > 0 else "-")
-        body.append(cells)
-    title = "p99 / p99.9 in ms (errors when any)"
-    if markdown:
-        return "\n".join([title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                         + ["| " + " | ".join(c) + " |" for c in body])
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    fmt = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
-    return "\n".join([title, fmt.format(*head), "-" * (sum(widths) + 2 * (len(widths) - 1))]
-                     + [fmt.format(*c) for c in body])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The `ml` policy in the simulator: real worker telemetry into the real inference engine.
 
-Every `sim.STATS_INTERVAL` simulated seconds each simulated worker builds its
+Every `sim_model.STATS_INTERVAL` simulated seconds each simulated worker builds its
 `lb.messages.WorkerStats` with `workers.telemetry.build_stats` (what a worker
 sends), `inference.engine.Engine` ingests them and computes a
 `lb.messages.Table` in one tick, and every worker's `TableStrategy` gets it

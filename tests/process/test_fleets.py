@@ -16,8 +16,10 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 import fleets  # noqa: E402
+import scenario_report as report  # noqa: E402
 import scenarios as scn  # noqa: E402
 import sim  # noqa: E402
+import sim_model  # noqa: E402
 
 import inference.engine  # noqa: E402, F401 - the simulator's ml policy runs it: a broken import fails here
 from inference import traces  # noqa: E402
@@ -166,7 +168,7 @@ def test_least_latency_takes_the_least_ewma_times_load_of_all():
     for b, ewma, inflight in zip(bs, (0.010, 0.002, 0.004, 0.001, 0.020, 0.003),
                                  (0, 3, 1, 9, 0, 0)):
         b.ewma, b.inflight = ewma, inflight
-    st = sim.LeastLatency(bs, decay=10.0, rng=random.Random(1))
+    st = sim_model.LeastLatency(bs, decay=10.0, rng=random.Random(1))
     # costs: 10, 8, 8, 10, 20, 3 (ms x (in-flight + 1)): x5 every time, whatever the start
     assert {st.pick((), 0).name for _ in range(12)} == {"x5"}
     assert st.pick([bs[5]], 0).name in {"x1", "x2"}
@@ -200,16 +202,16 @@ def test_time_to_divert_on_a_synthetic_record_list():
     # b has 40% before t=5, then 4% from t=5.3 on: its share over the last 0.25 s
     # falls below 20% once more than half of the window is after 5.3
     recs = _records(1000, 10, lambda t: 0.4 if t < 5.3 else 0.04)
-    got = scn.time_to_divert(recs, "b", 5.0, 8.0)
+    got = report.time_to_divert(recs, "b", 5.0, 8.0)
     expect = 0.3 + 0.25 * (0.4 - 0.2) / (0.4 - 0.04)
     assert got == pytest.approx(expect, abs=0.01)
     # never diverted before the end of the slowdown
-    assert scn.time_to_divert(recs, "b", 5.0, 5.2) is None
+    assert report.time_to_divert(recs, "b", 5.0, 5.2) is None
     # no share to lose: nothing to measure
-    assert scn.time_to_divert(_records(1000, 10, lambda t: 0.0), "b", 5.0, 8.0) is None
+    assert report.time_to_divert(_records(1000, 10, lambda t: 0.0), "b", 5.0, 8.0) is None
     # a policy that sends nothing more at once is credited half a window
     instant = _records(1000, 10, lambda t: 0.5 if t < 5.0 else 0.0)
-    assert scn.time_to_divert(instant, "b", 5.0, 8.0) == pytest.approx(0.125, abs=0.01)
+    assert report.time_to_divert(instant, "b", 5.0, 8.0) == pytest.approx(0.125, abs=0.01)
 
 
 def test_divert_times_follow_the_scenarios_slowdowns():
@@ -223,8 +225,8 @@ def test_divert_times_follow_the_scenarios_slowdowns():
     rr = sim.Simulation(scn.get("slowdown"), "round_robin", duration=10.0)
     rr.run()
     assert rr.summary().divert == [None]  # round robin never turns away
-    assert scn.divert_cell([0.2]) == "200ms" and scn.divert_cell([None]) == "never"
-    assert scn.divert_cell([0.2, 0.4, None]) == "median 200ms, max 400ms, 1 of 3 never"
+    assert report.divert_cell([0.2]) == "200ms" and report.divert_cell([None]) == "never"
+    assert report.divert_cell([0.2, 0.4, None]) == "median 200ms, max 400ms, 1 of 3 never"
     assert math.isfinite(t)
 
 
@@ -298,7 +300,7 @@ def test_the_overview_compares_ml_with_the_best_policy_that_fails_no_more():
 def test_quality_reports_the_spread_of_repeated_runs_not_the_best():
     import quality
 
-    rows = [scn.Summary(f"ml{b} #{k}", 100, 0.005, p99, 2 * p99, err)
+    rows = [report.Summary(f"ml{b} #{k}", 100, 0.005, p99, 2 * p99, err)
             for b in ("", " busy") for k, (p99, err) in enumerate(((0.076, 0.0), (0.235, 0.01), (0.1, 0.0)), 1)]
     text = quality.spread(rows)
     assert "ml: 3 runs, p99 100ms (76.0ms-235ms), p99.9 200ms (152ms-470ms), errors 0.00% (0.00%-1.00%)" in text
