@@ -98,6 +98,7 @@ class TableStrategy(P2CEwma):
         self._own: list[tuple[list[Backend], list[float], list[float], list[float]]] = []
         self._cols_for: list[str] | None = None  # the table backend list `_cols` was built for
         self._cols: list[int] = []  # table column of each backend (by idx), -1 if absent
+        self._barr: np.ndarray | None = None  # the backends as an object array (_objects)
         self.refresh()
 
     def set_table(self, table) -> None:
@@ -139,7 +140,7 @@ class TableStrategy(P2CEwma):
         # a backend that has not answered yet is priced at its peak EWMA (the
         # default RTT) over its configured weight relative to the others: the
         # operator's weights steer traffic until answers replace them
-        total = sum(max(b.weight, 0) for b in backends) or 1
+        total = sum([b.weight for b in backends if b.weight > 0]) or 1
         mean_w = total / max(len(backends), 1)
         self._unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
                          for b in backends]
@@ -154,6 +155,16 @@ class TableStrategy(P2CEwma):
         if table is None or not self.usable:
             self._build_own(service)
 
+    def _objects(self) -> np.ndarray:
+        """The backends as a numpy object array (rows take them by index in one
+        C-level step); rebuilt if the list changed."""
+        backends = self.backends
+        arr = self._barr
+        if arr is None or len(arr) != len(backends) or (len(arr) and arr[-1] is not backends[-1]):
+            arr = self._barr = np.empty(len(backends), dtype=object)
+            arr[:] = backends
+        return arr
+
     def _build_own(self, service: np.ndarray) -> None:
         """The worker's own rows, for when no table may route: its curves alone,
         classes not answered yet priced as `_unknown`, no error penalty."""
@@ -163,21 +174,17 @@ class TableStrategy(P2CEwma):
         if not backends:
             self._own = [([], [], ones, unknown) for _ in self.class_names]
             return
-        live = np.flatnonzero([b.available for b in backends])
-        fallback = np.array(unknown, dtype=np.float64)
-        own = []
-        for k in range(len(self.class_names)):
-            svc = service[:, k]
-            price = np.where(svc != 0.0, svc, fallback)
-            order = live[np.argsort(price[live], kind="stable")]
-            own.append(([backends[i] for i in order.tolist()], price[order].tolist(), ones, unknown))
-        self._own = own
+        live = np.array([b.available for b in backends])
+        svc = service.T  # (classes, backends)
+        price = np.where(svc != 0.0, svc, np.array(unknown, dtype=np.float64)[None, :])
+        ordered, prices, n = _ordered(self._objects(), price, np.broadcast_to(live, price.shape))
+        self._own = [(ordered[k][:n[k]], prices[k][:n[k]], ones, unknown) for k in range(len(n))]
 
     def _build_rows(self, table, service: np.ndarray) -> None:
-        """Each class's row, vectorised over the backends (numpy): the candidates
-        in price order (a stable sort: ties keep the backends' order), their prices, and every
-        backend's penalty and prior.  tests/unit/test_table_rows.py checks the rows
-        against a per-backend rule."""
+        """Each class's row, vectorised over classes and backends at once
+        (numpy): the candidates in price order (a stable sort: ties keep the
+        backends' order), their prices, and every backend's penalty and prior.
+        tests/unit/test_table_rows.py checks the rows against a per-backend rule."""
         backends = self.backends
         if table.backends != self._cols_for:
             col = {name: i for i, name in enumerate(table.backends)}
@@ -188,38 +195,29 @@ class TableStrategy(P2CEwma):
             return
         # the table's column of each backend (by idx), -1 if absent or unavailable
         cols = np.array([c if b.available else -1 for b, c in zip(backends, self._cols)], dtype=np.int64)
-        by_name = dict(zip(table.classes, table.weights))
-        default = by_name.get("default") or (table.weights[0] if table.weights else [])
-        lat = dict(zip(table.classes, table.latency)) if table.latency else {}
-        cost = dict(zip(table.classes, table.cost)) if table.cost else {}
-        unknown = np.array(self._unknown, dtype=np.float64)
-        rows = []
-        for k, cname in enumerate(self.class_names):
-            wrow = np.asarray(by_name.get(cname, default), dtype=np.float64)
-            lrow = lat.get(cname) or lat.get("default") or []
-            crow = cost.get(cname) or cost.get("default") or []
-            nw, nl = len(wrow), min(len(lrow), len(crow))
-            in_l = (cols >= 0) & (cols < nl)
-            if nl:
-                at = np.where(in_l, cols, 0)
-                lv = np.asarray(lrow[:nl], dtype=np.float64)[at]
-                cv = np.asarray(crow[:nl], dtype=np.float64)[at]
-                prior = np.where(in_l, np.maximum(lv, 1e-6), unknown)
-                # (1 - priced error) ** -8: the table's cost over its latency (inference/policy.py)
-                penalty = np.where(in_l, np.maximum(cv / np.maximum(lv, 1e-9), 1.0), 1.0)
-            else:
-                prior, penalty = unknown, np.ones(len(backends))
-            svc = service[:, k]
-            price = np.where(svc != 0.0, svc, prior) * penalty  # (a class not answered yet: its prior)
-            in_w = (cols >= 0) & (cols < nw)
-            if nw:
-                cands = np.flatnonzero(in_w & (wrow[np.where(in_w, cols, 0)] > 0))
-            else:
-                cands = np.flatnonzero(in_w)
-            order = cands[np.argsort(price[cands], kind="stable")]
-            rows.append(([backends[i] for i in order.tolist()], price[order].tolist(), penalty.tolist(),
-                         prior.tolist()))
-        self._rows = rows
+        nt = max(len(table.backends), 1)  # (none: every backend is absent, cols -1)
+        names = self.class_names
+        # the table row each local class reads: its own, else the default class's
+        # (weights: else the first class's; latency and cost: an empty row is missing)
+        w = _class_rows(table.classes, table.weights, names, nt, 0.0, empty_counts=True)
+        lat = _class_rows(table.classes, table.latency, names, nt, np.nan)
+        cost = _class_rows(table.classes, table.cost, names, nt, np.nan)
+        there = cols >= 0
+        at = np.where(there, cols, 0)
+        lv = lat[:, at]  # (classes, backends)
+        cv = cost[:, at]
+        in_l = there[None, :] & ~np.isnan(lv) & ~np.isnan(cv)
+        unknown = np.array(self._unknown, dtype=np.float64)[None, :]
+        prior = np.where(in_l, np.maximum(lv, 1e-6), unknown)
+        # (1 - priced error) ** -8: the table's cost over its latency (inference/policy.py)
+        penalty = np.where(in_l, np.maximum(cv / np.maximum(lv, 1e-9), 1.0), 1.0)
+        svc = service.T
+        price = np.where(svc != 0.0, svc, prior) * penalty  # (a class not answered yet: its prior)
+        cand = there[None, :] & (w[:, at] > 0)
+        ordered, prices, n = _ordered(self._objects(), price, cand)
+        pen = penalty.tolist()
+        pri = prior.tolist()
+        self._rows = [(ordered[k][:n[k]], prices[k][:n[k]], pen[k], pri[k]) for k in range(len(n))]
 
     def check(self, now: float) -> tuple[bool, str]:
         """Decide the mode from the table held at wall-clock `now` (every stats
@@ -297,3 +295,49 @@ class TableStrategy(P2CEwma):
             if seen < limit and b.available and not b.inflight:
                 best, limit = b, seen
         return best
+
+
+
+def _class_rows(classes: list, rows: list, names: list, width: int, fill: float,
+                empty_counts: bool = False) -> np.ndarray:
+    """(len(names), width): for each local class name, the table row it reads,
+    `fill` where that row is short or missing.  Its own class's row, else the
+    default class's (`empty_counts`: an empty row of its own is its row; the
+    default falls back to the first class's), else none."""
+    out = np.full((len(names), width), fill, dtype=np.float64)
+    if not rows or not width:
+        return out
+    by_name = {c: i for i, c in enumerate(classes[:len(rows)])}
+    default = by_name.get("default")
+    if empty_counts:
+        if default is None or not len(rows[default]):
+            default = 0
+    elif default is not None and not len(rows[default]):
+        default = None
+    pick = []
+    for name in names:
+        i = by_name.get(name)
+        if i is None or (not empty_counts and not len(rows[i])):
+            i = default
+        pick.append(i)
+    if all(len(r) >= width for r in rows):  # the usual table: one conversion
+        full = np.array([r[:width] for r in rows] if any(len(r) > width for r in rows) else rows,
+                        dtype=np.float64)
+        for k, i in enumerate(pick):
+            if i is not None:
+                out[k] = full[i]
+        return out
+    for k, i in enumerate(pick):
+        if i is not None:
+            r = rows[i][:width]
+            out[k, :len(r)] = r
+    return out
+
+
+def _ordered(objects: np.ndarray, price: np.ndarray, cand: np.ndarray) -> tuple[list, list, list]:
+    """Per row of `price` (classes x backends): the candidates' objects and
+    prices in price order, candidates first (a stable sort: ties keep the
+    backends' order), as lists; and how many candidates each row has."""
+    order = np.lexsort((price, ~cand), axis=-1)
+    return (objects[order].tolist(), np.take_along_axis(price, order, axis=-1).tolist(),
+            cand.sum(axis=1).tolist())
