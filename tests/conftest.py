@@ -279,6 +279,26 @@ def servers():
 
 
 @pytest.fixture
+def ca(tmp_path):
+    """A certificate authority made for the test (trustme; tests/tlsutil.py)."""
+    from tests.tlsutil import CertAuthority
+
+    return CertAuthority(tmp_path)
+
+
+@pytest.fixture
+def made():
+    """The processes a test starts (LBProc or BackendProc), stopped at its end."""
+    procs = []
+    yield procs
+    for p in reversed(procs):
+        if isinstance(p, LBProc):
+            p.stop()
+        else:
+            p.kill()
+
+
+@pytest.fixture
 def backend(backend_factory):
     return backend_factory("b1")
 

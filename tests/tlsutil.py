@@ -91,3 +91,20 @@ def have(tool: str) -> bool:
 def curl(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True,
                           timeout=timeout, env={**os.environ, "SSL_CERT_FILE": "/nonexistent"})
+
+
+def start_lb(tmp_path, made, backends, tls_text: str, **kw):
+    """lb with `tls_text` added to its config, stopped at the end of the test."""
+    from tests.conftest import LBProc
+
+    lb = LBProc(tmp_path, backends, extra=tls_text, **kw)
+    made.append(lb)
+    return lb
+
+
+def metric(lb, name: str) -> str:
+    """The lines of lb's /metrics that start with `name`."""
+    from tests.rawhttp import get
+
+    _, _, body = get(lb.admin_port, "/metrics")
+    return "\n".join(line for line in body.decode().splitlines() if line.startswith(name))
