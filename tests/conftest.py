@@ -1,10 +1,19 @@
-"""Real processes on 127.0.0.1: test backends (tests/backend.py) and lb itself."""
+"""Real processes on 127.0.0.1: test backends (tests/backend.py) and lb itself.
+
+`LBRun` is the one harness for `lb run` (its config, workers, directory,
+environment, session, stderr log); `LBProc` makes the config for lb in front
+of test backends.  The supervisor tests' `SwappableLB` (tests/supervision.py)
+and the test modules that need their own start (isolation, stop, CLI, log
+rotation, restart with the same state) are built on it.  The admin process
+alone (tests/adminharness.py) and a worker alone (test_worker_tables.py) are
+started by their own harnesses: they are not `lb run`."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -190,38 +199,36 @@ class BackendProc:
             self.proc.wait()
 
 
-class LBProc:
-    def __init__(self, tmp_path: Path, backends: list[BackendProc], *, strategy: str = "round_robin",
-                 workers: int = 1, extra: str = "", backend_lines: str | None = None,
-                 env: dict | None = None) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        lines = [
-            f'listen = "127.0.0.1:{self.port}"',
-            f'strategy = "{strategy}"',
-            extra,
-            "[admin]",
-            f'listen = "127.0.0.1:{self.admin_port}"',
-        ]
-        if backend_lines is None:
-            for b in backends:
-                lines += ["[[backends]]", f'address = "{b.address}"', f'name = "{b.name}"']
-        else:
-            lines.append(backend_lines)
-        self.config = tmp_path / f"lb-{self.port}.toml"
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lb", "run", "-c", str(self.config), "-w", str(workers)],
-            cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
-        )
-        self.log = LogReader(self.proc.stderr)
-        self.log.start()
-        self.log.wait_for("worker_ready", workers)
+class LBRun:
+    """`lb run -c CONFIG -w N` as a test's child process: the one harness every
+    test that runs lb whole uses.  Its stderr is read by a LogReader (`log`),
+    unless `log=False` (stderr discarded).  `wait`: until every worker says
+    ready.  `session`: in its own session, so `kill_group()` reaches the
+    supervisor and all its children at once.  `port`/`admin_port`: what the
+    config says, when the caller knows it."""
+
+    def __init__(self, config: Path, *, workers: int = 1, cwd: Path = ROOT, env: dict | None = None,
+                 args: tuple = (), argv: list[str] | None = None, session: bool = False,
+                 wait: bool = True, log: bool = True, port: int = 0, admin_port: int = 0) -> None:
+        self.config = config
+        self.port = port
+        self.admin_port = admin_port
+        self.n_workers = workers
+        cmd = [*(argv or [sys.executable, "-m", "lb"]), "run", "-c", str(config), "-w", str(workers), *args]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})},
+                                     stderr=subprocess.PIPE if log else subprocess.DEVNULL,
+                                     start_new_session=session)
+        self.log = LogReader(self.proc.stderr) if log else None
+        if self.log is not None:
+            self.log.start()
+            if wait:
+                self.log.wait_for("worker_ready", workers)
 
     def worker_pids(self) -> list[int]:
         return [c.pid for c in child_processes(self.proc.pid, "workers")]
 
     def stop(self) -> int:
+        """SIGTERM (a graceful stop), SIGKILL if it takes more than 20 s."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -230,6 +237,39 @@ class LBProc:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL to the whole session (`session=True`): supervisor and children."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def lb_config(port: int, admin_port: int, backends: list, *, strategy: str = "round_robin",
+              extra: str = "", backend_lines: str | None = None) -> str:
+    """A config for 127.0.0.1: these ports, the backends (objects with address
+    and name) or `backend_lines` as they are, `extra` before [admin]."""
+    lines = [f'listen = "127.0.0.1:{port}"', f'strategy = "{strategy}"', extra,
+             "[admin]", f'listen = "127.0.0.1:{admin_port}"']
+    if backend_lines is None:
+        for b in backends:
+            lines += ["[[backends]]", f'address = "{b.address}"', f'name = "{b.name}"']
+    else:
+        lines.append(backend_lines)
+    return "\n".join(lines) + "\n"
+
+
+class LBProc(LBRun):
+    """lb in front of test backends, with a config made here (`lb_config`)."""
+
+    def __init__(self, tmp_path: Path, backends: list[BackendProc], *, strategy: str = "round_robin",
+                 workers: int = 1, extra: str = "", backend_lines: str | None = None,
+                 env: dict | None = None) -> None:
+        port, admin_port = free_port(), free_port()
+        config = tmp_path / f"lb-{port}.toml"
+        config.write_text(lb_config(port, admin_port, backends, strategy=strategy, extra=extra,
+                                    backend_lines=backend_lines))
+        super().__init__(config, workers=workers, env=env, port=port, admin_port=admin_port)
 
 
 @pytest.fixture

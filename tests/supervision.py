@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import select
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ROOT, LogReader, free_port, wait_port
+from tests.conftest import ROOT, LBRun, free_port, wait_port
 from tests.rawhttp import RawConn
 
 
@@ -177,7 +175,7 @@ def lb_cmd(*args: str) -> list[str]:
 REAL_HTTPTOOLS = Path(importlib.util.find_spec("httptools").origin).parent
 
 
-class SwappableLB:
+class SwappableLB(LBRun):
     """`lb run` whose workers import `httptools` (only workers do) through a symlink first on
     PYTHONPATH: pointing at the real package, or at one that fails on import (as after a
     broken deploy).  lb's own packages cannot be swapped this way: every child takes them
@@ -195,13 +193,9 @@ class SwappableLB:
         self.admin_port = free_port()
         self.config = tmp_path / "swap.toml"
         write_config(self, backends)
-        self.proc = subprocess.Popen(lb_cmd("run", "-c", str(self.config), "-w", str(workers)),
-                                     cwd=self.cwd,
-                                     env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.cwd), str(ROOT)])),
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        self.log = LogReader(self.proc.stderr)
-        self.log.start()
-        self.log.wait_for("worker_ready", workers)
+        super().__init__(self.config, workers=workers, cwd=self.cwd, session=True,
+                         env={"PYTHONPATH": os.pathsep.join([str(self.cwd), str(ROOT)])},
+                         port=self.port, admin_port=self.admin_port)
         wait_port(self.port)
 
     def point_to(self, target: Path) -> None:
@@ -216,7 +210,5 @@ class SwappableLB:
         self.point_to(REAL_HTTPTOOLS)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        self.kill_group()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, LogReader, child_processes, free_port, wait_port
+from tests.conftest import ROOT, LBRun, LogReader, child_processes, free_port, wait_port
 from tests.rawhttp import get
 
 GOOD = """\
@@ -183,32 +183,23 @@ def test_run_on_taken_port_fails_with_one_line(tmp_path):
 # -- stopping ---------------------------------------------------------------------------------
 
 
-class Running:
+class Running(LBRun):
     """`lb run` in its own session (so a whole-group signal can be sent)."""
 
     def __init__(self, tmp_path: Path, backend_address: str, workers: int = 2) -> None:
-        self.port = free_port()
-        self.config = tmp_path / f"run-{self.port}.toml"
-        self.config.write_text(
-            f'listen = "127.0.0.1:{self.port}"\nstrategy = "round_robin"\n'
+        port = free_port()
+        config = tmp_path / f"run-{port}.toml"
+        config.write_text(
+            f'listen = "127.0.0.1:{port}"\nstrategy = "round_robin"\n'
             "[timeouts]\ndrain = 3.0\n"
             f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[[backends]]\naddress = "{backend_address}"\nname = "b1"\n'
         )
-        self.proc = subprocess.Popen(lb_cmd("run", "-c", str(self.config), "-w", str(workers)),
-                                     cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True)
-        self.log = LogReader(self.proc.stderr)
-        self.log.start()
-        self.log.wait_for("worker_ready", workers)
+        super().__init__(config, workers=workers, session=True, port=port)
         wait_port(self.port)
 
     def workers(self) -> list[psutil.Process]:
         return child_processes(self.proc.pid, "workers", recursive=True)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
 
 
 @pytest.fixture
@@ -222,7 +213,7 @@ def running(tmp_path, backend):
 
     yield make
     for r in made:
-        r.kill()
+        r.kill_group()
 
 
 def gone(procs: list[psutil.Process], timeout: float = 5.0) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.conftest import LBProc, child_processes
+from tests.conftest import LBRun, child_processes
 from tests.rawhttp import get
 from tests.adminharness import metric_samples, wait_until
 from tests.adminharness import RUN_TOKEN as TOKEN
@@ -172,23 +172,9 @@ def _names(lb):
 
 def _restart(config):
     """lb started again on the same config file (same ports, same state_dir)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT, LogReader
-
-    class Again(LBProc):
-        def __init__(self) -> None:  # the same file: ports and state_dir as before
-            text = config.read_text()
-            self.port = int(text.split('listen = "127.0.0.1:')[1].split('"')[0])
-            self.admin_port = int(text.split("[admin]\nlisten = \"127.0.0.1:")[1].split('"')[0])
-            self.config = config
-            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "run", "-c", str(config), "-w", "2"],
-                                         cwd=ROOT, stderr=subprocess.PIPE)
-            self.log = LogReader(self.proc.stderr)
-            self.log.start()
-            self.log.wait_for("worker_ready", 2)
-
-    lb = Again()
+    text = config.read_text()
+    port = int(text.split('listen = "127.0.0.1:')[1].split('"')[0])
+    admin_port = int(text.split("[admin]\nlisten = \"127.0.0.1:")[1].split('"')[0])
+    lb = LBRun(config, workers=2, port=port, admin_port=admin_port)
     wait_until(lambda: _names(lb) is not None, timeout=15, interval=0.2)
     return lb

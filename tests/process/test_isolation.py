@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, LogReader, free_port
+from tests.conftest import ROOT, LBRun, free_port
 from tests.rawhttp import get
 
 # Planted next to lb's own package names: lb's, and a few of its dependencies.
@@ -68,14 +68,11 @@ def write_config(path: Path, backend_address: str) -> tuple[Path, int, int]:
     return path, port, admin_port
 
 
-class Started:
-    """`lb run` started with a given argv and current directory."""
+class Started(LBRun):
+    """`lb run` started with a given argv and current directory (not waited for)."""
 
     def __init__(self, argv: list[str], cwd: Path, config: Path, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen([*argv, "run", "-c", str(config), "-w", "1"], cwd=cwd,
-                                     stderr=subprocess.PIPE, env=env)
-        self.log = LogReader(self.proc.stderr)
-        self.log.start()
+        super().__init__(config, argv=argv, cwd=cwd, env=env, wait=False)
 
     def wait(self, events: tuple[str, ...], give_up, timeout: float = 30.0) -> None:
         """Until every event is logged; fails at once when `give_up()` says why or lb exits."""
@@ -90,15 +87,6 @@ class Started:
                                               + "\n".join(self.log.lines[-30:]))
             assert time.monotonic() < deadline, f"no {missing} in lb's log:\n" + "\n".join(self.log.lines[-30:])
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_PLANTS))

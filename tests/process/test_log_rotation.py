@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, free_port, wait_port
+from tests.conftest import ROOT, LBRun, free_port, wait_port
 from tests.rawhttp import get
 from tests.supervision import live_workers
 
@@ -37,9 +37,8 @@ def test_sigusr1_reopens_the_log_file_in_every_process(tmp_path, backend):
     cfg.write_text(f'listen = "127.0.0.1:{port}"\nstrategy = "ml"\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
                    f'[[backends]]\naddress = "{backend.address}"\nname = "b1"\n')
     logfile = tmp_path / "lb.log"
-    proc = subprocess.Popen([sys.executable, "-m", "lb", "run", "-c", str(cfg), "-w", "2",
-                             "--log-file", str(logfile)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = LBRun(cfg, workers=2, args=("--log-file", str(logfile)), wait=False)
+    proc = run.proc
     try:
         wait_port(port)
         assert len(wait_events(logfile, "worker_ready", 2)) == 2
@@ -56,10 +55,10 @@ def test_sigusr1_reopens_the_log_file_in_every_process(tmp_path, backend):
         assert len(pids) == 5  # supervisor, 2 workers, inference, admin
         assert not [e for e in events(rotated) if e["event"] == "logs_reopened"]
     finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=20)
+        run.stop()
+    run.log.join(5)
     assert proc.returncode == 0
-    assert err == b""  # everything went to the file
+    assert run.log.lines == []  # everything went to the file, nothing to stderr
     assert "supervisor_exit" in [e["event"] for e in events(logfile)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import socket
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, LogReader, free_port
+from tests.conftest import ROOT, LBRun, free_port
 from tests.rawhttp import get
 from tests.supervision import lb_cmd, live_workers, still_alive
 
@@ -43,19 +42,15 @@ def test_run_on_a_port_taken_by_a_running_lb_fails_with_one_line(tmp_path, backe
     cfg = tmp_path / "second.toml"
     cfg.write_text(f'listen = "127.0.0.1:{first.port}"\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
                    f'[[backends]]\naddress = "{backend.address}"\n')
-    second = subprocess.Popen(lb_cmd("run", "-c", str(cfg), "-w", "1"), cwd=ROOT,
-                              stderr=subprocess.PIPE, start_new_session=True)
-    log = LogReader(second.stderr)
-    log.start()
+    run = LBRun(cfg, session=True, wait=False)
+    second, log = run.proc, run.log
     try:
         second.wait(6)
     except subprocess.TimeoutExpired:
         pass
     finally:
         running = second.poll() is None
-        if running:
-            os.killpg(second.pid, signal.SIGKILL)
-            second.wait(5)
+        run.kill_group()
     log.join(5)
     assert not running, ("a second `lb run` on the port of a running lb started and served "
                          f"instead of failing: {[e['event'] for e in log.events()]}")
@@ -179,19 +174,13 @@ def test_workers_exit_when_the_supervisor_is_killed(backend, lb_factory):
 def test_no_child_outlives_a_supervisor_killed_while_they_boot(backend, tmp_path):
     # Killed at once: the inference process is still importing onnxruntime, the
     # workers and admin are starting.  Each must notice its supervisor is gone.
-    import subprocess
-    import sys
-
     import psutil
-
-    from tests.conftest import ROOT, free_port
 
     cfg = tmp_path / "lb.toml"
     cfg.write_text(f'listen = "127.0.0.1:{free_port()}"\nstrategy = "ml"\n'
                    f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
                    f'[[backends]]\naddress = "{backend.address}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "lb", "run", "-c", str(cfg), "-w", "2"],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    proc = LBRun(cfg, workers=2, wait=False, log=False).proc
     children: set[int] = set()
     deadline = time.monotonic() + 10
     while len(children) < 4 and time.monotonic() < deadline:  # 2 workers, inference, admin

@@ -6,15 +6,14 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import time
 
 import psutil
 import pytest
 
-from tests.conftest import ROOT, LogReader, free_port
+from tests.conftest import ROOT, LBRun, free_port
 from tests.rawhttp import RawConn
-from tests.supervision import Client, lb_cmd, live_workers, still_alive, wait_until
+from tests.supervision import Client, live_workers, still_alive, wait_until
 
 # -- several workers -----------------------------------------------------------------------
 
@@ -147,12 +146,10 @@ def test_workers_failing_at_boot_make_the_supervisor_give_up(tmp_path, backend):
     port = free_port()
     cfg.write_text(f'listen = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
                    f'[[backends]]\naddress = "{backend.address}"\nname = "b1"\n')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]))
     t0 = time.monotonic()
-    proc = subprocess.Popen(lb_cmd("run", "-c", str(cfg), "-w", "2"), cwd=fake, env=env,
-                            stderr=subprocess.PIPE)
-    log = LogReader(proc.stderr)
-    log.start()
+    run = LBRun(cfg, workers=2, cwd=fake, wait=False,
+                env={"PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])})
+    proc, log = run.proc, run.log
     seen: set[int] = set()
     try:
         while proc.poll() is None and time.monotonic() - t0 < 20:
