@@ -5,7 +5,7 @@ downstream side (workers/downstream.py, the client connection) creates it
 from a parsed head and answers requests in order; the dispatcher
 (workers/dispatch.py, one per worker) binds it to a backend and an upstream
 connection; the upstream side (workers/upstream.py) knows nothing of the
-client connection and calls only these methods:
+client connection and calls only these (typed in workers/contract.py):
 
     client.write(data)     response bytes for the client (its transport, write only)
     pause_client()         the upstream's send buffer is full: stop reading the client
@@ -29,6 +29,7 @@ Its states, derived from what it holds (`state`):
 from __future__ import annotations
 
 from workers import flow
+from workers.contract import ClientConnection
 from workers.http import IDEMPOTENT
 from workers.timers import INF
 
@@ -80,7 +81,7 @@ class Exchange:
     arm = -1  # ... under this arm (the one that picked its first backend)
     guard_t0 = 0.0  # ... and since the first dispatch (monotonic), retries included
 
-    def __init__(self, conn, method: bytes, head: bytes) -> None:
+    def __init__(self, conn: ClientConnection, method: bytes, head: bytes) -> None:
         self.conn = conn  # the Downstream that owns it
         self.client = conn.transport  # where the response goes (the upstream side writes only)
         self.method = method

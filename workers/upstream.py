@@ -18,6 +18,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from lb.log import log
 from workers import flow
+from workers.contract import ClientSide
 from workers.http import CRLF, LAST_CHUNK
 from workers.released import CLOSED
 from workers.response_head import (CONTROL_IN_LINE, CRLF_CRLF, MODE_CHUNK, MODE_NONE, MODE_RAW, MODE_UPGRADE,
@@ -52,7 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = None
         self.gate = None
         self.parser = _new_parser(self)
-        self.ex = None
+        self.ex: ClientSide | None = None  # the exchange served (workers/contract.py)
         self.alive = False
         self.reused = False  # has been idle in the pool at least once
         self.in_head = True  # between exchanges, always ready for the next head
