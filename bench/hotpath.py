@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from lb import config
+from lb.core import config
 from workers.downstream import Downstream
 from workers.pool import Pool
 from workers.upstream import UpstreamConnection

@@ -15,8 +15,8 @@
 * worker: a worker's event-loop time per tick, the Table decoded and
   installed and its stats report built and encoded, at 256 x 8 and at the
   chosen size (target <= 1 ms each at 256 x 8);
-* propagation: a Table of that size published with lb.clone.Publisher and
-  received by lb.clone.Subscriber in ANOTHER process, from `Table.ts` (set
+* propagation: a Table of that size published with lb.core.clone.Publisher and
+  received by lb.core.clone.Subscriber in ANOTHER process, from `Table.ts` (set
   just before encoding, as the inference process does) to the moment the
   subscriber holds it (target <= 100 ms).
 Medians and p99 over `--runs` repetitions.
@@ -67,8 +67,8 @@ def build(n_backends: int, n_classes: int):
 
 SUBSCRIBER = r"""
 import json, sys, time, zmq
-from lb.clone import Subscriber
-from lb.messages import TOPIC_TABLE, endpoints, table_decoder
+from lb.core.clone import Subscriber
+from lb.core.messages import TOPIC_TABLE, endpoints, table_decoder
 ep = endpoints(sys.argv[1]); n = int(sys.argv[2])
 ctx = zmq.Context()
 sub = Subscriber(ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE, table_decoder.decode)
@@ -87,8 +87,8 @@ print(json.dumps(delays), flush=True)
 def propagation(engine: Engine, runs: int) -> list[float]:
     import zmq
 
-    from lb.clone import Publisher
-    from lb.messages import TOPIC_TABLE, encode, endpoints
+    from lb.core.clone import Publisher
+    from lb.core.messages import TOPIC_TABLE, encode, endpoints
 
     d = tempfile.mkdtemp(prefix="lbb-", dir="/tmp")
     ep = endpoints(d)
@@ -119,7 +119,7 @@ def pick_bench(table, n_backends: int, n_classes: int, picks: int = 200_000) -> 
     memory blocks left allocated by 100,000 ml picks."""
     import random
 
-    from lb.config import Backend as BackendConfig
+    from lb.core.config import Backend as BackendConfig
     from workers.backend import Backend
     from workers.classic import P2CEwma
     from workers.learned import TableStrategy
@@ -174,8 +174,8 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
     report, as workers/telemetry.py does."""
     import random
 
-    from lb import messages as m
-    from lb.config import Backend as BackendConfig
+    from lb.core import messages as m
+    from lb.core.config import Backend as BackendConfig
     from workers.backend import Backend
     from workers.learned import TableStrategy
     from workers.telemetry import build_stats

@@ -1,9 +1,9 @@
 """The `ml` policy in the simulator: real worker telemetry into the real inference engine.
 
 Every `sim_model.STATS_INTERVAL` simulated seconds each simulated worker builds its
-`lb.messages.WorkerStats` with `workers.telemetry.build_stats` (what a worker
+`lb.core.messages.WorkerStats` with `workers.telemetry.build_stats` (what a worker
 sends), `inference.engine.Engine` ingests them and computes a
-`lb.messages.Table` in one tick, and every worker's `TableStrategy` gets it
+`lb.core.messages.Table` in one tick, and every worker's `TableStrategy` gets it
 (`set_table`, then `check` for its mode), as a worker does when a table
 arrives.  Simulated time stands in for the clock everywhere: stats
 timestamps, table timestamps and age, the engine's `now`.
@@ -82,7 +82,7 @@ def attach(sim, model_path: str | None, traces_dir: str | None = None, *, worker
 
 def engine_config(sim, trace_sample: float):
     """The lb config the inference process would get for this scenario."""
-    from lb.config import from_dict
+    from lb.core.config import from_dict
 
     return from_dict({
         "strategy": "ml",

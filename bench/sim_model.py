@@ -18,7 +18,7 @@ import random
 from collections import deque
 
 import scenarios as scn  # bench/scenarios.py
-from lb.config import Backend as BackendConfig, Learning
+from lb.core.config import Backend as BackendConfig, Learning
 from workers import backend as wbackend, classic, strategies
 
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",

@@ -11,7 +11,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from lb.config import TLS_CIPHERS
+from lb.core.config import TLS_CIPHERS
 
 
 @dataclass

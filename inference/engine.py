@@ -27,8 +27,8 @@ import numpy as np
 from inference import policy
 from inference.features import FEATURES, N_FEATURES, StatsFolder
 from inference.model import Model
-from lb.config import Config
-from lb.messages import Control, Table, WorkerStats
+from lb.core.config import Config
+from lb.core.messages import Control, Table, WorkerStats
 
 KEPT_TABLES = 100  # feature matrices kept for joining trace samples
 ERR_RATE = FEATURES.index("err_rate")  # the cell's observed error rate

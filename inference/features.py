@@ -1,6 +1,6 @@
 """Per (backend, class) state folded from worker stats, and the feature matrix.
 
-Workers report cumulative counters (`lb.messages.WorkerStats`) every
+Workers report cumulative counters (`lb.core.messages.WorkerStats`) every
 `learning.stats_interval`.  `StatsFolder.ingest` turns them into per-(pid)
 differences and accumulates them until the next tick; `StatsFolder.fold`
 moves the accumulated differences into time-decayed state (a time constant of
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from lb.messages import LATENCY_BOUNDS, N_BUCKETS, WorkerStats
+from lb.core.messages import LATENCY_BOUNDS, N_BUCKETS, WorkerStats
 
 # The model's input columns, in order.  Stored in the ONNX metadata and checked
 # when a model is loaded: a model trained on other features is refused.

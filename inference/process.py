@@ -1,9 +1,9 @@
 """The inference process: `python -m inference --runtime DIR` (config msgpack on stdin).
 
-Sockets (endpoints from `lb.messages.endpoints(DIR)`):
+Sockets (endpoints from `lb.core.messages.endpoints(DIR)`):
   * SUB bound on `stats_inference` (topic b"stats"): `WorkerStats` from every worker;
-  * `lb.clone.Publisher` on `tables` / `tables_snapshot`: one `Table` per tick;
-  * `lb.clone.Subscriber` on `control` / `control_snapshot`: the admin's
+  * `lb.core.clone.Publisher` on `tables` / `tables_snapshot`: one `Table` per tick;
+  * `lb.core.clone.Subscriber` on `control` / `control_snapshot`: the admin's
     `Control` (drained / down backends); the admin may be absent.
 
 One loop: poll every socket with a timeout up to the next tick, drain the
@@ -29,12 +29,12 @@ import zmq
 from inference import adopted
 from inference.engine import Engine
 from inference.model import DEFAULT_MODEL, Model, ModelError
-from lb import config as cfgmod
-from lb.clone import Publisher, Subscriber
-from lb.fleet import compose
-from lb.child import EXIT_BOOT, EXIT_OK, READY, BootError, Liveness, read_config, tell
-from lb.log import log, reopen
-from lb.messages import TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, control_decoder, encode, endpoints, stats_decoder
+from lb.core import config as cfgmod
+from lb.core.clone import Publisher, Subscriber
+from lb.core.fleet import compose
+from lb.core.child import EXIT_BOOT, EXIT_OK, READY, BootError, Liveness, read_config, tell
+from lb.core.log import log, reopen
+from lb.core.messages import TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, control_decoder, encode, endpoints, stats_decoder
 
 MAX_DRAIN = 10_000  # stats messages taken per loop iteration at most
 

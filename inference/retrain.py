@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from inference.model import Model, ModelError
-from lb.boot import python_argv
+from lb.core.boot import python_argv
 
 MIN_RECORDS = 500  # records before a refit is attempted
 MAX_RECORDS = 50_000  # most recent records kept for refits
@@ -82,7 +82,7 @@ class Retrainer:
         data = {k: v[order] for k, v in data.items()}
         inp = write(self.dir, data, name="retrain-input.npz")
         self.out = os.path.join(self.dir, f"model-{os.getpid()}-{self.round}.onnx")
-        # lb's own packages, never the current directory's (lb/boot.py)
+        # lb's own packages, never the current directory's (lb/core/boot.py)
         cmd = [*python_argv("inference.retrain"), "--input", inp, "--output", self.out,
                "--seed", str(self.seed), "--max-iter", str(self.max_iter)]
         if live is not None:

@@ -6,7 +6,7 @@ it: a `workers/` or `inference/` package in the current directory would
 otherwise be imported by `lb train`, and modules of the same name as a
 dependency would shadow it.  The console script never had the directory on
 sys.path; this makes both the same.  (The processes lb starts take lb's own
-packages explicitly: lb/boot.py.)
+packages explicitly: lb/core/boot.py.)
 """
 
 import os

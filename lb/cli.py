@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from lb import __version__
-from lb import config as cfgmod
+from lb.core import config as cfgmod
 
 
 def _error(msg: str, code: int) -> int:
@@ -21,7 +21,7 @@ def _error(msg: str, code: int) -> int:
 def _load(path: str):
     """The config, its files checked (paths lb writes, certificates it reads);
     returns it and the TLS certificates found."""
-    from lb import tls
+    from lb.core import tls
 
     cfg = cfgmod.load(path)
     cfgmod.check_paths(cfg, path)
@@ -31,7 +31,7 @@ def _load(path: str):
 def cmd_check(args) -> int:
     import time
 
-    from lb.tls import EXPIRY_WARN
+    from lb.core.tls import EXPIRY_WARN
 
     try:
         cfg, certs = _load(args.config)
@@ -48,7 +48,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from lb.sockets import ListenError
+    from lb.supervisor.sockets import ListenError
     from lb.supervisor import Supervisor, SupervisorError
 
     try:
@@ -60,7 +60,7 @@ def cmd_run(args) -> int:
     if args.log_file:
         import os
 
-        from lb.log import LOG_FILE_ENV, reopen
+        from lb.core.log import LOG_FILE_ENV, reopen
 
         path = os.path.abspath(args.log_file)
         try:

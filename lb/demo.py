@@ -31,8 +31,8 @@ import textwrap
 import threading
 import time
 
-from lb.boot import python_argv
-from lb.config import STRATEGIES, Learning, Outlier
+from lb.core.boot import python_argv
+from lb.core.config import STRATEGIES, Learning, Outlier
 from lb.demo_backends import SIMULATED, free_port
 from lb.demo_load import Load, percentile
 
@@ -190,7 +190,7 @@ class Stack:
     def start(self) -> str | None:
         """Start everything; an error message if something did not come up."""
         ports = [free_port() for _ in SIMULATED]
-        # Started as lb's children are (lb/boot.py): this lb's code, whatever the
+        # Started as lb's children are (lb/core/boot.py): this lb's code, whatever the
         # current directory holds (a source checkout next to an installed lb).
         self.procs.append(subprocess.Popen(
             [*python_argv("lb.demo_backends"), "--offset", str(self.offset), *map(str, ports)],

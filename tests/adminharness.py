@@ -26,9 +26,9 @@ from pathlib import Path
 
 import zmq
 
-from lb.clone import Publisher, Subscriber
-from lb.config import from_dict, encode as encode_config
-from lb.messages import (
+from lb.core.clone import Publisher, Subscriber
+from lb.core.config import from_dict, encode as encode_config
+from lb.core.messages import (
     N_BUCKETS,
     TOPIC_CONTROL,
     TOPIC_STATS,

@@ -179,7 +179,7 @@ class SwappableLB(LBRun):
     """`lb run` whose workers import `httptools` (only workers do) through a symlink first on
     PYTHONPATH: pointing at the real package, or at one that fails on import (as after a
     broken deploy).  lb's own packages cannot be swapped this way: every child takes them
-    from where the supervisor's came from (lb/boot.py)."""
+    from where the supervisor's came from (lb/core/boot.py)."""
 
     def __init__(self, tmp_path: Path, backends, workers: int = 2) -> None:
         self.cwd = tmp_path / "cwd"

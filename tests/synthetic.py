@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from lb.messages import N_BUCKETS, BackendStats, Table, TraceSample, WorkerStats, bucket_index
+from lb.core.messages import N_BUCKETS, BackendStats, Table, TraceSample, WorkerStats, bucket_index
 
 
 @dataclass
@@ -154,8 +154,8 @@ DEMO_LIKE = [
 
 
 def config(backends: list[SynthBackend] = DEMO_LIKE, *, classes: tuple[str, ...] = ("heavy",), **learning):
-    """A validated `lb.config.Config` naming the synthetic backends (addresses are unused)."""
-    from lb.config import from_dict
+    """A validated `lb.core.config.Config` naming the synthetic backends (addresses are unused)."""
+    from lb.core.config import from_dict
 
     return from_dict({
         "backends": [{"address": f"127.0.0.1:{19000 + i}", "name": b.name} for i, b in enumerate(backends)],

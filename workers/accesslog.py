@@ -18,7 +18,7 @@ import time
 
 import msgspec
 
-from lb.log import log
+from lb.core.log import log
 
 _encode = msgspec.json.Encoder().encode
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from math import exp
 
-from lb.config import Backend as BackendConfig
-from lb.messages import LATENCY_BOUNDS, N_BUCKETS
+from lb.core.config import Backend as BackendConfig
+from lb.core.messages import LATENCY_BOUNDS, N_BUCKETS
 
 DEFAULT_RTT = 0.005  # seconds; the prior for a backend that has not answered yet
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lb.config import RequestClass
+from lb.core.config import RequestClass
 
 CHUNKED = -1  # body size of a chunked request
 

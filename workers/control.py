@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import time
 
-from lb import messages as m
-from lb.fleet import compose
-from lb.log import log
+from lb.core import messages as m
+from lb.core.fleet import compose
+from lb.core.log import log
 from workers import fleet
 from workers.learned import TableStrategy
 from workers.strategies import STRATEGIES

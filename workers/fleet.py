@@ -1,6 +1,6 @@
 """A worker applies the fleet the admin process publishes, in place, no reload.
 
-The fleet (`lb.messages.FleetBackend`s in the `Control` state) is the whole
+The fleet (`lb.core.messages.FleetBackend`s in the `Control` state) is the whole
 list of backends to route to: the config's, the ones DNS discovery found and
 the ones added through the admin API (lb/admin/fleet.py).  Applying it:
 
@@ -21,7 +21,7 @@ installed again.  Nothing here runs per request.
 
 from __future__ import annotations
 
-from lb.log import log
+from lb.core.log import log
 from workers.backend import Backend
 from workers.pool import Pool
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from lb.log import log
+from lb.core.log import log
 
 NEVER = 1 << 62
 RAMP_FLOOR = 0.05

@@ -26,7 +26,7 @@ class TableStrategy(P2CEwma):
 
     Each backend carries a `workers.loadcurve.Curve`, learned from this
     worker's answers: a service time per class and the number of requests the
-    backend serves at once.  A table (`lb.messages.Table`) adds, per request
+    backend serves at once.  A table (`lb.core.messages.Table`) adds, per request
     class, the model's predicted latency and error probability of every
     backend, from what all workers saw.  A pick of class c:
 

@@ -18,7 +18,7 @@ import os
 import resource
 import socket
 
-from lb.log import Throttle, log
+from lb.core.log import Throttle, log
 
 # errnos of a connect that failed here, not at the backend
 LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from lb.log import Throttle, log
+from lb.core.log import Throttle, log
 from workers.timers import CLOCK
 
 TLS_LOG_EVERY = 10.0  # seconds between two upstream_tls_failed lines for one backend
@@ -80,7 +80,7 @@ class Pool:
     def _tls_failed(self, exc: ssl.SSLError) -> None:
         """A TLS handshake with the backend failed (nothing was sent to it):
         counted, and logged at most every TLS_LOG_EVERY seconds per backend."""
-        from lb.tls import describe
+        from lb.core.tls import describe
 
         self.tls_failures += 1
         if self._tls_log.due():

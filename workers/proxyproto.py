@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from lb.log import log
+from lb.core.log import log
 from workers.edge import start_tls
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

@@ -7,7 +7,7 @@ the inference and admin processes; sending never blocks (a receiver that is
 down or slow just misses a report, and counters are cumulative).
 
 Tables (from the inference process) and the operator's control state (from
-the admin process) arrive through `lb.clone.Subscriber`s: the worker gets the
+the admin process) arrive through `lb.core.clone.Subscriber`s: the worker gets the
 current versions at start, then every newer one, and routes from what it
 holds (workers/control.py applies them).  Their sockets are watched by the event loop, so a new table is in use
 within milliseconds of being published; the periodic timer also polls them,
@@ -24,9 +24,9 @@ from collections import deque
 
 import zmq
 
-from lb import messages as m
-from lb.clone import Subscriber
-from lb.log import log
+from lb.core import messages as m
+from lb.core.clone import Subscriber
+from lb.core.log import log
 from workers.control import Steering
 from workers.learned import TableStrategy
 
@@ -244,7 +244,7 @@ class Telemetry:
             "proxy_errors": w.proxy_errors,
         }
         if w.tls_ctx is not None:
-            from lb.tls import HANDSHAKES
+            from lb.core.tls import HANDSHAKES
 
             counters["tls_handshakes"] = HANDSHAKES.ok
             counters["tls_failures"] = dict(HANDSHAKES.failed)

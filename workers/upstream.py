@@ -16,7 +16,7 @@ import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from lb.log import log
+from lb.core.log import log
 from workers import flow
 from workers.contract import ClientSide
 from workers.http import CRLF, LAST_CHUNK

@@ -18,9 +18,9 @@ import socket
 
 import uvloop
 
-from lb import config as cfgmod
-from lb.child import DRAINING, EXIT_BOOT, EXIT_OK, READY, Liveness, read_config, tell
-from lb.log import Throttle, log, reopen
+from lb.core import config as cfgmod
+from lb.core.child import DRAINING, EXIT_BOOT, EXIT_OK, READY, Liveness, read_config, tell
+from lb.core.log import Throttle, log, reopen
 from workers import fastpath
 from workers.accesslog import AccessLog
 from workers.backend import Backend
@@ -144,14 +144,14 @@ class Worker:
         self.tls_ctx = self.upstream_tls = None
         self.redirect_port = b""  # ":8443" in redirects to https, "" for port 443
         if cfg.tls.listen:
-            from lb import tickets, tls
+            from lb.core import tickets, tls
 
             keys = tickets.TicketKeys.from_env(cfg.tls.ticket_rotation) if cfg.tls.session_tickets else None
             self.tls_ctx = tls.server_context(cfg, keys)
             port = cfg.tls.redirect_port or int(cfg.tls.listen.rpartition(":")[2])
             self.redirect_port = b"" if port == 443 else b":%d" % port
         if any(b.tls for b in cfg.backends):
-            from lb import tls
+            from lb.core import tls
 
             self.upstream_tls = tls.client_context(cfg)
 
@@ -159,7 +159,7 @@ class Worker:
         if not bcfg.tls:
             return None
         if self.upstream_tls is None:  # the first TLS backend came with the fleet
-            from lb import tls
+            from lb.core import tls
 
             self.upstream_tls = tls.client_context(self.cfg)
         host = bcfg.address.rpartition(":")[0].strip("[]")
@@ -253,7 +253,7 @@ class Worker:
     def handshake_over(self, transport, fut) -> None:
         """A TLS handshake ended (workers/edge.py): done, failed or cut."""
         if not fut.cancelled():
-            fut.exception()  # a failure is counted by lb/tls.py, not logged as unretrieved
+            fut.exception()  # a failure is counted by lb/core/tls.py, not logged as unretrieved
         self.pending_gone(transport)
 
     def pending_gone(self, transport) -> None:
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-fd", type=int, default=-1, help="the HTTPS listener's socket")
     args = ap.parse_args(argv)
     try:
-        os.set_blocking(1, False)  # a full pipe only delays the news (lb/child.py tell)
+        os.set_blocking(1, False)  # a full pipe only delays the news (lb/core/child.py tell)
         cfg = read_config()
         sock = socket.socket(fileno=args.fd)
         tls_sock = socket.socket(fileno=args.tls_fd) if args.tls_fd >= 0 else None

@@ -14,7 +14,7 @@ from importlib import resources
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from lb.config import STRATEGIES
+from lb.core.config import STRATEGIES
 
 from . import views
 from .fleet import FleetError

@@ -17,9 +17,9 @@ import socket
 
 import zmq
 
-from lb import log
-from lb.child import EXIT_BOOT, EXIT_OK, READY, BootError, Liveness, read_config, tell
-from lb.config import Config
+from lb.core import log
+from lb.core.child import EXIT_BOOT, EXIT_OK, READY, BootError, Liveness, read_config, tell
+from lb.core.config import Config
 
 from .api import API
 from .discovery import Discovery

@@ -21,7 +21,7 @@ import asyncio
 import math
 import time
 
-from lb import log
+from lb.core import log
 from lb.capacity import Estimate, estimate
 from lb.forecast import Forecast, forecast
 

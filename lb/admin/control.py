@@ -1,6 +1,6 @@
 """Operator overrides (drained backends, the pinned strategy), health verdicts and the fleet.
 
-The admin process owns this state.  It is published as `lb.messages.Control`
+The admin process owns this state.  It is published as `lb.core.messages.Control`
 through a Clone-pattern `Publisher` (workers and the inference process
 subscribe), republished at least once a second and at once on every change,
 and persisted to a small JSON file in the runtime directory so that a
@@ -15,10 +15,10 @@ import time
 
 import zmq
 
-from lb import log
-from lb.clone import Publisher
-from lb.config import STRATEGIES
-from lb.messages import TOPIC_CONTROL, Control, encode, endpoints
+from lb.core import log
+from lb.core.clone import Publisher
+from lb.core.config import STRATEGIES
+from lb.core.messages import TOPIC_CONTROL, Control, encode, endpoints
 
 STATE_FILE = "admin-control.json"
 REPUBLISH = 1.0  # seconds

@@ -31,9 +31,9 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from lb import log
-from lb.config import Backend, Config
-from lb.messages import FleetBackend
+from lb.core import log
+from lb.core.config import Backend, Config
+from lb.core.messages import FleetBackend
 
 from .tasks import TaskSet
 

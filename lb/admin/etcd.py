@@ -37,8 +37,9 @@ import time
 import aetcd
 import aetcd.exceptions
 
-from lb import __version__, log
-from lb.messages import FleetBackend
+from lb import __version__
+from lb.core import log
+from lb.core.messages import FleetBackend
 
 from .fleet import NAME, FleetError, canonical
 from .modelshare import ModelShare

@@ -1,6 +1,6 @@
 """The instance's fleet: the backends it routes to, and where each came from.
 
-Three sources (composed by lb/fleet.py; the first to name a backend wins):
+Three sources (composed by lb/core/fleet.py; the first to name a backend wins):
 
     config  `[[backends]]` with an IP address
     dns     what discovery found for `[[backends]]` given by a host name or an
@@ -22,10 +22,10 @@ import json
 import os
 import re
 
-from lb import log
-from lb.config import FLEET_FILE, Config, parse_address
-from lb.fleet import compose
-from lb.messages import FleetBackend
+from lb.core import log
+from lb.core.config import FLEET_FILE, Config, parse_address
+from lb.core.fleet import compose
+from lb.core.messages import FleetBackend
 
 NAME = re.compile(r"[A-Za-z0-9._:\[\]-]{1,200}")  # no "@": that is how DNS discovery names its backends
 
@@ -67,7 +67,7 @@ class Fleet:
     # -- the composed list ------------------------------------------------------------------
 
     def backends(self) -> list[FleetBackend]:
-        """The fleet as the admin's config composes it (lb/fleet.py)."""
+        """The fleet as the admin's config composes it (lb/core/fleet.py)."""
         return compose(self.cfg, self.dns, list(self.api.values()), list(self.etcd.values()))
 
     def source(self, name: str) -> str | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from lb import log
+from lb.core import log
 
 from .tasks import TaskSet
 
@@ -50,7 +50,7 @@ class HealthChecker(TaskSet):
         loop = asyncio.get_running_loop()
         tls_ctx = None
         if any(b.tls for b in fleet):
-            from lb.tls import client_context
+            from lb.core.tls import client_context
 
             try:
                 tls_ctx = client_context(cfg)  # as the workers speak to them
@@ -97,7 +97,7 @@ class HealthChecker(TaskSet):
         except TimeoutError:
             return False, "timeout"
         except ssl.SSLError as exc:
-            from lb.tls import describe
+            from lb.core.tls import describe
 
             return False, describe(exc)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:

@@ -23,7 +23,7 @@ from http import HTTPStatus
 from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from lb import log
+from lb.core import log
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024

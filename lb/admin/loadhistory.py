@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from lb import log
+from lb.core import log
 
 FILE = "load-history.json"
 MAX_MINUTES = 14 * 1440  # two weeks

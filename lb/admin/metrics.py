@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from lb.messages import LATENCY_BOUNDS
+from lb.core.messages import LATENCY_BOUNDS
 
 from .state import AdminState
 from .stats import STATUS_CLASSES, TLS_FAILED

@@ -43,7 +43,7 @@ import json
 import os
 import time
 
-from lb import log
+from lb.core import log
 
 from inference import adopted
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 
-from lb.config import Backend as BackendConfig
-from lb.messages import Table
+from lb.core.config import Backend as BackendConfig
+from lb.core.messages import Table
 
 from workers.backend import DEFAULT_RTT, Backend
 from workers.strategies import make_strategy

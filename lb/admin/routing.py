@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lb.config import Config
-from lb.messages import Table
+from lb.core.config import Config
+from lb.core.messages import Table
 from workers.classes import CHUNKED, make_classifier
 
 

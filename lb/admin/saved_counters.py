@@ -20,8 +20,8 @@ import time
 
 import msgspec
 
-from lb import log
-from lb.messages import WorkerStats
+from lb.core import log
+from lb.core.messages import WorkerStats
 
 from .stats import LIVE_FOR, Aggregator, Totals
 

@@ -18,11 +18,11 @@ import time
 import msgspec
 import zmq
 
-from lb import log
-from lb.child import supervisor_pid
-from lb.clone import Subscriber
-from lb.config import Config, ConfigError, decode, load
-from lb.messages import (
+from lb.core import log
+from lb.core.child import supervisor_pid
+from lb.core.clone import Subscriber
+from lb.core.config import Config, ConfigError, decode, load
+from lb.core.messages import (
     TOPIC_STATS,
     TOPIC_STATUS,
     TOPIC_TABLE,
@@ -158,9 +158,9 @@ class AdminState:
 
     def certificates(self) -> list:
         """The HTTPS listener's certificates as the running config names them
-        (lb/tls.py CertInfo), read again after each reload."""
+        (lb/core/tls.py CertInfo), read again after each reload."""
         if self._certs_of is not self.cfg:
-            from lb import tls
+            from lb.core import tls
 
             infos = []
             for i, c in enumerate(self.cfg.tls.certificates):

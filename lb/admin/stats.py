@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from lb.messages import LATENCY_BOUNDS, N_BUCKETS, SupervisorStatus, WorkerStats
+from lb.core.messages import LATENCY_BOUNDS, N_BUCKETS, SupervisorStatus, WorkerStats
 
 LIVE_FOR = 2.0  # seconds: a worker heard more recently counts in the gauges
 RETIRE_AFTER = 60.0  # seconds of silence before a pid's counters join the base

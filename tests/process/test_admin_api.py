@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lb.config import STRATEGIES
+from lb.core.config import STRATEGIES
 from tests.rawhttp import RawConn, build_request
 from tests.adminharness import TOKEN, AdminProc, Feeder, base_config, metric_samples, wait_until
 
@@ -364,7 +364,7 @@ def test_boot_failures_exit_3(tmp_path):
                            input=b"\x93garbage", capture_output=True, pass_fds=(s.fileno(),), cwd=ROOT, timeout=20)
     assert p.returncode == 3 and b"admin_boot_failed" in p.stderr and b"invalid config" in p.stderr
     # a descriptor that is not a listening socket
-    from lb.config import encode, from_dict
+    from lb.core.config import encode, from_dict
 
     blob = encode(from_dict(base_config()))
     with socket.socket() as s:

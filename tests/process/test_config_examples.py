@@ -10,7 +10,7 @@ import tomllib
 import msgspec
 import pytest
 
-from lb import config as cfgmod
+from lb.core import config as cfgmod
 from tests.conftest import ROOT
 
 EXAMPLES = sorted((ROOT / "configs").rglob("*.toml"))

@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from lb.config import STRATEGIES, Learning
+from lb.core.config import STRATEGIES, Learning
 from tests.conftest import ROOT, free_port
 from tests.rawhttp import get
 from workers import fastpath
@@ -70,11 +70,11 @@ def test_demo_runs_and_cleans_up():
     cmds = list(descendants.values())
     assert any("lb.demo_backends" in c for c in cmds), cmds
     assert any(" lb run " in f" {c} " for c in cmds), cmds
-    # every one through lb/boot.py (lb's own code, whatever the current directory)
-    assert any("lb/boot.py workers " in c for c in cmds), cmds
-    assert any("lb/boot.py inference " in c for c in cmds), cmds
-    assert any("lb/boot.py lb.admin " in c for c in cmds), cmds
-    assert any("lb/boot.py lb.demo_backends " in c for c in cmds), cmds
+    # every one through lb/core/boot.py (lb's own code, whatever the current directory)
+    assert any("lb/core/boot.py workers " in c for c in cmds), cmds
+    assert any("lb/core/boot.py inference " in c for c in cmds), cmds
+    assert any("lb/core/boot.py lb.admin " in c for c in cmds), cmds
+    assert any("lb/core/boot.py lb.demo_backends " in c for c in cmds), cmds
 
     # The dashboard was served while the demo ran, and the view shows the policy.
     assert dashboard is not None and dashboard[0] == 200, stdout[:2000]

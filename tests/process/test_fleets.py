@@ -160,7 +160,7 @@ def test_ml_identity_routes_by_what_the_cells_showed():
 
 
 def test_least_latency_takes_the_least_ewma_times_load_of_all():
-    from lb.config import Backend as BackendConfig
+    from lb.core.config import Backend as BackendConfig
     from workers import backend
 
     bs = [backend.Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"x{i}"), 2, i)

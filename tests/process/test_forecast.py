@@ -149,8 +149,8 @@ def test_slot_counts_of_workers_sharing_a_backend_combine_to_the_backend():
     from types import SimpleNamespace
 
     from lb.admin.capacity import CapacityView
-    from lb.config import Capacity
-    from lb.messages import BackendStats
+    from lb.core.config import Capacity
+    from lb.core.messages import BackendStats
 
     def report(slots, inflight):
         b = BackendStats("b", 1, 100, [0] * 6, 0, 0, 0, 0, inflight, 0, 0.02, [100], [0], [2.0], [[0] * 3])

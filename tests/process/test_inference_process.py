@@ -18,9 +18,9 @@ import zmq
 
 from inference import traces
 from tests import synthetic
-from lb.clone import Publisher, Subscriber
-from lb.config import encode as encode_config
-from lb.messages import (TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, Control, encode, endpoints,
+from lb.core.clone import Publisher, Subscriber
+from lb.core.config import encode as encode_config
+from lb.core.messages import (TOPIC_CONTROL, TOPIC_STATS, TOPIC_TABLE, Control, encode, endpoints,
                          table_decoder)
 from tests.models import constant_model
 

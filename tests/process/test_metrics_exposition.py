@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb.messages import LATENCY_BOUNDS
+from lb.core.messages import LATENCY_BOUNDS
 from tests.adminharness import AdminProc, Feeder, FakeWorker, metric_samples, wait_until
 
 BACKENDS = [("fast", 1), ("slow", 2), ("flaky", 1)]

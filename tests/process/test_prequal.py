@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lb.config import Backend as BackendConfig
+from lb.core.config import Backend as BackendConfig
 from workers import prequal
 from workers.backend import Backend
 from workers.strategies import make_strategy

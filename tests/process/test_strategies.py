@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from lb.config import Backend as BackendConfig
+from lb.core.config import Backend as BackendConfig
 from tests.servers import SlowServer, route
 from tests.rawhttp import get
 from workers import strategies as balancer

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import threading
 
-from lb import tls as tlsmod
-from lb.tickets import TicketKeys
+from lb.core import tls as tlsmod
+from lb.core.tickets import TicketKeys
 from tests.conftest import ROOT, BackendProc, free_port
 from tests.rawhttp import get
 from tests.supervision import wait_until

@@ -2,7 +2,7 @@
 operator's control state, and the stats it reports.
 
 The worker runs for real (`python -m workers`, its own listening socket); the
-test plays the inference and admin processes with `lb.clone.Publisher`s bound
+test plays the inference and admin processes with `lb.core.clone.Publisher`s bound
 on the worker's runtime directory, and reads its `WorkerStats`.
 """
 
@@ -20,9 +20,9 @@ from collections import Counter
 import pytest
 import zmq
 
-from lb import config as cfgmod
-from lb import messages as m
-from lb.clone import Publisher
+from lb.core import config as cfgmod
+from lb.core import messages as m
+from lb.core.clone import Publisher
 from tests.conftest import ROOT, free_port
 from tests.rawhttp import get
 

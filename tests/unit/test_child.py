@@ -1,4 +1,4 @@
-"""lb/child.py, the child side of the supervisor protocol: heartbeats at most
+"""lb/core/child.py, the child side of the supervisor protocol: heartbeats at most
 once per interval, the orphan check against the supervisor's pid, the config
 on stdin (a bad one is a BootError, not a traceback)."""
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from lb import child
-from lb.config import encode, from_dict
+from lb.core import child
+from lb.core.config import encode, from_dict
 
 
 def test_heartbeat_once_per_interval_and_orphan_check(capfd, monkeypatch):

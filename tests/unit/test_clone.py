@@ -1,4 +1,4 @@
-"""Clone pattern (lb/clone.py) through real ZeroMQ sockets: snapshot, sequencing, epochs."""
+"""Clone pattern (lb/core/clone.py) through real ZeroMQ sockets: snapshot, sequencing, epochs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 import pytest
 import zmq
 
-from lb.clone import Publisher, Subscriber
-from lb.messages import TOPIC_TABLE, Table, encode, endpoints, table_decoder
+from lb.core.clone import Publisher, Subscriber
+from lb.core.messages import TOPIC_TABLE, Table, encode, endpoints, table_decoder
 
 
 def table(epoch: int, seq: int, tag: str = "") -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 import inspect
 
-from lb import config
+from lb.core import config
 from tests.memtransport import Transport
 from workers import contract, upstream
 from workers.downstream import Downstream

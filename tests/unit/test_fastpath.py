@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from lb import config
+from lb.core import config
 from tests.corpuscases import CASE_FILES, parse_case
 from workers import fastpath
 from tests.memtransport import Transport

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import fleet_bench  # noqa: E402
 import scenarios as scn  # noqa: E402
 
-from lb.config import load  # noqa: E402
+from lb.core.config import load  # noqa: E402
 
 
 def test_member_configs_load(tmp_path):

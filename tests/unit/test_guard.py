@@ -128,8 +128,8 @@ def test_a_table_that_routes_badly_is_caught_and_held_off():
     backend: the guard's P2C-EWMA share does far better on the same backends,
     so check() falls back with reason "guard", and the table keeps only the
     guard's small share of picks."""
-    from lb import messages as m
-    from lb.config import Backend as BackendConfig
+    from lb.core import messages as m
+    from lb.core.config import Backend as BackendConfig
     from workers.backend import Backend
     from workers.learned import TableStrategy
     from workers.strategies import make_strategy

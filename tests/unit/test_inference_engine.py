@@ -13,7 +13,7 @@ from inference import policy
 from inference.engine import Engine
 from inference.features import FEATURES, N_FEATURES
 from inference.model import DEFAULT_MODEL, Model, ModelError
-from lb.messages import Control
+from lb.core.messages import Control
 from tests import synthetic
 from tests.models import constant_model
 

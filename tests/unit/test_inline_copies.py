@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from lb import config
+from lb.core import config
 from tests.memtransport import Transport
 from workers.downstream import Downstream
 from workers.exchange import Exchange

@@ -74,7 +74,7 @@ def test_every_resource_validates_against_the_kubernetes_schema():
 
 
 def test_lb_manifests_agree_with_lb_and_with_each_other(tmp_path):
-    from lb.config import load
+    from lb.core.config import load
 
     by_kind = {d["kind"]: d for d in _docs("lb.yaml")}
     assert set(by_kind) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}

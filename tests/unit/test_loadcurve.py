@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from lb.config import Backend as BackendConfig
+from lb.core.config import Backend as BackendConfig
 from workers.backend import Backend
 from workers.loadcurve import DEFAULT_SERVICE, Curve, fit
 

@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from lb import messages as m
-from lb.config import Backend as BackendConfig
+from lb.core import messages as m
+from lb.core.config import Backend as BackendConfig
 from workers.backend import Backend
 from workers.strategies import make_strategy
 

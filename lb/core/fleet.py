@@ -19,7 +19,7 @@ the API's backends):
 
 from __future__ import annotations
 
-from lb.messages import FleetBackend
+from lb.core.messages import FleetBackend
 
 
 def compose(cfg, discovered: dict[str, list[FleetBackend]], added: list[FleetBackend],

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from lb.config import Config, ConfigError
+from lb.core.config import Config, ConfigError
 
 EXPIRY_WARN = 14 * 86400  # seconds: `lb check` warns when a certificate expires sooner
 MAX_REASONS = 32  # distinct handshake failure reasons counted by name; the rest are "other"

@@ -1,6 +1,6 @@
 """The config file's sections, one struct each with its own checks.
 
-lb/config.py composes them into `Config`, loads files and phrases errors;
+lb/core/config.py composes them into `Config`, loads files and phrases errors;
 every process imports them from there.
 """
 
@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-from lb.values import DNS_NAME, Size, checked, is_ip, parse_address, parse_size
+from lb.core.values import DNS_NAME, Size, checked, is_ip, parse_address, parse_size
 
 
 class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -118,7 +118,7 @@ class WorkerStats(Msg):
     limited: int = 0  # 429 by the per-client rate limit
     proxy_errors: int = 0  # connections closed for a missing or bad PROXY protocol header
     tls_handshakes: int = 0  # completed on the HTTPS listener
-    tls_failures: dict[str, int] = {}  # failed handshakes by reason (lb/tls.py)
+    tls_failures: dict[str, int] = {}  # failed handshakes by reason (lb/core/tls.py)
     panic: bool = False  # gauge: too few healthy backends, routing to all routable ones
     strategy: str = ""  # the strategy in force
     mode: str = ""  # ml only: "learned" or "fallback"
@@ -144,7 +144,7 @@ class SupervisorStatus(Msg):
     inference_restarts: int
     config_path: str
     strategy: str
-    config: bytes = b""  # the running lb.config.Config, msgpack (changes on reload)
+    config: bytes = b""  # the running lb.core.config.Config, msgpack (changes on reload)
     runtime_dir: str = ""
 
 
@@ -202,7 +202,7 @@ class Control(Msg):
     down: list[str] = []  # backends failing their active health checks
     # The fleet beyond the config file: the last DNS answers per `[[backends]]`
     # entry name, the backends added through the API, those in etcd.  Each receiver
-    # composes them with its own config (lb/fleet.py) and applies the result in
+    # composes them with its own config (lb/core/fleet.py) and applies the result in
     # place (no reload); with `fleet_known` False it keeps the config's backends.
     discovered: dict[str, list[FleetBackend]] = {}
     added: list[FleetBackend] = []

@@ -26,7 +26,7 @@ import os
 import ssl
 import time
 
-from lb.log import log
+from lb.core.log import log
 
 SECRET_ENV = "LB_TLS_TICKET_SECRET"
 _NAME, _KEY = 16, 32

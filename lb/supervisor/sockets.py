@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from lb import config as cfgmod
+from lb.core import config as cfgmod
 
 
 class ListenError(Exception):

@@ -7,7 +7,7 @@ slot, and handed to every generation of workers, so neither a reload nor a
 respawn ever closes a listener (closing one would reset the connections
 waiting in its accept queue).
 
-Reload (SIGHUP, lb/reload.py) starts the new generation first, waits until
+Reload (SIGHUP, lb/supervisor/reload.py) starts the new generation first, waits until
 every new worker says it is accepting, then asks the old generation to drain.
 """
 
@@ -24,14 +24,14 @@ import time
 import msgspec
 import zmq
 
-from lb import children
-from lb import config as cfgmod
-from lb import messages, tickets
-from lb.child import EXIT_BOOT  # a child that could not start
-from lb.children import ADMIN, INFERENCE, WORKER, Child
-from lb.log import log, reopen
-from lb.reload import Reload
-from lb.sockets import admin_socket, ensure_free, listen_socket
+from lb.supervisor import children
+from lb.core import config as cfgmod
+from lb.core import messages, tickets
+from lb.core.child import EXIT_BOOT  # a child that could not start
+from lb.supervisor.children import ADMIN, INFERENCE, WORKER, Child
+from lb.core.log import log, reopen
+from lb.supervisor.reload import Reload
+from lb.supervisor.sockets import admin_socket, ensure_free, listen_socket
 
 MAX_BOOT_FAILURES = 5
 STATUS_INTERVAL = 1.0  # seconds between two SupervisorStatus reports to the admin process
@@ -53,7 +53,7 @@ class Supervisor:
         self.n_workers = workers or cfg.workers
         self.sockets: list[socket.socket] = []
         self.tls_sockets: list[socket.socket] = []  # the HTTPS listener's, one per slot
-        # TLS session ticket keys of every worker derive from it (lb/tickets.py);
+        # TLS session ticket keys of every worker derive from it (lb/core/tickets.py);
         # kept for the supervisor's life, so tickets survive reloads.
         self.ticket_secret = os.urandom(32).hex()
         self.children: dict[int, Child] = {}
@@ -334,7 +334,7 @@ class Supervisor:
             log("child_restart_delayed", kind=kind, seconds=delay, failures=n)
         self.aux_due[kind] = time.monotonic() + delay
 
-    # -- reload (lb/reload.py) -----------------------------------------------------
+    # -- reload (lb/supervisor/reload.py) -----------------------------------------------------
 
     def handle_hup(self) -> None:
         if not self.stopping:

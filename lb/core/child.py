@@ -1,6 +1,6 @@
 """The child side of the supervisor protocol, shared by every child kind.
 
-The supervisor (lb/supervisor.py, lb/children.py) starts three kinds of child:
+The supervisor (lb/supervisor/supervisor.py, lb/supervisor/children.py) starts three kinds of child:
 workers, the inference process and the admin process.  Each one:
   * reads the validated config as msgpack on stdin (`read_config`);
   * writes single bytes on its stdout, which the supervisor reads:
@@ -59,7 +59,7 @@ def read_config():
     """The config the supervisor validated, from stdin; BootError if it is not one."""
     import msgspec
 
-    from lb import config
+    from lb.core import config
 
     try:
         return config.decode(sys.stdin.buffer.read())

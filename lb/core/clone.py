@@ -32,7 +32,7 @@ import time
 
 import zmq
 
-from lb.messages import SNAPSHOT_REQUEST
+from lb.core.messages import SNAPSHOT_REQUEST
 
 SNAPSHOT_RETRY = 1.0  # seconds without any state before asking again
 LIVE_RETRY = 0.1  # seconds between snapshot requests until the subscription is live

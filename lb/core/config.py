@@ -1,7 +1,7 @@
 """Typed configuration: TOML decoded and validated with msgspec.
 
-Each section is one struct (lb/sections.py, with the value parsers of
-lb/values.py), the single source of truth for it; this module composes them
+Each section is one struct (lb/core/sections.py, with the value parsers of
+lb/core/values.py), the single source of truth for it; this module composes them
 into `Config`, loads files and phrases errors, and every process imports the
 structs from here.  The worker processes receive the validated `Config`
 encoded as msgpack, so they never parse TOML themselves.  Errors are raised
@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from lb.sections import (  # noqa: F401 - the sections, imported from here by every process
+from lb.core.sections import (  # noqa: F401 - the sections, imported from here by every process
     AccessLog,
     Admin,
     Backend,
@@ -40,7 +40,7 @@ from lb.sections import (  # noqa: F401 - the sections, imported from here by ev
     TLS_CIPHERS,
     Upstream,
 )
-from lb.values import Size, checked, is_ip, parse_address, parse_size, same_address  # noqa: F401
+from lb.core.values import Size, checked, is_ip, parse_address, parse_size, same_address  # noqa: F401
 
 FLEET_FILE = "backends.json"  # in state_dir: the API's backends and the last DNS answers (lb/admin/fleet.py)
 

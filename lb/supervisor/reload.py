@@ -15,10 +15,10 @@ from __future__ import annotations
 import signal
 import time
 
-from lb import config as cfgmod
-from lb import tls as tlsmod
-from lb.children import INFERENCE, WORKER
-from lb.log import log
+from lb.core import config as cfgmod
+from lb.core import tls as tlsmod
+from lb.supervisor.children import INFERENCE, WORKER
+from lb.core.log import log
 
 READY_TIMEOUT = 15.0  # seconds for a new generation to be accepting
 RETIRE_WAIT = 3.0  # seconds for the old one to say it stopped accepting (reload_done)

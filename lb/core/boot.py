@@ -6,7 +6,7 @@ would import that code, and started from a source checkout next to an
 installed lb, the children would run the uncompiled checkout (no C fast path,
 the checkout's model) while the supervisor runs the installed package.
 
-So a child is started as `python -P .../lb/boot.py MODULE ARGS...`
+So a child is started as `python -P .../lb/core/boot.py MODULE ARGS...`
 (`python_argv`), which runs `python -m MODULE ARGS...` after taking the
 packages lb ships together (lb, workers, inference) from the directory this
 `lb` package was imported from: the starting process and everything it starts
@@ -23,13 +23,13 @@ import sys
 
 # lb, workers and inference are installed side by side (pyproject.toml: packages).
 PACKAGES = ("lb", "workers", "inference")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXIT_CANNOT_BOOT = 3  # lb/children.py: "could not boot"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (lb/core/boot.py)
+EXIT_CANNOT_BOOT = 3  # lb/supervisor/children.py: "could not boot"
 
 
 def python_argv(module: str) -> list[str]:
     """The argv that runs `python -m module` with this process's own lb packages."""
-    return [sys.executable, "-P", os.path.join(ROOT, "lb", "boot.py"), module]
+    return [sys.executable, "-P", os.path.join(ROOT, "lb", "core", "boot.py"), module]
 
 
 def pin_packages(root: str) -> None:
@@ -56,7 +56,7 @@ def pin_packages(root: str) -> None:
 
 def main() -> None:
     if len(sys.argv) < 2:
-        print("usage: python -P lb/boot.py MODULE [ARGS...]", file=sys.stderr)
+        print("usage: python -P lb/core/boot.py MODULE [ARGS...]", file=sys.stderr)
         raise SystemExit(2)
     module = sys.argv[1]
     del sys.argv[1]

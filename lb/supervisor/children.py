@@ -4,9 +4,9 @@ Three kinds, all started with the validated config as msgpack on stdin:
   * workers (`python -m workers`), one per slot, with that slot's listening socket;
   * the inference process (`python -m inference`), one;
   * the admin process (`python -m lb.admin`), one, with the admin listening socket.
-Each runs through lb/boot.py: the supervisor's own packages, never the current
+Each runs through lb/core/boot.py: the supervisor's own packages, never the current
 directory's.
-Each speaks the protocol of lb/child.py (the child side, shared by all three):
+Each speaks the protocol of lb/core/child.py (the child side, shared by all three):
 single bytes on its stdout, READY (accepting / serving), DRAINING (no longer
 accepting: workers) and HEARTBEAT (once a second from inside its loop; a
 child silent for `timeouts.heartbeat` is stuck and gets killed, then
@@ -21,8 +21,8 @@ import socket
 import subprocess
 import time
 
-from lb.boot import python_argv
-from lb.child import DRAINING, READY, SUPERVISOR_PID_ENV
+from lb.core.boot import python_argv
+from lb.core.child import DRAINING, READY, SUPERVISOR_PID_ENV
 
 WORKER = "worker"
 INFERENCE = "inference"
