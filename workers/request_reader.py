@@ -44,8 +44,8 @@ class StopReading(Exception):
 
 
 class RequestReader:
-    __slots__ = ("conn", "worker", "parser", "headers", "specials", "url", "in_head", "head_bytes",
-                 "in_message", "discard_idle")
+    __slots__ = ("conn", "worker", "parser", "headers", "specials", "url", "in_head", "head_timed",
+                 "head_bytes", "in_message", "discard_idle")
 
     def __init__(self, conn) -> None:
         self.conn = conn
@@ -56,14 +56,15 @@ class RequestReader:
         self.specials: list = []  # (tag, value) of the fields with a rule
         self.url = b""
         self.in_head = False  # a request head is in progress since an earlier read
-        self.head_bytes = 0  # bytes of that head read since (its size limit)
+        self.head_timed = False  # ... and its timer runs (since the first read that ended inside it)
+        self.head_bytes = 0  # bytes of that head read since then (its size limit)
         self.in_message = False  # httptools is inside a message
         self.discard_idle = min(DISCARD_IDLE, w.t_client_body)
 
     def reset(self) -> None:
         """The connection is broken or gone: nothing of a head in progress is kept."""
         self.url = b""
-        self.in_head = False
+        self.in_head = self.head_timed = False
         self.headers = []
         self.specials = []
 
@@ -154,9 +155,9 @@ class RequestReader:
     def _partial_head(self) -> None:
         """This read ended inside a request head: start its timer, bound its size."""
         w = self.worker
-        if not self.head_bytes:
-            # First sight of this head: `head_bytes` > 0 from now on marks it started.
-            self.head_bytes = 1
+        if not self.head_timed:
+            self.head_timed = True
+            self.head_bytes = 1  # (this first read is not counted: at most one read buffer)
             self.conn.deadline = CLOCK.tick() + w.t_client_header
         if self.head_bytes > w.max_head_bytes or len(self.url) > w.max_request_line:
             self.conn.reject(414 if len(self.url) > w.max_request_line else 431)
@@ -247,7 +248,7 @@ class RequestReader:
         self.headers = []
         self.specials = []
         self.url = b""
-        self.in_head = False
+        self.in_head = self.head_timed = False
         self.head_bytes = 0
         w.requests += 1
         if ex.pending is not None:  # a body (or upgrade) follows
