@@ -11,7 +11,7 @@
 # (listening on ports below 1024 as the unprivileged user needs
 #  --sysctl net.ipv4.ip_unprivileged_port_start=0, or use 8080/8443).
 
-# Build stage: the wheel, with the C fast path (workers/_fastpath.c) compiled.
+# Build stage: the wheel, with the C fast path (workers/_fastpath*.c) compiled.
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
