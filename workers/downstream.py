@@ -59,11 +59,11 @@ class Downstream(asyncio.Protocol):
         self.xff_line = b""
         self.xff_tail = b""
         self.upgrading = None  # the exchange that asked for an upgrade
-        self.tunnel = None  # the UpstreamConnection once switched to a tunnel
+        self.tunnel = None  # the Tunnel once a 101 switched protocols (workers/tunnel.py)
         self.broken = False
         self.linger_left = LINGER_BYTES  # bytes still read and dropped once broken (workers/linger.py)
         self.closed = False
-        # The C scanner (workers/_fastpath.c), None once a request said it is
+        # The C scanner (workers/_fastpath_request.c), None once a request said it is
         # the last (Connection: close, HTTP/1.0): what follows it is not read.
         self.scanner = worker.scan_request
         # The next read may go to the scanner: the httptools parser holds no
