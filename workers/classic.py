@@ -17,12 +17,16 @@ from itertools import accumulate
 from workers.strategy import Strategy
 
 
-class RoundRobin(Strategy):
-    name = "round_robin"
+class _Rotating(Strategy):
+    """A strategy that starts each pick one place further round the backends."""
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         self.i = 0
+
+
+class RoundRobin(_Rotating):
+    name = "round_robin"
 
     def pick(self, exclude=(), cls=0):
         backends = self.backends
@@ -63,14 +67,10 @@ class WeightedRoundRobin(Strategy):
         return best
 
 
-class LeastConnections(Strategy):
+class LeastConnections(_Rotating):
     """Fewest in-flight requests relative to weight; ties rotate."""
 
     name = "least_connections"
-
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.i = 0
 
     def pick(self, exclude=(), cls=0):
         backends = self.backends
