@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.rawhttp import ThreadedServer
+from tests.rawhttp import ThreadedServer, request_heads
 
 
 class SwitchableServer(ThreadedServer):
@@ -20,16 +20,9 @@ class SwitchableServer(ThreadedServer):
     def handle(self, conn: socket.socket) -> None:
         import time
 
-        buf = b""
         conn.settimeout(30)
         try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                _, _, buf = buf.partition(b"\r\n\r\n")
+            for _ in request_heads(conn):
                 with self.lock:
                     self.hits += 1
                 if self.delay:

@@ -234,6 +234,21 @@ def read_head(conn: socket.socket) -> bytes | None:
     return buf
 
 
+def request_heads(conn: socket.socket, stop=None):
+    """The request heads a client sends on `conn`, one at a time (bodyless
+    requests: what follows a head is the next one), until it closes or
+    `stop()` says so before the next read."""
+    buf = b""
+    while stop is None or not stop():
+        while b"\r\n\r\n" not in buf:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        yield head
+
+
 class ThreadedServer:
     """A raw TCP server on 127.0.0.1 for backends that misbehave on purpose:
     subclasses implement `handle(conn)`, run on a thread per connection."""
@@ -246,13 +261,17 @@ class ThreadedServer:
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
-        self.stopping = False
+        self.closing = threading.Event()  # set by close(): handlers that hold a connection wait on it
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def stopping(self) -> bool:
+        return self.closing.is_set()
 
     def _serve(self) -> None:
         while not self.stopping:
@@ -268,6 +287,6 @@ class ThreadedServer:
         raise NotImplementedError
 
     def close(self) -> None:
-        self.stopping = True
+        self.closing.set()
         self.sock.close()
         self.thread.join(2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.rawhttp import ThreadedServer, get, read_head
+from tests.rawhttp import ThreadedServer, get, read_head, request_heads
 
 
 def backend_of(body: bytes) -> str:
@@ -34,15 +34,8 @@ class SlowServer(ThreadedServer):
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         body = f"backend {self.name}\n".encode()
-        buf = b""
         try:
-            while not self.stopping:
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                _, _, buf = buf.partition(b"\r\n\r\n")  # GETs only: no body
+            for _ in request_heads(conn, stop=lambda: self.stopping):  # GETs only: no body
                 with self.lock:
                     self.count += 1
                 time.sleep(self.delay)
@@ -71,8 +64,7 @@ class EarlyAnswer(ThreadedServer):
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
                 return
             conn.sendall(b"HTTP/1.1 %d Early\r\nContent-Length: 6\r\n\r\nearly\n" % self.status)
-            while not self.stopping:  # never reads the body, never closes first
-                time.sleep(0.05)
+            self.closing.wait()  # never reads the body, never closes first
         except OSError:
             pass
         finally:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.rawhttp import RawConn, ThreadedServer, chunk_body
+from tests.rawhttp import RawConn, ThreadedServer, chunk_body, request_heads
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
 
@@ -171,16 +171,9 @@ class NoContentServer(ThreadedServer):
         super().__init__()
 
     def handle(self, conn) -> None:
-        buf = b""
         conn.settimeout(10)
         try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                _, _, buf = buf.partition(b"\r\n\r\n")
+            for _ in request_heads(conn):
                 conn.sendall(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\ncontent-length: " + self.length
                              + b"\r\nX-B: 2\r\n\r\n")
         except OSError:

@@ -299,8 +299,7 @@ class Sink(ThreadedServer):
             buf = read_head(conn)
             if buf is None:
                 return
-            while not self.stopping:
-                time.sleep(0.05)
+            self.closing.wait()
         except OSError:
             pass
         finally:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import free_port
-from tests.rawhttp import ThreadedServer, get, read_head
+from tests.rawhttp import ThreadedServer, get, read_head, request_heads
 
 
 class ResettingServer(ThreadedServer):
@@ -301,14 +301,7 @@ class TrailingGarbageServer(ThreadedServer):
             self.connections += 1
         conn.settimeout(5)
         try:
-            buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                _, _, buf = buf.partition(b"\r\n\r\n")
+            for _ in request_heads(conn):
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\nHTTP/1.1 20")
         except OSError:
             pass
