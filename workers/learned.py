@@ -321,8 +321,7 @@ def _class_rows(classes: list, rows: list, names: list, width: int, fill: float,
             i = default
         pick.append(i)
     if all(len(r) >= width for r in rows):  # the usual table: one conversion
-        full = np.array([r[:width] for r in rows] if any(len(r) > width for r in rows) else rows,
-                        dtype=np.float64)
+        full = np.array([r[:width] for r in rows], dtype=np.float64)
         for k, i in enumerate(pick):
             if i is not None:
                 out[k] = full[i]
