@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -33,12 +34,15 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import scenario_report as report  # noqa: E402  (bench/scenario_report.py)
 import scenarios as scn  # noqa: E402
 from loadgen import run_load  # noqa: E402
 from procs import REPO_ROOT  # noqa: E402  (bench/procs.py)
 from servers import free_ports  # noqa: E402
+
+from lb import capacity  # noqa: E402  (lb/capacity.py: the formula lb uses)
 
 LOAD = 0.45
 STEPS = (0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1)  # (a 12 s step at saturation may not yet queue)
@@ -59,13 +63,21 @@ def saturation(spec: scn.BackendSpec) -> float:
     return scn.capacity_rate((spec,), 0.0)
 
 
+def model_capacity(spec: scn.BackendSpec, slo: float) -> float:
+    """The backend's capacity at `slo` by lb's own formula (lb/capacity.py) fed
+    its true slot count, mean service time and spread: what a perfect reading
+    of its curves would give (the fleet's ramp checks the formula itself)."""
+    mean = spec.median_ms / 1000 * math.exp(spec.sigma ** 2 / 2)
+    return capacity.estimate(spec.capacity, mean, math.exp(2.326 * spec.sigma), slo, True).capacity_rps
+
+
 def _p99(records) -> tuple[float, float]:
     lat = sorted(r[1] for r in records if r[2] == 200)
     errors = sum(1 for r in records if r[2] != 200) / max(1, len(records))
     return (report.percentile(lat, 0.99) if lat else float("inf")), errors
 
 
-def run_fleet(seed: int, slo: float, warm: float, python: str) -> dict:
+def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 0.0) -> dict:
     sc = steady_fleet(seed)
     tmp = tempfile.mkdtemp(prefix="capacity-bench-")
     ports = free_ports(len(sc.backends) + 2)
@@ -80,7 +92,8 @@ def run_fleet(seed: int, slo: float, warm: float, python: str) -> dict:
         cfg = os.path.join(tmp, "lb.toml")
         with open(cfg, "w") as f:
             f.write(f'listen = "127.0.0.1:{lport}"\nstrategy = "ml"\nworkers = 2\n'
-                    f'[admin]\nlisten = "127.0.0.1:{aport}"\n[capacity]\nslo_p99_ms = {slo * 1000}\n')
+                    f'[admin]\nlisten = "127.0.0.1:{aport}"\n[capacity]\nslo_p99_ms = {slo * 1000}\n'
+                    f'explore = {explore}\n')
             for spec, p in zip(sc.backends, bports):
                 f.write(f'[[backends]]\naddress = "127.0.0.1:{p}"\nname = "{spec.name}"\n')
         lb = subprocess.Popen([python, "-m", "lb", "run", "-c", cfg], cwd=REPO_ROOT,
@@ -133,10 +146,12 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-ms", type=float, default=250.0)
     ap.add_argument("--warm", type=float, default=60.0, help="seconds of traffic at LOAD before the estimate")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--explore", type=float, default=0.01,
+                    help="lb's capacity.explore (share of picks that may measure slot counts; default 0.01)")
     args = ap.parse_args(argv)
     slo = args.slo_ms / 1000
     for seed in (int(s) for s in args.seeds.split(",")):
-        r = run_fleet(seed, slo, args.warm, args.python)
+        r = run_fleet(seed, slo, args.warm, args.python, args.explore)
         est, meas = r["estimate"], r["measured"]
         err = (est / meas - 1) if est and meas else None
         print(f"steady{seed}: " + ", ".join(f"{n} {c} slots {m} ms (saturates at {s:.0f}/s)"
@@ -146,10 +161,14 @@ def main(argv=None) -> int:
               f"({'-' if err is None else f'{err:+.0%}'}); fleet saturation {r['saturation']:.0f}")
         for frac, rate, p99, e in r["ramp"]:
             print(f"    ramp {frac:.0%} {rate:7.1f} req/s: p99 {p99 * 1000:7.1f} ms, errors {e:.2%}")
+        specs = {s.name: s for s in steady_fleet(seed).backends}
         for name, b in r["backends"].items():
-            sat = next(s for n, _, _, s in r["fleet"] if n == name)
-            print(f"    {name}: estimate {b['capacity_rps']:.1f} (saturation {b['saturation_rps']:.1f}, "
-                  f"slots {b['slots']}, service {b['service_ms']} ms) vs saturation {sat:.1f}")
+            spec = specs[name]
+            model = model_capacity(spec, slo)
+            print(f"    {name}: estimate {b['capacity_rps']:.1f} vs {model:.1f} ({b['capacity_rps'] / model - 1:+.0%}; "
+                  f"known {b['known']}): slots {b['slots']} vs {spec.capacity}, service {b['service_ms']} vs "
+                  f"{spec.median_ms * math.exp(spec.sigma ** 2 / 2):.1f} ms, p99 {b['service_p99_ms']} vs "
+                  f"{spec.median_ms * math.exp(2.326 * spec.sigma):.1f} ms; saturation {saturation(spec):.1f}")
         sys.stdout.flush()
     return 0
 

@@ -45,7 +45,7 @@ overview over scenarios in `bench/sim_report.py`; the event loop is here.
     python bench/sim.py [--scenario NAME[,NAME]|all|fleet<seed>] [--policies a,b]
                         [--duration 60] [--rate R] [--workers 1] [--instances N]
                         [--seed 1] [--json FILE] [--model PATH] [--traces DIR]
-                        [--exploration E]
+                        [--exploration E] [--capacity-explore SHARE]
 
 Exit codes: 0 ok, 2 bad usage.
 """
@@ -69,6 +69,7 @@ for _p in (BENCH_DIR, REPO_ROOT):
 
 import scenario_report as report  # noqa: E402  (bench/scenario_report.py)
 import scenarios as scn  # noqa: E402  (bench/scenarios.py)
+import sim_model  # noqa: E402  (bench/sim_model.py)
 from sim_model import (  # noqa: E402  (bench/sim_model.py)
     FAIL_FAST, HOP, ML_POLICIES, POLICIES, RETRIES, STATS_INTERVAL, Request, Server, Worker)
 from sim_report import overview  # noqa: E402  (bench/sim_report.py)
@@ -318,6 +319,8 @@ def parse_args(argv=None):
                          "format, for `lb train`) to DIR/sim-SCENARIO-POLICY-seedN.npz")
     ap.add_argument("--exploration", type=float,
                     help="ml: learning.exploration (default: lb's, 0.05)")
+    ap.add_argument("--capacity-explore", type=float, metavar="SHARE",
+                    help="ml: capacity.explore (default: lb's, 0 = off)")
     ap.add_argument("--json", metavar="FILE", help="write the summaries as JSON")
     ap.add_argument("--markdown", action="store_true", help="print the overview as Markdown too")
     args = ap.parse_args(argv)
@@ -343,6 +346,8 @@ def parse_args(argv=None):
         ap.error("--workers must be between 1 and 64")
     if args.exploration is not None and not 0 <= args.exploration <= 0.5:
         ap.error("--exploration must be between 0 and 0.5")
+    if args.capacity_explore is not None and not 0 <= args.capacity_explore <= 0.05:
+        ap.error("--capacity-explore must be between 0 and 0.05")
     if args.model and not os.path.isfile(args.model):
         ap.error(f"--model {args.model}: no such file")
     return args
@@ -350,6 +355,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.capacity_explore is not None:
+        sim_model.PROBE_SHARE = args.capacity_explore
     out: dict = {"duration": args.duration, "workers": args.workers, "seed": args.seed,
                  "scenarios": {}}
     for sc in args.scenarios:
@@ -387,8 +394,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
-
-
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ import random
 from collections import deque
 
 import scenarios as scn  # bench/scenarios.py
-from lb.core.config import Backend as BackendConfig, Learning
+from lb.core.config import Backend as BackendConfig, Capacity, Learning
 from workers import backend as wbackend, classic, strategies
+
+# ml's capacity exploration (`capacity.explore`) in the simulation; None: lb's default
+PROBE_SHARE: float | None = None
 
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",
             "ml-identity", "ml-curves", "least-latency")
@@ -117,6 +120,8 @@ class Worker:
             kw["guard_share"] = Learning().guard_share  # lb's default
         if "exploration" in inspect.signature(strategies.make_strategy).parameters:
             kw["exploration"] = Learning().exploration  # lb's default (a table may say otherwise)
+        if "probe_share" in inspect.signature(strategies.make_strategy).parameters:
+            kw["probe_share"] = PROBE_SHARE if PROBE_SHARE is not None else Capacity().explore
         if policy == LeastLatency.name:
             self.strategy = LeastLatency(self.backends, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
         else:

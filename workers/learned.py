@@ -16,6 +16,7 @@ from workers.backend import Backend
 from workers.classic import P2CEwma
 from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
+from workers.probe import KneeProbe
 
 NO_ARM = -1  # a pick the guard does not judge (a retry)
 
@@ -47,7 +48,11 @@ class TableStrategy(P2CEwma):
       first looks for a backend this worker has not heard from for STALE
       seconds and sends the request there instead (its curve may be out of
       date: a slow backend that recovered gets found).  Nothing is spent on
-      backends the worker knows.
+      backends the worker knows;
+    * with `probe_share` > 0 (`capacity.explore`), lets a `KneeProbe`
+      (workers/probe.py) take up to that share of the picks to hold a
+      backend whose slot count is unmeasured at one request more than it,
+      until its curve shows the knee.
 
     Without a usable table (`learned` False, `reason` says why: none yet,
     older than twice its publish interval because the inference process is
@@ -68,7 +73,7 @@ class TableStrategy(P2CEwma):
     FIT_CHUNK = 32  # backends whose curves are refitted per table
 
     def __init__(self, backends, *, class_names=("default",), guard_share: float = 0.0,
-                 exploration: float = 0.0, **kw) -> None:
+                 exploration: float = 0.0, probe_share: float = 0.0, **kw) -> None:
         super().__init__(backends, **kw)
         self.class_names = list(class_names)
         self.table = None
@@ -82,6 +87,8 @@ class TableStrategy(P2CEwma):
         # share of picks that look for a backend not heard from lately: the
         # configured `learning.exploration` until a learned table says otherwise
         self.explore = exploration
+        # capacity exploration (workers/probe.py): `capacity.explore` of the picks
+        self.probe = KneeProbe(probe_share) if probe_share > 0 else None
         n = len(self.class_names)
         for b in backends:
             if b.curve is None or len(b.curve.service) != n:  # (a rebuild over a new fleet keeps them)
@@ -269,6 +276,11 @@ class TableStrategy(P2CEwma):
         if self.explore and not exclude and self.rng.random() < self.explore:
             b = self._stale(order)
             if b is not None:
+                return b
+        if self.probe is not None and not exclude:
+            b = self.probe.steer(order, prices, self.clock())
+            if b is not None:
+                self.arm = NO_ARM  # a measurement, not the policy's choice: the guard does not judge it
                 return b
         best = None
         best_cost = 0.0

@@ -18,6 +18,12 @@ Both terms are learned from the worker's own answers, with no probes:
   free slot (in flight + 1 <= `slots`) moves the estimate by LEARN (an
   exponential average over the last twenty or so answers); the first answer
   of a class is taken whole;
+* `log_service[c]` and `spread`, for capacity (lb/capacity.py), not for the
+  pick: the same answers' log latency, averaged with each answer's distance
+  from the average clipped at CLIP standard deviations (an answer that queued
+  behind another worker's requests pulls it up by little), and the spread
+  of the service time (the standard deviation of log latency around it,
+  corrected for the clipping), shared by the classes;
 * `slots`: the answers' latency relative to `service` is averaged by the
   in-flight count each request was sent at (LEVELS levels, one per count up
   to 7 and wider above, decayed with a time constant of TAU seconds); `fit`
@@ -49,6 +55,10 @@ LEVELS = len(_EDGES)
 LEVEL_OF = [max(i for i, e in enumerate(_EDGES) if e <= n) for n in range(_EDGES[-1])]
 TOP = LEVELS - 1
 LEARN = 0.05  # weight of one answer in the service-time estimate
+CLIP = 2.0  # standard deviations at which an answer's log distance is clipped (capacity statistics)
+# E[min(z^2, CLIP^2)] for a standard normal z: what clipping leaves of a variance
+_CLIPPED_VAR = math.erf(CLIP / math.sqrt(2)) - CLIP * math.sqrt(2 / math.pi) * math.exp(-CLIP * CLIP / 2) + \
+    CLIP * CLIP * math.erfc(CLIP / math.sqrt(2))
 TAU = 1.0  # seconds: time constant of the per-level averages
 MIN_LEVEL_ANSWERS = 2.0  # (decayed) answers at a level before it counts in the fit
 MIN_FIT_ANSWERS = 5.0  # ... and in all levels before the slot count is refitted
@@ -59,10 +69,13 @@ SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 
 class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
-    __slots__ = ("service", "slots", "top", "seen", "level_n", "level_sum", "level_load", "work", "quiet_since")
+    __slots__ = ("service", "slots", "top", "seen", "level_n", "level_sum", "level_load", "work", "quiet_since",
+                 "log_service", "log_var")
 
     def __init__(self, n_classes: int) -> None:
         self.service = [0.0] * n_classes  # seconds; 0: no answer of that class yet
+        self.log_service = [0.0] * n_classes  # mean ln seconds (robust), where service is set
+        self.log_var = 0.0  # clipped variance of ln latency around log_service (see spread())
         self.slots = 1.0
         self.top = 0.0  # evidence() as of the last fit (reported with the stats at no cost)
         self.work = 0.0  # expected service seconds of this worker's requests in flight here
@@ -87,11 +100,18 @@ class Curve:
                 # count that is too low would shrink the service time, which would
                 # make queueing look worse, which would lower the slot count.)
                 self.service[cls] = s + LEARN * (latency - s)
+                d = math.log(latency) - self.log_service[cls]
+                v = self.log_var
+                lim = CLIP * math.sqrt(v) if v > 1e-4 else 0.5  # (before the spread is known: 0.5)
+                d = lim if d > lim else (-lim if d < -lim else d)
+                self.log_service[cls] += LEARN * d
+                self.log_var = v + LEARN * (d * d - v)
         else:
             # the first answer, taken whole: it may have queued, and a service
             # time too high is corrected by the next answers sent to a free slot,
             # while one too low would draw the class's requests here meanwhile
             self.service[cls] = latency
+            self.log_service[cls] = math.log(latency) if latency > 0.0 else math.log(1e-6)
         self.seen = self.quiet_since = now
 
     def start(self, cls: int, load: int, now: float) -> float:
@@ -103,6 +123,11 @@ class Curve:
         if not load:
             self.quiet_since = now  # a busy period begins
         return s
+
+    def spread(self) -> float:
+        """The service time's spread: the standard deviation of its log (0: not
+        known yet), the clipping's shrinkage undone."""
+        return math.sqrt(self.log_var / _CLIPPED_VAR)
 
     def evidence(self) -> float:
         """The in-flight count (+1) up to which recent answers show how the
@@ -155,6 +180,15 @@ def fit(curves: list[Curve], dt: float) -> None:
     # squared log error of every grid value, weighted by answers: (B, K)
     err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
     best = SLOT_GRID[err.argmin(axis=1)]
+    # A slot count the answers cannot tell from the best stays: answers that
+    # only show the backend below its knee fit every count above their load
+    # equally well, and its last measured count is the one to keep (not the
+    # grid's lowest, which would forget a knee as soon as its evidence decays).
+    now_k = np.array([c.slots for c in curves], dtype=np.float64)
+    at = np.searchsorted(SLOT_GRID, now_k).clip(0, len(SLOT_GRID) - 1)
+    on_grid = SLOT_GRID[at] == now_k
+    mine = err[np.arange(len(curves)), at]
+    best = np.where(on_grid & (mine <= err.min(axis=1) + 1e-12), now_k, best)
     enough = w.sum(axis=1) >= MIN_FIT_ANSWERS
     top = np.where(use, loads / safe + 1.0, 0.0).max(axis=1)  # evidence(), for every curve at once
     keep = math.exp(-dt / TAU)

@@ -125,6 +125,8 @@ def build_stats(backends, class_names, *, slot: int, pid: int, generation: int, 
             # report would cost more than the rest of the report at 256 backends)
             bs.slots, bs.slots_seen = c.slots, c.top
             bs.class_service = list(c.service) if copy else c.service
+            bs.class_log_service = list(c.log_service) if copy else c.log_service
+            bs.service_spread = c.spread()
     table_seq = 0
     table_age = -1.0
     if isinstance(strategy, TableStrategy):

@@ -177,7 +177,7 @@ class Worker:
             name, self.backends, decay=cfg.balancer.ewma_decay,
             seed=(cfg.balancer.seed + self.slot) if cfg.balancer.seed else 0,
             class_names=cfg.class_names, guard_share=cfg.learning.guard_share,
-            exploration=cfg.learning.exploration,
+            exploration=cfg.learning.exploration, probe_share=cfg.capacity.explore,
         )
 
     def rebuild_strategy(self) -> None:

@@ -3,9 +3,10 @@
 * Capacity per backend (lb/capacity.py) from what the workers report of
   their load curves (ml only: the other strategies learn none): the slot
   count (a worker's own count plus the others' load, averaged over workers
-  and over SMOOTH seconds), the service
-  time per class weighted by the class mix it answered, the p99/p50 ratio of
-  its latency over the last WINDOW seconds.  Known (not a lower bound) when a
+  and over SMOOTH seconds), the service time per class weighted
+  by the class mix it answered and the spread of the service times (each
+  from the curves' robust log statistics; without them, the p99/p50 ratio of
+  the latency over the last WINDOW seconds).  Known (not a lower bound) when a
   worker's curve saw it queue within the last WINDOW seconds.
 * The load now (LOAD_WINDOW seconds) and its forecast: the per-minute
   history (lb/admin/loadhistory.py) fitted once a minute (lb/forecast.py,
@@ -30,7 +31,7 @@ from .stats import quantile
 REFIT = 60.0  # seconds between two forecasts
 LOAD_WINDOW = 10.0  # seconds the current load is averaged over
 WINDOW = 60.0  # seconds of latency (p99/p50) and of queueing evidence
-SMOOTH = 20.0  # seconds: time constant of the slot counts' average
+SMOOTH = 10.0  # seconds: time constant of the slot counts' average
 
 
 class CapacityView:
@@ -73,12 +74,20 @@ class CapacityView:
         now = time.monotonic() if now is None else now
         slo = self.state.cfg.capacity.slo_p99_ms / 1000.0
         service: dict[str, tuple[float, float]] = {}  # name -> (sum of service x answers, answers)
+        spread: dict[str, tuple[float, float]] = {}  # name -> (sum of spread x answers, answers)
         for ws in self.state.agg.live_workers():
             for b in ws.backends:
-                for s, n in zip(b.class_service, b.class_responses):
+                sigma = b.service_spread
+                logs = b.class_log_service if sigma > 0 else ()
+                for c, (s, n) in enumerate(zip(b.class_service, b.class_responses)):
                     if s > 0 and n > 0:
+                        if c < len(logs):  # the robust mean: exp(mean ln + variance / 2)
+                            s = math.exp(logs[c] + sigma * sigma / 2)
                         acc = service.get(b.name, (0.0, 0.0))
                         service[b.name] = (acc[0] + s * n, acc[1] + n)
+                        if sigma > 0:
+                            acc = spread.get(b.name, (0.0, 0.0))
+                            spread[b.name] = (acc[0] + sigma * n, acc[1] + n)
         w = self.state.agg.window(WINDOW)
         out = {}
         configured = {b.name for b in self.state.fleet.backends()}  # (not those removed since)
@@ -89,7 +98,10 @@ class CapacityView:
             if not acc or acc[1] <= 0:
                 continue
             ratio = 1.0
-            if w:
+            sp = spread.get(name)
+            if sp and sp[1] > 0:  # the service's own spread (a lognormal's p99 / p50)
+                ratio = math.exp(2.326 * sp[0] / sp[1])
+            elif w:  # else the latency's, queueing and all
                 old, new = w
                 cur = new.hist.get(name, [])
                 before = old.hist.get(name) or [0] * len(cur)  # (none: not heard of yet then)

@@ -86,6 +86,8 @@ class BackendStats(Msg, array_like=True):
     slots: float = 0.0  # fitted requests served at once (this worker's share)
     slots_seen: float = 0.0  # the highest in-flight count (+1) with recent answers: the evidence
     class_service: list[float] = []  # seconds per request class, when sent to a free slot
+    class_log_service: list[float] = []  # ... their mean ln seconds, robust to answers that queued
+    service_spread: float = 0.0  # standard deviation of ln service time (0: not known yet)
 
 
 class TraceSample(Msg, array_like=True):

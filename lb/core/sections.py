@@ -350,12 +350,15 @@ class Capacity(Base):
 
     slo_p99_ms: float = 250.0  # the latency objective a backend's capacity is measured against
     headroom: float = 0.25  # spare capacity the recommendation keeps over the forecast's high end
+    explore: float = 0.0  # share of ml's picks that may measure a backend's slot count (workers/probe.py); 0 = off
 
     def __post_init__(self):
         if not 1 <= self.slo_p99_ms <= 600_000:
             raise ValueError("slo_p99_ms: must be between 1 and 600000")
         if not 0 <= self.headroom <= 10:
             raise ValueError("headroom: must be between 0 and 10")
+        if not 0 <= self.explore <= 0.05:
+            raise ValueError("explore: must be between 0 and 0.05")
 
 
 class Learning(Base):

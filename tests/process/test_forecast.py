@@ -169,3 +169,37 @@ def test_slot_counts_of_workers_sharing_a_backend_combine_to_the_backend():
     assert abs(est.slots - 3.0) < 1e-6 and est.known
     assert abs(est.saturation_rps - 150.0) < 1e-6  # 3 slots / 20 ms
     assert 0 < est.capacity_rps < est.saturation_rps
+
+
+def test_capacity_reads_the_service_from_the_curves_robust_statistics():
+    """With the curves' log statistics, the service time is their mean (exp(mu +
+    sigma^2 / 2)) and its p99 the lognormal's, not the latency's mean and tail
+    (which carry the queueing of the other workers' requests)."""
+    import math
+    from types import SimpleNamespace
+
+    from lb.admin.capacity import CapacityView
+    from lb.core.config import Capacity
+    from lb.core.messages import BackendStats
+
+    def report(spread):
+        b = BackendStats("b", 1, 100, [0] * 6, 0, 0, 0, 0, 0, 0, 0.02, [100], [0], [2.0], [[0] * 3])
+        b.slots, b.slots_seen, b.class_service = 2.0, 3.0, [0.030]  # the plain average, queueing and all
+        b.class_log_service, b.service_spread = [math.log(0.020)], spread
+        return SimpleNamespace(backends=[b])
+
+    def estimate(spread):
+        workers = [report(spread)]
+        agg = SimpleNamespace(live_workers=lambda: workers, window=lambda s: None)
+        state = SimpleNamespace(agg=agg, cfg=SimpleNamespace(capacity=Capacity()), routable=lambda: ["b"],
+                                fleet=SimpleNamespace(backends=lambda: [SimpleNamespace(name="b")]))
+        view = CapacityView(state)
+        view.update(now=1.0)
+        return view.backends(now=1.0)["b"]
+
+    est = estimate(0.3)
+    assert est.service_s == pytest.approx(0.020 * math.exp(0.045))
+    assert est.service_p99_s == pytest.approx(est.service_s * math.exp(2.326 * 0.3))
+    plain = estimate(0.0)  # no spread yet: the plain average, and no tail known (p99/p50 of 1)
+    assert plain.service_s == pytest.approx(0.030) and plain.service_p99_s == pytest.approx(0.030)
+    assert est.capacity_rps > plain.capacity_rps

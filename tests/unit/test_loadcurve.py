@@ -143,3 +143,51 @@ def test_the_fit_keeps_the_evidence_the_stats_report():
     fit(curves, 0.1)
     assert [c.top for c in curves] == pytest.approx(before)
     assert before[0] == 0.0 and before[-1] > 1.0
+
+
+def test_a_measured_slot_count_outlives_its_evidence():
+    """A backend seen queueing at 4 keeps 4 once it goes quiet: answers at low
+    loads alone fit every count above them equally well, and forgetting the knee
+    whenever its evidence decays would turn a measured count into the prior."""
+    rng = random.Random(11)
+    curve = Curve(1)
+    now = answers(curve, rng, 4, (0.005,), 2000, max_load=10, now=0.0)
+    assert curve.slots == 4
+    for _ in range(100):  # ten seconds of single requests: the knee's evidence decays away
+        now += 0.1
+        curve.learn(0, 0.005 * math.exp(rng.gauss(0.0, 0.2)), 0, now)
+        fit([curve], 0.1)
+    assert curve.top < 2.0  # only the lowest level has answers left ...
+    assert curve.slots == 4  # ... and the count they cannot contradict stays
+    # answers that contradict it move it: the backend now queues from the second request on
+    answers(curve, rng, 1, (0.005,), 1000, max_load=3, now=now)
+    assert curve.slots == 1
+
+
+def test_the_log_statistics_read_through_answers_that_queued_elsewhere():
+    """Answers sent to a free slot, a share of which queued behind another
+    worker's requests (up to two service times more): the spread of the log is
+    the service's own when none queued, and the robust mean reads less high
+    than the plain average when some did (averaged over several curves: one
+    curve's estimates move with its last twenty answers)."""
+    def learn(seed: int, queued: float) -> Curve:
+        rng = random.Random(seed)
+        curve = Curve(1)
+        for i in range(5000):
+            latency = 0.020 * math.exp(rng.gauss(0.0, 0.3))
+            if rng.random() < queued:
+                latency += 0.040 * rng.random()
+            curve.learn(0, latency, 0, i * 0.01)
+        return curve
+
+    true_mean = 0.020 * math.exp(0.3 ** 2 / 2)
+    clean = [learn(seed, 0.0) for seed in range(8)]
+    assert 0.25 < sum(c.spread() for c in clean) / 8 < 0.33
+    robust = sum(math.exp(c.log_service[0] + c.spread() ** 2 / 2) for c in clean) / 8
+    assert abs(robust / true_mean - 1) < 0.05
+    for queued in (0.1, 0.25):
+        curves = [learn(seed, queued) for seed in range(8)]
+        robust = sum(math.exp(c.log_service[0] + c.spread() ** 2 / 2) for c in curves) / 8
+        plain = sum(c.service[0] for c in curves) / 8
+        assert robust < plain, (queued, robust, plain)
+    assert Curve(1).spread() == 0.0
