@@ -5,18 +5,23 @@ has 2-3 backends with a fixed concurrency limit and lognormal service time,
 no phases, one request class: backend i saturates at capacity_i / mean
 service_i requests per second.  Per fleet:
 
-1. lb (strategy ml, two workers) in front of it takes Poisson traffic at
+1. lb (strategy ml, two workers, `capacity.explore` from --explore) in front
+   of it takes Poisson traffic at
    LOAD x the fleet's saturation for WARM seconds ("ordinary traffic"), then
    GET /api/capacity gives the estimate, per backend and for the fleet;
 2. the load then steps up (STEPS, fractions of saturation, STEP seconds each)
    until the p99 measured at the client crosses the objective: the last rate
    that met it is the fleet's measured capacity at the objective.
 
-Printed per fleet: the estimate, the measured capacity and the error, and
-per backend the estimate against its saturation.  Develop on seeds 1000 and
-up; report seeds 1-99 (nothing here was tuned on them).
+Printed per fleet: the estimate, the measured capacity and the error; what
+lb's formula (lb/capacity.py) gives when fed the true slot counts, service
+times and spreads (the error no reading of the curves can remove: a 12 s
+step lets a short overload pass, so the ramp measures more than a sustained
+rate); and per backend the estimate against that formula, with the slot
+count, service time and p99 read against the true ones.  Develop on seeds
+1000 and up; report seeds 1-99 (nothing here was tuned on them).
 
-Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60]
+Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [--explore 0.01]
 """
 
 from __future__ import annotations
@@ -162,6 +167,9 @@ def main(argv=None) -> int:
         for frac, rate, p99, e in r["ramp"]:
             print(f"    ramp {frac:.0%} {rate:7.1f} req/s: p99 {p99 * 1000:7.1f} ms, errors {e:.2%}")
         specs = {s.name: s for s in steady_fleet(seed).backends}
+        model = sum(model_capacity(spec, slo) for spec in specs.values())
+        print(f"  the formula fed the true parameters: {model:.0f} req/s "
+              f"({model / meas - 1:+.0%} against the ramp: what a perfect reading would give)" if meas else "")
         for name, b in r["backends"].items():
             spec = specs[name]
             model = model_capacity(spec, slo)

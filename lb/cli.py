@@ -114,7 +114,8 @@ def format_capacity(view: dict) -> str:
     lines = [f"load {num(f['load_rps'])} req/s, capacity {num(f['capacity_rps'])} req/s at p99 <= "
              f"{f['slo_p99_ms']:g} ms, headroom {num(f['headroom'], '{:.0%}')}, "
              f"{f['routable_backends']} routable backends, recommended {num(f['recommended_backends'], '{}')}"
-             + ("" if f["known"] in (True, None) else " (a lower bound: some backends not seen under load)")]
+             + ("" if f["known"] in (True, None) else " (a lower bound: some backends not seen under load"
+                + ("" if f.get("explore") else "; capacity.explore = 0.01 would measure them") + ")")]
     if view["backends"]:
         lines.append(f"{'backend':<24} {'capacity':>10} {'saturation':>11} {'slots':>6} {'service':>9}  known")
         for name, b in view["backends"].items():

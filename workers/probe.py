@@ -13,10 +13,11 @@ there at `goal` = its slot count (rounded down) + 1 until ANSWERS requests have
 been sent at that load, then at one more, up to CLIMB over the slot count: if
 the backend queues them, its curve sees the knee (the count is measured); if
 not, its curve's fit rises to the highest load that did not queue, and the
-next campaign climbs from there.  Each request a campaign sends costs one token; a
-token accrues per 1 / share picks, and a campaign starts only when the tokens
-pay for all of it, so campaigns never take more than `share` of the picks
-(over time; TOKENS at most in a burst).
+next campaign climbs from there.  Each request a campaign sends costs one
+token; a token accrues per 1 / share picks, into a bucket that starts full
+and holds TOKENS at most.  A campaign starts only when the tokens pay for its
+first load and climbs while they last, so campaigns never take more than
+`share` of a worker's picks, plus TOKENS.
 
 Which backends: those whose curve shows no knee now (a slot count that is a
 lower bound), that answer without failures, that are no dearer than RATIO
@@ -36,22 +37,24 @@ RATIO = 4.0  # a campaign's backend costs at most this times the cheapest one's 
 EVERY = 10.0  # seconds between two campaigns of a worker on the same backend
 SPAN = 1.0  # seconds a campaign may last at most
 TOKENS = 16.0  # most tokens kept (the largest burst)
+LOOK = 0.25  # seconds between two looks for a backend to measure (a look scans the cheap ones)
 
 
 class KneeProbe:
     """One worker's capacity exploration (see the module docstring)."""
 
-    __slots__ = ("share", "tokens", "target", "goal", "top", "sent", "until", "visited")
+    __slots__ = ("share", "tokens", "target", "goal", "top", "sent", "until", "visited", "look_at")
 
     def __init__(self, share: float) -> None:
         self.share = share
-        self.tokens = 0.0
+        self.tokens = TOKENS  # (a bucket starts full: the first campaign need not wait)
         self.target = None  # the backend of the campaign under way (None: none)
         self.goal = 0  # the in-flight count the campaign holds there now
         self.top = 0  # ... and the most it climbs to
         self.sent = 0  # requests it sent at the goal load
         self.until = 0.0  # clock time it ends at the latest
         self.visited: dict[int, float] = {}  # backend idx -> when its last campaign started
+        self.look_at = 0.0  # clock time before which no new campaign is looked for
 
     def steer(self, order: list, prices: list, now: float):
         """The backend this pick goes to for a campaign, or None (the pick is the
@@ -73,8 +76,9 @@ class KneeProbe:
                     self.sent += 1
                 return b
             return None
-        if not order:
-            return None
+        if not order or now < self.look_at or self.tokens < ANSWERS + 1:
+            return None  # (a look scans the cheap backends: not on every pick)
+        self.look_at = now + LOOK
         limit = RATIO * prices[0]
         best = None
         oldest = now - EVERY

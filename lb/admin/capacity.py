@@ -140,7 +140,8 @@ class CapacityView:
         routable = [n for n in self.state.routable() if n in per]
         fleet: dict = {"load_rps": round(load, 3), "capacity_rps": None, "headroom": None,
                        "recommended_backends": None, "routable_backends": len(self.state.routable()),
-                       "known": None, "slo_p99_ms": self.state.cfg.capacity.slo_p99_ms}
+                       "known": None, "slo_p99_ms": self.state.cfg.capacity.slo_p99_ms,
+                       "explore": self.state.cfg.capacity.explore}
         if routable:
             cap = sum(per[n].capacity_rps for n in routable)
             fleet["capacity_rps"] = round(cap, 3)

@@ -9,7 +9,7 @@ import random
 from lb.core.config import Backend as BackendConfig
 from workers.backend import Backend
 from workers.loadcurve import Curve, fit
-from workers.probe import ANSWERS, CLIMB, EVERY, RATIO, KneeProbe
+from workers.probe import ANSWERS, CLIMB, EVERY, LOOK, RATIO, KneeProbe
 from workers.strategies import make_strategy
 
 
@@ -79,10 +79,11 @@ def test_each_backend_waits_its_turn():
     order, prices = [a, b], [0.010, 0.010]
     assert probe.steer(order, prices, 0.0) is a
     probe.target = None  # that campaign is over
-    assert probe.steer(order, prices, 0.1) is b  # the other one, not a again
+    assert probe.steer(order, prices, 0.1) is None  # the next look waits LOOK seconds
+    assert probe.steer(order, prices, LOOK) is b  # the other one, not a again
     probe.target = None
-    assert probe.steer(order, prices, 0.2) is None  # both visited lately
-    assert probe.steer(order, prices, 0.1 + EVERY) is a
+    assert probe.steer(order, prices, 3 * LOOK) is None  # both visited lately
+    assert probe.steer(order, prices, EVERY) is a
 
 
 def test_ml_measures_an_idle_backend_and_the_guard_does_not_judge_those_picks():
@@ -121,3 +122,18 @@ def test_ml_measures_an_idle_backend_and_the_guard_does_not_judge_those_picks():
         inflight.append((now + lat, b, load, lat))
     assert knee_seen and bs[1].curve.slots == 2
     assert probe_arms == {-1}
+
+
+def test_lb_capacity_says_how_to_measure_what_it_only_bounds():
+    from lb.cli import format_capacity
+
+    def view(explore):
+        return {"fleet": {"load_rps": 10.0, "capacity_rps": 50.0, "headroom": 4.0, "recommended_backends": 1,
+                          "routable_backends": 2, "known": False, "slo_p99_ms": 250.0, "explore": explore},
+                "backends": {"b": {"capacity_rps": 20.0, "saturation_rps": 25.0, "slots": 1.0, "service_ms": 40.0,
+                                   "known": False, "note": "not seen under enough load to know its limit"}},
+                "forecast": [], "forecast_reason": "no history"}
+
+    assert "capacity.explore = 0.01 would measure them" in format_capacity(view(0.0)).splitlines()[0]
+    first = format_capacity(view(0.01)).splitlines()[0]
+    assert "a lower bound" in first and "capacity.explore" not in first
