@@ -12,7 +12,9 @@ the requests ahead are priced by their own classes, `work`, since a light
 request queued behind a heavy one waits for the heavy one), and never less
 than the time the backend has been busy without answering (`quiet_since`: a
 backend that has just slowed down shows it before its first slow answer).
-Both terms are learned from the worker's own answers, with no probes:
+Both terms are learned from the worker's own answers, with no requests of
+its own (capacity exploration, workers/probe.py, only chooses where a few
+real requests go):
 
 * `service[c]`: every successful answer of class c to a request sent to a
   free slot (in flight + 1 <= `slots`) moves the estimate by LEARN (an
@@ -31,7 +33,8 @@ Both terms are learned from the worker's own answers, with no probes:
   at each level's mean count is closest to those averages in log terms.  A
   backend never seen queueing keeps a low estimate until its answers show it
   serves more at once (the prior is one slot: no herd on a backend whose
-  capacity is unknown).
+  capacity is unknown); a count the answers cannot tell from the best fit
+  stays (a backend gone quiet keeps the count measured at its last knee).
 
 The unit of `slots` is this worker's in-flight requests: with several
 workers (or several lb instances) sharing a backend, each learns the share of
