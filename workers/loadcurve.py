@@ -33,8 +33,11 @@ real requests go):
   at each level's mean count is closest to those averages in log terms.  A
   backend never seen queueing keeps a low estimate until its answers show it
   serves more at once (the prior is one slot: no herd on a backend whose
-  capacity is unknown); a count the answers cannot tell from the best fit
-  stays (a backend gone quiet keeps the count measured at its last knee).
+  capacity is unknown).  `measured` is the same fit for capacity (and for
+  the capacity exploration), except that a count the answers cannot tell
+  from the best fit stays: a backend gone quiet keeps the count measured at
+  its last knee there, while `slots`, which the pick reads, falls back
+  towards the prior as the evidence decays.
 
 The unit of `slots` is this worker's in-flight requests: with several
 workers (or several lb instances) sharing a backend, each learns the share of
@@ -72,14 +75,15 @@ SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 
 class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
-    __slots__ = ("service", "slots", "top", "seen", "level_n", "level_sum", "level_load", "work", "quiet_since",
-                 "log_service", "log_var")
+    __slots__ = ("service", "slots", "measured", "top", "seen", "level_n", "level_sum", "level_load", "work",
+                 "quiet_since", "log_service", "log_var")
 
     def __init__(self, n_classes: int) -> None:
         self.service = [0.0] * n_classes  # seconds; 0: no answer of that class yet
         self.log_service = [0.0] * n_classes  # mean ln seconds (robust), where service is set
         self.log_var = 0.0  # clipped variance of ln latency around log_service (see spread())
         self.slots = 1.0
+        self.measured = 1.0  # the slot count for capacity: the last one the answers showed (see fit)
         self.top = 0.0  # evidence() as of the last fit (reported with the stats at no cost)
         self.work = 0.0  # expected service seconds of this worker's requests in flight here
         self.quiet_since = -1.0  # the last answer, or the start of the busy period if later (-1: never)
@@ -183,15 +187,15 @@ def fit(curves: list[Curve], dt: float) -> None:
     # squared log error of every grid value, weighted by answers: (B, K)
     err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
     best = SLOT_GRID[err.argmin(axis=1)]
-    # A slot count the answers cannot tell from the best stays: answers that
-    # only show the backend below its knee fit every count above their load
-    # equally well, and its last measured count is the one to keep (not the
-    # grid's lowest, which would forget a knee as soon as its evidence decays).
-    now_k = np.array([c.slots for c in curves], dtype=np.float64)
-    at = np.searchsorted(SLOT_GRID, now_k).clip(0, len(SLOT_GRID) - 1)
-    on_grid = SLOT_GRID[at] == now_k
-    mine = err[np.arange(len(curves)), at]
-    best = np.where(on_grid & (mine <= err.min(axis=1) + 1e-12), now_k, best)
+    # For `measured`, a count the answers cannot tell from the best stays:
+    # answers that only show the backend below its knee fit every count above
+    # their load equally well, and the last measured count is the one to keep
+    # (the grid's lowest, which the pick takes, forgets a knee as soon as its
+    # evidence decays).
+    was = np.array([c.measured for c in curves], dtype=np.float64)
+    at = np.searchsorted(SLOT_GRID, was).clip(0, len(SLOT_GRID) - 1)
+    same = (SLOT_GRID[at] == was) & (err[np.arange(len(curves)), at] <= err.min(axis=1) + 1e-12)
+    kept = np.where(same, was, best)
     enough = w.sum(axis=1) >= MIN_FIT_ANSWERS
     top = np.where(use, loads / safe + 1.0, 0.0).max(axis=1)  # evidence(), for every curve at once
     keep = math.exp(-dt / TAU)
@@ -201,6 +205,7 @@ def fit(curves: list[Curve], dt: float) -> None:
     for i, c in enumerate(curves):
         if enough[i]:
             c.slots = float(best[i])
+            c.measured = float(kept[i])
         c.top = float(top[i])
         c.level_n = n[i].tolist()
         c.level_sum = total[i].tolist()

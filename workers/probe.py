@@ -86,14 +86,14 @@ class KneeProbe:
             if price > limit:
                 break
             c = b.curve
-            if c is None or c.top > c.slots + 0.5 or not b.available or b.failures:
+            if c is None or c.top > c.measured + 0.5 or not b.available or b.failures:
                 continue  # its knee shows (or it fails, or is out)
             at = self.visited.get(b.idx, -math.inf)
             if at <= oldest and (best is None or at < oldest):  # (ties: the cheaper)
                 best, oldest = b, at
         if best is None:
             return None
-        goal = int(best.curve.slots) + 1
+        goal = int(best.curve.measured) + 1
         if goal <= best.inflight or self.tokens < goal - best.inflight + ANSWERS:
             return None  # already held there, or the budget cannot pay for it yet
         self.target, self.goal, self.top, self.sent, self.until = best, goal, goal - 1 + CLIMB, 0, now + SPAN

@@ -123,7 +123,7 @@ def build_stats(backends, class_names, *, slot: int, pid: int, generation: int, 
         if c is not None:
             # (the evidence as of the curve's last fit: evidence() per backend per
             # report would cost more than the rest of the report at 256 backends)
-            bs.slots, bs.slots_seen = c.slots, c.top
+            bs.slots, bs.slots_seen = c.measured, c.top
             bs.class_service = list(c.service) if copy else c.service
             bs.class_log_service = list(c.log_service) if copy else c.log_service
             bs.service_spread = c.spread()

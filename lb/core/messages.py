@@ -83,7 +83,7 @@ class BackendStats(Msg, array_like=True):
     ejections: int = 0  # passive outlier ejections by this worker
     overflows: int = 0  # requests turned away by this backend's circuit breaker
     # ml's load curve of the backend in this worker (workers/loadcurve.py); 0/[]: none
-    slots: float = 0.0  # fitted requests served at once (this worker's share)
+    slots: float = 0.0  # requests served at once (this worker's share), as last measured (Curve.measured)
     slots_seen: float = 0.0  # the highest in-flight count (+1) with recent answers: the evidence
     class_service: list[float] = []  # seconds per request class, when sent to a free slot
     class_log_service: list[float] = []  # ... their mean ln seconds, robust to answers that queued

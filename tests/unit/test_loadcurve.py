@@ -146,22 +146,24 @@ def test_the_fit_keeps_the_evidence_the_stats_report():
 
 
 def test_a_measured_slot_count_outlives_its_evidence():
-    """A backend seen queueing at 4 keeps 4 once it goes quiet: answers at low
-    loads alone fit every count above them equally well, and forgetting the knee
-    whenever its evidence decays would turn a measured count into the prior."""
+    """A backend seen queueing at 4 keeps 4 as its measured count once it goes
+    quiet: answers at low loads alone fit every count above them equally well.
+    The pick's count falls back to the prior instead (no herd on a backend
+    whose knee nobody has seen lately)."""
     rng = random.Random(11)
     curve = Curve(1)
     now = answers(curve, rng, 4, (0.005,), 2000, max_load=10, now=0.0)
-    assert curve.slots == 4
+    assert curve.slots == curve.measured == 4
     for _ in range(100):  # ten seconds of single requests: the knee's evidence decays away
         now += 0.1
         curve.learn(0, 0.005 * math.exp(rng.gauss(0.0, 0.2)), 0, now)
         fit([curve], 0.1)
     assert curve.top < 2.0  # only the lowest level has answers left ...
-    assert curve.slots == 4  # ... and the count they cannot contradict stays
+    assert curve.measured == 4  # ... and the count they cannot contradict stays measured
+    assert curve.slots == 1  # while the pick's count is the prior again
     # answers that contradict it move it: the backend now queues from the second request on
     answers(curve, rng, 1, (0.005,), 1000, max_load=3, now=now)
-    assert curve.slots == 1
+    assert curve.measured == curve.slots == 1
 
 
 def test_the_log_statistics_read_through_answers_that_queued_elsewhere():

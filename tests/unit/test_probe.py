@@ -24,7 +24,7 @@ def fleet(n: int) -> list[Backend]:
 def test_a_campaign_climbs_from_one_request_over_the_slot_count():
     fast, slow = fleet(2)
     fast.curve.top = 3.0  # it queued at 2 in flight: its one slot is measured
-    slow.curve.slots = 2.0  # fitted from answers at loads up to 1: a lower bound
+    slow.curve.measured = 2.0  # fitted from answers at loads up to 1: a lower bound
     probe = KneeProbe(1.0)  # every pick may pay
     order, prices = [fast, slow], [0.010, 0.030]
     sent_at = []
@@ -64,7 +64,7 @@ def test_the_share_bounds_the_requests_campaigns_take():
 
 def test_no_campaign_on_a_measured_failing_or_dear_backend():
     knee, failing, dear = fleet(3)
-    knee.curve.slots, knee.curve.top = 2.0, 4.0  # it queued at 3 in flight: measured
+    knee.curve.measured, knee.curve.top = 2.0, 4.0  # it queued at 3 in flight: measured
     failing.failures = 2
     order = [knee, failing, dear]
     prices = [0.010, 0.010, 0.010 * RATIO * 1.5]
@@ -110,7 +110,7 @@ def test_ml_measures_an_idle_backend_and_the_guard_does_not_judge_those_picks():
             st.check(now)
             fit(st._curves, 0.1)
             c = bs[1].curve
-            knee_seen = knee_seen or c.top > c.slots + 0.5
+            knee_seen = knee_seen or c.top > c.measured + 0.5
         was = st.probe.target
         b = st.pick(cls=0)
         if st.probe.target is not None or was is not None:
@@ -120,7 +120,7 @@ def test_ml_measures_an_idle_backend_and_the_guard_does_not_judge_those_picks():
         b.inflight += 1
         lat = service[b.idx] * max(1.0, (load + 1) / slots[b.idx]) * (0.9 + 0.2 * rng.random())
         inflight.append((now + lat, b, load, lat))
-    assert knee_seen and bs[1].curve.slots == 2
+    assert knee_seen and bs[1].curve.measured == 2
     assert probe_arms == {-1}
 
 
