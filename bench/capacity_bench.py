@@ -167,12 +167,13 @@ def main(argv=None) -> int:
         for frac, rate, p99, e in r["ramp"]:
             print(f"    ramp {frac:.0%} {rate:7.1f} req/s: p99 {p99 * 1000:7.1f} ms, errors {e:.2%}")
         specs = {s.name: s for s in steady_fleet(seed).backends}
-        model = sum(model_capacity(spec, slo) for spec in specs.values())
-        print(f"  the formula fed the true parameters: {model:.0f} req/s "
-              f"({model / meas - 1:+.0%} against the ramp: what a perfect reading would give)" if meas else "")
+        models = {name: model_capacity(spec, slo) for name, spec in specs.items()}
+        total = sum(models.values())
+        print(f"  the formula fed the true parameters: {total:.0f} req/s"
+              + (f" ({total / meas - 1:+.0%} against the ramp: what a perfect reading would give)" if meas else ""))
         for name, b in r["backends"].items():
             spec = specs[name]
-            model = model_capacity(spec, slo)
+            model = models[name]
             print(f"    {name}: estimate {b['capacity_rps']:.1f} vs {model:.1f} ({b['capacity_rps'] / model - 1:+.0%}; "
                   f"known {b['known']}): slots {b['slots']} vs {spec.capacity}, service {b['service_ms']} vs "
                   f"{spec.median_ms * math.exp(spec.sigma ** 2 / 2):.1f} ms, p99 {b['service_p99_ms']} vs "

@@ -107,7 +107,7 @@ class Curve:
                 # count that is too low would shrink the service time, which would
                 # make queueing look worse, which would lower the slot count.)
                 self.service[cls] = s + LEARN * (latency - s)
-                d = math.log(latency) - self.log_service[cls]
+                d = math.log(latency if latency > 1e-6 else 1e-6) - self.log_service[cls]
                 v = self.log_var
                 lim = CLIP * math.sqrt(v) if v > 1e-4 else 0.5  # (before the spread is known: 0.5)
                 d = lim if d > lim else (-lim if d < -lim else d)
@@ -118,7 +118,7 @@ class Curve:
             # time too high is corrected by the next answers sent to a free slot,
             # while one too low would draw the class's requests here meanwhile
             self.service[cls] = latency
-            self.log_service[cls] = math.log(latency) if latency > 0.0 else math.log(1e-6)
+            self.log_service[cls] = math.log(latency if latency > 1e-6 else 1e-6)
         self.seen = self.quiet_since = now
 
     def start(self, cls: int, load: int, now: float) -> float:

@@ -193,3 +193,7 @@ def test_the_log_statistics_read_through_answers_that_queued_elsewhere():
         plain = sum(c.service[0] for c in curves) / 8
         assert robust < plain, (queued, robust, plain)
     assert Curve(1).spread() == 0.0
+    zero = Curve(1)  # a latency of zero (a clock that did not move) is learned, not a math error
+    for _ in range(3):
+        zero.learn(0, 0.0, 0, 1.0)
+    assert math.isfinite(zero.log_service[0]) and math.isfinite(zero.spread())

@@ -9,7 +9,7 @@ import random
 from lb.core.config import Backend as BackendConfig
 from workers.backend import Backend
 from workers.loadcurve import Curve, fit
-from workers.probe import ANSWERS, CLIMB, EVERY, LOOK, RATIO, KneeProbe
+from workers.probe import ANSWERS, CLIMB, EVERY, LOOK, RATIO, TOKENS, KneeProbe
 from workers.strategies import make_strategy
 
 
@@ -59,7 +59,7 @@ def test_the_share_bounds_the_requests_campaigns_take():
         for x in bs:  # each backend answers its requests soon
             if x.inflight and rng.random() < 0.3:
                 x.inflight -= 1
-    assert 0 < steered <= 0.01 * 50_000 + 16
+    assert 0 < steered <= 0.01 * 50_000 + TOKENS
 
 
 def test_no_campaign_on_a_measured_failing_or_dear_backend():
@@ -75,7 +75,7 @@ def test_no_campaign_on_a_measured_failing_or_dear_backend():
 def test_each_backend_waits_its_turn():
     a, b = fleet(2)
     probe = KneeProbe(1.0)
-    probe.tokens = 16.0
+    probe.tokens = TOKENS
     order, prices = [a, b], [0.010, 0.010]
     assert probe.steer(order, prices, 0.0) is a
     probe.target = None  # that campaign is over
