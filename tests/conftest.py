@@ -80,10 +80,34 @@ def inference_pids(lb_pid: int) -> list[int]:
     return [c.pid for c in child_processes(lb_pid, " inference")]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+# Ports for listeners the tests start come from below the kernel's ephemeral
+# range, so no client socket of the suite (thousands of them) can take one
+# between the test choosing it and lb binding it; none is handed out twice in
+# a run.  The start depends on the pid, so two suites on one host rarely meet.
+_PORTS = iter(range(20000 + os.getpid() % 8000, 20000 + os.getpid() % 8000 + 4000))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on or is bound to, never the same twice in a run."""
+    for port in _PORTS:
+        if _EPHEMERAL[0] <= port <= _EPHEMERAL[1]:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left for the tests")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -13,16 +12,11 @@ import urllib.request
 import pytest
 
 from tests.adminharness import ROOT, AdminProc, Feeder, wait_until
+from tests.conftest import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 CONFIGS = ROOT / "configs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(port: int, path: str, **params) -> dict:
