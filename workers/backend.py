@@ -108,10 +108,12 @@ class Backend:
         """One outcome of a request of class `cls` sent here: a response head
         after `latency` seconds (an error if 5xx), or a failure without one.
         With `now` (a response head arrived then) the peak EWMA is updated too,
-        exactly as `observe(latency, now)` would: one call per response.
+        exactly as `observe(latency, now)` would: one call per response, except
+        that an error may raise it but never lowers it (a backend that fails
+        fast must not look fast and draw the traffic to its failures).
         `load`: the requests this worker had in flight here when it sent this
         one (-1: unknown), for the load curve (`ml` only)."""
-        if now is not None:
+        if now is not None and (not error or latency >= self.ewma):
             # observe(), inlined (tests/process/test_strategies.py checks they agree)
             ewma = self.ewma
             if latency >= ewma:

@@ -230,6 +230,23 @@ def test_record_with_now_updates_the_peak_ewma_like_observe():
     assert recorded.ewma == before and recorded.cls_errors == [1]
 
 
+def test_a_fast_error_never_lowers_the_peak_ewma():
+    # A backend answering 503 in 0.2 ms must not look fast: least-latency
+    # policies would pour the traffic into its failures.
+    failing, healthy = mk(("failing", 1), ("healthy", 1))
+    for b in (failing, healthy):
+        b.record(0, 0.005, False, 100.0)
+    for i in range(20):
+        failing.record(0, 0.0002, True, 100.1 + i * 0.1)
+        healthy.record(0, 0.005, False, 100.1 + i * 0.1)
+    assert failing.ewma == pytest.approx(0.005)
+    assert failing.cls_errors == [20] and failing.ewma_ts == 100.0
+    failing.record(0, 0.050, True, 103.0)  # a slow error still raises it
+    assert failing.ewma == pytest.approx(0.050) and failing.ewma_ts == 103.0
+    failing.record(0, 0.001, False, 104.0)  # a success lowers it as before
+    assert 0.001 < failing.ewma < 0.050
+
+
 def test_p2c_ewma_avoids_a_slow_backend():
     bs = mk(("fast1", 1), ("fast2", 1), ("slow", 1))
     s = strat("p2c_ewma", bs, seed=3)
