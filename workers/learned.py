@@ -48,7 +48,7 @@ class TableStrategy(P2CEwma):
       first looks for a backend this worker has not heard from for STALE
       seconds and sends the request there instead (its curve may be out of
       date: a slow backend that recovered gets found).  Nothing is spent on
-      backends the worker knows, and less and less on one that keeps failing;
+      backends the worker knows;
     * with `probe_share` > 0 (`capacity.explore`), lets a `KneeProbe`
       (workers/probe.py) take up to that share of the picks to hold a
       backend whose slot count is unmeasured at one request more than it,
@@ -84,7 +84,6 @@ class TableStrategy(P2CEwma):
         self.guard = Guard(guard_share) if guard_share > 0 else None
         self.arm = NO_ARM  # which arm made the last pick (guard.LEARNED / CONTROL / NO_ARM)
         self.stale_after = 0.0
-        self._explored: dict[str, float] = {}  # backend name -> clock time exploration last sent it a request
         # share of picks that look for a backend not heard from lately: the
         # configured `learning.exploration` until a learned table says otherwise
         self.explore = exploration
@@ -300,24 +299,13 @@ class TableStrategy(P2CEwma):
     def _stale(self, order):
         """The routable backend this worker has not heard from for the longest,
         if that is longer than STALE seconds and it has nothing in flight from
-        this worker (a backend still working through a backlog is not news).
-        A backend whose last answers here were failures is looked at again
-        only after STALE x 2^failures since it was last explored: each failure
-        doubles the wait, so exploration does not keep feeding requests to a
-        backend that fails them (the outlier ejection and the health checks
-        say when it is back)."""
-        now = self.clock()
-        limit = now - self.STALE
+        this worker (a backend still working through a backlog is not news)."""
+        limit = self.clock() - self.STALE
         best = None
         for b in order:
             seen = b.curve.seen
             if seen < limit and b.available and not b.inflight:
-                if b.failures and now - self._explored.get(b.name, 0.0) < self.STALE * (
-                        1 << min(b.failures, 8)):
-                    continue
                 best, limit = b, seen
-        if best is not None:
-            self._explored[best.name] = now
         return best
 
 
