@@ -117,9 +117,7 @@ class Random(Strategy):
 
 
 class P2CEwma(Strategy):
-    """Power of two choices over peak-EWMA latency x (in-flight + 1) / weight,
-    times (consecutive failures + 1): a backend that fails fast holds nothing in
-    flight and would otherwise win every pair it is drawn in."""
+    """Power of two choices over peak-EWMA latency x (in-flight + 1) / weight."""
 
     name = "p2c_ewma"
 
@@ -145,8 +143,8 @@ class P2CEwma(Strategy):
             return b if b.available else self._fallback()
         if not b.available:
             return a
-        ca = a.ewma * (a.inflight + 1) * (a.failures + 1) / a.weight
-        cb = b.ewma * (b.inflight + 1) * (b.failures + 1) / b.weight
+        ca = a.ewma * (a.inflight + 1) / a.weight
+        cb = b.ewma * (b.inflight + 1) / b.weight
         return a if ca <= cb else b
 
     def _fallback(self):
