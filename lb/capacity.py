@@ -23,12 +23,20 @@ A slot count is only known up to the load the backend was seen at: when the
 curves never saw it queue (their fit is at or above the highest in-flight
 count with answers), the capacity is a lower bound, reported with
 `known = False`.
+
+The fleet is more than the sum of its backends (`fleet_capacity`): a
+balancer that sends each request where it waits least pools their slots, so
+the fleet queues like one k-server queue with all their slots, the mean
+service of their throughput at saturation and the spread of that mixture of
+service times.  Each backend alone at its own capacity is a split the
+balancer could also make, so the fleet's capacity is the larger of the two.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 MIN_SLOTS = 1.0
 
@@ -110,3 +118,47 @@ def estimate(slots: float, service: float, p99_over_p50: float, slo: float, know
         cap = (1 - frac) * cap + frac * _capacity(below + 1, service, s99, slo, cv2)
     note = "" if known else "not seen under enough load to know its limit: at least this"
     return Estimate(cap, sat, k, service, s99, known, note)
+
+
+_NORMAL = NormalDist()
+
+
+def _mixture_ratio(parts: list[tuple[float, float, float]]) -> float:
+    """p99 / p50 of a mixture of lognormals, `parts` = (weight, median, sigma)."""
+    total = sum(w for w, _, _ in parts)
+    cdf = _NORMAL.cdf
+
+    def below(x: float) -> float:
+        lx = math.log(x)
+        return sum(w * (cdf((lx - math.log(m)) / sg) if sg > 0 else float(x >= m)) for w, m, sg in parts) / total
+
+    def quantile(q: float) -> float:
+        lo = min(m for _, m, _ in parts) * 1e-3
+        hi = max(m * math.exp(5 * sg) for _, m, sg in parts) * 10
+        for _ in range(60):  # bisection in log space: well under 0.1% relative
+            mid = math.sqrt(lo * hi)
+            if below(mid) < q:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    return quantile(0.99) / quantile(0.5)
+
+
+def fleet_capacity(estimates: list[Estimate], slo: float) -> float:
+    """The fleet's rate within `slo`: the larger of its backends' capacities
+    summed and of their slots pooled into one queue (see the module's doc)."""
+    alone = sum(e.capacity_rps for e in estimates)
+    live = [e for e in estimates if e.service_s > 0 and e.slots > 0]
+    if len(live) < 2:
+        return alone
+    slots = sum(e.slots for e in live)
+    sat = sum(e.saturation_rps for e in live)
+    parts = []
+    for e in live:
+        # the spread each estimate was made with: service p99 = mean x exp(2.326 sigma)
+        sigma = min(math.log(max(e.service_p99_s / e.service_s, 1.0)) / 2.326, 1.5)
+        parts.append((e.saturation_rps, e.service_s * math.exp(-sigma * sigma / 2), sigma))
+    pooled = estimate(slots, slots / sat, _mixture_ratio(parts), slo, True).capacity_rps
+    return max(alone, pooled)

@@ -11,6 +11,9 @@
 * The load now (LOAD_WINDOW seconds) and its forecast: the per-minute
   history (lb/admin/loadhistory.py) fitted once a minute (lb/forecast.py,
   statsmodels) in a thread, off the event loop that serves the API.
+* The fleet's capacity: its routable backends' slots pooled, as a balancer
+  that sends each request where it waits least pools them, or their
+  capacities summed if that is more (lb/capacity.py, `fleet_capacity`).
 * The recommendation: routable backends needed so that the forecast's high
   end (or the load now, if higher) plus `capacity.headroom` stays under the
   fleet's capacity, at the mean capacity of the backends routable now.
@@ -23,7 +26,7 @@ import math
 import time
 
 from lb.core import log
-from lb.capacity import Estimate, estimate
+from lb.capacity import Estimate, estimate, fleet_capacity
 from lb.forecast import Forecast, forecast
 
 from .stats import quantile
@@ -143,7 +146,7 @@ class CapacityView:
                        "known": None, "slo_p99_ms": self.state.cfg.capacity.slo_p99_ms,
                        "explore": self.state.cfg.capacity.explore}
         if routable:
-            cap = sum(per[n].capacity_rps for n in routable)
+            cap = fleet_capacity([per[n] for n in routable], self.state.cfg.capacity.slo_p99_ms / 1000.0)
             fleet["capacity_rps"] = round(cap, 3)
             fleet["known"] = all(per[n].known for n in routable) and len(routable) == fleet["routable_backends"]
             if load > 0:
