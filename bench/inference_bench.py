@@ -25,6 +25,7 @@ Medians and p99 over `--runs` repetitions.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -194,6 +195,12 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
         b.pool = Pool()
     teach(ml, errors=0.01)
     counters = dict(connections=10, accepted=10, requests=1000, rejected=0, timeouts=0, no_backend=0)
+
+    # the collector as a worker runs it (workers/worker.py): what lives as
+    # long as the worker frozen out of its scans, young objects collected less often
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 50, 100)
 
     def install():
         ml.set_table(m.table_decoder.decode(blob))
