@@ -15,8 +15,9 @@ service_i requests per second.  Per fleet:
 
 Printed per fleet: the estimate, the measured capacity and the error; what
 lb's formula (lb/capacity.py) gives when fed the true slot counts, service
-times and spreads (the error no reading of the curves can remove); and per backend the estimate against that formula, with the slot
-count, service time and p99 read against the true ones.  Develop on seeds
+times and spreads (the error no reading of the curves can remove); and per
+backend the estimate against that formula, with the slot count, service
+time and p99 read against the true ones.  Develop on seeds
 1000 and up; report seeds 1-99 (nothing here was tuned on them).
 
 Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [--explore 0.01]

@@ -127,10 +127,11 @@ def _mixture_ratio(parts: list[tuple[float, float, float]]) -> float:
     """p99 / p50 of a mixture of lognormals, `parts` = (weight, median, sigma)."""
     total = sum(w for w, _, _ in parts)
     cdf = _NORMAL.cdf
+    logs = [(w, math.log(m), sg) for w, m, sg in parts]
 
     def below(x: float) -> float:
         lx = math.log(x)
-        return sum(w * (cdf((lx - math.log(m)) / sg) if sg > 0 else float(x >= m)) for w, m, sg in parts) / total
+        return sum(w * (cdf((lx - lm) / sg) if sg > 0 else float(lx >= lm)) for w, lm, sg in logs) / total
 
     def quantile(q: float) -> float:
         lo = min(m for _, m, _ in parts) * 1e-3
