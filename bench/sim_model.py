@@ -111,6 +111,8 @@ class Worker:
                 b = wbackend.Backend(cfg, len(scn.CLASSES), i)
             else:
                 b = wbackend.Backend(cfg)
+            if hasattr(b, "sent"):
+                b.sent = None  # (the answers a worker keeps for the admin's curves: no admin here)
             self.backends.append(b)
         self.index = {id(b): i for i, b in enumerate(self.backends)}
         kw = {"decay": EWMA_DECAY, "seed": seed * 1000 + slot + 1}

@@ -3,11 +3,15 @@
 The strategies (workers/classic.py, workers/prequal.py, workers/learned.py)
 pick among these; each response head is recorded with one call,
 `Backend.record(cls, rtt, error, now)`, which also feeds the peak-EWMA
-estimate every strategy reads.
+estimate every strategy reads, and keeps when the request was sent and how
+long it took (`sent`, shipped with the next stats report: the admin rebuilds
+from every worker's what the whole instance had in flight at the backend,
+lb/admin/loadcurves.py).
 """
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
 from math import exp
 
@@ -15,6 +19,7 @@ from lb.core.config import Backend as BackendConfig
 from lb.core.messages import LATENCY_BOUNDS, N_BUCKETS
 
 DEFAULT_RTT = 0.005  # seconds; the prior for a backend that has not answered yet
+SENT_MAX = 8192  # answers kept per backend between two stats reports (more: `sent_lost`)
 
 
 class Backend:
@@ -56,6 +61,10 @@ class Backend:
         "overflows",
         # ml: this worker's load curve of the backend (workers/loadcurve.py), or None
         "curve",
+        # answers since the last stats report: (class, or -1 - class for a 5xx; sent at; seconds),
+        # None where nobody reads them (the simulator)
+        "sent",
+        "sent_lost",  # more than SENT_MAX of them: the rest were not kept
     )
 
     def __init__(self, cfg: BackendConfig, n_classes: int = 1, idx: int = 0) -> None:
@@ -93,6 +102,8 @@ class Backend:
         self.connecting = 0  # new connections being opened for requests
         self.overflows = 0  # requests turned away by this backend's circuit breaker
         self.curve = None
+        self.sent = array("d")
+        self.sent_lost = False
 
     def observe(self, rtt: float, now: float) -> None:
         """Peak EWMA (as in Finagle/Linkerd): jump up at once, decay slowly."""
@@ -112,7 +123,8 @@ class Backend:
         that an error may raise it but never lowers it (a backend that fails
         fast must not look fast and draw the traffic to its failures).
         `load`: the requests this worker had in flight here when it sent this
-        one (-1: unknown), for the load curve (`ml` only)."""
+        one (-1: unknown), for the load curve (`ml` only).  With `now`, the
+        answer joins `sent` too."""
         if now is not None and (not error or latency >= self.ewma):
             # observe(), inlined (tests/process/test_strategies.py checks they agree)
             ewma = self.ewma
@@ -122,6 +134,12 @@ class Backend:
                 w = exp((self.ewma_ts - now) / self.tau)
                 self.ewma = ewma * w + latency * (1.0 - w)
             self.ewma_ts = now
+        sent = self.sent
+        if now is not None and sent is not None:
+            if len(sent) < 3 * SENT_MAX:
+                sent.extend((-1.0 - cls if error else cls, now - latency, latency))
+            else:
+                self.sent_lost = True
         self.cls_responses[cls] += 1
         if error:
             self.cls_errors[cls] += 1

@@ -1,6 +1,7 @@
 """The load curve of a backend, as one worker sees it: what a request of each
 class costs there when it does not wait, and how that grows with the requests
-this worker has in flight to it.
+this worker has in flight to it.  (The admin keeps the same curves of the
+backends as the whole instance loads them, for capacity: lb/admin/loadcurves.py.)
 
 A backend serves about `slots` requests at once and queues the rest, so the
 next request of class c, sent while n others are in flight, is expected to take
@@ -19,13 +20,18 @@ real requests go):
 * `service[c]`: every successful answer of class c to a request sent to a
   free slot (in flight + 1 <= `slots`) moves the estimate by LEARN (an
   exponential average over the last twenty or so answers); the first answer
-  of a class is taken whole;
+  of a class is taken whole.  In an instance curve (`instance=True`, the
+  admin's, whose in-flight counts are the whole instance's and exact), only
+  answers to requests sent with nothing else in flight: those never queued,
+  whatever the slot count, so a count read too high cannot raise the
+  service time that would confirm it;
 * `log_service[c]` and `spread`, for capacity (lb/capacity.py), not for the
-  pick: the same answers' log latency, averaged with each answer's distance
-  from the average clipped at CLIP standard deviations (an answer that queued
-  behind another worker's requests pulls it up by little), and the spread
-  of the service time (the standard deviation of log latency around it,
-  corrected for the clipping), shared by the classes;
+  pick, and only in an instance curve: the same
+  answers' log latency, averaged with each answer's distance from the
+  average clipped at CLIP standard deviations (an answer that queued pulls
+  it up by little), and the spread of the service time (the standard
+  deviation of log latency around it, corrected for the clipping), shared by
+  the classes;
 * `slots`: the answers' latency relative to `service` is averaged by the
   in-flight count each request was sent at (LEVELS levels, one per count up
   to 7 and wider above, decayed with a time constant of TAU seconds); `fit`
@@ -33,15 +39,16 @@ real requests go):
   at each level's mean count is closest to those averages in log terms.  A
   backend never seen queueing keeps a low estimate until its answers show it
   serves more at once (the prior is one slot: no herd on a backend whose
-  capacity is unknown).  `measured` is the same fit for capacity (and for
-  the capacity exploration), except that a count the answers cannot tell
-  from the best fit stays: a backend gone quiet keeps the count measured at
-  its last knee there, while `slots`, which the pick reads, falls back
-  towards the prior as the evidence decays.
+  capacity is unknown).  `measured` is the same fit for capacity and for
+  the capacity exploration (workers/probe.py), except that a count the
+  answers cannot tell from the best fit stays: a backend gone quiet keeps
+  the count measured at its last knee there, while `slots`, which the pick
+  reads, falls back towards the prior as the evidence decays.
 
-The unit of `slots` is this worker's in-flight requests: with several
-workers (or several lb instances) sharing a backend, each learns the share of
-it that it gets, since the others' load shows in its latencies.
+The unit of `slots` is the in-flight requests of whoever feeds the curve: a
+worker's own (with several workers, or several lb instances, sharing a
+backend, each learns the share of it that it gets, since the others' load
+shows in its latencies), or the whole instance's in the admin's curves.
 
 Failed answers teach nothing here (a fast 503 is not a fast backend): the
 strategy penalises failures separately.
@@ -76,9 +83,10 @@ class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
     __slots__ = ("service", "slots", "measured", "top", "seen", "level_n", "level_sum", "level_load", "work",
-                 "quiet_since", "log_service", "log_var")
+                 "quiet_since", "log_service", "log_var", "instance")
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, instance: bool = False) -> None:
+        self.instance = instance  # the admin's (see the module docstring)
         self.service = [0.0] * n_classes  # seconds; 0: no answer of that class yet
         self.log_service = [0.0] * n_classes  # mean ln seconds (robust), where service is set
         self.log_var = 0.0  # clipped variance of ln latency around log_service (see spread())
@@ -94,25 +102,27 @@ class Curve:
 
     def learn(self, cls: int, latency: float, load: int, now: float) -> None:
         """A successful answer of class `cls` after `latency` seconds, to a
-        request sent while `load` others were in flight from this worker."""
+        request sent while `load` others were in flight (from this worker, or
+        from the instance in the admin's curves)."""
         s = self.service[cls]
         if s > 0.0:
             lvl = LEVEL_OF[load] if load < 64 else TOP
             self.level_n[lvl] += 1.0
             self.level_sum[lvl] += latency / s
             self.level_load[lvl] += load
-            if load + 1 <= self.slots:
+            if (load == 0) if self.instance else (load + 1 <= self.slots):
                 # sent to a free slot: its latency is the service time.  (Answers
                 # that may have queued are left out: de-queueing them by a slot
                 # count that is too low would shrink the service time, which would
                 # make queueing look worse, which would lower the slot count.)
                 self.service[cls] = s + LEARN * (latency - s)
-                d = math.log(latency if latency > 1e-6 else 1e-6) - self.log_service[cls]
-                v = self.log_var
-                lim = CLIP * math.sqrt(v) if v > 1e-4 else 0.5  # (before the spread is known: 0.5)
-                d = lim if d > lim else (-lim if d < -lim else d)
-                self.log_service[cls] += LEARN * d
-                self.log_var = v + LEARN * (d * d - v)
+                if self.instance:
+                    d = math.log(latency if latency > 1e-6 else 1e-6) - self.log_service[cls]
+                    v = self.log_var
+                    lim = CLIP * math.sqrt(v) if v > 1e-4 else 0.5  # (before the spread is known: 0.5)
+                    d = lim if d > lim else (-lim if d < -lim else d)
+                    self.log_service[cls] += LEARN * d
+                    self.log_var = v + LEARN * (d * d - v)
         else:
             # the first answer, taken whole: it may have queued, and a service
             # time too high is corrected by the next answers sent to a free slot,
@@ -169,36 +179,49 @@ class Curve:
         return s if s > quiet else quiet
 
 
-def fit(curves: list[Curve], dt: float) -> None:
+def fit(curves: list[Curve], dt: float, residual: np.ndarray | float = 1.0,
+        grid: np.ndarray = SLOT_GRID, tau: float = TAU, min_level: float = MIN_LEVEL_ANSWERS) -> None:
     """Refit every curve's slot count from its per-level averages, then decay
     them by `dt` seconds.  Vectorised: a few hundred microseconds for 256
-    backends (bench/inference_bench.py)."""
+    backends (bench/inference_bench.py).
+
+    `grid`: the slot counts to choose from.  `residual` (per curve, or one
+    for all): what the first request ahead in the queue costs, as a share of
+    its service.  The model is max(1, (n + residual) / k) at n in flight: with
+    1 (the default, and the pick's), a request queued behind the only one in
+    flight waits its full service; the instance-wide curves of the admin
+    (lb/admin/loadcurves.py) give the mean residual service of a request seen
+    in progress, (1 + cv^2) / 2 of its service (cv^2: the service time's
+    squared coefficient of variation)."""
     if not curves:
         return
     n = np.array([c.level_n for c in curves], dtype=np.float64)  # (B, LEVELS)
     total = np.array([c.level_sum for c in curves], dtype=np.float64)
     loads = np.array([c.level_load for c in curves], dtype=np.float64)
-    use = n >= MIN_LEVEL_ANSWERS
+    use = n >= min_level
     w = np.where(use, n, 0.0)
     safe = np.maximum(n, 1e-12)
     mean = np.log(np.where(use, total / safe, 1.0))
-    # ln max(1, (load + 1) / k) at each level's mean load, for every grid value: (B, LEVELS, K)
-    curve = np.log(np.maximum(1.0, (loads / safe + 1.0)[:, :, None] / SLOT_GRID[None, None, :]))
+    # ln max(1, (load + residual) / k) at each level's mean load, for every grid value: (B, LEVELS, K)
+    r = np.asarray(residual, dtype=np.float64)
+    if r.ndim:
+        r = r[:, None]
+    curve = np.log(np.maximum(1.0, (loads / safe + r)[:, :, None] / grid[None, None, :]))
     # squared log error of every grid value, weighted by answers: (B, K)
     err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
-    best = SLOT_GRID[err.argmin(axis=1)]
+    best = grid[err.argmin(axis=1)]
     # For `measured`, a count the answers cannot tell from the best stays:
     # answers that only show the backend below its knee fit every count above
     # their load equally well, and the last measured count is the one to keep
     # (the grid's lowest, which the pick takes, forgets a knee as soon as its
     # evidence decays).
     was = np.array([c.measured for c in curves], dtype=np.float64)
-    at = np.searchsorted(SLOT_GRID, was).clip(0, len(SLOT_GRID) - 1)
-    same = (SLOT_GRID[at] == was) & (err[np.arange(len(curves)), at] <= err.min(axis=1) + 1e-12)
+    at = np.searchsorted(grid, was).clip(0, len(grid) - 1)
+    same = (grid[at] == was) & (err[np.arange(len(curves)), at] <= err.min(axis=1) + 1e-12)
     kept = np.where(same, was, best)
     enough = w.sum(axis=1) >= MIN_FIT_ANSWERS
     top = np.where(use, loads / safe + 1.0, 0.0).max(axis=1)  # evidence(), for every curve at once
-    keep = math.exp(-dt / TAU)
+    keep = math.exp(-dt / tau)
     n *= keep
     total *= keep
     loads *= keep

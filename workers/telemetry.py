@@ -117,16 +117,14 @@ def build_stats(backends, class_names, *, slot: int, pid: int, generation: int, 
             )
             for b in backends
         ]
-    mode = reason = ""
     for bs, b in zip(bstats, backends):
-        c = b.curve
-        if c is not None:
-            # (the evidence as of the curve's last fit: evidence() per backend per
-            # report would cost more than the rest of the report at 256 backends)
-            bs.slots, bs.slots_seen = c.measured, c.top
-            bs.class_service = list(c.service) if copy else c.service
-            bs.class_log_service = list(c.log_service) if copy else c.log_service
-            bs.service_spread = c.spread()
+        sent = b.sent
+        if sent:
+            bs.sends = sent.tobytes()
+            del sent[:]
+        if b.sent_lost:
+            bs.sends_lost, b.sent_lost = True, False
+    mode = reason = ""
     table_seq = 0
     table_age = -1.0
     if isinstance(strategy, TableStrategy):

@@ -1,13 +1,12 @@
 """`GET /api/capacity` and the fleet gauges: capacity, load, forecast, advice.
 
-* Capacity per backend (lb/capacity.py) from what the workers report of
-  their load curves (ml only: the other strategies learn none): the slot
-  count (a worker's own count plus the others' load, averaged over workers
-  and over SMOOTH seconds), the service time per class weighted
-  by the class mix it answered and the spread of the service times (each
-  from the curves' robust log statistics; without them, the p99/p50 ratio of
-  the latency over the last WINDOW seconds).  Known (not a lower bound) when a
-  worker's curve saw it queue within the last WINDOW seconds.
+* Capacity per backend (lb/capacity.py) from its load curve as the whole
+  instance loads it (lb/admin/loadcurves.py, from every worker's answers,
+  whatever the strategy): the slot count, the service time per class
+  weighted by the class mix it answered and the spread of the service times
+  (from the curve's robust log statistics; before they are known, the
+  p99/p50 ratio of the latency over the last WINDOW seconds).  Known (not a
+  lower bound) when the curve saw it queue within the last WINDOW seconds.
 * The load now (LOAD_WINDOW seconds) and its forecast: the per-minute
   history (lb/admin/loadhistory.py) fitted once a minute (lb/forecast.py,
   statsmodels) in a thread, off the event loop that serves the API.
@@ -29,12 +28,12 @@ from lb.core import log
 from lb.capacity import Estimate, estimate, fleet_capacity
 from lb.forecast import Forecast, forecast
 
+from .loadcurves import InstanceCurves
 from .stats import quantile
 
 REFIT = 60.0  # seconds between two forecasts
 LOAD_WINDOW = 10.0  # seconds the current load is averaged over
 WINDOW = 60.0  # seconds of latency (p99/p50) and of queueing evidence
-SMOOTH = 10.0  # seconds: time constant of the slot counts' average
 
 
 class CapacityView:
@@ -42,68 +41,42 @@ class CapacityView:
         self.state = state
         self.latest = Forecast("none", [], 0, "no forecast yet")
         self.fitted_at = 0.0
-        self.slots: dict[str, float] = {}  # each backend's smoothed slot count (from every worker's)
-        self.knee_at: dict[str, float] = {}  # when a curve last saw the backend queue
-        self.updated = 0.0
+        self.curves = InstanceCurves()  # the backends' curves from every worker's answers
+
+    def offer(self, ws) -> None:
+        """Every worker stats report, as it comes."""
+        self.curves.offer(ws)
 
     def update(self, now: float | None = None) -> None:
-        """Once a second (AdminState.tick): fold the workers' latest curves in."""
-        now = time.monotonic() if now is None else now
-        dt = now - self.updated if self.updated else 1.0
-        self.updated = now
-        keep = math.exp(-dt / SMOOTH)
-        # Each worker's curve counts slots in its own in-flight requests: it sees
-        # the backend queue once its load plus the others' reaches the slots.
-        # So the backend's slots are a worker's count plus what the others had
-        # in flight: mean over workers of (slots - own load), plus the total load.
-        spare: dict[str, float] = {}
-        load: dict[str, float] = {}
-        workers: dict[str, int] = {}
-        for ws in self.state.agg.live_workers():
-            for b in ws.backends:
-                if b.slots <= 0:
-                    continue
-                spare[b.name] = spare.get(b.name, 0.0) + b.slots - b.inflight
-                load[b.name] = load.get(b.name, 0.0) + b.inflight
-                workers[b.name] = workers.get(b.name, 0) + 1
-                if b.slots_seen > b.slots + 0.5:  # its fit found queueing below the load it saw
-                    self.knee_at[b.name] = now
-        total = {n: max(1.0, spare[n] / workers[n] + load[n]) for n in spare}
-        for name, k in total.items():
-            old = self.slots.get(name)
-            self.slots[name] = k if old is None else keep * old + (1 - keep) * k
+        """Once a second (AdminState.tick): learn from the answers reported."""
+        self.curves.forget({b.name for b in self.state.fleet.backends()})
+        self.curves.fold(now)
 
     def backends(self, now: float | None = None) -> dict[str, Estimate]:
         now = time.monotonic() if now is None else now
         slo = self.state.cfg.capacity.slo_p99_ms / 1000.0
-        service: dict[str, tuple[float, float]] = {}  # name -> (sum of service x answers, answers)
-        spread: dict[str, tuple[float, float]] = {}  # name -> (sum of spread x answers, answers)
+        mix: dict[str, list[int]] = {}  # name -> answers per class, over every worker
         for ws in self.state.agg.live_workers():
             for b in ws.backends:
-                sigma = b.service_spread
-                logs = b.class_log_service if sigma > 0 else ()
-                for c, (s, n) in enumerate(zip(b.class_service, b.class_responses)):
-                    if s > 0 and n > 0:
-                        if c < len(logs):  # the robust mean: exp(mean ln + variance / 2)
-                            s = math.exp(logs[c] + sigma * sigma / 2)
-                        acc = service.get(b.name, (0.0, 0.0))
-                        service[b.name] = (acc[0] + s * n, acc[1] + n)
-                        if sigma > 0:
-                            acc = spread.get(b.name, (0.0, 0.0))
-                            spread[b.name] = (acc[0] + sigma * n, acc[1] + n)
+                acc = mix.setdefault(b.name, [0] * len(b.class_responses))
+                for c, n in enumerate(b.class_responses[:len(acc)]):
+                    acc[c] += n
         w = self.state.agg.window(WINDOW)
         out = {}
         configured = {b.name for b in self.state.fleet.backends()}  # (not those removed since)
-        for name, k in self.slots.items():
-            if name not in configured:
+        for name in configured:
+            got = self.curves.summary(name)
+            if got is None:
                 continue
-            acc = service.get(name)
-            if not acc or acc[1] <= 0:
-                continue
+            slots, service, sigma, _ = got
+            weights = mix.get(name) or [1] * len(service)
+            pairs = [(s, n) for s, n in zip(service, weights) if s > 0 and n > 0]
+            if not pairs:
+                pairs = [(s, 1) for s in service if s > 0]
+            mean = sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
             ratio = 1.0
-            sp = spread.get(name)
-            if sp and sp[1] > 0:  # the service's own spread (a lognormal's p99 / p50)
-                ratio = math.exp(2.326 * sp[0] / sp[1])
+            if sigma > 0:  # the service's own spread (a lognormal's p99 / p50)
+                ratio = math.exp(2.326 * sigma)
             elif w:  # else the latency's, queueing and all
                 old, new = w
                 cur = new.hist.get(name, [])
@@ -112,8 +85,8 @@ class CapacityView:
                 p50, p99 = quantile(h, 0.5), quantile(h, 0.99)
                 if p50 and p99:
                     ratio = p99 / p50
-            known = now - self.knee_at.get(name, -math.inf) <= WINDOW
-            out[name] = estimate(k, acc[0] / acc[1], ratio, slo, known)
+            known = now - self.curves.knee_at.get(name, -math.inf) <= WINDOW
+            out[name] = estimate(slots, mean, ratio, slo, known)
         return out
 
     async def run(self) -> None:

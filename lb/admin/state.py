@@ -91,7 +91,9 @@ class AdminState:
             topic, payload = frames
             try:
                 if topic == TOPIC_STATS:
-                    self.agg.offer_stats(stats_decoder.decode(payload))
+                    ws = stats_decoder.decode(payload)
+                    self.agg.offer_stats(ws)
+                    self.capacity.offer(ws)
                 elif topic == TOPIC_STATUS:
                     st = status_decoder.decode(payload)
                     self.agg.offer_status(st)

@@ -82,12 +82,11 @@ class BackendStats(Msg, array_like=True):
     ramp: float = 1.0  # gauge: slow start, share of picks kept (1 = full)
     ejections: int = 0  # passive outlier ejections by this worker
     overflows: int = 0  # requests turned away by this backend's circuit breaker
-    # ml's load curve of the backend in this worker (workers/loadcurve.py); 0/[]: none
-    slots: float = 0.0  # requests served at once (this worker's share), as last measured (Curve.measured)
-    slots_seen: float = 0.0  # the highest in-flight count (+1) with recent answers: the evidence
-    class_service: list[float] = []  # seconds per request class, when sent to a free slot
-    class_log_service: list[float] = []  # ... their mean ln seconds, robust to answers that queued
-    service_spread: float = 0.0  # standard deviation of ln service time (0: not known yet)
+    # The response heads since the last report, for the admin's load curves
+    # (lb/admin/loadcurves.py): float64 triples (class, or -1 - class for a
+    # 5xx; time.monotonic() when the request was sent; seconds to the head).
+    sends: bytes = b""
+    sends_lost: bool = False  # more than workers.backend.SENT_MAX since the last report: some left out
 
 
 class TraceSample(Msg, array_like=True):

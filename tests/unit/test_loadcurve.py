@@ -167,14 +167,15 @@ def test_a_measured_slot_count_outlives_its_evidence():
 
 
 def test_the_log_statistics_read_through_answers_that_queued_elsewhere():
-    """Answers sent to a free slot, a share of which queued behind another
+    """An instance curve (the admin's, for capacity; a worker's keeps no log statistics):
+    answers sent to a free slot, a share of which queued behind another
     worker's requests (up to two service times more): the spread of the log is
     the service's own when none queued, and the robust mean reads less high
     than the plain average when some did (averaged over several curves: one
     curve's estimates move with its last twenty answers)."""
     def learn(seed: int, queued: float) -> Curve:
         rng = random.Random(seed)
-        curve = Curve(1)
+        curve = Curve(1, instance=True)
         for i in range(5000):
             latency = 0.020 * math.exp(rng.gauss(0.0, 0.3))
             if rng.random() < queued:
@@ -192,8 +193,12 @@ def test_the_log_statistics_read_through_answers_that_queued_elsewhere():
         robust = sum(math.exp(c.log_service[0] + c.spread() ** 2 / 2) for c in curves) / 8
         plain = sum(c.service[0] for c in curves) / 8
         assert robust < plain, (queued, robust, plain)
-    assert Curve(1).spread() == 0.0
-    zero = Curve(1)  # a latency of zero (a clock that did not move) is learned, not a math error
+    assert Curve(1, instance=True).spread() == 0.0
+    plain_curve = Curve(1)  # a worker's: the log statistics are not kept
+    for i in range(50):
+        plain_curve.learn(0, 0.020 * (1.5 if i % 2 else 1.0), 0, i * 0.01)
+    assert plain_curve.spread() == 0.0
+    zero = Curve(1, instance=True)  # a latency of zero (a clock that did not move) is learned, not a math error
     for _ in range(3):
         zero.learn(0, 0.0, 0, 1.0)
     assert math.isfinite(zero.log_service[0]) and math.isfinite(zero.spread())

@@ -1,0 +1,64 @@
+"""GET /api/capacity per backend from the admin's instance-wide load curves
+(lb/admin/loadcurves.py), on a running lb with two workers and a strategy
+that learns no curves of its own, in front of real simulated backends of
+known slot counts (bench/scenario_backend.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from tests.conftest import ROOT, free_port
+from tests.rawhttp import get
+from tests.supervision import wait_until
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import loadgen  # noqa: E402
+import scenarios as scn  # noqa: E402
+
+
+def test_two_workers_read_single_slot_backends_as_one_slot(lb_factory):
+    """Two backends that each serve one request at a time, loaded at about 70%
+    of their throughput by least connections over two workers.  A worker's
+    own curve would see a share of a slot (its answers queue behind the other
+    worker's requests); the admin, counting both workers' requests in flight,
+    reads one slot each, measured (`known`), with the service time of the
+    backend, not of its queue."""
+    sc = scn.get("steady1002")  # c1, c2: one slot each, ~25 and ~29 ms median
+    assert [b.capacity for b in sc.backends] == [1, 1]
+    ports = [free_port() for _ in sc.backends]
+    be = subprocess.Popen([sys.executable, "bench/scenario_backend.py", "--scenario", sc.name,
+                           "--ports", ",".join(map(str, ports)), "--duration", "600"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert be.stdout.readline() == b"ready\n"
+        backends = [SimpleNamespace(name=b.name, address=f"127.0.0.1:{p}") for b, p in zip(sc.backends, ports)]
+        lb = lb_factory(backends, strategy="least_connections", workers=2)
+        rate = 0.7 * scn.capacity_rate(sc.backends, 0.0)
+        schedule = [(i / rate, 0) for i in range(int(rate * 12))]
+        records, _ = loadgen.run_load(lb.port, schedule, timeout=5.0)
+        assert sum(r[2] == 200 for r in records) >= 0.99 * len(schedule)
+
+        def backends_view():
+            v = json.loads(get(lb.admin_port, "/api/capacity")[2])["backends"]
+            return v if all(n in v and v[n]["known"] for n in ("c1", "c2")) else None
+
+        view = wait_until(backends_view, 10, 0.2)
+        assert view, json.loads(get(lb.admin_port, "/api/capacity")[2])["backends"]
+        for spec in sc.backends:
+            est = view[spec.name]
+            mean_ms = spec.median_ms * math.exp(spec.sigma ** 2 / 2)
+            assert est["slots"] == 1, est
+            assert 0.8 * mean_ms < est["service_ms"] < 1.25 * mean_ms, (spec, est)
+            assert 0 < est["capacity_rps"] < est["saturation_rps"]
+    finally:
+        be.send_signal(signal.SIGTERM)
+        try:
+            be.wait(5)
+        except subprocess.TimeoutExpired:
+            be.kill()
