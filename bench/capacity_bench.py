@@ -5,7 +5,8 @@ has 2-3 backends with a fixed concurrency limit and lognormal service time,
 no phases, one request class: backend i saturates at capacity_i / mean
 service_i requests per second.  Per fleet:
 
-1. lb (strategy ml, two workers, `capacity.explore` from --explore) in front
+1. lb (strategy --strategy, ml by default; two workers; `capacity.explore`
+   from --explore) in front
    of it takes Poisson traffic at
    LOAD x the fleet's saturation for WARM seconds ("ordinary traffic"), then
    GET /api/capacity gives the estimate, per backend and for the fleet;
@@ -20,7 +21,8 @@ backend the estimate against that formula, with the slot count, service
 time and p99 read against the true ones.  Develop on seeds
 1000 and up; report seeds 1-99 (nothing here was tuned on them).
 
-Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [--explore 0.01]
+Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [--explore 0]
+                                      [--strategy ml]
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def _p99(records) -> tuple[float, float]:
     return (report.percentile(lat, 0.99) if lat else float("inf")), errors
 
 
-def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 0.0) -> dict:
+def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 0.0,
+              strategy: str = "ml") -> dict:
     sc = steady_fleet(seed)
     tmp = tempfile.mkdtemp(prefix="capacity-bench-")
     ports = free_ports(len(sc.backends) + 2)
@@ -95,7 +98,7 @@ def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 
         assert be.stdout.readline().strip() == b"ready"
         cfg = os.path.join(tmp, "lb.toml")
         with open(cfg, "w") as f:
-            f.write(f'listen = "127.0.0.1:{lport}"\nstrategy = "ml"\nworkers = 2\n'
+            f.write(f'listen = "127.0.0.1:{lport}"\nstrategy = "{strategy}"\nworkers = 2\n'
                     f'[admin]\nlisten = "127.0.0.1:{aport}"\n[capacity]\nslo_p99_ms = {slo * 1000}\n'
                     f'explore = {explore}\n')
             for spec, p in zip(sc.backends, bports):
@@ -150,12 +153,13 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-ms", type=float, default=250.0)
     ap.add_argument("--warm", type=float, default=60.0, help="seconds of traffic at LOAD before the estimate")
     ap.add_argument("--python", default=sys.executable)
-    ap.add_argument("--explore", type=float, default=0.01,
-                    help="lb's capacity.explore (share of picks that may measure slot counts; default 0.01)")
+    ap.add_argument("--strategy", default="ml", help="lb's strategy (default ml)")
+    ap.add_argument("--explore", type=float, default=0.0,
+                    help="lb's capacity.explore (share of picks that may measure slot counts; default 0, lb's)")
     args = ap.parse_args(argv)
     slo = args.slo_ms / 1000
     for seed in (int(s) for s in args.seeds.split(",")):
-        r = run_fleet(seed, slo, args.warm, args.python, args.explore)
+        r = run_fleet(seed, slo, args.warm, args.python, args.explore, args.strategy)
         est, meas = r["estimate"], r["measured"]
         err = (est / meas - 1) if est and meas else None
         print(f"steady{seed}: " + ", ".join(f"{n} {c} slots {m} ms (saturates at {s:.0f}/s)"

@@ -24,7 +24,10 @@ real requests go):
   admin's, whose in-flight counts are the whole instance's and exact), only
   answers to requests sent with nothing else in flight: those never queued,
   whatever the slot count, so a count read too high cannot raise the
-  service time that would confirm it;
+  service time that would confirm it; and by INSTANCE_LEARN, as capacity
+  needs a steadier figure than the pick (in the simulator, development
+  fleets: 0.02 read the backends' capacities 5% off on average with two
+  workers, 0.05 7%);
 * `log_service[c]` and `spread`, for capacity (lb/capacity.py), not for the
   pick, and only in an instance curve: the same
   answers' log latency, averaged with each answer's distance from the
@@ -68,6 +71,7 @@ LEVELS = len(_EDGES)
 LEVEL_OF = [max(i for i, e in enumerate(_EDGES) if e <= n) for n in range(_EDGES[-1])]
 TOP = LEVELS - 1
 LEARN = 0.05  # weight of one answer in the service-time estimate
+INSTANCE_LEARN = 0.02  # ... in an instance curve (the admin's, for capacity: fifty answers or so)
 CLIP = 2.0  # standard deviations at which an answer's log distance is clipped (capacity statistics)
 # E[min(z^2, CLIP^2)] for a standard normal z: what clipping leaves of a variance
 _CLIPPED_VAR = math.erf(CLIP / math.sqrt(2)) - CLIP * math.sqrt(2 / math.pi) * math.exp(-CLIP * CLIP / 2) + \
@@ -83,10 +87,11 @@ class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
     __slots__ = ("service", "slots", "measured", "top", "seen", "level_n", "level_sum", "level_load", "work",
-                 "quiet_since", "log_service", "log_var", "instance")
+                 "quiet_since", "log_service", "log_var", "instance", "taught")
 
     def __init__(self, n_classes: int, instance: bool = False) -> None:
         self.instance = instance  # the admin's (see the module docstring)
+        self.taught = [1] * n_classes  # answers that taught service[c] (instance curves)
         self.service = [0.0] * n_classes  # seconds; 0: no answer of that class yet
         self.log_service = [0.0] * n_classes  # mean ln seconds (robust), where service is set
         self.log_var = 0.0  # clipped variance of ln latency around log_service (see spread())
@@ -115,14 +120,19 @@ class Curve:
                 # that may have queued are left out: de-queueing them by a slot
                 # count that is too low would shrink the service time, which would
                 # make queueing look worse, which would lower the slot count.)
-                self.service[cls] = s + LEARN * (latency - s)
-                if self.instance:
+                if not self.instance:
+                    self.service[cls] = s + LEARN * (latency - s)
+                else:
+                    # (a plain mean of the first answers, then INSTANCE_LEARN)
+                    k = self.taught[cls] = self.taught[cls] + 1
+                    rate = 1.0 / k if k * INSTANCE_LEARN < 1.0 else INSTANCE_LEARN
+                    self.service[cls] = s + rate * (latency - s)
                     d = math.log(latency if latency > 1e-6 else 1e-6) - self.log_service[cls]
                     v = self.log_var
                     lim = CLIP * math.sqrt(v) if v > 1e-4 else 0.5  # (before the spread is known: 0.5)
                     d = lim if d > lim else (-lim if d < -lim else d)
-                    self.log_service[cls] += LEARN * d
-                    self.log_var = v + LEARN * (d * d - v)
+                    self.log_service[cls] += rate * d
+                    self.log_var = v + rate * (d * d - v)
         else:
             # the first answer, taken whole: it may have queued, and a service
             # time too high is corrected by the next answers sent to a free slot,
