@@ -8,7 +8,8 @@ service_i requests per second.  Per fleet:
 1. lb (strategy --strategy, ml by default; two workers; `capacity.explore`
    from --explore) in front
    of it takes Poisson traffic at
-   LOAD x the fleet's saturation for WARM seconds ("ordinary traffic"), then
+   LOAD (--load) x the fleet's saturation for WARM seconds ("ordinary
+   traffic"), then
    GET /api/capacity gives the estimate, per backend and for the fleet;
 2. the load then steps up (STEPS, fractions of saturation, STEP seconds each)
    until the p99 measured at the client crosses the objective: the last rate
@@ -21,8 +22,8 @@ backend the estimate against that formula, with the slot count, service
 time and p99 read against the true ones.  Develop on seeds
 1000 and up; report seeds 1-99 (nothing here was tuned on them).
 
-Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [--explore 0]
-                                      [--strategy ml]
+Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [--load 0.45]
+                                      [--explore 0] [--strategy ml]
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _p99(records) -> tuple[float, float]:
 
 
 def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 0.0,
-              strategy: str = "ml") -> dict:
+              strategy: str = "ml", load: float = LOAD) -> dict:
     sc = steady_fleet(seed)
     tmp = tempfile.mkdtemp(prefix="capacity-bench-")
     ports = free_ports(len(sc.backends) + 2)
@@ -108,7 +109,7 @@ def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 
         procs.append(lb)
         _wait(aport)
         sat = sum(saturation(s) for s in sc.backends)
-        records, _ = run_load(lport, scn.arrivals(sc, warm, sat * LOAD, seed=seed))
+        records, _ = run_load(lport, scn.arrivals(sc, warm, sat * load, seed=seed))
         with urllib.request.urlopen(f"http://127.0.0.1:{aport}/api/capacity", timeout=10) as r:
             view = json.loads(r.read())
         measured, ramp, crossed = 0.0, [], False
@@ -151,7 +152,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="1,2", help="comma-separated fleet seeds (report: 1-99)")
     ap.add_argument("--slo-ms", type=float, default=250.0)
-    ap.add_argument("--warm", type=float, default=60.0, help="seconds of traffic at LOAD before the estimate")
+    ap.add_argument("--warm", type=float, default=60.0, help="seconds of traffic at --load before the estimate")
+    ap.add_argument("--load", type=float, default=LOAD,
+                    help=f"the ordinary traffic, as a share of the fleet's saturation (default {LOAD})")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--strategy", default="ml", help="lb's strategy (default ml)")
     ap.add_argument("--explore", type=float, default=0.0,
@@ -159,12 +162,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     slo = args.slo_ms / 1000
     for seed in (int(s) for s in args.seeds.split(",")):
-        r = run_fleet(seed, slo, args.warm, args.python, args.explore, args.strategy)
+        r = run_fleet(seed, slo, args.warm, args.python, args.explore, args.strategy, args.load)
         est, meas = r["estimate"], r["measured"]
         err = (est / meas - 1) if est and meas else None
         print(f"steady{seed}: " + ", ".join(f"{n} {c} slots {m} ms (saturates at {s:.0f}/s)"
                                             for n, c, m, s in r["fleet"]))
-        print(f"  after {args.warm:.0f} s at {LOAD:.0%} load: estimate {est} req/s (known: {r['known']}); "
+        print(f"  after {args.warm:.0f} s at {args.load:.0%} load: estimate {est} req/s (known: {r['known']}); "
               f"measured at p99 <= {args.slo_ms:g} ms: {'' if r['crossed'] else 'at least '}{meas:.0f} req/s "
               f"({'-' if err is None else f'{err:+.0%}'}); fleet saturation {r['saturation']:.0f}")
         for frac, rate, p99, e in r["ramp"]:

@@ -1,11 +1,14 @@
 """Capacity exploration for `ml`: find how many requests a backend serves at
 once when ordinary traffic never shows it.
 
-A load curve (workers/loadcurve.py) learns a backend's slot count only from
-answers to requests sent while others were in flight there.  `ml` keeps most
-of the traffic on its fastest backends, so a slower one may never hold more
-than one request, and its capacity stays a lower bound
-(`GET /api/capacity`, `known: false`).
+A load curve (workers/loadcurve.py, and the admin's of the whole instance,
+lb/admin/loadcurves.py, which the capacity reads) learns a backend's slot
+count only from answers to requests sent while others were in flight there.
+`ml` keeps most of the traffic on its fastest backends, so a slower one may
+never hold more than one request, and its capacity stays a lower bound
+(`GET /api/capacity`, `known: false`).  (The campaigns are steered by this
+worker's own curve: a campaign that makes the backend queue shows the knee
+to the admin's curve too.)
 
 A `KneeProbe` spends a small, bounded share of the picks (`capacity.explore`)
 to measure it.  A campaign on backend b holds this worker's in-flight count

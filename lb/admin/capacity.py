@@ -63,8 +63,7 @@ class CapacityView:
                     acc[c] += n
         w = self.state.agg.window(WINDOW)
         out = {}
-        configured = {b.name for b in self.state.fleet.backends()}  # (not those removed since)
-        for name in configured:
+        for name in [b.name for b in self.state.fleet.backends()]:  # (not those removed since)
             got = self.curves.summary(name)
             if got is None:
                 continue

@@ -50,6 +50,7 @@ class InstanceCurves:
     def __init__(self, lag: float = LAG) -> None:
         self.lag = lag
         self.classes: list[str] = []
+        self.generation = -1  # the newest workers' generation heard of
         self.curves: dict[str, Curve] = {}
         self.knee_at: dict[str, float] = {}  # monotonic time a fit last saw the backend queue
         self._new: dict[str, list[bytes]] = {}  # reports' records not folded yet
@@ -60,11 +61,15 @@ class InstanceCurves:
 
     def offer(self, ws) -> None:
         """One worker's stats report (a `WorkerStats`)."""
-        if ws.classes != self.classes:  # a new configuration's classes: start over
-            self.classes = list(ws.classes)
-            self.curves.clear()
-            self._held.clear()
-            self._new.clear()
+        if ws.generation > self.generation:
+            self.generation = ws.generation
+            if ws.classes != self.classes:  # a new configuration's classes: start over
+                self.classes = list(ws.classes)
+                self.curves.clear()
+                self._held.clear()
+                self._new.clear()
+        elif ws.classes != self.classes:
+            return  # a worker of an older generation, draining: its class numbers are not these
         for b in ws.backends:
             if b.sends:
                 self._new.setdefault(b.name, []).append(b.sends)

@@ -32,11 +32,11 @@ def _queue(slots: int, median: float, sigma: float, rate: float, seconds: float,
         out.append((t, done - t))
 
 
-def _report(name: str, records, *, cls=0, lost=False, classes=("default",)) -> WorkerStats:
+def _report(name: str, records, *, cls=0, lost=False, classes=("default",), generation=1) -> WorkerStats:
     b = BackendStats(name, 1, len(records), [0] * 6, 0, 0, 0, 0, 0, 0, 0.0, [len(records)], [0], [0.0], [[0]])
     b.sends = np.array([(cls, t0, took) for t0, took in records], dtype=np.float64).tobytes()
     b.sends_lost = lost
-    return WorkerStats(slot=0, pid=1, generation=1, seq=1, ts=0.0, classes=list(classes), backends=[b],
+    return WorkerStats(slot=0, pid=1, generation=generation, seq=1, ts=0.0, classes=list(classes), backends=[b],
                        connections=0, accepted=0, requests=0, rejected=0, timeouts=0, no_backend=0)
 
 
@@ -121,10 +121,15 @@ def test_in_flight_counts_every_workers_requests_at_each_send():
 
 
 def test_a_new_set_of_classes_starts_the_curves_over():
+    """A reload that changes the classes: the new generation's workers start
+    the curves over, and the old generation's, still draining, are not mixed
+    in (their class numbers mean other classes)."""
     curves = _run(_queue(2, 0.02, 0.3, 60.0, 10.0, seed=4))
     assert curves.summary("b") is not None
-    curves.offer(_report("b", [], classes=("default", "heavy")))
+    curves.offer(_report("b", [], classes=("default", "heavy"), generation=2))
     assert curves.summary("b") is None and curves.classes == ["default", "heavy"]
+    curves.offer(_report("b", [(100.0, 0.02)], classes=("default",), generation=1))
+    assert not curves._new and curves.classes == ["default", "heavy"]
 
 
 def test_capacity_view_reads_the_instance_curves():
