@@ -59,8 +59,8 @@ class InstanceCurves:
         self._horizon = -math.inf  # requests sent up to here are learned
         self._folded = 0.0  # monotonic time of the last fold
 
-    def offer(self, ws) -> None:
-        """One worker's stats report (a `WorkerStats`)."""
+    def offer(self, ws, now: float | None = None) -> None:
+        """One worker's stats report (a `WorkerStats`), received at monotonic `now`."""
         if ws.generation > self.generation:
             self.generation = ws.generation
             if ws.classes != self.classes:  # a new configuration's classes: start over
@@ -74,7 +74,7 @@ class InstanceCurves:
             if b.sends:
                 self._new.setdefault(b.name, []).append(b.sends)
             if b.sends_lost:
-                self._lost[b.name] = time.monotonic()
+                self._lost[b.name] = time.monotonic() if now is None else now
 
     def forget(self, keep: set[str]) -> None:
         """Drop the backends not in `keep` (removed from the fleet)."""
@@ -124,7 +124,7 @@ class InstanceCurves:
         for cls, took, load, done in zip(rec[idx, 0].tolist(), rec[idx, 2].tolist(),
                                          np.maximum(inflight, 0).tolist(), end[idx].tolist()):
             if 0 <= cls < n_classes:  # (a 5xx is -1 - class: in flight, not a service time)
-                curve.learn(int(cls), took, load if load < 63 else 63, done)
+                curve.learn(int(cls), took, load, done)
 
     def summary(self, name: str) -> tuple[float, list[float], float, float] | None:
         """(slots, service seconds per class (0: none yet), spread, evidence) of

@@ -40,7 +40,8 @@ def _report(name: str, records, *, cls=0, lost=False, classes=("default",), gene
                        connections=0, accepted=0, requests=0, rejected=0, timeouts=0, no_backend=0)
 
 
-def _run(requests, workers: int = 2, step: float = 0.1, fold_every: float = 1.0, seed: int = 0, **kw):
+def _run(requests, workers: int = 2, step: float = 0.1, fold_every: float = 1.0, seed: int = 0,
+         lost_until: float = -1.0, **kw):
     """Replay `requests` as `workers` workers would report them (each answer in
     the report after its head arrived, the workers taking requests at
     random), folding once a `fold_every` seconds."""
@@ -57,7 +58,7 @@ def _run(requests, workers: int = 2, step: float = 0.1, fold_every: float = 1.0,
         for w in range(workers):
             got = by_report.get((w, i))
             if got:
-                curves.offer(_report("b", got, **kw))
+                curves.offer(_report("b", got, lost=t <= lost_until, **kw), now=t)
         if t >= next_fold:
             curves.fold(t)
             next_fold += fold_every
@@ -95,11 +96,15 @@ def test_5xx_answers_count_in_flight_but_teach_no_service():
 
 def test_an_interval_with_answers_left_out_teaches_nothing():
     """A report that could not keep every answer (`sends_lost`) makes the
-    in-flight counts around it unknown: that backend learns nothing then."""
+    in-flight counts around it unknown: that backend learns nothing then,
+    and learns again from the requests sent well after it."""
     requests = _queue(2, 0.02, 0.3, 60.0, 10.0, seed=3)
-    curves = _run(requests, lost=True)
-    assert curves.summary("b") is None
+    assert _run(requests, lost_until=20.0).summary("b") is None
     assert _run(requests).summary("b") is not None
+    early = _run(requests, lost_until=1.0)  # the first second's reports: learning starts some seconds later
+    full = _run(requests)
+    assert early.summary("b") is not None
+    assert 0 < sum(early.curves["b"].level_n) < sum(full.curves["b"].level_n)
 
 
 def test_in_flight_counts_every_workers_requests_at_each_send():
