@@ -190,12 +190,13 @@ class Curve:
 
 
 def fit(curves: list[Curve], dt: float, residual: np.ndarray | float = 1.0,
-        grid: np.ndarray = SLOT_GRID, tau: float = TAU, min_level: float = MIN_LEVEL_ANSWERS) -> None:
+        grid: np.ndarray = SLOT_GRID, tau: float = TAU) -> None:
     """Refit every curve's slot count from its per-level averages, then decay
     them by `dt` seconds.  Vectorised: a few hundred microseconds for 256
     backends (bench/inference_bench.py).
 
-    `grid`: the slot counts to choose from.  `residual` (per curve, or one
+    `grid`: the slot counts to choose from; `tau`: the levels' time constant.
+    `residual` (per curve, or one
     for all): what the first request ahead in the queue costs, as a share of
     its service.  The model is max(1, (n + residual) / k) at n in flight: with
     1 (the default, and the pick's), a request queued behind the only one in
@@ -208,7 +209,7 @@ def fit(curves: list[Curve], dt: float, residual: np.ndarray | float = 1.0,
     n = np.array([c.level_n for c in curves], dtype=np.float64)  # (B, LEVELS)
     total = np.array([c.level_sum for c in curves], dtype=np.float64)
     loads = np.array([c.level_load for c in curves], dtype=np.float64)
-    use = n >= min_level
+    use = n >= MIN_LEVEL_ANSWERS
     w = np.where(use, n, 0.0)
     safe = np.maximum(n, 1e-12)
     mean = np.log(np.where(use, total / safe, 1.0))
