@@ -325,6 +325,38 @@ def lb_factory(tmp_path):
 
 
 @pytest.fixture
+def scenario_backends():
+    """start(scenario, duration) -> (ports, process): a quality scenario's
+    simulated backends (bench/scenario_backend.py), one port each; stopped
+    after the test (and required to exit cleanly)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import scenarios as scn
+
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, duration: float):
+        sc = scn.get(name)
+        ports = [free_port() for _ in sc.backends]
+        p = subprocess.Popen(
+            [sys.executable, "bench/scenario_backend.py", "--scenario", name,
+             "--ports", ",".join(map(str, ports)), "--duration", str(duration)],
+            cwd=ROOT, stdout=subprocess.PIPE)
+        procs.append(p)
+        assert p.stdout.readline() == b"ready\n"
+        return ports, p
+
+    yield start
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        try:
+            assert p.wait(5) == 0
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+
+
+@pytest.fixture
 def servers():
     """Backends whose status and delay a test switches at run time
     (tests/flaky_backends.py), made by name; all closed after the test."""

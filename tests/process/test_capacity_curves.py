@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 import sys
 from types import SimpleNamespace
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.rawhttp import get
 from tests.supervision import wait_until
 
@@ -22,24 +20,7 @@ import loadgen  # noqa: E402
 import scenarios as scn  # noqa: E402
 
 
-def _scenario_backends(sc):
-    ports = [free_port() for _ in sc.backends]
-    be = subprocess.Popen([sys.executable, "bench/scenario_backend.py", "--scenario", sc.name,
-                           "--ports", ",".join(map(str, ports)), "--duration", "600"],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert be.stdout.readline() == b"ready\n"
-    return be, ports
-
-
-def _stop(be) -> None:
-    be.send_signal(signal.SIGTERM)
-    try:
-        be.wait(5)
-    except subprocess.TimeoutExpired:
-        be.kill()
-
-
-def test_two_workers_answers_give_single_slot_backends_their_service_time(lb_factory):
+def test_two_workers_answers_give_single_slot_backends_their_service_time(lb_factory, scenario_backends):
     """Two backends that each serve one request at a time, loaded at about 70%
     of their throughput by least connections over two workers.  A worker's
     own curve would read a share of a slot and a service time up to half
@@ -50,51 +31,45 @@ def test_two_workers_answers_give_single_slot_backends_their_service_time(lb_fac
     in flight for a few milliseconds after the backend has let it go)."""
     sc = scn.get("steady1002")  # c1, c2: one slot each, ~25 and ~29 ms median
     assert [b.capacity for b in sc.backends] == [1, 1]
-    be, ports = _scenario_backends(sc)
-    try:
-        backends = [SimpleNamespace(name=b.name, address=f"127.0.0.1:{p}") for b, p in zip(sc.backends, ports)]
-        lb = lb_factory(backends, strategy="least_connections", workers=2)
-        rate = 0.7 * scn.capacity_rate(sc.backends, 0.0)
-        schedule = [(i / rate, 0) for i in range(int(rate * 12))]
-        records, _ = loadgen.run_load(lb.port, schedule, timeout=5.0)
-        assert sum(r[2] == 200 for r in records) >= 0.99 * len(schedule)
+    ports, _ = scenario_backends(sc.name, 600)
+    backends = [SimpleNamespace(name=b.name, address=f"127.0.0.1:{p}") for b, p in zip(sc.backends, ports)]
+    lb = lb_factory(backends, strategy="least_connections", workers=2)
+    rate = 0.7 * scn.capacity_rate(sc.backends, 0.0)
+    schedule = [(i / rate, 0) for i in range(int(rate * 12))]
+    records, _ = loadgen.run_load(lb.port, schedule, timeout=5.0)
+    assert sum(r[2] == 200 for r in records) >= 0.99 * len(schedule)
 
-        def backends_view():
-            v = json.loads(get(lb.admin_port, "/api/capacity")[2])["backends"]
-            return v if all(n in v and v[n]["known"] for n in ("c1", "c2")) else None
+    def backends_view():
+        v = json.loads(get(lb.admin_port, "/api/capacity")[2])["backends"]
+        return v if all(n in v and v[n]["known"] for n in ("c1", "c2")) else None
 
-        view = wait_until(backends_view, 15, 0.2)
-        assert view, json.loads(get(lb.admin_port, "/api/capacity")[2])["backends"]
-        for spec in sc.backends:
-            est = view[spec.name]
-            mean_ms = spec.median_ms * math.exp(spec.sigma ** 2 / 2)
-            assert est["slots"] in (1, 2), est
-            assert 0.8 * mean_ms < est["service_ms"] < 1.25 * mean_ms, (spec, est)
-            assert 0 < est["capacity_rps"] < est["saturation_rps"]
-    finally:
-        _stop(be)
+    view = wait_until(backends_view, 15, 0.2)
+    assert view, json.loads(get(lb.admin_port, "/api/capacity")[2])["backends"]
+    for spec in sc.backends:
+        est = view[spec.name]
+        mean_ms = spec.median_ms * math.exp(spec.sigma ** 2 / 2)
+        assert est["slots"] in (1, 2), est
+        assert 0.8 * mean_ms < est["service_ms"] < 1.25 * mean_ms, (spec, est)
+        assert 0 < est["capacity_rps"] < est["saturation_rps"]
 
 
-def test_a_backend_never_loaded_past_one_request_reports_a_lower_bound(lb_factory):
+def test_a_backend_never_loaded_past_one_request_reports_a_lower_bound(lb_factory, scenario_backends):
     """One request at a time to a backend that serves eight at once: nothing
     shows where it would queue, so its capacity is reported as what one slot
     gives, flagged `known: false` with a note, not as a guess."""
     sc = scn.get("identical")  # eight slots, 5 ms each
-    be, ports = _scenario_backends(sc)
-    try:
-        lb = lb_factory([SimpleNamespace(name="b1", address=f"127.0.0.1:{ports[0]}")], strategy="least_connections")
-        for _ in range(300):
-            assert get(lb.port, "/")[0] == 200
+    ports, _ = scenario_backends(sc.name, 600)
+    lb = lb_factory([SimpleNamespace(name="b1", address=f"127.0.0.1:{ports[0]}")], strategy="least_connections")
+    for _ in range(300):
+        assert get(lb.port, "/")[0] == 200
 
-        def seen():
-            v = json.loads(get(lb.admin_port, "/api/capacity")[2])
-            return v if "b1" in v["backends"] else None
+    def seen():
+        v = json.loads(get(lb.admin_port, "/api/capacity")[2])
+        return v if "b1" in v["backends"] else None
 
-        view = wait_until(seen, 10, 0.2)
-        assert view, json.loads(get(lb.admin_port, "/api/capacity")[2])
-        est = view["backends"]["b1"]
-        assert est["known"] is False and "at least" in est["note"], est
-        assert est["slots"] == 1 and 0 < est["capacity_rps"] < est["saturation_rps"]
-        assert view["fleet"]["known"] is False
-    finally:
-        _stop(be)
+    view = wait_until(seen, 10, 0.2)
+    assert view, json.loads(get(lb.admin_port, "/api/capacity")[2])
+    est = view["backends"]["b1"]
+    assert est["known"] is False and "at least" in est["note"], est
+    assert est["slots"] == 1 and 0 < est["capacity_rps"] < est["saturation_rps"]
+    assert view["fleet"]["known"] is False

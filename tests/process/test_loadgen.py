@@ -10,9 +10,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -20,40 +18,14 @@ import loadgen  # noqa: E402
 import scenarios as scn  # noqa: E402
 
 
-@pytest.fixture
-def backends():
-    """start(scenario, duration) -> (ports, process); stopped after the test."""
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, duration: float):
-        sc = scn.get(name)
-        ports = [free_port() for _ in sc.backends]
-        p = subprocess.Popen(
-            [sys.executable, "bench/scenario_backend.py", "--scenario", name,
-             "--ports", ",".join(map(str, ports)), "--duration", str(duration)],
-            cwd=ROOT, stdout=subprocess.PIPE)
-        procs.append(p)
-        assert p.stdout.readline() == b"ready\n"
-        return ports, p
-
-    yield start
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-        try:
-            assert p.wait(5) == 0
-        except subprocess.TimeoutExpired:
-            p.kill()
-            raise
-
-
 def even(rate: float, duration: float, cls: int = 0) -> list[tuple[float, int]]:
     return [(i / rate, cls) for i in range(int(rate * duration))]
 
 
-def test_open_loop_latency_counts_from_the_schedule(backends):
+def test_open_loop_latency_counts_from_the_schedule(scenario_backends):
     # "tiny" serves 2 at a time for ~20 ms: ~100 req/s.  Sent 200 req/s, its
     # queue grows all along, and so must the measured latency.
-    ports, _ = backends("heterogeneous", 10)
+    ports, _ = scenario_backends("heterogeneous", 10)
     sched = even(200, 1.5)
     t0 = time.monotonic()
     records, gen = loadgen.run_load(ports[3], sched, timeout=5.0)
@@ -68,8 +40,8 @@ def test_open_loop_latency_counts_from_the_schedule(backends):
     assert gen.max_open > 20  # a busy connection is never waited for: more were opened
 
 
-def test_timeout_is_an_error_at_the_timeout(backends):
-    ports, _ = backends("heterogeneous", 10)
+def test_timeout_is_an_error_at_the_timeout(scenario_backends):
+    ports, _ = scenario_backends("heterogeneous", 10)
     records, _ = loadgen.run_load(ports[3], even(300, 1.0), timeout=0.3)
     timed_out = [r for r in records if r[2] == 0]
     assert len(records) == 300
@@ -78,8 +50,8 @@ def test_timeout_is_an_error_at_the_timeout(backends):
     assert all(r[1] <= 0.3 for r in records)
 
 
-def test_fast_failing_backend_answers_503_at_once(backends):
-    ports, proc = backends("fastfail", 10)
+def test_fast_failing_backend_answers_503_at_once(scenario_backends):
+    ports, proc = scenario_backends("fastfail", 10)
     records, _ = loadgen.run_load(ports[3], even(300, 1.0),
                                   on_start=lambda: os.kill(proc.pid, signal.SIGUSR1))
     fails = sorted(r[1] for r in records if r[2] == 503)
@@ -88,8 +60,8 @@ def test_fast_failing_backend_answers_503_at_once(backends):
     assert {r[3] for r in records} == {"b4"}
 
 
-def test_heavy_requests_cost_more_and_phases_follow_the_clock(backends):
-    ports, proc = backends("slowdown", 2.0)  # b4: 10x slower from 0.6 s to 1.2 s
+def test_heavy_requests_cost_more_and_phases_follow_the_clock(scenario_backends):
+    ports, proc = scenario_backends("slowdown", 2.0)  # b4: 10x slower from 0.6 s to 1.2 s
     sched = [(i / 100, 1 if i % 5 == 0 else 0) for i in range(200)]
     records, _ = loadgen.run_load(ports[3], sched,
                                   on_start=lambda: os.kill(proc.pid, signal.SIGUSR1))
@@ -107,8 +79,8 @@ def test_heavy_requests_cost_more_and_phases_follow_the_clock(backends):
     assert slowed > 5 * light
 
 
-def test_late_joiner_refuses_then_serves(backends):
-    ports, proc = backends("coldjoin", 2.0)  # b4 listens from 0.8 s on
+def test_late_joiner_refuses_then_serves(scenario_backends):
+    ports, proc = scenario_backends("coldjoin", 2.0)  # b4 listens from 0.8 s on
     records, _ = loadgen.run_load(ports[3], even(100, 1.6),
                                   on_start=lambda: os.kill(proc.pid, signal.SIGUSR1))
     early = [r for r in records if r[0] < 0.7]
