@@ -1,7 +1,8 @@
 """The load curve of a backend, as one worker sees it: what a request of each
 class costs there when it does not wait, and how that grows with the requests
-this worker has in flight to it.  (The admin keeps the same curves of the
-backends as the whole instance loads them, for capacity: lb/admin/loadcurves.py.)
+this worker has in flight to it.  (The admin keeps these curves of the
+backends as the whole instance loads them, for capacity, and fits their slot
+counts its own way: lb/admin/loadcurves.py.)
 
 A backend serves about `slots` requests at once and queues the rest, so the
 next request of class c, sent while n others are in flight, is expected to take
@@ -105,17 +106,19 @@ class Curve:
         self.level_sum = [0.0] * LEVELS  # ... the sum of their latency / service
         self.level_load = [0.0] * LEVELS  # ... and of the in-flight counts they were sent at
 
-    def learn(self, cls: int, latency: float, load: int, now: float) -> None:
+    def learn(self, cls: int, latency: float, load: int, now: float, alone: bool | None = None) -> None:
         """A successful answer of class `cls` after `latency` seconds, to a
         request sent while `load` others were in flight (from this worker, or
-        from the instance in the admin's curves)."""
+        from the instance in the admin's curves).  `alone` (instance curves):
+        whether the request found the backend free, which the admin judges
+        (default: nothing else in flight)."""
         s = self.service[cls]
         if s > 0.0:
             lvl = LEVEL_OF[load] if load < 64 else TOP
             self.level_n[lvl] += 1.0
             self.level_sum[lvl] += latency / s
             self.level_load[lvl] += load
-            if (load == 0) if self.instance else (load + 1 <= self.slots):
+            if (load == 0 if alone is None else alone) if self.instance else (load + 1 <= self.slots):
                 # sent to a free slot: its latency is the service time.  (Answers
                 # that may have queued are left out: de-queueing them by a slot
                 # count that is too low would shrink the service time, which would
@@ -189,21 +192,12 @@ class Curve:
         return s if s > quiet else quiet
 
 
-def fit(curves: list[Curve], dt: float, residual: np.ndarray | float = 1.0,
-        grid: np.ndarray = SLOT_GRID, tau: float = TAU) -> None:
+def fit(curves: list[Curve], dt: float) -> None:
     """Refit every curve's slot count from its per-level averages, then decay
     them by `dt` seconds.  Vectorised: a few hundred microseconds for 256
-    backends (bench/inference_bench.py).
-
-    `grid`: the slot counts to choose from; `tau`: the levels' time constant.
-    `residual` (per curve, or one
-    for all): what the first request ahead in the queue costs, as a share of
-    its service.  The model is max(1, (n + residual) / k) at n in flight: with
-    1 (the default, and the pick's), a request queued behind the only one in
-    flight waits its full service; the instance-wide curves of the admin
-    (lb/admin/loadcurves.py) give the mean residual service of a request seen
-    in progress, (1 + cv^2) / 2 of its service (cv^2: the service time's
-    squared coefficient of variation)."""
+    backends (bench/inference_bench.py).  The model is max(1, (n + 1) / k) at
+    n in flight: a request queued behind the only one in flight waits its
+    full service."""
     if not curves:
         return
     n = np.array([c.level_n for c in curves], dtype=np.float64)  # (B, LEVELS)
@@ -213,11 +207,9 @@ def fit(curves: list[Curve], dt: float, residual: np.ndarray | float = 1.0,
     w = np.where(use, n, 0.0)
     safe = np.maximum(n, 1e-12)
     mean = np.log(np.where(use, total / safe, 1.0))
-    # ln max(1, (load + residual) / k) at each level's mean load, for every grid value: (B, LEVELS, K)
-    r = np.asarray(residual, dtype=np.float64)
-    if r.ndim:
-        r = r[:, None]
-    curve = np.log(np.maximum(1.0, (loads / safe + r)[:, :, None] / grid[None, None, :]))
+    # ln max(1, (load + 1) / k) at each level's mean load, for every grid value: (B, LEVELS, K)
+    grid = SLOT_GRID
+    curve = np.log(np.maximum(1.0, (loads / safe + 1.0)[:, :, None] / grid[None, None, :]))
     # squared log error of every grid value, weighted by answers: (B, K)
     err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
     best = grid[err.argmin(axis=1)]
@@ -232,7 +224,7 @@ def fit(curves: list[Curve], dt: float, residual: np.ndarray | float = 1.0,
     kept = np.where(same, was, best)
     enough = w.sum(axis=1) >= MIN_FIT_ANSWERS
     top = np.where(use, loads / safe + 1.0, 0.0).max(axis=1)  # evidence(), for every curve at once
-    keep = math.exp(-dt / tau)
+    keep = math.exp(-dt / TAU)
     n *= keep
     total *= keep
     loads *= keep

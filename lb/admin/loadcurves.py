@@ -12,22 +12,43 @@ backend when one of them was sent is a count over those intervals.
 
 `fold`, once a second, learns from the requests sent up to LAG seconds ago
 (by then every request in flight with them has answered and been reported,
-unless it took longer than LAG): each answer with the instance's in-flight
-count at its send time goes into the backend's `Curve`, exactly as a worker's
-own answers go into its curve; then the curves are refitted over whole slot
-counts (the count is the backend's, not a worker's share), with the queueing
-behind one request in progress priced at its mean residual service (see
-`workers.loadcurve.fit`).  5xx answers count in flight but teach nothing.  A
-backend whose answers were not all kept (`sends_lost`, a very busy worker)
-learns nothing from the interval that lacks them.
+unless it took longer than LAG).  Each answer, with the instance's in-flight
+count at its send time, goes into the backend's `Curve`
+(workers/loadcurve.py, `instance=True`): the service time per class, its
+spread, and the in-flight levels the answers show (the evidence).  The slot count is
+fitted here, not from the levels' mean latencies: for every whole count k,
+each answer is compared with what a first-come-first-served backend of k
+slots would have made it take, its service (the class's median) plus the
+wait until the k-th latest end among the requests it found in flight, those
+ends being known too, less the time lb goes on counting a request after the
+backend has let it go (its event loop reading the answer, the backend's
+writing it: milliseconds on a busy host), which is fitted with the count
+from LAGS.  The count whose predictions erred least (squared log error,
+averaged over TAU seconds) is the backend's, or rather the lowest of the
+counts that fit within SURE times the service's log variance of it; it is
+measured (`knee_at`) when it is the only one and answers were seen at that
+load or above (otherwise the capacity is a lower bound).  Predicting from the actual
+ends, not from a mean residual service, makes the fit indifferent to how the
+requests arrive (evenly spaced, in bursts or at random).  The service time
+is learned from the answers to requests that found the backend free: nothing
+in flight, or only requests that ended within the fitted lag.  5xx
+answers count in flight but teach nothing.  A backend whose answers were not
+all kept (`sends_lost`, a very busy worker) learns nothing from the interval
+that lacks them.
 
-The curves average over TAU seconds, where a worker's pick averages over one
+The errors average over TAU seconds, where a worker's pick averages over one
 (it must follow a backend that slows down; capacity needs the answers of
 rare loads, and a backend's slots change slowly).  Chosen in the simulator
 on the development fleets `steady1000`-`steady1015` (39 backends; 45% load;
-two workers, then eight): with 1 s, the backends' capacities were 11% and
-17% off on average and 36 and 33 of them within 20%; with 20 s, 7% and 11%
-off, 39 and 37 within 20% (10 s and 30 s were close to 20 s).
+two workers, then eight), with the earlier fit from the levels' means: with
+1 s, the backends' capacities were 11% and 17% off on average and 36 and 33
+of them within 20%; with 20 s, 7% and 11% off, 39 and 37 within 20% (10 s
+and 30 s were close to 20 s).  With this fit, two workers, no exploration,
+the capacities were 6.8% off on average at 45% load, 8.0% at 30% (the
+levels' fit: 15%) and 3.8% at 60% (5.5%), with 33, 27 and 37 backends
+measured and none of them wrong; taking the best count whatever the margin
+(no SURE) gave 4.3%, 7.3% and 3.8%, but 36 and 31 measured at 45% and 30%,
+one and two of them wrong.
 """
 
 from __future__ import annotations
@@ -37,11 +58,16 @@ import time
 
 import numpy as np
 
-from workers.loadcurve import SLOT_GRID, Curve, fit
+from workers.loadcurve import MIN_FIT_ANSWERS, SLOT_GRID, Curve
 
 LAG = 2.0  # seconds between a request's send and its learning (the longest request fully counted)
 GRID = SLOT_GRID[SLOT_GRID == np.floor(SLOT_GRID)]  # whole slot counts: the backend's, not a share
-TAU = 20.0  # seconds: time constant of the per-level averages (a worker's pick: 1 s)
+TAU = 20.0  # seconds: time constant of the slot counts' errors (a worker's pick: 1 s)
+LAGS = np.array([0.0, 0.001, 0.002, 0.004, 0.008])  # seconds lb may count a request the backend let go
+SURE = 4.0  # how much worse (squared log error, in service variances) a count must fit to be ruled out
+MIN_VAR = 0.01  # ... the variance taken when the service's spread is smaller (or not known yet)
+FIT_SAMPLE = 512  # answers per backend and second that the slot fit replays, at most
+WINDOW = 64  # sends before an answer searched for the requests it found in flight
 
 
 class InstanceCurves:
@@ -53,9 +79,13 @@ class InstanceCurves:
         self.generation = -1  # the newest workers' generation heard of
         self.curves: dict[str, Curve] = {}
         self.knee_at: dict[str, float] = {}  # monotonic time a fit last saw the backend queue
+        self._err: dict[str, np.ndarray] = {}  # backend -> decayed squared log error, (LAGS, GRID)
+        self._weight: dict[str, float] = {}  # ... and the decayed answers in it
+        self.lag_of: dict[str, float] = {}  # backend -> seconds lb counts a request after it left (fitted)
         self._new: dict[str, list[bytes]] = {}  # reports' records not folded yet
         self._held: dict[str, np.ndarray] = {}  # (N, 3) records that may still be in flight at a later send
         self._lost: dict[str, float] = {}  # backend -> monotonic time of a report that left some out
+        self._rng = np.random.default_rng(0)
         self._horizon = -math.inf  # requests sent up to here are learned
         self._folded = 0.0  # monotonic time of the last fold
 
@@ -65,9 +95,8 @@ class InstanceCurves:
             self.generation = ws.generation
             if ws.classes != self.classes:  # a new configuration's classes: start over
                 self.classes = list(ws.classes)
-                self.curves.clear()
-                self._held.clear()
-                self._new.clear()
+                for d in (self.curves, self._held, self._new, self._err, self._weight, self.lag_of):
+                    d.clear()
         elif ws.classes != self.classes:
             return  # a worker of an older generation, draining: its class numbers are not these
         for b in ws.backends:
@@ -78,7 +107,8 @@ class InstanceCurves:
 
     def forget(self, keep: set[str]) -> None:
         """Drop the backends not in `keep` (removed from the fleet)."""
-        for d in (self.curves, self.knee_at, self._new, self._held, self._lost):
+        for d in (self.curves, self.knee_at, self._new, self._held, self._lost, self._err, self._weight,
+                  self.lag_of):
             for name in [n for n in d if n not in keep]:
                 del d[name]
 
@@ -92,39 +122,112 @@ class InstanceCurves:
             if held is not None:
                 parts.append(held)
             rec = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            rec = rec[np.argsort(rec[:, 1], kind="stable")]
             start, took = rec[:, 1], rec[:, 2]
             end = start + took
             lost = self._lost.get(name, -math.inf)
             learn = (start > low) & (start <= horizon)
             if learn.any() and lost < low - self.lag:
-                self._learn(name, rec, start, end, learn)
+                self._learn(name, rec, start, end, np.nonzero(learn)[0])
             self._held[name] = rec[end > horizon]
-        if self._folded and self.curves:
-            names = list(self.curves)
-            curves = [self.curves[n] for n in names]
-            # the mean residual service of a request in progress, as a share of the mean: (1 + cv^2) / 2
-            residual = np.array([math.exp(c.spread() ** 2) / 2 if c.log_var > 0 else 1.0 for c in curves])
-            fit(curves, now - self._folded, residual, GRID, TAU)
-            for n, c in zip(names, curves):
-                if c.top > c.measured + 0.5:  # answers above the fitted count: the knee shows
-                    self.knee_at[n] = now
+        if self._folded:
+            self._fit(now, now - self._folded)
         self._horizon = horizon
         self._folded = now
 
-    def _learn(self, name: str, rec: np.ndarray, start: np.ndarray, end: np.ndarray, learn: np.ndarray) -> None:
+    def _learn(self, name: str, rec: np.ndarray, start: np.ndarray, end: np.ndarray, idx: np.ndarray) -> None:
+        """The answers at `idx` (records sorted by send time): into the
+        backend's curve, and into the error of every slot count's prediction."""
         curve = self.curves.get(name)
         if curve is None:
             curve = self.curves[name] = Curve(max(1, len(self.classes)), instance=True)
-        idx = np.nonzero(learn)[0]
-        idx = idx[np.argsort(start[idx], kind="stable")]
+            self._err[name] = np.zeros((len(LAGS), len(GRID)))
+            self._weight[name] = 0.0
+            self.lag_of[name] = 0.0
         at = start[idx]
         # in flight at each send: sent before it, minus those answered by then
-        inflight = np.searchsorted(np.sort(start), at, "left") - np.searchsorted(np.sort(end), at, "right")
+        inflight = np.maximum(np.searchsorted(start, at, "left") - np.searchsorted(np.sort(end), at, "right"), 0)
+        # What each answer would have taken with k slots, first come first
+        # served: the service, plus the wait until k of the requests ahead
+        # have gone, i.e. until the k-th latest end among those in flight
+        # (the ones sent within WINDOW sends before it; an answer with any in
+        # flight from earlier is left out), less the time lb counts a request
+        # in flight after the backend has let it go (LAGS, fitted too).
+        width = int(min(WINDOW, inflight.max()))
+        counts = int(np.searchsorted(GRID, width, "right"))  # GRID[:counts] can make an answer wait
+        wait = np.zeros((len(idx), counts + 1))  # (the last column: every count above `width`)
+        whole = np.ones(len(idx), dtype=bool)
+        if width:
+            back = idx[:, None] - np.arange(1, width + 1)[None, :]  # (N, width) the sends before each
+            valid = back >= 0
+            back = np.maximum(back, 0)
+            ahead = valid & (start[back] < at[:, None]) & (end[back] > at[:, None])
+            whole = ahead.sum(axis=1) == inflight
+            ends = -np.sort(-np.where(ahead, end[back], -np.inf), axis=1)  # latest first
+            wait[:, :counts] = ends[:, GRID[:counts].astype(np.intp) - 1] - at[:, None]
+        # Its service time is learned from the answers that found the backend
+        # free: nothing in flight, or only requests lb still counted after the
+        # backend let them go (ended within the fitted lag).
+        alone = whole & (wait[:, 0] <= self.lag_of[name])
+        cls = rec[idx, 0]
         n_classes = len(curve.service)
-        for cls, took, load, done in zip(rec[idx, 0].tolist(), rec[idx, 2].tolist(),
-                                         np.maximum(inflight, 0).tolist(), end[idx].tolist()):
-            if 0 <= cls < n_classes:  # (a 5xx is -1 - class: in flight, not a service time)
-                curve.learn(int(cls), took, load, done)
+        for c, took, load, done, free in zip(cls.tolist(), rec[idx, 2].tolist(), inflight.tolist(),
+                                             end[idx].tolist(), alone.tolist()):
+            if 0 <= c < n_classes:  # (a 5xx is -1 - class: in flight, not a service time)
+                curve.learn(int(c), took, load, done, free)
+        median = np.array([math.exp(m) if s > 0 else 0.0 for s, m in zip(curve.service, curve.log_service)])
+        ok = whole & (cls >= 0) & (cls < n_classes)
+        ok[ok] = median[cls[ok].astype(np.intp)] > 0
+        rows = np.nonzero(ok)[0]
+        if not len(rows):
+            return
+        if len(rows) > FIT_SAMPLE:  # plenty: the errors of a random sample, scaled up
+            rows = self._rng.choice(rows, FIT_SAMPLE, replace=False)
+        service = median[cls[rows].astype(np.intp)][:, None, None]
+        predicted = service + np.maximum(wait[rows][:, None, :] - LAGS[None, :, None], 0.0)  # (N, LAGS, counts+1)
+        err = (np.log(np.maximum(rec[idx[rows], 2], 1e-6))[:, None, None] - np.log(predicted)) ** 2
+        err = err.sum(axis=0) * (ok.sum() / len(rows))
+        self._err[name][:, :counts] += err[:, :counts]
+        self._err[name][:, counts:] += err[:, counts:]
+        self._weight[name] += int(ok.sum())
+
+    def _fit(self, now: float, dt: float) -> None:
+        """Each backend's slot count: the one whose predictions erred least.
+        A count the answers cannot tell from the best stays (answers that
+        only show the backend below its knee fit every count above their load
+        equally well); otherwise the lowest of the best.  Then the evidence
+        decays by `dt` seconds."""
+        keep = math.exp(-dt / TAU)
+        for name, c in self.curves.items():
+            err = self._err[name]
+            if self._weight[name] >= MIN_FIT_ANSWERS:
+                per_count = err.min(axis=0)  # each count at the lag that fits it best
+                # The counts the answers cannot tell from the best: within SURE
+                # service variances of its squared log error (a few slow answers
+                # at a rare load are no knee).  The count kept is the last one
+                # if it is still the best (a backend gone quiet keeps its
+                # count), else the lowest of them (a lower bound: an estimate
+                # too high is the costly error); it is measured only if the
+                # answers single it out.
+                low = per_count.min()
+                inside = per_count <= low + SURE * max(c.spread() ** 2, MIN_VAR)
+                at = int(np.searchsorted(GRID, c.measured))
+                if not (at < len(GRID) and GRID[at] == c.measured and per_count[at] <= low + 1e-12 * max(low, 1.0)):
+                    at = int(inside.argmax())
+                    c.measured = float(GRID[at])
+                c.slots = c.measured
+                self.lag_of[name] = float(LAGS[int(err[:, at].argmin())])
+                sure = int(inside.sum()) == 1
+            else:
+                sure = False
+            c.top = c.evidence()
+            if sure and c.top > c.measured + 0.5:  # answers above the fitted count: the knee shows
+                self.knee_at[name] = now
+            err *= keep
+            self._weight[name] *= keep
+            c.level_n = [v * keep for v in c.level_n]
+            c.level_sum = [v * keep for v in c.level_sum]
+            c.level_load = [v * keep for v in c.level_load]
 
     def summary(self, name: str) -> tuple[float, list[float], float, float] | None:
         """(slots, service seconds per class (0: none yet), spread, evidence) of

@@ -26,9 +26,9 @@ def test_two_workers_answers_give_single_slot_backends_their_service_time(lb_fac
     own curve would read a share of a slot and a service time up to half
     again too long (its answers queue behind the other worker's requests);
     the admin, counting both workers' requests in flight, measures each
-    (`known`) with the backend's own service time.  The slot count reads 1,
-    or on this busy host sometimes 2 (docs/operations.md: lb counts a request
-    in flight for a few milliseconds after the backend has let it go)."""
+    (`known`) with one slot and the backend's own service time.  (The
+    requests are evenly spaced, and lb's event loops read answers
+    milliseconds late on a busy host: neither may raise the count.)"""
     sc = scn.get("steady1002")  # c1, c2: one slot each, ~25 and ~29 ms median
     assert [b.capacity for b in sc.backends] == [1, 1]
     ports, _ = scenario_backends(sc.name, 600)
@@ -48,7 +48,7 @@ def test_two_workers_answers_give_single_slot_backends_their_service_time(lb_fac
     for spec in sc.backends:
         est = view[spec.name]
         mean_ms = spec.median_ms * math.exp(spec.sigma ** 2 / 2)
-        assert est["slots"] in (1, 2), est
+        assert est["slots"] == 1, est
         assert 0.8 * mean_ms < est["service_ms"] < 1.25 * mean_ms, (spec, est)
         assert 0 < est["capacity_rps"] < est["saturation_rps"]
 
