@@ -19,7 +19,10 @@ Printed per fleet: the estimate, the measured capacity and the error; what
 lb's formula (lb/capacity.py) gives when fed the true slot counts, service
 times and spreads (the error no reading of the curves can remove); and per
 backend the estimate against that formula, with the slot count, service
-time and p99 read against the true ones.  Develop on seeds
+time and p99 read against the true ones, and how many requests of the
+ordinary traffic found all its slots taken (counted at the client: none
+means that no reading of that traffic could see the backend's limit, and
+lb's figure for it can only be a lower bound).  Develop on seeds
 1000 and up; report seeds 1-99 (nothing here was tuned on them).
 
 Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [--load 0.45]
@@ -29,6 +32,7 @@ Usage: python bench/capacity_bench.py [--seeds 1,2] [--slo-ms 250] [--warm 60] [
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import os
@@ -68,6 +72,22 @@ def steady_fleet(seed: int) -> scn.Scenario:
 
 def saturation(spec: scn.BackendSpec) -> float:
     return scn.capacity_rate((spec,), 0.0)
+
+
+def full_sends(records, name: str, slots: int) -> int:
+    """How many of the ordinary traffic's requests to backend `name` found all
+    its `slots` taken, as the client saw them (each from its send to its
+    answer, which is longer than the backend holds it): 0 means no reading of
+    that traffic, lb's or any other, could see where the backend queues."""
+    spans = sorted((t, t + took) for t, took, status, backend in records if backend == name and status)
+    ends: list[float] = []  # min-heap of the ends of the requests in flight
+    full = 0
+    for start, end in spans:
+        while ends and ends[0] <= start:
+            heapq.heappop(ends)
+        full += len(ends) >= slots
+        heapq.heappush(ends, end)
+    return full
 
 
 def model_estimate(spec: scn.BackendSpec, slo: float) -> capacity.Estimate:
@@ -110,6 +130,7 @@ def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 
         _wait(aport)
         sat = sum(saturation(s) for s in sc.backends)
         records, _ = run_load(lport, scn.arrivals(sc, warm, sat * load, seed=seed))
+        full = {spec.name: full_sends(records, spec.name, spec.capacity) for spec in sc.backends}
         with urllib.request.urlopen(f"http://127.0.0.1:{aport}/api/capacity", timeout=10) as r:
             view = json.loads(r.read())
         measured, ramp, crossed = 0.0, [], False
@@ -124,7 +145,8 @@ def run_fleet(seed: int, slo: float, warm: float, python: str, explore: float = 
             measured = rate
         return {"seed": seed, "fleet": [(s.name, s.capacity, s.median_ms, saturation(s)) for s in sc.backends],
                 "saturation": sat, "estimate": view["fleet"]["capacity_rps"], "known": view["fleet"]["known"],
-                "measured": measured, "crossed": crossed, "ramp": ramp, "backends": view["backends"]}
+                "measured": measured, "crossed": crossed, "ramp": ramp, "backends": view["backends"],
+                "full": full}
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -184,7 +206,8 @@ def main(argv=None) -> int:
             print(f"    {name}: estimate {b['capacity_rps']:.1f} vs {model:.1f} ({b['capacity_rps'] / model - 1:+.0%}; "
                   f"known {b['known']}): slots {b['slots']} vs {spec.capacity}, service {b['service_ms']} vs "
                   f"{spec.median_ms * math.exp(spec.sigma ** 2 / 2):.1f} ms, p99 {b['service_p99_ms']} vs "
-                  f"{spec.median_ms * math.exp(2.326 * spec.sigma):.1f} ms; saturation {saturation(spec):.1f}")
+                  f"{spec.median_ms * math.exp(2.326 * spec.sigma):.1f} ms; saturation {saturation(spec):.1f}; "
+                  f"requests that found its {spec.capacity} slots taken: {r['full'][name]}")
         sys.stdout.flush()
     return 0
 

@@ -341,3 +341,14 @@ def test_capacity_fleets_are_static_and_known():
         sat = sum(capacity_bench.saturation(b) for b in sc.backends)
         assert math.isclose(sc.rate, sat * capacity_bench.LOAD)
     assert scn.get("steady7").backends == scn.get("steady7").backends  # same seed, same fleet
+
+
+def test_capacity_bench_counts_the_requests_that_found_every_slot_taken():
+    """The benchmark's floor: a request counts when, as the client saw them,
+    `slots` others to the same backend were still in flight at its send."""
+    import capacity_bench  # noqa: E402
+
+    records = [(0.00, 0.05, 200, "a"), (0.01, 0.05, 200, "a"), (0.02, 0.05, 200, "a"),
+               (0.10, 0.01, 200, "a"), (0.00, 1.00, 200, "b"), (0.03, 0.01, 0, "a")]
+    assert [capacity_bench.full_sends(records, "a", k) for k in (1, 2, 3)] == [2, 1, 0]
+    assert capacity_bench.full_sends(records, "b", 1) == 0
