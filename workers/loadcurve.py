@@ -23,9 +23,11 @@ real requests go):
   exponential average over the last twenty or so answers); the first answer
   of a class is taken whole.  In an instance curve (`instance=True`, the
   admin's, whose in-flight counts are the whole instance's and exact), only
-  answers to requests sent with nothing else in flight: those never queued,
-  whatever the slot count, so a count read too high cannot raise the
-  service time that would confirm it; and by INSTANCE_LEARN, as capacity
+  answers to requests that found the backend free (nothing else in flight,
+  or only requests the backend had let go, as the admin judges: `alone`):
+  those never queued, whatever the slot count, so a count read too high
+  cannot raise the service time that would confirm it; and by
+  INSTANCE_LEARN, as capacity
   needs a steadier figure than the pick (in the simulator, development
   fleets: 0.02 read the backends' capacities 5% off on average with two
   workers, 0.05 7%);

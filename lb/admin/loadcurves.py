@@ -15,26 +15,27 @@ backend when one of them was sent is a count over those intervals.
 unless it took longer than LAG).  Each answer, with the instance's in-flight
 count at its send time, goes into the backend's `Curve`
 (workers/loadcurve.py, `instance=True`): the service time per class, its
-spread, and the in-flight levels the answers show (the evidence).  The slot count is
-fitted here, not from the levels' mean latencies: for every whole count k,
-each answer is compared with what a first-come-first-served backend of k
-slots would have made it take, its service (the class's median) plus the
-wait until the k-th latest end among the requests it found in flight, those
-ends being known too, less the time lb goes on counting a request after the
-backend has let it go (its event loop reading the answer, the backend's
-writing it: milliseconds on a busy host), which is fitted with the count
-from LAGS.  The count whose predictions erred least (squared log error,
-averaged over TAU seconds) is the backend's, or rather the lowest of the
-counts that fit within SURE times the service's log variance of it; it is
-measured (`knee_at`) when it is the only one and answers were seen at that
-load or above (otherwise the capacity is a lower bound).  Predicting from the actual
-ends, not from a mean residual service, makes the fit indifferent to how the
-requests arrive (evenly spaced, in bursts or at random).  The service time
-is learned from the answers to requests that found the backend free: nothing
-in flight, or only requests that ended within the fitted lag.  5xx
-answers count in flight but teach nothing.  A backend whose answers were not
-all kept (`sends_lost`, a very busy worker) learns nothing from the interval
-that lacks them.
+spread, and the in-flight levels the answers show (the evidence).  The slot
+count is fitted here, not from the levels' mean latencies: for every whole
+count k, each answer is compared with what a first-come-first-served backend
+of k slots would have made it take, its service (the class's median) plus
+the wait until the k-th latest end among the requests it found in flight,
+those ends being known too, less the time lb goes on counting a request
+after the backend has let it go (its event loop reading the answer, the
+backend's writing it: milliseconds on a busy host), which is fitted with the
+count from LAGS.  The count whose predictions erred least (squared log
+error, averaged over TAU seconds) is the backend's, or rather the lowest of
+the counts that fit within SURE times the service's log variance of it (the
+count read before stays while it still fits best: a backend gone quiet keeps
+its count); it is measured (`knee_at`) when it is the only one and answers
+were seen at that load or above (otherwise the capacity is a lower bound).
+Predicting from the actual ends, not from a mean residual service, makes the
+fit indifferent to how the requests arrive (evenly spaced, in bursts or at
+random).  The service time is learned from the answers to requests that
+found the backend free: nothing in flight, or only requests that ended
+within the fitted lag.  5xx answers count in flight but teach nothing.  A
+backend whose answers were not all kept (`sends_lost`, a very busy worker)
+learns nothing from the interval that lacks them.
 
 The errors average over TAU seconds, where a worker's pick averages over one
 (it must follow a backend that slows down; capacity needs the answers of
@@ -192,11 +193,8 @@ class InstanceCurves:
         self._weight[name] += int(ok.sum())
 
     def _fit(self, now: float, dt: float) -> None:
-        """Each backend's slot count: the one whose predictions erred least.
-        A count the answers cannot tell from the best stays (answers that
-        only show the backend below its knee fit every count above their load
-        equally well); otherwise the lowest of the best.  Then the evidence
-        decays by `dt` seconds."""
+        """Each backend's slot count from its predictions' errors (below),
+        and whether it is measured; then the evidence decays by `dt` seconds."""
         keep = math.exp(-dt / TAU)
         for name, c in self.curves.items():
             err = self._err[name]
