@@ -213,7 +213,6 @@ class InstanceCurves:
                 if not (at < len(GRID) and GRID[at] == c.measured and per_count[at] <= low + 1e-12 * max(low, 1.0)):
                     at = int(inside.argmax())
                     c.measured = float(GRID[at])
-                c.slots = c.measured
                 self.lag_of[name] = float(LAGS[int(err[:, at].argmin())])
                 sure = int(inside.sum()) == 1
             else:
