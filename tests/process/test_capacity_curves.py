@@ -10,6 +10,8 @@ import math
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 from tests.conftest import ROOT
 from tests.rawhttp import get
 from tests.supervision import wait_until
@@ -28,7 +30,9 @@ def test_two_workers_answers_give_single_slot_backends_their_service_time(lb_fac
     the admin, counting both workers' requests in flight, measures each
     (`known`) with one slot and the backend's own service time.  (The
     requests are evenly spaced, and lb's event loops read answers
-    milliseconds late on a busy host: neither may raise the count.)"""
+    milliseconds late on a busy host: neither may raise the count.)  The
+    fleet's capacity, headroom and recommended backends then show in the API
+    and as Prometheus gauges while traffic flows."""
     sc = scn.get("steady1002")  # c1, c2: one slot each, ~25 and ~29 ms median
     assert [b.capacity for b in sc.backends] == [1, 1]
     ports, _ = scenario_backends(sc.name, 600)
@@ -51,6 +55,27 @@ def test_two_workers_answers_give_single_slot_backends_their_service_time(lb_fac
         assert est["slots"] == 1, est
         assert 0.8 * mean_ms < est["service_ms"] < 1.25 * mean_ms, (spec, est)
         assert 0 < est["capacity_rps"] < est["saturation_rps"]
+
+    # The fleet's figures, in the API and as gauges, while traffic flows.
+    def fleet_view():
+        for _ in range(20):
+            assert get(lb.port, "/")[0] == 200
+        v = json.loads(get(lb.admin_port, "/api/capacity")[2])
+        return v if v["fleet"]["headroom"] is not None and v["fleet"]["known"] else None
+
+    v = wait_until(fleet_view, 15, 0.1)
+    assert v, json.loads(get(lb.admin_port, "/api/capacity")[2])["fleet"]
+    fleet = v["fleet"]
+    assert fleet["capacity_rps"] >= max(b["capacity_rps"] for b in v["backends"].values())
+    assert fleet["headroom"] == pytest.approx(fleet["capacity_rps"] / fleet["load_rps"] - 1, rel=1e-3, abs=1e-3)
+    assert fleet["recommended_backends"] >= 1 and fleet["routable_backends"] == 2
+    metrics = get(lb.admin_port, "/metrics")[2].decode()
+    gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+              if line.startswith(("lb_fleet_", "lb_backend_capacity_rps"))}
+    for name in ("lb_fleet_capacity_rps", "lb_fleet_recommended_backends", "lb_fleet_load_rps"):
+        assert gauges.get(name, -1) > 0, (name, gauges)
+    assert "lb_fleet_headroom" in gauges, gauges  # (capacity / load - 1: negative when over capacity)
+    assert gauges['lb_backend_capacity_rps{backend="c1",known="true"}'] > 0, gauges
 
 
 def test_a_backend_never_loaded_past_one_request_reports_a_lower_bound(lb_factory, scenario_backends):
