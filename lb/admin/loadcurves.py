@@ -209,8 +209,8 @@ class InstanceCurves:
                 # answers single it out.
                 low = per_count.min()
                 inside = per_count <= low + SURE * max(c.spread() ** 2, MIN_VAR)
-                at = int(np.searchsorted(GRID, c.measured))
-                if not (at < len(GRID) and GRID[at] == c.measured and per_count[at] <= low + 1e-12 * max(low, 1.0)):
+                at = int(np.searchsorted(GRID, c.measured))  # (always one of GRID: 1, or set below)
+                if per_count[at] > low + 1e-12 * max(low, 1.0):
                     at = int(inside.argmax())
                     c.measured = float(GRID[at])
                 self.lag_of[name] = float(LAGS[int(err[:, at].argmin())])
