@@ -2,8 +2,10 @@
 
 Per class, over live backends:
 
-    priced error = w * observed error rate + (1 - w) * predicted error,
+    priced error = w * observed error rate + (1 - w) * prior,
                    w = answers / (answers + PRIOR_ANSWERS)          (`shrink`)
+    prior        = the same blend of the backend's rate for the other
+                   classes and the model's predicted error
     cost   = latency / (1 - priced error) ** (ERROR_POWER / LATENCY_POWER)
     weight = (1 - exploration) * score / sum(score) + exploration / n_live,
              score = (1 - priced error) ** ERROR_POWER / latency ** LATENCY_POWER
@@ -56,14 +58,23 @@ def weights(latency: np.ndarray, error: np.ndarray, live: np.ndarray, exploratio
 
 
 def shrink(predicted: np.ndarray, observed: np.ndarray, answers: np.ndarray) -> np.ndarray:
-    """The error probability the picks are priced with: the model's prediction
-    counts as PRIOR_ANSWERS answers beside the cell's observed error rate over
-    its recent `answers` (all (C, B)).  A cell with plenty of recent answers is
-    priced by what it did, one without by what the model expects; a model
-    predicting a few percent of errors for backends that answer everything
-    cannot make them look dearer than they are."""
+    """The error probability the picks are priced with (all (C, B)): a cell's
+    observed error rate over its recent `answers`, beside a prior worth
+    PRIOR_ANSWERS answers; the prior is the backend's own record for the
+    other classes, beside the model's prediction, again worth PRIOR_ANSWERS.  A
+    cell with plenty of recent answers is priced by what it did; one with
+    few, by what its backend did for the other classes; only a backend with
+    few answers of any class by what the model expects.  So a model
+    predicting errors for backends that answer everything cannot make them
+    look dearer than they are, not even for a class the pick keeps away from
+    them (which would then never bring the answers to correct it)."""
+    errors = observed * answers
+    others = answers.sum(axis=0)[None, :] - answers  # the backend's answers of the other classes
+    rate = (errors.sum(axis=0)[None, :] - errors) / np.maximum(others, 1e-9)
+    wb = others / (others + PRIOR_ANSWERS)
+    prior = wb * rate + (1.0 - wb) * predicted
     w = answers / (answers + PRIOR_ANSWERS)
-    return np.clip(w * observed + (1.0 - w) * predicted, 0.0, 1.0)
+    return np.clip(w * observed + (1.0 - w) * prior, 0.0, 1.0)
 
 
 def costs(latency: np.ndarray, error: np.ndarray) -> np.ndarray:

@@ -144,6 +144,8 @@ class Backend:
         if error:
             self.cls_errors[cls] += 1
             self.failures += 1
+            if now is not None and self.curve is not None:
+                self.curve.seen = now  # (heard from: exploration need not look there yet)
             if self.failures >= self.eject_after:
                 self.on_outlier(self)
         else:

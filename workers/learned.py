@@ -33,12 +33,14 @@ class TableStrategy(P2CEwma):
 
     * takes the backend with the least expected cost of this request,
 
-          expected latency (workers/loadcurve.py) x penalty[c] x (failures + 1)
+          expected latency (workers/loadcurve.py) x penalty[c] x (failures + 1) ** 2
 
       where `penalty` = (1 - priced error) ** -8 (the table's cost over its
       latency; the error is the model's prediction shrunk towards what the
       backend did, inference/policy.py) and `failures` counts this worker's
-      consecutive failures there.
+      consecutive failures there (one failure: 4x, two: 9x; the table's
+      penalty comes a tick later, and before the first table, or for a
+      backend that refuses connections, this is all the pick knows).
       A class a backend has not answered yet is priced at the table's
       predicted latency.  Backends are scanned in the order of their price when
       the table came (service x penalty, a lower bound of the cost) and the
@@ -48,7 +50,9 @@ class TableStrategy(P2CEwma):
       first looks for a backend this worker has not heard from for STALE
       seconds and sends the request there instead (its curve may be out of
       date: a slow backend that recovered gets found).  Nothing is spent on
-      backends the worker knows;
+      backends the worker knows; a failure is news too, and a backend with
+      n failures in a row waits STALE x (n + 1) seconds, at most STALE x
+      BACKOFF (one that keeps failing is looked at less and less often);
     * with `probe_share` > 0 (`capacity.explore`), lets a `KneeProbe`
       (workers/probe.py) take up to that share of the picks to hold a
       backend whose slot count is unmeasured at one request more than it,
@@ -69,6 +73,7 @@ class TableStrategy(P2CEwma):
 
     name = "ml"
     STALE = 1.0  # seconds without an answer before exploration looks at a backend
+    BACKOFF = 10  # ... times at most one more than its failures in a row
     OWN_REFIT = 0.1  # seconds between refits of the curves when no table brings them
     FIT_CHUNK = 32  # backends whose curves are refitted per table
 
@@ -291,21 +296,30 @@ class TableStrategy(P2CEwma):
             if not b.available or (exclude and b in exclude):
                 continue
             i = b.idx
-            cost = b.curve.expected(cls, b.inflight, prior[i], now) * penalty[i] * (b.failures + 1)
+            f = b.failures + 1
+            cost = b.curve.expected(cls, b.inflight, prior[i], now) * penalty[i] * f * f
             if best is None or cost < best_cost:
                 best, best_cost = b, cost
         return best if best is not None else super().pick(exclude)
 
     def _stale(self, order):
         """The routable backend this worker has not heard from for the longest,
-        if that is longer than STALE seconds and it has nothing in flight from
-        this worker (a backend still working through a backlog is not news)."""
-        limit = self.clock() - self.STALE
+        if that is longer than STALE seconds times one more than its failures
+        in a row, up to BACKOFF times (a backend that keeps failing is looked
+        at less and less often, and a failure counts as news), and it has
+        nothing in flight from this worker (a backend still working through a
+        backlog is not news)."""
+        now = self.clock()
+        stale = self.STALE
+        backoff = self.BACKOFF
         best = None
+        oldest = now
         for b in order:
             seen = b.curve.seen
-            if seen < limit and b.available and not b.inflight:
-                best, limit = b, seen
+            f = b.failures
+            if (seen < oldest and seen < now - stale * (f + 1 if f < backoff else backoff)
+                    and b.available and not b.inflight):
+                best, oldest = b, seen
         return best
 
 

@@ -51,6 +51,21 @@ real requests go):
   the count measured at its last knee there, while `slots`, which the pick
   reads, falls back towards the prior as the evidence decays.
 
+* `pace` (a worker's curves only): how much slower than its curve the
+  backend answers now.  Every successful answer is compared with what the
+  curve expects at the load it was sent at, service[c] x max(1, (n + 1) /
+  slots), and `log_pace` averages the log of that ratio with weight
+  PACE_LEARN (the last five answers or so); `pace` = exp(log_pace), never
+  below 1, multiplies the expected latency.  The service time only learns
+  from answers sent to a free slot, and the slot fit over a second: without
+  `pace`, a backend that slows down while it is busy keeps its old service
+  time (its answers all queued) and keeps drawing requests until the slot
+  fit reads the slowdown as fewer slots.  As `service` and `slots` catch up,
+  answers meet the curve again and `pace` falls back to 1.  It never lowers
+  a price (the pick's scan relies on service x penalty being a lower bound),
+  and `log_pace` stops at PACE_FLOOR, so that a run of answers faster than
+  the curve cannot hide the next slowdown for long.
+
 The unit of `slots` is the in-flight requests of whoever feeds the curve: a
 worker's own (with several workers, or several lb instances, sharing a
 backend, each learns the share of it that it gets, since the others' load
@@ -79,6 +94,8 @@ CLIP = 2.0  # standard deviations at which an answer's log distance is clipped (
 # E[min(z^2, CLIP^2)] for a standard normal z: what clipping leaves of a variance
 _CLIPPED_VAR = math.erf(CLIP / math.sqrt(2)) - CLIP * math.sqrt(2 / math.pi) * math.exp(-CLIP * CLIP / 2) + \
     CLIP * CLIP * math.erfc(CLIP / math.sqrt(2))
+PACE_LEARN = 0.2  # weight of one answer in `log_pace` (a worker's curves)
+PACE_FLOOR = -0.5  # ... which goes no lower (a run of fast answers cannot hide a slowdown for long)
 TAU = 1.0  # seconds: time constant of the per-level averages
 MIN_LEVEL_ANSWERS = 2.0  # (decayed) answers at a level before it counts in the fit
 MIN_FIT_ANSWERS = 5.0  # ... and in all levels before the slot count is refitted
@@ -90,7 +107,7 @@ class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
     __slots__ = ("service", "slots", "measured", "top", "seen", "level_n", "level_sum", "level_load", "work",
-                 "quiet_since", "log_service", "log_var", "instance", "taught")
+                 "quiet_since", "log_service", "log_var", "instance", "taught", "log_pace", "pace")
 
     def __init__(self, n_classes: int, instance: bool = False) -> None:
         self.instance = instance  # the admin's (see the module docstring)
@@ -103,10 +120,12 @@ class Curve:
         self.top = 0.0  # evidence() as of the last fit (reported with the stats at no cost)
         self.work = 0.0  # expected service seconds of this worker's requests in flight here
         self.quiet_since = -1.0  # the last answer, or the start of the busy period if later (-1: never)
-        self.seen = 0.0  # monotonic time of the last answer learned from
+        self.seen = 0.0  # monotonic time of the last answer learned from, or failure (Backend.record)
         self.level_n = [0.0] * LEVELS  # decayed answers sent at each in-flight level
         self.level_sum = [0.0] * LEVELS  # ... the sum of their latency / service
         self.level_load = [0.0] * LEVELS  # ... and of the in-flight counts they were sent at
+        self.log_pace = 0.0  # average ln(latency / what the curve expected), recent answers
+        self.pace = 1.0  # exp(log_pace), at least 1: how much slower the backend answers than its curve
 
     def learn(self, cls: int, latency: float, load: int, now: float, alone: bool | None = None) -> None:
         """A successful answer of class `cls` after `latency` seconds, to a
@@ -116,6 +135,14 @@ class Curve:
         (default: nothing else in flight)."""
         s = self.service[cls]
         if s > 0.0:
+            if not self.instance:
+                # pace: this answer against what the curve expected of it
+                k = self.slots
+                base = s * (load + 1) / k if load + 1 > k else s
+                lp = self.log_pace
+                lp += PACE_LEARN * (math.log(latency / base if latency > 1e-6 else 1e-6 / base) - lp)
+                self.log_pace = lp if lp > PACE_FLOOR else PACE_FLOOR
+                self.pace = math.exp(lp) if lp > 0.0 else 1.0
             lvl = LEVEL_OF[load] if load < 64 else TOP
             self.level_n[lvl] += 1.0
             self.level_sum[lvl] += latency / s
@@ -178,18 +205,18 @@ class Curve:
         """Expected seconds for one more request of class `cls` while
         `inflight` are in flight: its service, plus, when every slot is taken,
         the wait for (inflight + 1 - slots) / slots of the requests ahead, at the
-        mean expected service of those in flight.  And never less than the
+        mean expected service of those in flight; both times `pace`.  And never less than the
         time the backend has been busy without answering (with slots full:
         never less than its service plus that time): a backend that has just
         slowed down, or is stuck on work of unknown cost, is seen before its
         first slow answer.  `service`: the price of a class not answered yet."""
-        s = self.service[cls] or service
+        s = (self.service[cls] or service) * self.pace
         if not inflight:
             return s
         quiet = now - self.quiet_since if self.quiet_since >= 0.0 else 0.0
         k = self.slots
         if inflight + 1 > k:
-            wait = (inflight + 1 - k) / k * self.work / inflight
+            wait = (inflight + 1 - k) / k * self.work / inflight * self.pace
             return s + (wait if wait > quiet else quiet)
         return s if s > quiet else quiet
 

@@ -140,6 +140,24 @@ def test_errors_are_priced_by_the_prediction_shrunk_towards_the_record():
     assert half[0] == pytest.approx(0.15)
 
 
+def test_a_class_a_backend_is_rarely_sent_is_priced_by_its_record_for_the_others():
+    """The model predicts 30% errors everywhere.  Backend 0 answers thousands of
+    light requests and no heavy one (the pick keeps heavy requests elsewhere):
+    its heavy cell is priced by its light record, not by the prediction, or
+    the prediction would keep it away for good.  Backend 1 fails 90% of its
+    light requests: its heavy cell inherits that.  Backend 2 has no answers:
+    the prediction."""
+    predicted = np.full((2, 3), 0.3)
+    observed = np.array([[0.0, 0.9, 0.0], [0.0, 0.0, 0.0]])
+    answers = np.array([[3000.0, 3000.0, 0.0], [0.0, 0.0, 0.0]])
+    light, heavy = policy.shrink(predicted, observed, answers)
+    assert light[0] < 0.003 and light[1] > 0.89
+    assert heavy[0] < 0.003 and heavy[1] > 0.89 and heavy[2] == pytest.approx(0.3)
+    # one class only: a cell's own record is not counted twice
+    one = policy.shrink(predicted[:1], observed[:1], np.full((1, 3), policy.PRIOR_ANSWERS))[0]
+    assert one[0] == pytest.approx(0.15)
+
+
 def test_a_model_predicting_errors_for_healthy_busy_backends_does_not_price_them_up(tmp_path):
     """The table's cost over latency is the error penalty the workers price by: with
     the record of hundreds of successful answers, a constant 30% prediction

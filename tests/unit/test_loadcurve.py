@@ -64,6 +64,35 @@ def test_a_slowdown_moves_the_service_time_and_a_recovery_moves_it_back():
     assert curve.service[0] < 0.0065
 
 
+def test_a_backend_that_slows_down_while_busy_is_priced_up_within_a_few_answers():
+    """Its answers all queued, so its service time learns nothing from them and
+    the slot fit takes a second: `pace` carries the slowdown meanwhile, and
+    goes back to 1 once answers meet the curve again."""
+    rng = random.Random(5)
+    curve = Curve(1)
+    now = answers(curve, rng, 4, (0.005,), 1000, max_load=2, now=0.0)
+    assert 1.0 <= curve.pace < 1.15
+    calm = curve.expected(0, 5, 0.1, now)
+    service = curve.service[0]
+    for _ in range(8):  # 6x slower, every answer sent while 6 others were in flight
+        now += 0.002
+        curve.learn(0, 0.030 * 7 / 4 * math.exp(rng.gauss(0.0, 0.2)), 6, now)
+    assert curve.service[0] == service  # (nothing it could learn from)
+    assert curve.pace > 3.0
+    curve.quiet_since = now
+    assert curve.expected(0, 0, 0.1, now) > 3 * service
+    assert curve.expected(0, 5, 0.1, now) > 3 * calm
+    # fast again: twenty answers that meet the curve put pace back near 1 (its
+    # noise), never below
+    paces = []
+    for _ in range(20):
+        now += 0.002
+        curve.learn(0, 0.005 * math.exp(rng.gauss(0.0, 0.2)), 0, now)
+        paces.append(curve.pace)
+    assert min(paces) >= 1.0 and curve.pace < 1.2
+    assert curve.expected(0, 0, 0.1, now) == curve.service[0] * curve.pace
+
+
 def test_expected_latency():
     curve = Curve(2)
     curve.service = [0.004, 0.020]

@@ -138,7 +138,7 @@ def full_scan(s, cls, now, exclude=()):
     for b in order:
         if not b.available or b in exclude:
             continue
-        c = b.curve.expected(cls, b.inflight, prior[b.idx], now) * penalty[b.idx] * (b.failures + 1)
+        c = b.curve.expected(cls, b.inflight, prior[b.idx], now) * penalty[b.idx] * (b.failures + 1) ** 2
         if best is None or c < best_cost:
             best, best_cost = b, c
     return best

@@ -1,0 +1,66 @@
+"""`ml`'s exploration (workers/learned.py `_stale`): a share of the picks goes
+to a backend the worker has not heard from lately, where it learns
+something.  A failure is news too, and a backend that keeps failing is
+looked at less and less often: after n failures in a row, only once it has
+been quiet for STALE x (n + 1) seconds, at most STALE x BACKOFF."""
+
+from __future__ import annotations
+
+from lb.core.config import Backend as BackendConfig
+from workers.backend import Backend
+from workers.learned import TableStrategy
+from workers.strategies import make_strategy
+
+
+def fleet(now: float):
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), 1, i) for i in range(3)]
+    # exploration on every pick: each pick first looks for a stale backend
+    s = make_strategy("ml", bs, decay=10.0, seed=1, exploration=1.0)
+    clock = [now]
+    s.clock = lambda: clock[0]
+    for b in bs:  # every backend answers once, 5 ms, nothing else in flight
+        b.record(0, 0.005, False, now, 0)
+    s.check(now)  # no table: the worker's own rows
+    return s, bs, clock
+
+
+def test_a_backend_not_heard_from_for_a_second_is_explored():
+    s, (b0, b1, b2), clock = fleet(100.0)
+    for b in (b0, b1):
+        b.record(0, 0.005, False, 100.9, 0)
+    clock[0] = 100.95
+    assert s._stale(s._own[0][0]) is None  # b2 answered 0.95 s ago
+    clock[0] = 101.05
+    assert s.pick() is b2
+
+
+def test_a_failure_is_news_and_failures_in_a_row_back_exploration_off():
+    s, (b0, b1, b2), clock = fleet(100.0)
+    b2.record(0, 0.0005, True, 100.0)  # a fast 503
+    assert b2.failures == 1 and b2.curve.seen == 100.0
+    fresh = lambda t: [b.record(0, 0.005, False, t, 0) for b in (b0, b1)]  # noqa: E731
+    fresh(101.5)
+    clock[0] = 101.6  # 1.6 s quiet, one failure in a row: not before 2 s
+    assert s._stale(s._own[0][0]) is None
+    assert s.pick() is not b2  # (and the pick prices it by its failures)
+    clock[0] = 102.1
+    assert s.pick() is b2
+    b2.record(0, 0.0005, True, 102.1)
+    b2.failures = 40  # many in a row: the wait stops growing at BACKOFF
+    fresh(111.95)
+    clock[0] = 102.1 + TableStrategy.STALE * TableStrategy.BACKOFF - 0.1
+    assert s._stale(s._own[0][0]) is None
+    clock[0] += 0.2
+    assert s._stale(s._own[0][0]) is b2
+    b2.record(0, 0.005, False, clock[0], 0)  # it answers: the count and the wait start over
+    assert b2.failures == 0
+
+
+def test_a_backend_with_requests_in_flight_is_not_explored():
+    s, (b0, b1, b2), clock = fleet(100.0)
+    clock[0] = 105.0
+    for b in (b0, b1, b2):
+        b.inflight = 1
+    assert s._stale(s._own[0][0]) is None
+    b1.inflight = 0
+    assert s._stale(s._own[0][0]) is b1
