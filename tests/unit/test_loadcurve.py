@@ -142,8 +142,8 @@ def test_the_first_answer_is_taken_whole():
 def test_failures_teach_the_curve_nothing():
     b = Backend(BackendConfig(address="127.0.0.1:9", name="b"), 1, 0)
     b.curve = Curve(1)
-    b.record(0, 0.0002, True, 1.0, 0)  # a fast 503
-    assert b.curve.service == [0.0] and b.curve.seen == 0.0
+    b.record(0, 0.0002, True, 1.0, 0)  # a fast 503: no service time (but it is news)
+    assert b.curve.service == [0.0] and b.curve.seen == 1.0
     b.record(0, 0.005, False, 2.0, 0)
     assert b.curve.service == [0.005] and b.curve.seen == 2.0
     b.record(0, 0.005, False, 3.0)  # load unknown (-1): not learned
