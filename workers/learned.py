@@ -296,8 +296,10 @@ class TableStrategy(P2CEwma):
             if not b.available or (exclude and b in exclude):
                 continue
             i = b.idx
-            f = b.failures + 1
-            cost = b.curve.expected(cls, b.inflight, prior[i], now) * penalty[i] * f * f
+            cost = b.curve.expected(cls, b.inflight, prior[i], now) * penalty[i]
+            if b.failures:
+                f = b.failures + 1
+                cost *= f * f
             if best is None or cost < best_cost:
                 best, best_cost = b, cost
         return best if best is not None else super().pick(exclude)

@@ -210,13 +210,14 @@ class Curve:
         never less than its service plus that time): a backend that has just
         slowed down, or is stuck on work of unknown cost, is seen before its
         first slow answer.  `service`: the price of a class not answered yet."""
-        s = (self.service[cls] or service) * self.pace
+        pace = self.pace
+        s = (self.service[cls] or service) * pace
         if not inflight:
             return s
         quiet = now - self.quiet_since if self.quiet_since >= 0.0 else 0.0
         k = self.slots
         if inflight + 1 > k:
-            wait = (inflight + 1 - k) / k * self.work / inflight * self.pace
+            wait = (inflight + 1 - k) / k * self.work / inflight * pace
             return s + (wait if wait > quiet else quiet)
         return s if s > quiet else quiet
 
