@@ -73,7 +73,7 @@ class TableStrategy(P2CEwma):
 
     name = "ml"
     STALE = 1.0  # seconds without an answer before exploration looks at a backend
-    BACKOFF = 10  # ... times at most one more than its failures in a row
+    BACKOFF = 10  # ... times (its failures in a row + 1), at most this many times
     OWN_REFIT = 0.1  # seconds between refits of the curves when no table brings them
     FIT_CHUNK = 32  # backends whose curves are refitted per table
 

@@ -205,11 +205,12 @@ class Curve:
         """Expected seconds for one more request of class `cls` while
         `inflight` are in flight: its service, plus, when every slot is taken,
         the wait for (inflight + 1 - slots) / slots of the requests ahead, at the
-        mean expected service of those in flight; both times `pace`.  And never less than the
-        time the backend has been busy without answering (with slots full:
-        never less than its service plus that time): a backend that has just
-        slowed down, or is stuck on work of unknown cost, is seen before its
-        first slow answer.  `service`: the price of a class not answered yet."""
+        mean expected service of those in flight; both times `pace`.  And
+        never less than the time the backend has been busy without answering
+        (with slots full: never less than its service plus that time): a
+        backend that has just slowed down, or is stuck on work of unknown
+        cost, is seen before its first slow answer.  `service`: the price of a
+        class not answered yet."""
         pace = self.pace
         s = (self.service[cls] or service) * pace
         if not inflight:
