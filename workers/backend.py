@@ -19,6 +19,8 @@ from lb.core.config import Backend as BackendConfig
 from lb.core.messages import LATENCY_BOUNDS, N_BUCKETS
 
 DEFAULT_RTT = 0.005  # seconds; the prior for a backend that has not answered yet
+ERR_LEARN = 0.2  # weight of one outcome in `err` (the last five or so)
+ERR_ZERO = 1e-3  # `err` below this is taken as 0
 SENT_MAX = 8192  # answers kept per backend between two stats reports (more: `sent_lost`)
 
 
@@ -51,6 +53,7 @@ class Backend:
         "tracer",
         # health and protection (workers/health.py, workers/dispatch.py)
         "failures",
+        "err",
         "eject_after",
         "on_outlier",
         "ejections",
@@ -93,6 +96,7 @@ class Backend:
         self.cls_hist = [[0] * N_BUCKETS for _ in range(n_classes)]
         self.tracer = None  # workers.telemetry.Tracer when traces are sampled
         self.failures = 0  # consecutive failed outcomes
+        self.err = 0.0  # recent share of failed outcomes (ml's guard charges its control arm by it)
         self.eject_after = 1 << 62
         self.on_outlier = None  # HealthState.eject
         self.ejections = 0
@@ -144,6 +148,7 @@ class Backend:
         if error:
             self.cls_errors[cls] += 1
             self.failures += 1
+            self.err += (1.0 - self.err) * ERR_LEARN
             if now is not None and self.curve is not None:
                 self.curve.seen = now  # (heard from: exploration need not look there yet)
             if self.failures >= self.eject_after:
@@ -151,6 +156,9 @@ class Backend:
         else:
             if self.failures:
                 self.failures = 0
+            e = self.err
+            if e:
+                self.err = e * (1.0 - ERR_LEARN) if e > ERR_ZERO else 0.0
             if load >= 0 and self.curve is not None:
                 self.curve.learn(cls, latency, load, now)
         self.cls_lat_sum[cls] += latency

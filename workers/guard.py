@@ -84,6 +84,20 @@ class Guard:
             a.lat_sum[i] += lat
             a.lat_sq[i] += lat * lat
 
+    def expect(self, arm: int, p_error: float, latency: float) -> None:
+        """An outcome `arm` is charged without the request being sent: an error
+        with probability `p_error`, else `latency` seconds (both counted by
+        their probability)."""
+        a = self.arms[arm]
+        i = self.bucket % WINDOW
+        a.n[i] += 1
+        a.errors[i] += p_error
+        w = 1.0 - p_error
+        lat = latency if latency < LAT_CAP else LAT_CAP
+        a.lat_n[i] += w
+        a.lat_sum[i] += w * lat
+        a.lat_sq[i] += w * lat * lat
+
     def tick(self, now: float) -> bool:
         """Advance the window to `now` and judge.  Returns True when the learned
         arm may route (not tripped)."""

@@ -62,13 +62,21 @@ class TableStrategy(P2CEwma):
     older than twice its publish interval because the inference process is
     late or down, or a table that says the model is not to be trusted) it
     routes by its curves alone: no error penalty, classes not answered yet
-    priced at the backend's peak EWMA over its relative configured weight.
+    priced by `own_prior` (the class's typical cost and the backend's speed
+    on what it answered; having answered nothing, its peak EWMA over its
+    relative configured weight).
     It routes by P2C-EWMA only while the guard (workers/guard.py) finds the
     curves' picks worse than P2C-EWMA's (reason `guard`): a `guard_share` of
     the picks always goes by the other arm (P2C-EWMA while the curves route,
     the curves while the guard holds them off), and `arm` says which arm
-    made the last pick, for the outcome to be credited to it.  Retries take
-    the least expected cost among the backends not tried yet.
+    made the last pick, for the outcome to be credited to it.  P2C-EWMA sees
+    no errors, so a control pick that lands on a backend whose last outcome
+    from this worker was a failure is not sent: the control arm is charged
+    the outcome the request would likely have had (an error with the
+    probability `Backend.err`, the backend's recent failure share, else its
+    peak EWMA) and the curves route the request, which no arm is credited
+    with.  Retries take the least expected cost
+    among the backends not tried yet.
     """
 
     name = "ml"
@@ -179,7 +187,10 @@ class TableStrategy(P2CEwma):
 
     def _build_own(self, service: np.ndarray) -> None:
         """The worker's own rows, for when no table may route: its curves alone,
-        classes not answered yet priced as `_unknown`, no error penalty."""
+        no error penalty.  A class a backend has not answered yet is priced by
+        `own_prior`: its speed on the classes it has answered, at the class's
+        cost where other backends answered it; a backend that has answered
+        nothing, as `_unknown`."""
         backends = self.backends
         unknown = self._unknown
         ones = [1.0] * len(backends)
@@ -188,9 +199,11 @@ class TableStrategy(P2CEwma):
             return
         live = np.array([b.available for b in backends])
         svc = service.T  # (classes, backends)
-        price = np.where(svc != 0.0, svc, np.array(unknown, dtype=np.float64)[None, :])
+        prior = own_prior(svc, np.array(unknown, dtype=np.float64))
+        price = np.where(svc != 0.0, svc, prior)
         ordered, prices, n = _ordered(self._objects(), price, np.broadcast_to(live, price.shape))
-        self._own = [(ordered[k][:n[k]], prices[k][:n[k]], ones, unknown) for k in range(len(n))]
+        pri = prior.tolist()
+        self._own = [(ordered[k][:n[k]], prices[k][:n[k]], ones, pri[k]) for k in range(len(n))]
 
     def _build_rows(self, table, service: np.ndarray) -> None:
         """Each class's row, vectorised over classes and backends at once
@@ -269,8 +282,16 @@ class TableStrategy(P2CEwma):
             # the other arm takes the minority share: P2C-EWMA while the curves
             # route, the curves while the guard holds them off
             if (self.rng.random() < g.share) != self.tripped:
+                b = super().pick(exclude)
+                if b is not None and b.failures and not self.tripped:
+                    # P2C-EWMA would send this request to a backend whose last
+                    # answer here failed: the control arm is charged the outcome
+                    # the request would likely have had there, and the curves route it
+                    g.expect(CONTROL, b.err, b.ewma)
+                    self.arm = NO_ARM
+                    return self._table_pick(cls)
                 self.arm = CONTROL
-                return super().pick(exclude)
+                return b
             self.arm = LEARNED
         return self._table_pick(cls)
 
@@ -324,6 +345,30 @@ class TableStrategy(P2CEwma):
                 best, oldest = b, seen
         return best
 
+
+
+def own_prior(svc: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """The price of each (class, backend) without a table, (C, B), from the
+    service times `svc` (0: not answered yet) and `unknown` (B,), the price
+    of a backend that has answered nothing.  A class is typically
+    exp(g[c]) dear (the mean log service of the backends that answered it);
+    a backend is exp(rel[b]) times as dear as typical (its mean log ratio
+    over the classes it answered).  A class a backend has not answered is
+    priced at exp(g[c] + rel[b]): a backend known only by its light
+    answers is not taken for cheap on the heavy class, which before the first
+    table drew heavy requests to a backend that fails most of them fast (its
+    peak EWMA is its light answers' latency)."""
+    known = svc > 0.0
+    per_class = known.sum(axis=1)  # (C,)
+    per_backend = known.sum(axis=0)  # (B,)
+    out = np.broadcast_to(unknown[None, :], svc.shape)
+    if svc.shape[0] < 2 or not per_class.any():
+        return np.array(out)
+    logs = np.log(np.where(known, svc, 1.0))
+    g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)  # (C,)
+    rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)  # (B,)
+    est = np.exp(g[:, None] + rel[None, :])
+    return np.where((per_class > 0)[:, None] & (per_backend > 0)[None, :], est, out)
 
 
 def _class_rows(classes: list, rows: list, names: list, width: int, fill: float,

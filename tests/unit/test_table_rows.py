@@ -7,6 +7,7 @@ least expected cost over the same candidates."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -104,16 +105,41 @@ def test_rows_match_the_plain_rule(seed):
         assert s._rows == reference_rows(s, table)
 
 
+def profile_price(s, b, k):
+    """Without a table, what backend b is expected to cost on class k by the
+    fleet's profile: the class's typical service (geometric mean over the
+    backends that answered it) times how much dearer than typical b is on the
+    classes it answered (geometric mean of the ratios); a backend that has
+    answered nothing, or a class nobody answered: the unknown price."""
+    n = len(s.class_names)
+    answered = [c for c in range(n) if b.curve.service[c]]
+    if n < 2 or not answered or not any(x.curve.service[k] for x in s.backends):
+        return unknown_price(s, b)
+
+    def typical(c):
+        v = [x.curve.service[c] for x in s.backends if x.curve.service[c]]
+        return math.exp(sum(map(math.log, v)) / len(v))
+    rel = sum(math.log(b.curve.service[c] / typical(c)) for c in answered) / len(answered)
+    return typical(k) * math.exp(rel)
+
+
 def reference_own(s):
-    """The worker's own rows (no table): the available backends by their curve's
-    service for the class, or their unknown price, no penalty."""
-    unknown = [unknown_price(s, b) for b in s.backends]
+    """The worker's own rows (no table): the available backends by their
+    service for the class, or, not answered yet, `profile_price`; no penalty."""
     rows = []
     for k in range(len(s.class_names)):
-        price = {b.idx: b.curve.service[k] or unknown[b.idx] for b in s.backends}
+        prior = [profile_price(s, b, k) for b in s.backends]
+        price = {b.idx: b.curve.service[k] or prior[b.idx] for b in s.backends}
         order = sorted((b for b in s.backends if b.available), key=lambda b: price[b.idx])
-        rows.append((order, [price[b.idx] for b in order], [1.0] * len(s.backends), unknown))
+        rows.append((order, [price[b.idx] for b in order], [1.0] * len(s.backends), prior))
     return rows
+
+
+def same_rows(got, want):
+    for (o1, p1, pen1, pr1), (o2, p2, pen2, pr2) in zip(got, want, strict=True):
+        assert o1 == o2 and pen1 == pen2
+        assert p1 == pytest.approx(p2, rel=1e-9) and pr1 == pytest.approx(pr2, rel=1e-9)
+    return True
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -125,10 +151,10 @@ def test_own_rows_match_the_plain_rule(seed):
     s.clock = lambda: now
     teach(rng, s, now)
     s.refresh()  # no table: the own rows are built
-    assert s.table is None and s._own == reference_own(s)
+    assert s.table is None and same_rows(s._own, reference_own(s))
     s.backends[rng.randrange(len(s.backends))].available ^= True
     s.refresh()
-    assert s._own == reference_own(s)
+    assert same_rows(s._own, reference_own(s))
 
 
 def full_scan(s, cls, now, exclude=()):
@@ -169,3 +195,22 @@ def test_the_early_exit_picks_what_a_full_scan_picks(seed):
                 got = s._table_pick(cls, exclude)
                 want = full_scan(s, cls, now, exclude)
                 assert got is want or (want is None and got not in exclude)
+
+
+def test_a_class_not_answered_is_priced_by_the_fleets_class_costs():
+    """No table: b2 has answered only light requests (as fast as the others'),
+    the others answered heavy ones at 5x.  b2's heavy price is about 5x its
+    light service, not its light latency, so a heavy request does not go to it
+    while the others are free."""
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), 2, i) for i in range(3)]
+    s = make_strategy("ml", bs, decay=10.0, seed=1, class_names=["default", "heavy"])
+    now = 10.0
+    s.clock = lambda: now
+    for b in bs:
+        b.record(0, 0.005, False, now, 0)
+    for b in bs[:2]:
+        b.record(1, 0.025, False, now, 0)
+    s.refresh()
+    heavy = s._own[1]
+    assert heavy[3][2] == pytest.approx(0.025)  # its prior for the class: the typical heavy cost
+    assert s._table_pick(1) is not bs[2]
