@@ -75,8 +75,8 @@ class TableStrategy(P2CEwma):
     the outcome the request would likely have had (an error with the
     probability `Backend.err`, the backend's recent failure share, else its
     peak EWMA) and the curves route the request, which no arm is credited
-    with.  Retries take the least expected cost
-    among the backends not tried yet.
+    with.  Retries take the least expected cost among the backends not tried
+    yet.
     """
 
     name = "ml"
@@ -344,7 +344,6 @@ class TableStrategy(P2CEwma):
                     and b.available and not b.inflight):
                 best, oldest = b, seen
         return best
-
 
 
 def own_prior(svc: np.ndarray, unknown: np.ndarray) -> np.ndarray:
