@@ -17,6 +17,7 @@ from workers.classic import P2CEwma
 from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
 from workers.probe import KneeProbe
+from workers.rows import by_price, class_rows, own_prior
 
 NO_ARM = -1  # a pick the guard does not judge (a retry)
 
@@ -201,7 +202,7 @@ class TableStrategy(P2CEwma):
         svc = service.T  # (classes, backends)
         prior = own_prior(svc, np.array(unknown, dtype=np.float64))
         price = np.where(svc != 0.0, svc, prior)
-        ordered, prices, n = _ordered(self._objects(), price, np.broadcast_to(live, price.shape))
+        ordered, prices, n = by_price(self._objects(), price, np.broadcast_to(live, price.shape))
         pri = prior.tolist()
         self._own = [(ordered[k][:n[k]], prices[k][:n[k]], ones, pri[k]) for k in range(len(n))]
 
@@ -224,9 +225,9 @@ class TableStrategy(P2CEwma):
         names = self.class_names
         # the table row each local class reads: its own, else the default class's
         # (weights: else the first class's; latency and cost: an empty row is missing)
-        w = _class_rows(table.classes, table.weights, names, nt, 0.0, empty_counts=True)
-        lat = _class_rows(table.classes, table.latency, names, nt, np.nan)
-        cost = _class_rows(table.classes, table.cost, names, nt, np.nan)
+        w = class_rows(table.classes, table.weights, names, nt, 0.0, empty_counts=True)
+        lat = class_rows(table.classes, table.latency, names, nt, np.nan)
+        cost = class_rows(table.classes, table.cost, names, nt, np.nan)
         there = cols >= 0
         at = np.where(there, cols, 0)
         lv = lat[:, at]  # (classes, backends)
@@ -239,7 +240,7 @@ class TableStrategy(P2CEwma):
         svc = service.T
         price = np.where(svc != 0.0, svc, prior) * penalty  # (a class not answered yet: its prior)
         cand = there[None, :] & (w[:, at] > 0)
-        ordered, prices, n = _ordered(self._objects(), price, cand)
+        ordered, prices, n = by_price(self._objects(), price, cand)
         pen = penalty.tolist()
         pri = prior.tolist()
         self._rows = [(ordered[k][:n[k]], prices[k][:n[k]], pen[k], pri[k]) for k in range(len(n))]
@@ -344,71 +345,3 @@ class TableStrategy(P2CEwma):
                     and b.available and not b.inflight):
                 best, oldest = b, seen
         return best
-
-
-def own_prior(svc: np.ndarray, unknown: np.ndarray) -> np.ndarray:
-    """The price of each (class, backend) without a table, (C, B), from the
-    service times `svc` (0: not answered yet) and `unknown` (B,), the price
-    of a backend that has answered nothing.  A class is typically
-    exp(g[c]) dear (the mean log service of the backends that answered it);
-    a backend is exp(rel[b]) times as dear as typical (its mean log ratio
-    over the classes it answered).  A class a backend has not answered is
-    priced at exp(g[c] + rel[b]): a backend known only by its light
-    answers is not taken for cheap on the heavy class, which before the first
-    table drew heavy requests to a backend that fails most of them fast (its
-    peak EWMA is its light answers' latency)."""
-    known = svc > 0.0
-    per_class = known.sum(axis=1)  # (C,)
-    per_backend = known.sum(axis=0)  # (B,)
-    out = np.broadcast_to(unknown[None, :], svc.shape)
-    if svc.shape[0] < 2 or not per_class.any():
-        return np.array(out)
-    logs = np.log(np.where(known, svc, 1.0))
-    g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)  # (C,)
-    rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)  # (B,)
-    est = np.exp(g[:, None] + rel[None, :])
-    return np.where((per_class > 0)[:, None] & (per_backend > 0)[None, :], est, out)
-
-
-def _class_rows(classes: list, rows: list, names: list, width: int, fill: float,
-                empty_counts: bool = False) -> np.ndarray:
-    """(len(names), width): for each local class name, the table row it reads,
-    `fill` where that row is short or missing.  Its own class's row, else the
-    default class's (`empty_counts`: an empty row of its own is its row; the
-    default falls back to the first class's), else none."""
-    out = np.full((len(names), width), fill, dtype=np.float64)
-    if not rows or not width:
-        return out
-    by_name = {c: i for i, c in enumerate(classes[:len(rows)])}
-    default = by_name.get("default")
-    if empty_counts:
-        if default is None or not len(rows[default]):
-            default = 0
-    elif default is not None and not len(rows[default]):
-        default = None
-    pick = []
-    for name in names:
-        i = by_name.get(name)
-        if i is None or (not empty_counts and not len(rows[i])):
-            i = default
-        pick.append(i)
-    if all(len(r) >= width for r in rows):  # the usual table: one conversion
-        full = np.array([r[:width] for r in rows], dtype=np.float64)
-        for k, i in enumerate(pick):
-            if i is not None:
-                out[k] = full[i]
-        return out
-    for k, i in enumerate(pick):
-        if i is not None:
-            r = rows[i][:width]
-            out[k, :len(r)] = r
-    return out
-
-
-def _ordered(objects: np.ndarray, price: np.ndarray, cand: np.ndarray) -> tuple[list, list, list]:
-    """Per row of `price` (classes x backends): the candidates' objects and
-    prices in price order, candidates first (a stable sort: ties keep the
-    backends' order), as lists; and how many candidates each row has."""
-    order = np.lexsort((price, ~cand), axis=-1)
-    return (objects[order].tolist(), np.take_along_axis(price, order, axis=-1).tolist(),
-            cand.sum(axis=1).tolist())

@@ -1,0 +1,77 @@
+"""The numpy pieces the `ml` pick's per-class rows are built from
+(workers/learned.py `TableStrategy.refresh`): a table's row for each local
+class (`class_rows`), the candidates in price order (`by_price`), and the
+price of a class a backend has not answered, without a table (`own_prior`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def own_prior(svc: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """The price of each (class, backend) without a table, (C, B), from the
+    service times `svc` (0: not answered yet) and `unknown` (B,), the price
+    of a backend that has answered nothing.  A class is typically
+    exp(g[c]) dear (the mean log service of the backends that answered it);
+    a backend is exp(rel[b]) times as dear as typical (its mean log ratio
+    over the classes it answered).  A class a backend has not answered is
+    priced at exp(g[c] + rel[b]): a backend known only by its light
+    answers is not taken for cheap on the heavy class, which before the first
+    table drew heavy requests to a backend that fails most of them fast (its
+    peak EWMA is its light answers' latency)."""
+    known = svc > 0.0
+    per_class = known.sum(axis=1)  # (C,)
+    per_backend = known.sum(axis=0)  # (B,)
+    out = np.broadcast_to(unknown[None, :], svc.shape)
+    if svc.shape[0] < 2 or not per_class.any():
+        return np.array(out)
+    logs = np.log(np.where(known, svc, 1.0))
+    g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)  # (C,)
+    rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)  # (B,)
+    est = np.exp(g[:, None] + rel[None, :])
+    return np.where((per_class > 0)[:, None] & (per_backend > 0)[None, :], est, out)
+
+
+def class_rows(classes: list, rows: list, names: list, width: int, fill: float,
+               empty_counts: bool = False) -> np.ndarray:
+    """(len(names), width): for each local class name, the table row it reads,
+    `fill` where that row is short or missing.  Its own class's row, else the
+    default class's (`empty_counts`: an empty row of its own is its row; the
+    default falls back to the first class's), else none."""
+    out = np.full((len(names), width), fill, dtype=np.float64)
+    if not rows or not width:
+        return out
+    by_name = {c: i for i, c in enumerate(classes[:len(rows)])}
+    default = by_name.get("default")
+    if empty_counts:
+        if default is None or not len(rows[default]):
+            default = 0
+    elif default is not None and not len(rows[default]):
+        default = None
+    pick = []
+    for name in names:
+        i = by_name.get(name)
+        if i is None or (not empty_counts and not len(rows[i])):
+            i = default
+        pick.append(i)
+    if all(len(r) >= width for r in rows):  # the usual table: one conversion
+        full = np.array([r[:width] for r in rows], dtype=np.float64)
+        for k, i in enumerate(pick):
+            if i is not None:
+                out[k] = full[i]
+        return out
+    for k, i in enumerate(pick):
+        if i is not None:
+            r = rows[i][:width]
+            out[k, :len(r)] = r
+    return out
+
+
+def by_price(objects: np.ndarray, price: np.ndarray, cand: np.ndarray) -> tuple[list, list, list]:
+    """Per row of `price` (classes x backends): the candidates' objects and
+    prices in price order, candidates first (a stable sort: ties keep the
+    backends' order), as lists; and how many candidates each row has."""
+    order = np.lexsort((price, ~cand), axis=-1)
+    return (objects[order].tolist(), np.take_along_axis(price, order, axis=-1).tolist(),
+            cand.sum(axis=1).tolist())
