@@ -6,22 +6,13 @@ been quiet for STALE x (n + 1) seconds, at most STALE x BACKOFF."""
 
 from __future__ import annotations
 
-from lb.core.config import Backend as BackendConfig
-from workers.backend import Backend
+from tests.mlfleet import ml_fleet
 from workers.learned import TableStrategy
-from workers.strategies import make_strategy
 
 
 def fleet(now: float):
-    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), 1, i) for i in range(3)]
     # exploration on every pick: each pick first looks for a stale backend
-    s = make_strategy("ml", bs, decay=10.0, seed=1, exploration=1.0)
-    clock = [now]
-    s.clock = lambda: clock[0]
-    for b in bs:  # every backend answers once, 5 ms, nothing else in flight
-        b.record(0, 0.005, False, now, 0)
-    s.check(now)  # no table: the worker's own rows
-    return s, bs, clock
+    return ml_fleet(3, now, exploration=1.0)
 
 
 def test_a_backend_not_heard_from_for_a_second_is_explored():

@@ -11,21 +11,10 @@ from __future__ import annotations
 import pytest
 
 from lb.core.config import Backend as BackendConfig
+from tests.mlfleet import ml_fleet
 from workers import guard as g
 from workers.backend import ERR_LEARN, Backend
 from workers.learned import NO_ARM
-from workers.strategies import make_strategy
-
-
-def fleet(n: int, now: float, guard_share: float = 0.0):
-    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), 1, i) for i in range(n)]
-    s = make_strategy("ml", bs, decay=10.0, seed=1, guard_share=guard_share)
-    clock = [now]
-    s.clock = lambda: clock[0]
-    for b in bs:  # every backend answers once, 5 ms, nothing else in flight
-        b.record(0, 0.005, False, now, 0)
-    s.check(now)  # no table: the worker's own rows
-    return s, bs, clock
 
 
 def test_the_failure_share_rises_with_failures_and_falls_with_answers():
@@ -42,7 +31,7 @@ def test_the_failure_share_rises_with_failures_and_falls_with_answers():
 
 
 def test_the_control_arm_is_charged_rather_than_sent_to_a_failing_backend():
-    s, (b0, b1), clock = fleet(2, 100.0, guard_share=1.0)  # every pick is the control arm's
+    s, (b0, b1), clock = ml_fleet(2, 100.0, guard_share=1.0)  # every pick is the control arm's
     s.guard.tick(100.0)
     b0.inflight = 3  # P2C-EWMA prefers the idle b1
     assert s.pick() is b1 and s.arm == g.CONTROL
@@ -68,7 +57,7 @@ def test_the_guard_counts_a_charged_outcome_by_its_probability():
 
 
 def test_an_answer_lets_the_control_arm_send_there_again_and_a_tripped_guard_never_defers():
-    s, (b0, b1), clock = fleet(2, 100.0, guard_share=1.0)
+    s, (b0, b1), clock = ml_fleet(2, 100.0, guard_share=1.0)
     s.guard.tick(100.0)
     b0.inflight = 3
     b1.record(0, 0.0005, True, 100.0)
