@@ -240,6 +240,8 @@ def test_continuous_learning_swaps_out_a_bad_live_model(runtime, tmp_path):
         assert feeder.run(3.0, lambda: feeder.tables.state is not None)
         assert feeder.tables.state.model_version == "bad-1"
         assert feeder.run(40.0, lambda: feeder.tables.state.model_version.startswith("mlp-"))
+        # (the table can arrive before the reader thread has the log line)
+        assert feeder.run(5.0, lambda: proc.named("model_swapped"))
         swapped = proc.named("model_swapped")
         assert len(swapped) == 1 and swapped[0]["previous"] == "bad-1"
         assert swapped[0]["challenger_score"] < swapped[0]["live_score"]
