@@ -12,7 +12,12 @@ the real benchmark sends, and latency = queueing + service + a fixed hop.
 As in a worker: a refused connection is retried once on another backend
 (`upstream.retries = 1`), a 5xx answer is relayed (never retried).  The
 client gives up after `--timeout` seconds: that request counts as an error at
-the timeout.  Requests are spread over the workers at random, like
+the timeout, and the worker's strategy hears of it (`abandoned`, as lb's
+worker does when a client closes its connection while it waits; ml learns
+the clients' patience from it, workers/patience.py).  Unlike lb's worker,
+which stops counting such a request against the backend, the simulated
+worker counts it until the backend answers (the backend works on it all
+the same).  Requests are spread over the workers at random, like
 connections over SO_REUSEPORT listeners.
 
 The `ml` policy is driven by the real inference code when it is importable
@@ -82,7 +87,7 @@ _RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(wbackend.Backend.r
 # ... and takes the in-flight count the request was sent at (ml's load curves)
 _RECORD_LOADS = _HAS_RECORD and "load" in inspect.signature(wbackend.Backend.record).parameters
 
-_DONE, _FAILED, _TICK = 0, 1, 2  # event kinds
+_DONE, _FAILED, _TICK, _GAVE_UP = 0, 1, 2, 3  # event kinds
 
 
 class Simulation:
@@ -111,6 +116,8 @@ class Simulation:
         for w in self.workers:
             if hasattr(w.strategy, "clock"):
                 w.strategy.clock = self.clock  # answers are timed in simulated seconds
+        # ml learns how long clients wait from the requests they give up on (workers/patience.py)
+        self.notify = hasattr(self.workers[0].strategy, "patience")
         self.spread = random.Random(seed * 31 + 7)
         self.records: list[tuple[float, float, int, str]] = []
         self.heap: list = []
@@ -170,6 +177,9 @@ class Simulation:
                             w.strategy.check(t)
                     if t + STATS_INTERVAL < self.duration:
                         self._push(t + STATS_INTERVAL, _TICK, None)
+                elif kind == _GAVE_UP:
+                    if not obj.answered and obj.backend is not None:
+                        self.workers[obj.worker].strategy.abandoned(t - obj.t0)
                 else:
                     self._answer(obj, t, kind)
             elif t_arr < inf:
@@ -178,7 +188,10 @@ class Simulation:
                 self.now = sched
                 w = int(rnd() * n_workers) if n_workers > 1 else 0
                 self.workers[w].requests += 1
-                self._dispatch(Request(sched, cls, w), sched, None)
+                req = Request(sched, cls, w)
+                self._dispatch(req, sched, None)
+                if self.notify and not req.answered:
+                    self._push(sched + self.timeout, _GAVE_UP, req)
             else:
                 break
         if self.bridge is not None:
@@ -280,6 +293,7 @@ class Simulation:
         self._record(req, at_proxy + HOP, status, b.name)
 
     def _record(self, req: Request, t: float, status: int, backend: str) -> None:
+        req.answered = True
         latency = t - req.sched
         if latency > self.timeout:
             self.workers[req.worker].timeouts += 1

@@ -204,7 +204,13 @@ class Dispatcher:
 
     @staticmethod
     def abandon(ex: Exchange) -> None:
-        """The client went away (or broke its request): drop what `ex` holds upstream."""
+        """The client went away (or broke its request): drop what `ex` holds upstream.
+        A client gone while its request waited for the backend's answer gave
+        up on it: the strategy learns how long clients wait (workers/patience.py)."""
+        if ex.bound and ex.body_done and not ex.response_started:
+            w = ex.conn.worker
+            w.abandoned += 1
+            w.strategy.abandoned(monotonic() - ex.t0)
         task = ex.connecting
         if task is not None:
             ex.connecting = None

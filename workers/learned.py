@@ -16,6 +16,7 @@ from workers.backend import Backend
 from workers.classic import P2CEwma
 from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
+from workers.patience import INF, Patience
 from workers.probe import KneeProbe
 from workers.rows import by_price, class_rows, own_prior
 
@@ -43,7 +44,13 @@ class TableStrategy(P2CEwma):
       penalty comes a tick later, and before the first table, or for a
       backend that refuses connections, this is all the pick knows).
       A class a backend has not answered yet is priced at the table's
-      predicted latency.  Backends are scanned in the order of their price when
+      predicted latency.  A backend whose expected latency is past DEADLINE
+      of how long clients wait (workers/patience.py: learned from the
+      clients that gave up, never more than lb's upstream response timeout)
+      is no candidate: the client will have gone before its answer.  When
+      every backend is past it (an overload), the request is lost wherever
+      it goes and goes to the backend with the longest expected latency, so
+      that the others' queues stay short enough to answer in time.  Backends are scanned in the order of their price when
       the table came (service x penalty, a lower bound of the cost) and the
       scan stops at the first whose lower bound exceeds the best cost so far:
       a backend with a free slot among the cheapest ends the scan at once;
@@ -83,11 +90,13 @@ class TableStrategy(P2CEwma):
     name = "ml"
     STALE = 1.0  # seconds without an answer before exploration looks at a backend
     BACKOFF = 10  # ... times (its failures in a row + 1), at most this many times
+    DEADLINE = 0.75  # share of the clients' patience past which a request is taken as lost
     OWN_REFIT = 0.1  # seconds between refits of the curves when no table brings them
     FIT_CHUNK = 32  # backends whose curves are refitted per table
 
     def __init__(self, backends, *, class_names=("default",), guard_share: float = 0.0,
-                 exploration: float = 0.0, probe_share: float = 0.0, **kw) -> None:
+                 exploration: float = 0.0, probe_share: float = 0.0, deadline: float = INF,
+                 **kw) -> None:
         super().__init__(backends, **kw)
         self.class_names = list(class_names)
         self.table = None
@@ -103,6 +112,9 @@ class TableStrategy(P2CEwma):
         self.explore = exploration
         # capacity exploration (workers/probe.py): `capacity.explore` of the picks
         self.probe = KneeProbe(probe_share) if probe_share > 0 else None
+        # how long clients wait (workers/patience.py); `deadline`: lb's own upstream response timeout
+        self.patience = Patience(deadline)
+        self.lost_after = self.DEADLINE * deadline  # expected seconds past which a request is lost
         n = len(self.class_names)
         for b in backends:
             if b.curve is None or len(b.curve.service) != n:  # (a rebuild over a new fleet keeps them)
@@ -296,6 +308,11 @@ class TableStrategy(P2CEwma):
             self.arm = LEARNED
         return self._table_pick(cls)
 
+    def abandoned(self, age: float) -> None:
+        p = self.patience
+        p.gave_up(age)
+        self.lost_after = self.DEADLINE * p.deadline
+
     def _table_pick(self, cls: int, exclude=()):
         order, prices, penalty, prior = (self._rows if self.usable else self._own)[cls]
         if not order:
@@ -311,6 +328,9 @@ class TableStrategy(P2CEwma):
                 return b
         best = None
         best_cost = 0.0
+        lost = None  # the backend with the longest expected latency past `lost_after`
+        lost_at = 0.0
+        limit = self.lost_after
         now = self.clock()
         for b, price in zip(order, prices):
             if best is not None and price >= best_cost:
@@ -318,12 +338,23 @@ class TableStrategy(P2CEwma):
             if not b.available or (exclude and b in exclude):
                 continue
             i = b.idx
-            cost = b.curve.expected(cls, b.inflight, prior[i], now) * penalty[i]
+            latency = b.curve.expected(cls, b.inflight, prior[i], now)
+            if latency > limit:
+                # the client will have given up before the answer: not a candidate
+                if latency > lost_at:
+                    lost, lost_at = b, latency
+                continue
+            cost = latency * penalty[i]
             if b.failures:
                 f = b.failures + 1
                 cost *= f * f
             if best is None or cost < best_cost:
                 best, best_cost = b, cost
+        if best is None:
+            # every backend is past the deadline (an overload): the request is
+            # lost anyway, and goes where the most is lost already, which keeps
+            # the others' queues short enough to answer in time
+            best = lost
         return best if best is not None else super().pick(exclude)
 
     def _stale(self, order):

@@ -241,7 +241,7 @@ class Telemetry:
             "connections": len(w.conns), "accepted": w.accepted, "requests": w.requests,
             "rejected": w.rejected, "timeouts": w.timeouts, "no_backend": w.no_backend,
             "shed": w.shed, "limited": w.limited, "panic": w.health.panic,
-            "proxy_errors": w.proxy_errors,
+            "proxy_errors": w.proxy_errors, "abandoned": w.abandoned,
         }
         if w.tls_ctx is not None:
             from lb.core.tls import HANDSHAKES

@@ -100,6 +100,7 @@ class Worker:
         self.no_backend = 0
         self.shed = 0  # 503: in-flight cap or every circuit breaker open
         self.limited = 0  # 429: per-client rate limit
+        self.abandoned = 0  # requests whose client went away while waiting for the backend's answer
         self.proxy_errors = 0  # connections closed for a missing or bad PROXY protocol header
         self.proxy_error_log = Throttle(PROXY_LOG_EVERY)  # proxy_protocol_error lines
         self.active = 0  # requests bound to a backend (in flight upstream)
@@ -178,11 +179,16 @@ class Worker:
             seed=(cfg.balancer.seed + self.slot) if cfg.balancer.seed else 0,
             class_names=cfg.class_names, guard_share=cfg.learning.guard_share,
             exploration=cfg.learning.exploration, probe_share=cfg.capacity.explore,
+            deadline=cfg.timeouts.upstream_response,
         )
 
     def rebuild_strategy(self) -> None:
         """Over a changed fleet: the same strategy, the table in hand installed again."""
-        strategy = self.make_strategy(self.strategy.name)
+        old = self.strategy
+        strategy = self.make_strategy(old.name)
+        if hasattr(old, "patience") and hasattr(strategy, "patience"):
+            strategy.patience = old.patience  # the clients are the same
+            strategy.lost_after = old.lost_after
         if self.telemetry is not None:
             self.telemetry.steer.install_table(strategy)
         self.strategy = strategy

@@ -32,6 +32,8 @@ WORKER_COUNTER_HELP = {
     "no_backend": ("lb_no_backend", "Requests answered 503 because nothing was routable."),
     "shed": ("lb_shed", "Requests answered 503 by a protection limit (load shedding, circuit breaking)."),
     "limited": ("lb_limited", "Requests answered 429 by the per-client rate limit."),
+    "abandoned": ("lb_client_abandoned",
+                  "Requests whose client closed its connection while waiting for the backend's answer."),
     "proxy_errors": ("lb_proxy_protocol_errors",
                      "Connections closed for a missing or malformed PROXY protocol header."),
 }

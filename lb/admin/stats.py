@@ -26,7 +26,7 @@ STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 # per-backend counters summed as they are, in BackendStats and BackendTotals alike
 SCALAR_COUNTERS = ("requests", "connect_errors", "timeouts", "retries", "resets", "ejections", "overflows")
 WORKER_COUNTERS = ("accepted", "requests", "rejected", "timeouts", "no_backend", "shed", "limited",
-                   "tls_handshakes", "proxy_errors")
+                   "tls_handshakes", "proxy_errors", "abandoned")
 TLS_FAILED = "tls_failed."  # + reason: failed handshakes on the HTTPS listener, in Totals.workers
 
 

@@ -116,6 +116,7 @@ class WorkerStats(Msg):
     timeouts: int
     no_backend: int  # 503: nothing to route to
     shed: int = 0  # 503 by a protection limit
+    abandoned: int = 0  # requests whose client went away while waiting for the backend's answer
     limited: int = 0  # 429 by the per-client rate limit
     proxy_errors: int = 0  # connections closed for a missing or bad PROXY protocol header
     tls_handshakes: int = 0  # completed on the HTTPS listener

@@ -35,6 +35,7 @@ EXPECTED = {
     "lb_no_backend": "counter",
     "lb_shed": "counter",
     "lb_limited": "counter",
+    "lb_client_abandoned": "counter",
     "lb_worker_restarts": "counter",
     "lb_reloads": "counter",
     "lb_config_generation": "gauge",

@@ -1,0 +1,77 @@
+"""How long clients wait (workers/patience.py), and ml's pick once every
+backend is past it (workers/learned.py): the request goes where the most is
+lost already, and a backend that answers in time wins over one that cannot."""
+
+from __future__ import annotations
+
+import random
+
+from tests.mlfleet import ml_fleet
+from workers.patience import Patience
+
+
+def test_the_deadline_is_lbs_own_until_a_client_gives_up():
+    p = Patience(60.0)
+    assert p.deadline == 60.0 and p.given_up == 0
+    assert Patience().deadline == float("inf")
+
+
+def test_clients_sharing_a_timeout_set_the_deadline_there():
+    p = Patience(60.0)
+    for _ in range(50):
+        p.gave_up(2.0)
+    assert 2.0 <= p.deadline <= 2.2
+
+
+def test_clients_that_leave_early_for_their_own_reasons_move_it_little():
+    p = Patience(60.0)
+    rng = random.Random(3)
+    for _ in range(500):
+        p.gave_up(0.05 if rng.random() < 0.1 else 2.0)
+    assert 1.9 <= p.deadline <= 2.2
+
+
+def test_more_patient_clients_raise_it_and_lbs_timeout_caps_it():
+    p = Patience(10.0)
+    for _ in range(30):
+        p.gave_up(2.0)
+    for _ in range(40):
+        p.gave_up(5.0)
+    assert 4.8 <= p.deadline <= 5.3
+    for _ in range(40):
+        p.gave_up(30.0)
+    assert p.deadline == 10.0
+
+
+def queued(b, seconds: float) -> None:
+    """Give backend `b` (5 ms per request, one slot) a queue of `seconds`."""
+    n = int(seconds / 0.005)
+    b.inflight = n
+    b.curve.work = n * 0.005
+
+
+def test_past_the_deadline_everywhere_the_request_goes_where_most_is_lost():
+    s, (b0, b1, b2), _ = ml_fleet(3, 100.0)
+    queued(b0, 1.0)
+    queued(b1, 1.5)
+    queued(b2, 1.2)
+    assert s.pick() is b0  # no client has given up: the least expected latency
+    for _ in range(20):
+        s.abandoned(0.8)  # clients wait 0.8 s: every backend is past 0.75 of it
+    assert 0.8 <= s.patience.deadline <= 0.9
+    assert s.lost_after == s.DEADLINE * s.patience.deadline
+    assert [s.pick() for _ in range(5)] == [b1] * 5
+    queued(b2, 0.3)  # one backend answers in time again: it takes the requests
+    assert s.pick() is b2
+
+
+def test_a_backend_that_answers_in_time_wins_over_one_that_cannot():
+    s, (b0, b1, b2), _ = ml_fleet(3, 100.0)
+    queued(b0, 0.4)
+    b0.failures = 1  # its last answer failed: priced 4x, 1.6 s
+    queued(b1, 0.9)
+    queued(b2, 1.2)
+    assert s.pick() is b1  # by cost alone
+    for _ in range(20):
+        s.abandoned(1.0)
+    assert s.pick() is b0  # b1's answer would come after its client has gone
