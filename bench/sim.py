@@ -179,7 +179,7 @@ class Simulation:
                         self._push(t + STATS_INTERVAL, _TICK, None)
                 elif kind == _GAVE_UP:
                     if not obj.answered and obj.backend is not None:
-                        self.workers[obj.worker].strategy.abandoned(t - obj.t0)
+                        self.workers[obj.worker].strategy.abandoned(t - obj.t0, obj.cls)
                 else:
                     self._answer(obj, t, kind)
             elif t_arr < inf:

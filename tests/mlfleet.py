@@ -12,7 +12,8 @@ from workers.strategies import make_strategy
 def ml_fleet(n: int, now: float, **strategy):
     """(strategy, backends, clock); `strategy`: make_strategy's keywords
     (exploration, guard_share, ...)."""
-    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), 1, i) for i in range(n)]
+    k = len(strategy.get("class_names", ("default",)))
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), k, i) for i in range(n)]
     s = make_strategy("ml", bs, decay=10.0, seed=1, **strategy)
     clock = [now]
     s.clock = lambda: clock[0]

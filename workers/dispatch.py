@@ -210,7 +210,7 @@ class Dispatcher:
         if ex.bound and ex.body_done and not ex.response_started:
             w = ex.conn.worker
             w.abandoned += 1
-            w.strategy.abandoned(monotonic() - ex.t0)
+            w.strategy.abandoned(monotonic() - ex.t0, ex.cls)
         task = ex.connecting
         if task is not None:
             ex.connecting = None

@@ -112,9 +112,11 @@ class TableStrategy(P2CEwma):
         self.explore = exploration
         # capacity exploration (workers/probe.py): `capacity.explore` of the picks
         self.probe = KneeProbe(probe_share) if probe_share > 0 else None
-        # how long clients wait (workers/patience.py); `deadline`: lb's own upstream response timeout
-        self.patience = Patience(deadline)
-        self.lost_after = self.DEADLINE * deadline  # expected seconds past which a request is lost
+        # how long clients wait, per class (workers/patience.py); `deadline`: lb's own upstream
+        # response timeout
+        self.patience = [Patience(deadline) for _ in self.class_names]
+        # per class: expected seconds past which a request is lost
+        self.lost_after = [self.DEADLINE * deadline] * len(self.class_names)
         n = len(self.class_names)
         for b in backends:
             if b.curve is None or len(b.curve.service) != n:  # (a rebuild over a new fleet keeps them)
@@ -308,10 +310,10 @@ class TableStrategy(P2CEwma):
             self.arm = LEARNED
         return self._table_pick(cls)
 
-    def abandoned(self, age: float) -> None:
-        p = self.patience
+    def abandoned(self, age: float, cls: int = 0) -> None:
+        p = self.patience[cls]
         p.gave_up(age)
-        self.lost_after = self.DEADLINE * p.deadline
+        self.lost_after[cls] = self.DEADLINE * p.deadline
 
     def _table_pick(self, cls: int, exclude=()):
         order, prices, penalty, prior = (self._rows if self.usable else self._own)[cls]
@@ -330,7 +332,7 @@ class TableStrategy(P2CEwma):
         best_cost = 0.0
         lost = None  # the backend with the longest expected latency past `lost_after`
         lost_at = 0.0
-        limit = self.lost_after
+        limit = self.lost_after[cls]
         now = self.clock()
         for b, price in zip(order, prices):
             if best is not None and price >= best_cost:

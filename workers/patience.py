@@ -32,7 +32,8 @@ class Patience:
         self.deadline = limit  # seconds: min(limit, the quantile)
 
     def gave_up(self, age: float) -> None:
-        """A client closed its connection `age` seconds after its request was sent."""
+        """A client closed its connection `age` seconds after its request was sent
+        (before any answer)."""
         x = math.log(age if age > 1e-3 else 1e-3)
         if not self.given_up:
             self.log_age = x

@@ -36,9 +36,10 @@ class Strategy:
     def pick(self, exclude=(), cls: int = 0) -> Backend | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def abandoned(self, age: float) -> None:
-        """A client gave up on its request `age` seconds after it was sent,
-        before any answer (only ml learns from it: workers/patience.py)."""
+    def abandoned(self, age: float, cls: int = 0) -> None:
+        """A client gave up on its request (of class `cls`) `age` seconds
+        after it was sent, before any answer (only ml learns from it:
+        workers/patience.py)."""
 
     def observe(self, backend: Backend, rtt: float, now: float) -> None:
         """Peak EWMA of `backend`'s time to first byte (the workers update it

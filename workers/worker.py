@@ -187,8 +187,8 @@ class Worker:
         old = self.strategy
         strategy = self.make_strategy(old.name)
         if hasattr(old, "patience") and hasattr(strategy, "patience"):
-            strategy.patience = old.patience  # the clients are the same
-            strategy.lost_after = old.lost_after
+            strategy.patience = old.patience  # the clients are the same (and the classes: a reload
+            strategy.lost_after = old.lost_after  # that changes them makes new workers)
         if self.telemetry is not None:
             self.telemetry.steer.install_table(strategy)
         self.strategy = strategy

@@ -58,8 +58,8 @@ def test_past_the_deadline_everywhere_the_request_goes_where_most_is_lost():
     assert s.pick() is b0  # no client has given up: the least expected latency
     for _ in range(20):
         s.abandoned(0.8)  # clients wait 0.8 s: every backend is past 0.75 of it
-    assert 0.8 <= s.patience.deadline <= 0.9
-    assert s.lost_after == s.DEADLINE * s.patience.deadline
+    assert 0.8 <= s.patience[0].deadline <= 0.9
+    assert s.lost_after[0] == s.DEADLINE * s.patience[0].deadline
     assert [s.pick() for _ in range(5)] == [b1] * 5
     queued(b2, 0.3)  # one backend answers in time again: it takes the requests
     assert s.pick() is b2
@@ -75,3 +75,17 @@ def test_a_backend_that_answers_in_time_wins_over_one_that_cannot():
     for _ in range(20):
         s.abandoned(1.0)
     assert s.pick() is b0  # b1's answer would come after its client has gone
+
+
+def test_each_class_has_its_own_clients():
+    s, (b0, b1, b2), _ = ml_fleet(3, 100.0, class_names=("api", "report"))
+    for b in (b0, b1, b2):
+        b.record(1, 0.005, False, 100.0, 0)
+    queued(b0, 1.0)
+    queued(b1, 1.5)
+    queued(b2, 1.2)
+    for _ in range(20):
+        s.abandoned(0.8, 0)  # api clients wait 0.8 s
+    assert s.patience[1].given_up == 0 and s.lost_after[1] == float("inf")
+    assert s.pick(cls=0) is b1  # past the api clients' patience everywhere
+    assert s.pick(cls=1) is b0  # report clients have not given up: the least latency
