@@ -154,8 +154,10 @@ def _learned(strategy, table: Table, cls: str, live: list[BackendState], best: s
     rule = ("the least expected cost: the backend's service time for the class (the table's predicted "
             "latency until the worker's own load curve has answers) plus, when its slots are full, the "
             "wait for the work in flight, times the error penalty (table cost / latency) and the "
-            "worker's consecutive failures + 1; the admin prices by the table, the mean in-flight "
-            "counts and peak EWMAs, not by each worker's curves")
+            "square of the worker's consecutive failures + 1, leaving out a backend whose expected "
+            "latency is past 0.75 of how long the class's clients wait (each worker learns it from "
+            "the clients that gave up) unless every one is, then the longest wins; the admin prices "
+            "by the table, the mean in-flight counts and peak EWMAs, not by each worker's curves")
     explore = f"with probability {strategy.explore:.1%} a backend not heard from lately (exploration), " \
         "otherwise " if strategy.explore > 0 else ""
     out["why"] = (f"learned table seq {table.seq}, class {cls!r}: picked by cost: {explore}{rule}; "
