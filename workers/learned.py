@@ -50,10 +50,11 @@ class TableStrategy(P2CEwma):
       is no candidate: the client will have gone before its answer.  When
       every backend is past it (an overload), the request is lost wherever
       it goes and goes to the backend with the longest expected latency, so
-      that the others' queues stay short enough to answer in time.  Backends are scanned in the order of their price when
-      the table came (service x penalty, a lower bound of the cost) and the
-      scan stops at the first whose lower bound exceeds the best cost so far:
-      a backend with a free slot among the cheapest ends the scan at once;
+      that the others' queues stay short enough to answer in time.
+      Backends are scanned in the order of their price when the table came
+      (service x penalty, a lower bound of the cost) and the scan stops at
+      the first whose lower bound exceeds the best cost so far: a backend
+      with a free slot among the cheapest ends the scan at once;
     * with probability `exploration` (`learning.exploration`, or the table's),
       first looks for a backend this worker has not heard from for STALE
       seconds and sends the request there instead (its curve may be out of
