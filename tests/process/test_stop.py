@@ -160,8 +160,9 @@ def test_second_signal_during_drain_stops_at_once(backend, lb_factory, second):
     assert [s["graceful"] for s in stops] == [True, False], stops
 
 
-def test_workers_exit_when_the_supervisor_is_killed(backend, lb_factory):
-    lb = lb_factory([backend], workers=2)
+def test_workers_exit_when_the_supervisor_is_killed(backend, lb_factory, tmp_path):
+    # (a killed supervisor cannot remove its runtime directory: this one is the test's)
+    lb = lb_factory([backend], workers=2, extra=f'runtime_dir = "{tmp_path / "run"}"')
     pids = live_workers(lb.proc.pid)
     assert len(pids) == 2
     assert get(lb.port)[0] == 200
@@ -178,6 +179,7 @@ def test_no_child_outlives_a_supervisor_killed_while_they_boot(backend, tmp_path
 
     cfg = tmp_path / "lb.toml"
     cfg.write_text(f'listen = "127.0.0.1:{free_port()}"\nstrategy = "ml"\n'
+                   f'runtime_dir = "{tmp_path / "run"}"\n'  # (the killed supervisor leaves it)
                    f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
                    f'[[backends]]\naddress = "{backend.address}"\n')
     proc = LBRun(cfg, workers=2, wait=False, log=False).proc
