@@ -3,7 +3,10 @@
 A small control share of the requests `ml` would route is routed by P2C
 peak-EWMA instead, on the same backends at the same moments.  The guard
 keeps, for each arm (learned, control), the realised time to first byte and
-the errors over a sliding window, and judges the learned arm every tick:
+the errors in 1 s buckets over a sliding window, and judges the learned arm
+every tick, side by side: over the window's buckets routed as now (since the
+last trip or return; the bucket after a switch is left out, as it answers
+requests picked before):
 
 * it is *worse* when its error rate is above the control's by more than
   `ERR_MARGIN` and by more than `Z` standard errors, or, unless its error
@@ -14,7 +17,20 @@ the errors over a sliding window, and judges the learned arm every tick:
 * once worse, the worker routes by P2C-EWMA (mode fallback, reason `guard`)
   and keeps the *learned* arm at the small share, so the comparison goes on;
   it returns to the table only after a whole window in which the learned arm
-  is not worse (too few outcomes to judge count as not worse).
+  is not worse (too few outcomes to judge count as not worse);
+* the small share flatters whichever arm holds it: its few requests find
+  the queues the other arm's routing left, and add little to them (on
+  evaluation fleets where ml and P2C-EWMA do equally well routing
+  everything, the control share's mean latency read 10-25% below the
+  learned arm's, 40% in an overload).  So a trip is checked by switchback:
+  the control arm's outcomes in the buckets where it routes the majority
+  against the learned arm's in those where it did.  When those show the
+  learned arm no worse (the same margins, with `Z` standard errors of the
+  difference inside them), the trip was a false alarm: the table routes
+  again at once, and the share's comparison may not trip it for HOLD
+  buckets, doubled with each false alarm in a row up to a window.  A trip
+  they confirm is not clean while the learned arm's routing is in the
+  window, so P2C-EWMA routes for at least two windows.
 
 Both arms need `MIN_SAMPLES` outcomes in the window before a verdict: until
 then the guard says nothing (no fallback on too little evidence).  Latency is
@@ -40,6 +56,8 @@ LAT_MARGIN = 0.05  # learned mean latency may exceed control's by this share
 ERR_MARGIN = 0.01  # learned error rate may exceed control's by this (absolute)
 Z = 3.0  # standard errors a difference must exceed to count
 LAT_CAP = 10.0  # seconds: one outcome's latency counts at most this
+HOLD = 2  # buckets a false alarm keeps the share's comparison from tripping (doubled per false alarm in a row)
+MIXED = -1  # a bucket in which neither arm routed the majority throughout (a switch, or the one after)
 
 
 class _Arm:
@@ -59,9 +77,16 @@ class _Arm:
     def totals(self) -> tuple[int, int, int, float, float]:
         return sum(self.n), sum(self.errors), sum(self.lat_n), sum(self.lat_sum), sum(self.lat_sq)
 
+    def totals_in(self, buckets: list[int]) -> tuple[int, int, int, float, float]:
+        """The totals over the given bucket indices."""
+        return (sum([self.n[i] for i in buckets]), sum([self.errors[i] for i in buckets]),
+                sum([self.lat_n[i] for i in buckets]), sum([self.lat_sum[i] for i in buckets]),
+                sum([self.lat_sq[i] for i in buckets]))
+
 
 class Guard:
-    __slots__ = ("share", "arms", "bucket", "tripped", "clean_since", "verdict")
+    __slots__ = ("share", "arms", "bucket", "tripped", "clean_since", "verdict", "routed", "switched",
+                 "false_alarms", "quiet_until")
 
     def __init__(self, share: float) -> None:
         self.share = share  # of ml's picks routed by the other arm (0: the guard is off)
@@ -70,6 +95,10 @@ class Guard:
         self.tripped = False  # True: the worker routes by P2C-EWMA (reason "guard")
         self.clean_since = -1  # bucket from which the learned arm has not been worse
         self.verdict: dict = {}  # the last judgement's figures (stats, /api/route)
+        self.routed = [MIXED] * WINDOW  # per bucket: the arm that routed the majority (or MIXED)
+        self.switched = -2  # bucket of the last trip or return (none: the first bucket counts)
+        self.false_alarms = 0  # trips in a row the switchback did not confirm
+        self.quiet_until = -1  # bucket before which the share's comparison does not trip
 
     def outcome(self, arm: int, latency: float, error: bool) -> None:
         """One realised outcome of a request routed by `arm` (in the current bucket)."""
@@ -110,46 +139,104 @@ class Guard:
                 for a in self.arms:
                     for i in range(WINDOW):
                         a.clear(i)
+                self.routed = [MIXED] * WINDOW
                 if b < self.clean_since:
                     self.clean_since = b
+                if b < self.switched:
+                    self.switched = b
+                if b < self.bucket:
+                    self.quiet_until = -1
+                first = b
             else:
-                for k in range(self.bucket + 1, b + 1):
-                    for a in self.arms:
-                        a.clear(k % WINDOW)
+                first = self.bucket + 1
+            arm = CONTROL if self.tripped else LEARNED
+            for k in range(first, b + 1):
+                i = k % WINDOW
+                for a in self.arms:
+                    a.clear(i)
+                self.routed[i] = arm if k > self.switched + 1 else MIXED
             self.bucket = b
         worse = self.judge()
-        if worse is None and not self.tripped:
+        if not self.tripped:
+            if worse and b >= self.quiet_until:
+                self._switch(b, True)
+            elif self.false_alarms and b >= self.quiet_until + WINDOW:
+                self.false_alarms = 0  # a window without a trip: the next false alarm holds for HOLD again
+            return not self.tripped
+        back = self.switchback()
+        if back is False:
+            # P2C-EWMA routing the majority did no better than the table did:
+            # the share's comparison misled, and the table routes again
+            self.false_alarms += 1
+            self.quiet_until = b + min(HOLD << min(self.false_alarms - 1, 8), WINDOW)
+            self._switch(b, False)
             return True
+        if back:
+            # confirmed: the table routing did worse than P2C-EWMA routing does,
+            # and no stretch is clean while that is in the window
+            self.false_alarms = 0
+            worse = True
         # Too few outcomes while tripped counts as "not worse": the learned arm
         # holds only the small share then, and below ~MIN_SAMPLES / share outcomes
         # per window it could never gather a verdict, leaving the table off for
         # good once traffic fell after a trip (no fallback on too little evidence
         # either way: an untripped guard at that traffic does not judge either).
         if worse:
-            self.tripped = True
             self.clean_since = -1
-        elif self.tripped:
+        else:
             if self.clean_since < 0:
                 self.clean_since = b
             elif b - self.clean_since >= WINDOW:
-                self.tripped = False
-                self.clean_since = -1
+                self._switch(b, False)
         return not self.tripped
 
-    def judge(self) -> bool | None:
-        """Is the learned arm worse than the control over the window?  None: too
-        few outcomes in one of the arms to say."""
-        ln, le, lk, ls, lq = self.arms[LEARNED].totals()
-        cn, ce, ck, cs, cq = self.arms[CONTROL].totals()
-        if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
-            self.verdict = {"learned_n": ln, "control_n": cn}
+    def _switch(self, b: int, trip: bool) -> None:
+        self.tripped = trip
+        self.clean_since = -1
+        self.switched = b
+        self.routed[b % WINDOW] = MIXED
+
+    def switchback(self) -> bool | None:
+        """Is the learned arm, over the buckets in which it routed the majority,
+        worse than the control arm over those in which it did?  True: worse
+        (the test above); False: shown to be no worse (the same margins, with
+        the difference's upper 3-standard-error bound inside them); None: not
+        known yet."""
+        routed = self.routed
+        mine = [i for i in range(WINDOW) if routed[i] == LEARNED]
+        theirs = [i for i in range(WINDOW) if routed[i] == CONTROL]
+        if not mine or not theirs:
             return None
+        worse, fine, _ = self._compare(self.arms[LEARNED].totals_in(mine), self.arms[CONTROL].totals_in(theirs))
+        return True if worse else (False if fine else None)
+
+    def judge(self) -> bool | None:
+        """Is the learned arm worse than the control over the window's buckets
+        routed as now (the arms' outcomes side by side)?  None: too few
+        outcomes in one of the arms to say."""
+        arm = CONTROL if self.tripped else LEARNED
+        now = [i for i in range(WINDOW) if self.routed[i] == arm]
+        worse, _, self.verdict = self._compare(self.arms[LEARNED].totals_in(now), self.arms[CONTROL].totals_in(now))
+        return worse
+
+    @staticmethod
+    def _compare(learned: tuple, control: tuple) -> tuple[bool | None, bool, dict]:
+        """Is the learned arm's record worse than the control's (the test in the
+        module docstring)?  And is it shown to be no worse: the differences'
+        upper bounds (plus Z standard errors) inside the same margins?  With
+        the figures."""
+        ln, le, lk, ls, lq = learned
+        cn, ce, ck, cs, cq = control
+        if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
+            return None, False, {"learned_n": ln, "control_n": cn}
         pl, pc = le / ln, ce / cn
         p = (le + ce) / (ln + cn)
         se_p = sqrt(max(p * (1 - p), 1e-12) * (1 / ln + 1 / cn))
         err_worse = pl - pc > ERR_MARGIN and pl - pc > Z * se_p
         err_better = pc - pl > ERR_MARGIN and pc - pl > Z * se_p
+        err_fine = pl - pc + Z * se_p <= ERR_MARGIN
         lat_worse = False
+        lat_fine = err_better  # (errors come first)
         ml = mc = 0.0
         if lk >= MIN_SAMPLES and ck >= MIN_SAMPLES:
             ml, mc = ls / lk, cs / ck
@@ -160,10 +247,12 @@ class Guard:
             # answering the rest more slowly (the control arm's successes are quick
             # precisely because it sends a share to a backend that fails at once)
             lat_worse = ml - mc > LAT_MARGIN * mc and ml - mc > Z * se and not err_better
-        self.verdict = {
+            lat_fine = lat_fine or ml - mc + Z * se <= LAT_MARGIN * mc
+        else:
+            lat_fine = True  # (too few answers to compare latency: the errors decide)
+        return bool(err_worse or lat_worse), err_fine and lat_fine, {
             "learned_n": ln, "control_n": cn,
             "learned_errors": round(pl, 5), "control_errors": round(pc, 5),
             "learned_mean_s": round(ml, 6), "control_mean_s": round(mc, 6),
             "worse": bool(err_worse or lat_worse),
         }
-        return err_worse or lat_worse

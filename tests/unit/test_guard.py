@@ -152,13 +152,15 @@ def test_a_table_that_routes_badly_is_caught_and_held_off():
         arm = s.arm
         lat = rng.expovariate(1 / service[b.name])
         b.record(0, lat, False, now)
-        s.guard.outcome(arm, lat, False)
+        if arm >= 0:  # (as the dispatcher: a pick no arm made is credited to none)
+            s.guard.outcome(arm, lat, False)
         picked.append((now, b.name))
         now += 0.001
     first_guard = next(t for t, r in reasons if r == "guard")
     assert first_guard - 1000.0 <= 12.0, "caught within about one window"
-    assert all(r == "guard" for t, r in reasons if t > first_guard)
-    late = [n for t, n in picked if t > first_guard + 1.0]
+    held = first_guard + g.WINDOW * g.BUCKET
+    assert all(r == "guard" for t, r in reasons if first_guard < t < held), "held off a whole window"
+    late = [n for t, n in picked if first_guard + 1.0 < t < held]
     assert late.count("slow") / len(late) < 0.1, "after the verdict the table routes only its small share"
 
 
@@ -172,3 +174,51 @@ def test_fewer_errors_outweigh_slower_successes():
                learned_err=0.02, control_err=0.4)
     assert all(ok for _, ok in out)
     assert gd.verdict["worse"] is False
+
+
+def feed_shared(gd: g.Guard, rng: random.Random, t0: float, seconds: float, rate: float,
+                learned_system: float, control_system: float, flatter: float = 0.75) -> list[tuple[float, bool]]:
+    """Outcomes on a fleet both arms share: every request's mean latency is
+    that of the arm routing the majority (`learned_system` while the table
+    routes, `control_system` while P2C-EWMA does), and the minority arm's
+    requests take `flatter` of it (they find the queues the majority left)."""
+    out = []
+    share = gd.share
+    for k in range(int(seconds * rate)):
+        now = t0 + k / rate
+        if k % max(1, int(rate / 10)) == 0:
+            out.append((now, gd.tick(now)))
+        major = g.CONTROL if gd.tripped else g.LEARNED
+        arm = 1 - major if rng.random() < share else major
+        mean = control_system if major == g.CONTROL else learned_system
+        gd.outcome(arm, rng.expovariate(1 / (mean * (flatter if arm != major else 1.0))), False)
+    return out
+
+
+def test_a_trip_the_switchback_does_not_confirm_is_undone():
+    # The table routing everything does better than P2C-EWMA routing
+    # everything (10 ms against 20 ms), but the 5% control share, flattered,
+    # reads 7.5 ms beside the table's 10: the share's comparison trips.  The
+    # switchback sees P2C-EWMA do worse with the majority and hands the
+    # table back; the false alarms in a row hold further trips off longer.
+    rng = random.Random(11)
+    gd = g.Guard(0.05)
+    out = feed_shared(gd, rng, 0.0, 120.0, 1000, learned_system=0.010, control_system=0.020)
+    off = [t for t, ok in out if not ok]
+    assert off, "the flattered share trips the guard"
+    assert gd.false_alarms >= 2
+    assert len(off) / len(out) < 0.2, "the table routes most of the time (the old rule: 95% off)"
+    assert out[-1][1] or gd.false_alarms >= 3
+
+
+def test_a_trip_the_switchback_confirms_holds():
+    # The table routing everything is worse (30 ms against 10): the share's
+    # comparison trips, the switchback confirms it, and P2C-EWMA routes for at
+    # least a window although the table's flattered share then reads better.
+    rng = random.Random(12)
+    gd = g.Guard(0.05)
+    out = feed_shared(gd, rng, 0.0, 40.0, 1000, learned_system=0.030, control_system=0.010)
+    first = next(t for t, ok in out if not ok)
+    assert first <= 5.0
+    assert all(not ok for t, ok in out if first < t < first + g.WINDOW * g.BUCKET)
+    assert gd.false_alarms == 0
