@@ -52,6 +52,7 @@ def start_members(lb_factory, etcd, tmp_path, n: int = 3, strategy: str = "round
     for i in range(first, first + n):
         lbs.append(lb_factory([], workers=1, strategy=strategy, backend_lines="",
                               extra=f'state_dir = "{tmp_path}/state-{i}"\n'
+                                    f'runtime_dir = "{tmp_path}/run-{i}"\n'  # (a killed member leaves it)
                                     f'[fleet]\netcd = ["{etcd.url}"]\nprefix = "{PREFIX}"\n'
                                     f'member = "m{i}"\nlease_ttl = 2\n'
                                     "[balancer]\nslow_start = 0\n[learning]\nstats_interval = 0.1\n"
