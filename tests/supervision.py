@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -210,5 +211,12 @@ class SwappableLB(LBRun):
         self.point_to(REAL_HTTPTOOLS)
 
     def stop(self) -> None:
-        self.kill_group()
+        # a graceful stop first: the supervisor stops its children and removes
+        # its runtime directory (a SIGKILL leaves that in /tmp); then whatever
+        # is left of the session
+        super().stop()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
