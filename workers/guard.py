@@ -12,8 +12,12 @@ requests picked before):
   `ERR_MARGIN` and by more than `Z` standard errors, or, unless its error
   rate is below the control's by as much (errors come first), its mean
   latency of successful answers is above the control's by more than
-  `SIDE_MARGIN` (relative) and by more than `Z` standard errors of the
-  difference;
+  `SIDE_MARGIN` (relative), compared bucket by bucket: the ratio of the
+  arms' means in each complete bucket, averaged, above the margin by more
+  than `Z` standard errors read from the buckets' spread (`paired_latency`:
+  a fleet going into overload raises every latency within seconds, and a
+  pooled mean reads the minority arm's handful of answers from before the
+  rise as a difference of arms);
 * once worse, the worker routes by P2C-EWMA (mode fallback, reason `guard`)
   and keeps the *learned* arm at the small share, so the comparison goes on;
   it returns to the table only after a whole window in which the learned arm
@@ -27,7 +31,7 @@ requests picked before):
   fleets 0.25 and 0.5 did the same, and both removed most of the trips that
   cost them errors), and a trip is checked by switchback: the control
   arm's outcomes in the buckets where it routes the majority against the
-  learned arm's in those where it did, with `LAT_MARGIN`.  When those show
+  learned arm's in those where it did, pooled, with `LAT_MARGIN`.  When those show
   the learned arm no worse (the same margins, with `Z` standard errors of
   the difference inside them), the trip was a false alarm: the table routes
   again at once, and the share's comparison may not trip it for HOLD
@@ -35,8 +39,9 @@ requests picked before):
   they confirm is not clean while the learned arm's routing is in the
   window, so P2C-EWMA routes for at least two windows.
 
-Both arms need `MIN_SAMPLES` outcomes in the window before a verdict: until
-then the guard says nothing (no fallback on too little evidence).  Latency is
+Both arms need `MIN_SAMPLES` outcomes in the window before a verdict, and
+the latency side by side `MIN_BUCKETS` complete buckets: until then the
+guard says nothing (no fallback on too little evidence).  Latency is
 capped at `LAT_CAP` seconds per outcome, so one stuck request cannot swing the
 mean of a window.  The guard is I/O-free: outcomes and the clock come in,
 a verdict goes out, and tests/unit/test_guard.py drives it directly.
@@ -49,7 +54,7 @@ test, a 20 s window of 1 s buckets), not fitted to any benchmark, except
 
 from __future__ import annotations
 
-from math import sqrt
+from math import exp, log, log1p, sqrt
 
 LEARNED = 0
 CONTROL = 1
@@ -62,6 +67,7 @@ SIDE_MARGIN = 0.25  # ... side by side, where the control share is flattered (mo
 ERR_MARGIN = 0.01  # learned error rate may exceed control's by this (absolute)
 Z = 3.0  # standard errors a difference must exceed to count
 LAT_CAP = 10.0  # seconds: one outcome's latency counts at most this
+MIN_BUCKETS = 3  # complete buckets with both arms' answers before the side-by-side latency test
 HOLD = 2  # buckets a false alarm keeps the share's comparison from tripping (doubled per false alarm in a row)
 MIXED = -1  # a bucket in which neither arm routed the majority throughout (a switch, or the one after)
 
@@ -218,31 +224,77 @@ class Guard:
         return True if worse else (False if fine else None)
 
     def judge(self) -> bool | None:
-        """Is the learned arm worse than the control over the window's buckets
-        routed as now (the arms' outcomes side by side)?  None: too few
-        outcomes in one of the arms to say."""
+        """Is the learned arm worse than the control side by side, over the
+        window's buckets routed as now?  Errors pooled over those buckets;
+        latency paired by bucket (`paired_latency`).  None: too few outcomes
+        in one of the arms to say."""
         arm = CONTROL if self.tripped else LEARNED
         now = [i for i in range(WINDOW) if self.routed[i] == arm]
-        worse, _, self.verdict = self._compare(self.arms[LEARNED].totals_in(now), self.arms[CONTROL].totals_in(now),
-                                               SIDE_MARGIN)
+        learned, control = self.arms[LEARNED].totals_in(now), self.arms[CONTROL].totals_in(now)
+        ln, cn = learned[0], control[0]
+        if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
+            self.verdict = {"learned_n": ln, "control_n": cn}
+            return None
+        err_worse, err_better, _, pl, pc = _errors(learned, control)
+        ratio, buckets, lat_worse = self.paired_latency(now)
+        worse = err_worse or (lat_worse and not err_better)
+        self.verdict = {
+            "learned_n": ln, "control_n": cn,
+            "learned_errors": round(pl, 5), "control_errors": round(pc, 5),
+            "learned_mean_s": round(learned[3] / learned[2], 6) if learned[2] else 0.0,
+            "control_mean_s": round(control[3] / control[2], 6) if control[2] else 0.0,
+            "latency_ratio": round(ratio, 4), "buckets": buckets,
+            "worse": bool(worse),
+        }
         return worse
+
+    def paired_latency(self, buckets: list[int]) -> tuple[float, int, bool]:
+        """The learned arm's mean latency over the control's, side by side:
+        the ratio of the arms' means in each complete bucket of `buckets`
+        (both arms answered there), averaged in log terms with each bucket
+        weighted by its answers (n_l n_c / (n_l + n_c)).  Worse when that
+        average is above SIDE_MARGIN and Z standard errors, the error read
+        from the spread of the buckets' ratios, which holds the load's
+        changes within the window as well as the sampling (a pooled mean
+        over a window in which the fleet goes into overload reads the
+        minority arm's handful of answers as a difference of arms).  Needs
+        MIN_BUCKETS such buckets and MIN_SAMPLES control answers in them.
+        Returns (ratio, buckets used, worse)."""
+        la, ca = self.arms
+        cur = self.bucket % WINDOW
+        logs: list[float] = []
+        weights: list[float] = []
+        answers = 0
+        for i in buckets:
+            kl, kc = la.lat_n[i], ca.lat_n[i]
+            if i == cur or kl <= 0 or kc <= 0:
+                continue
+            ml, mc = la.lat_sum[i] / kl, ca.lat_sum[i] / kc
+            logs.append(log(max(ml, 1e-9) / max(mc, 1e-9)))
+            weights.append(kl * kc / (kl + kc))
+            answers += kc
+        if not logs:
+            return 1.0, 0, False
+        total = sum(weights)
+        mean = sum(w * x for w, x in zip(weights, logs)) / total
+        if len(logs) < MIN_BUCKETS or answers < MIN_SAMPLES:
+            return exp(mean), len(logs), False
+        spread = sum(w * (x - mean) ** 2 for w, x in zip(weights, logs)) / total
+        n_eff = total * total / sum(w * w for w in weights)  # (buckets' worth of weight)
+        se = sqrt(spread / max(n_eff - 1.0, 1.0))
+        return exp(mean), len(logs), mean > log1p(SIDE_MARGIN) and mean > Z * se
 
     @staticmethod
     def _compare(learned: tuple, control: tuple, margin: float) -> tuple[bool | None, bool, dict]:
-        """Is the learned arm's record worse than the control's (the test in the
-        module docstring)?  And is it shown to be no worse: the differences'
+        """Is the learned arm's record worse than the control's, pooled (the
+        switchback's test)?  And is it shown to be no worse: the differences'
         upper bounds (plus Z standard errors) inside the same margins?  With
         the figures."""
         ln, le, lk, ls, lq = learned
         cn, ce, ck, cs, cq = control
         if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
             return None, False, {"learned_n": ln, "control_n": cn}
-        pl, pc = le / ln, ce / cn
-        p = (le + ce) / (ln + cn)
-        se_p = sqrt(max(p * (1 - p), 1e-12) * (1 / ln + 1 / cn))
-        err_worse = pl - pc > ERR_MARGIN and pl - pc > Z * se_p
-        err_better = pc - pl > ERR_MARGIN and pc - pl > Z * se_p
-        err_fine = pl - pc + Z * se_p <= ERR_MARGIN
+        err_worse, err_better, err_fine, pl, pc = _errors(learned, control)
         lat_worse = False
         lat_fine = err_better  # (errors come first)
         ml = mc = 0.0
@@ -264,3 +316,17 @@ class Guard:
             "learned_mean_s": round(ml, 6), "control_mean_s": round(mc, 6),
             "worse": bool(err_worse or lat_worse),
         }
+
+
+def _errors(learned: tuple, control: tuple) -> tuple[bool, bool, bool, float, float]:
+    """The arms' error rates compared: (worse, better, shown no worse, learned
+    rate, control rate); worse and better by ERR_MARGIN and Z standard errors,
+    no worse when the difference plus Z standard errors is within ERR_MARGIN."""
+    ln, le = learned[0], learned[1]
+    cn, ce = control[0], control[1]
+    pl, pc = le / ln, ce / cn
+    p = (le + ce) / (ln + cn)
+    se_p = sqrt(max(p * (1 - p), 1e-12) * (1 / ln + 1 / cn))
+    worse = pl - pc > ERR_MARGIN and pl - pc > Z * se_p
+    better = pc - pl > ERR_MARGIN and pc - pl > Z * se_p
+    return worse, better, pl - pc + Z * se_p <= ERR_MARGIN, pl, pc
