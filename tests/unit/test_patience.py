@@ -89,3 +89,34 @@ def test_each_class_has_its_own_clients():
     assert s.patience[1].given_up == 0 and s.lost_after[1] == float("inf")
     assert s.pick(cls=0) is b1  # past the api clients' patience everywhere
     assert s.pick(cls=1) is b0  # report clients have not given up: the least latency
+
+
+def test_a_fleet_change_keeps_what_the_clients_taught():
+    """workers/fleet.py rebuilds the strategy over the new backend list; the
+    deadline learned from the clients that gave up must survive it (the
+    clients are the same), per class."""
+    from lb.core import config
+    from lb.core.messages import FleetBackend
+    from workers import fleet
+    from workers.worker import Worker
+
+    cfg = config.from_dict({
+        "strategy": "ml",
+        "timeouts": {"upstream_response": 30.0},
+        "classes": [{"name": "report", "path_prefix": "/report"}],
+        "backends": [{"address": "127.0.0.1:9", "name": "a"}, {"address": "127.0.0.1:10", "name": "b"}]})
+    w = Worker(cfg)
+    s = w.strategy
+    assert s.name == "ml" and s.patience[0].deadline == 30.0
+    report = cfg.class_names.index("report")
+    other = 1 - report
+    for _ in range(60):
+        s.abandoned(2.0, other)
+        s.abandoned(9.0, report)
+    before = [p.deadline for p in s.patience]
+    assert before[other] < 2.5 and 8.0 < before[report] < 10.0
+    changed = fleet.apply(w, [FleetBackend("a", "127.0.0.1:9", 1), FleetBackend("b", "127.0.0.1:10", 1),
+                              FleetBackend("c", "127.0.0.1:11", 1, source="api")])
+    assert changed and w.strategy is not s and len(w.strategy.backends) == 3
+    assert [p.deadline for p in w.strategy.patience] == before
+    assert w.strategy.lost_after == [w.strategy.DEADLINE * d for d in before]
