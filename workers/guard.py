@@ -86,9 +86,6 @@ class _Arm:
         self.n[i] = self.errors[i] = self.lat_n[i] = 0
         self.lat_sum[i] = self.lat_sq[i] = 0.0
 
-    def totals(self) -> tuple[int, int, int, float, float]:
-        return sum(self.n), sum(self.errors), sum(self.lat_n), sum(self.lat_sum), sum(self.lat_sq)
-
     def totals_in(self, buckets: list[int]) -> tuple[int, int, int, float, float]:
         """The totals over the given bucket indices."""
         return (sum([self.n[i] for i in buckets]), sum([self.errors[i] for i in buckets]),
@@ -210,26 +207,24 @@ class Guard:
 
     def switchback(self) -> bool | None:
         """Is the learned arm, over the buckets in which it routed the majority,
-        worse than the control arm over those in which it did?  True: worse
-        (the test above); False: shown to be no worse (the same margins, with
-        the difference's upper 3-standard-error bound inside them); None: not
-        known yet."""
-        routed = self.routed
-        mine = [i for i in range(WINDOW) if routed[i] == LEARNED]
-        theirs = [i for i in range(WINDOW) if routed[i] == CONTROL]
+        worse than the control arm over those in which it did (`_pooled`)?
+        True: worse; False: shown to be no worse; None: not known yet."""
+        mine, theirs = self.routed_by(LEARNED), self.routed_by(CONTROL)
         if not mine or not theirs:
             return None
-        worse, fine, _ = self._compare(self.arms[LEARNED].totals_in(mine), self.arms[CONTROL].totals_in(theirs),
-                                       LAT_MARGIN)
+        worse, fine = _pooled(self.arms[LEARNED].totals_in(mine), self.arms[CONTROL].totals_in(theirs))
         return True if worse else (False if fine else None)
+
+    def routed_by(self, arm: int) -> list[int]:
+        """The window's buckets (indices) in which `arm` routed the majority."""
+        return [i for i in range(WINDOW) if self.routed[i] == arm]
 
     def judge(self) -> bool | None:
         """Is the learned arm worse than the control side by side, over the
         window's buckets routed as now?  Errors pooled over those buckets;
         latency paired by bucket (`paired_latency`).  None: too few outcomes
         in one of the arms to say."""
-        arm = CONTROL if self.tripped else LEARNED
-        now = [i for i in range(WINDOW) if self.routed[i] == arm]
+        now = self.routed_by(CONTROL if self.tripped else LEARNED)
         learned, control = self.arms[LEARNED].totals_in(now), self.arms[CONTROL].totals_in(now)
         ln, cn = learned[0], control[0]
         if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
@@ -284,38 +279,28 @@ class Guard:
         se = sqrt(spread / max(n_eff - 1.0, 1.0))
         return exp(mean), len(logs), mean > log1p(SIDE_MARGIN) and mean > Z * se
 
-    @staticmethod
-    def _compare(learned: tuple, control: tuple, margin: float) -> tuple[bool | None, bool, dict]:
-        """Is the learned arm's record worse than the control's, pooled (the
-        switchback's test)?  And is it shown to be no worse: the differences'
-        upper bounds (plus Z standard errors) inside the same margins?  With
-        the figures."""
-        ln, le, lk, ls, lq = learned
-        cn, ce, ck, cs, cq = control
-        if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
-            return None, False, {"learned_n": ln, "control_n": cn}
-        err_worse, err_better, err_fine, pl, pc = _errors(learned, control)
-        lat_worse = False
-        lat_fine = err_better  # (errors come first)
-        ml = mc = 0.0
-        if lk >= MIN_SAMPLES and ck >= MIN_SAMPLES:
-            ml, mc = ls / lk, cs / ck
-            vl = max(lq / lk - ml * ml, 0.0)
-            vc = max(cq / ck - mc * mc, 0.0)
-            se = sqrt(vl / lk + vc / ck)
-            # errors come first: an arm that fails fewer requests is not worse for
-            # answering the rest more slowly (the control arm's successes are quick
-            # precisely because it sends a share to a backend that fails at once)
-            lat_worse = ml - mc > margin * mc and ml - mc > Z * se and not err_better
-            lat_fine = lat_fine or ml - mc + Z * se <= margin * mc
-        else:
-            lat_fine = True  # (too few answers to compare latency: the errors decide)
-        return bool(err_worse or lat_worse), err_fine and lat_fine, {
-            "learned_n": ln, "control_n": cn,
-            "learned_errors": round(pl, 5), "control_errors": round(pc, 5),
-            "learned_mean_s": round(ml, 6), "control_mean_s": round(mc, 6),
-            "worse": bool(err_worse or lat_worse),
-        }
+
+def _pooled(learned: tuple, control: tuple) -> tuple[bool, bool]:
+    """The switchback's test, on the arms' totals (`_Arm.totals_in`): is the
+    learned arm worse (errors by ERR_MARGIN, or, unless it fails fewer,
+    mean latency by LAT_MARGIN, each by Z standard errors), and is it shown
+    to be no worse (each difference plus Z standard errors inside its
+    margin)?  Neither, with fewer than MIN_SAMPLES outcomes on a side."""
+    ln, _, lk, ls, lq = learned
+    cn, _, ck, cs, cq = control
+    if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
+        return False, False
+    err_worse, err_better, err_fine, _, _ = _errors(learned, control)
+    if lk < MIN_SAMPLES or ck < MIN_SAMPLES:
+        return err_worse, err_fine  # (too few answers to compare latency: the errors decide)
+    ml, mc = ls / lk, cs / ck
+    se = sqrt(max(lq / lk - ml * ml, 0.0) / lk + max(cq / ck - mc * mc, 0.0) / ck)
+    # errors come first: an arm that fails fewer requests is not worse for
+    # answering the rest more slowly (the control arm's successes are quick
+    # precisely because it sends a share to a backend that fails at once)
+    lat_worse = ml - mc > LAT_MARGIN * mc and ml - mc > Z * se and not err_better
+    lat_fine = err_better or ml - mc + Z * se <= LAT_MARGIN * mc
+    return err_worse or lat_worse, err_fine and lat_fine
 
 
 def _errors(learned: tuple, control: tuple) -> tuple[bool, bool, bool, float, float]:
