@@ -21,44 +21,48 @@ if TYPE_CHECKING:
 
 # -- time to divert ------------------------------------------------------------------------------
 
-DIVERT_WINDOW = 0.25  # seconds: the sliding window a backend's share is measured over
 DIVERT_BEFORE = 1.0  # seconds before the slowdown its usual share is measured over
-DIVERT_STEP = 0.005  # seconds between two evaluations of the window
+DIVERT_HOLD = 0.25  # seconds the share must stay low after the change for it to count
+DIVERT_MIN = 10  # requests the backend must have had in the second before: else no share to lose
 
 
 def time_to_divert(records: list[tuple[float, float, int, str]], backend: str, start: float,
-                   end: float, window: float = DIVERT_WINDOW, before: float = DIVERT_BEFORE,
-                   step: float = DIVERT_STEP) -> float | None:
-    """Seconds from `start` (a slowdown of `backend` begins) until the backend's
-    share of the requests sent in the last `window` seconds falls below half of
-    its share over the `before` seconds before `start`; None if that does not
-    happen before `end`, or if the backend had no share to lose.
+                   end: float, before: float = DIVERT_BEFORE,
+                   hold: float = DIVERT_HOLD, least: int = DIVERT_MIN) -> float | None:
+    """Seconds from `start` (a slowdown of `backend` begins) until the
+    backend's share of the requests falls below half of its share over the
+    `before` seconds before `start`; None if it does not before `end` (or
+    not for `hold` seconds before it), or if the backend had no share to lose
+    (fewer than `least` requests in the `before` seconds: a policy already
+    keeping away from it).
+
+    The moment is the change point of the requests sent from `start` on
+    (a CUSUM): with h half the share before, the running sum of (1 if a
+    request went to the backend, else 0) - h rises while the backend gets
+    more than h and falls once it gets less, and the divert is where the sum
+    peaks.  Only requests sent after `start` count, so the reading does not
+    depend on how the share happened to be spread over the moments before
+    it: a policy that sends nothing more at once reads 0, one that keeps the
+    backend's share until t and then stops reads t.
 
     records: (scheduled send time, latency, status, backend name), as the
     benchmark and the simulator keep them; shares are by send time."""
-    times = sorted((r[0], r[3] == backend) for r in records if start - before <= r[0] < end)
-    pre = [mine for t, mine in times if t < start]
-    if not pre or not any(pre):
+    pre = [r[3] == backend for r in records if start - before <= r[0] < start]
+    if sum(pre) < least:
         return None
     half = 0.5 * sum(pre) / len(pre)
-    # the window slides over every request, those sent before the start
-    # included: a policy that turns away at once is credited about half a window
-    lo = hi = 0
-    n_mine = 0
-    k = 0
-    while True:
-        t = start + k * step
-        if t > end + 1e-12:
-            return None
-        while hi < len(times) and times[hi][0] < t:
-            n_mine += times[hi][1]
-            hi += 1
-        while lo < hi and times[lo][0] < t - window:
-            n_mine -= times[lo][1]
-            lo += 1
-        if hi > lo and n_mine < half * (hi - lo):
-            return t - start
-        k += 1
+    post = sorted((r[0], r[3] == backend) for r in records if start <= r[0] < end)
+    total = peak = 0.0
+    at = start
+    for t, mine in post:
+        total += mine - half
+        if total > peak:
+            peak, at = total, t
+    # past the peak the backend gets less than h (the peak is the sum's
+    # maximum); it must have done so for `hold` seconds before the end
+    if at > end - hold:
+        return None
+    return at - start
 
 
 def divert_cell(times: list[float | None]) -> str:

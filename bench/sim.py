@@ -41,8 +41,8 @@ inference engine and tables, and takes its share of the arrivals at random.
 
 Scenarios with a slowdown also get the time to divert per policy (column
 `divert`, `scenario_report.time_to_divert`): from the slowdown's start
-until the backend's share of the requests over a sliding 0.25 s falls below
-half of what it was in the second before.
+until the backend's share of the requests sent from then on falls below
+half of what it was in the second before (the change point of its share).
 
 The model (backends, requests, workers) is in `bench/sim_model.py`, the
 overview over scenarios in `bench/sim_report.py`, the command line in

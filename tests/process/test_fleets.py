@@ -199,19 +199,37 @@ def _records(rate: float, until: float, share_of_b: "callable"):
 
 
 def test_time_to_divert_on_a_synthetic_record_list():
-    # b has 40% before t=5, then 4% from t=5.3 on: its share over the last 0.25 s
-    # falls below 20% once more than half of the window is after 5.3
+    # b has 40% before t=5, then 4% from t=5.3 on: it diverts at 5.3
     recs = _records(1000, 10, lambda t: 0.4 if t < 5.3 else 0.04)
-    got = report.time_to_divert(recs, "b", 5.0, 8.0)
-    expect = 0.3 + 0.25 * (0.4 - 0.2) / (0.4 - 0.04)
-    assert got == pytest.approx(expect, abs=0.01)
+    assert report.time_to_divert(recs, "b", 5.0, 8.0) == pytest.approx(0.3, abs=0.01)
     # never diverted before the end of the slowdown
     assert report.time_to_divert(recs, "b", 5.0, 5.2) is None
+    # ... nor for long enough before it
+    assert report.time_to_divert(recs, "b", 5.0, 5.45) is None
+    assert report.time_to_divert(recs, "b", 5.0, 5.6) == pytest.approx(0.3, abs=0.01)
     # no share to lose: nothing to measure
     assert report.time_to_divert(_records(1000, 10, lambda t: 0.0), "b", 5.0, 8.0) is None
-    # a policy that sends nothing more at once is credited half a window
+    # ... nor with a few requests (4 in the second before): a policy already keeping away
+    few = _records(1000, 10, lambda t: 0.004 if t < 5.0 else 0.0)
+    assert report.time_to_divert(few, "b", 5.0, 8.0) is None
+    assert report.time_to_divert(few, "b", 5.0, 8.0, least=3) == pytest.approx(0.0, abs=0.005)
+    # a share that falls steadily from 40% to 0 over 0.4 s diverts when it crosses half
+    ramp = _records(1000, 10, lambda t: 0.4 if t < 5.0 else max(0.0, 0.4 * (1 - (t - 5.0) / 0.4)))
+    assert report.time_to_divert(ramp, "b", 5.0, 8.0) == pytest.approx(0.2, abs=0.01)
+
+
+def test_time_to_divert_does_not_read_the_moments_before_the_slowdown():
+    # a policy that sends nothing more at once reads (about) 0 ...
     instant = _records(1000, 10, lambda t: 0.5 if t < 5.0 else 0.0)
-    assert report.time_to_divert(instant, "b", 5.0, 8.0) == pytest.approx(0.125, abs=0.01)
+    assert report.time_to_divert(instant, "b", 5.0, 8.0) == pytest.approx(0.0, abs=0.005)
+    # ... however its share was spread over the second before: here all of it
+    # in the last quarter second (a 0.25 s window sliding from before the start
+    # read 0.22 s for this and 0.125 s for the even one)
+    bunched = _records(1000, 10, lambda t: 1.0 if 4.75 <= t < 5.0 else 0.0)
+    assert report.time_to_divert(bunched, "b", 5.0, 8.0) == pytest.approx(0.0, abs=0.005)
+    # and a policy that keeps the share for 0.1 s reads 0.1 s (the window: 0.23 s)
+    late = _records(1000, 10, lambda t: 0.5 if t < 5.1 else 0.0)
+    assert report.time_to_divert(late, "b", 5.0, 8.0) == pytest.approx(0.1, abs=0.005)
 
 
 def test_divert_times_follow_the_scenarios_slowdowns():
@@ -221,7 +239,7 @@ def test_divert_times_follow_the_scenarios_slowdowns():
     s = sim.Simulation(scn.get("slowdown"), "p2c_ewma", duration=10.0)
     s.run()
     (t,) = s.summary().divert
-    assert t is not None and 0.05 < t < 1.0
+    assert t is not None and 0.0 <= t < 0.5
     rr = sim.Simulation(scn.get("slowdown"), "round_robin", duration=10.0)
     rr.run()
     assert rr.summary().divert == [None]  # round robin never turns away
