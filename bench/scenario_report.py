@@ -26,6 +26,14 @@ DIVERT_HOLD = 0.25  # seconds the share must stay low after the change for it to
 DIVERT_MIN = 10  # requests the backend must have had in the second before: else no share to lose
 
 
+def had_share(records: list[tuple[float, float, int, str]], backend: str, start: float,
+              before: float = DIVERT_BEFORE, least: int = DIVERT_MIN) -> bool:
+    """Whether `backend` had a share to lose when a slowdown began at `start`:
+    at least `least` requests in the `before` seconds before it (else the
+    policy was already keeping away from it, and there is no divert to time)."""
+    return sum(1 for r in records if start - before <= r[0] < start and r[3] == backend) >= least
+
+
 def time_to_divert(records: list[tuple[float, float, int, str]], backend: str, start: float,
                    end: float, before: float = DIVERT_BEFORE,
                    hold: float = DIVERT_HOLD, least: int = DIVERT_MIN) -> float | None:
@@ -33,8 +41,7 @@ def time_to_divert(records: list[tuple[float, float, int, str]], backend: str, s
     backend's share of the requests falls below half of its share over the
     `before` seconds before `start`; None if it does not before `end` (or
     not for `hold` seconds before it), or if the backend had no share to lose
-    (fewer than `least` requests in the `before` seconds: a policy already
-    keeping away from it).
+    (`had_share`: callers leave those slowdowns out).
 
     The moment is the change point of the requests sent from `start` on
     (a CUSUM): with h half the share before, the running sum of (1 if a

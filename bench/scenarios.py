@@ -24,7 +24,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from scenario_report import Summary, fmt_ms, percentile, time_to_divert  # bench/scenario_report.py
+from scenario_report import Summary, fmt_ms, had_share, percentile, time_to_divert  # bench/scenario_report.py
 
 # Request classes: index -> URL path.  The cost multiplies the service time.
 # The names are lb's: class 0 is "default" (no [[classes]] rule matched), and
@@ -348,9 +348,10 @@ def slowdowns(sc: Scenario, min_factor: float = 2.0) -> list[tuple[str, float, f
 
 
 def divert_times(sc: Scenario, records, duration: float) -> list[float | None]:
-    """time_to_divert for every slowdown of the scenario (seconds, None: never)."""
+    """time_to_divert for every slowdown of the scenario (seconds, None: never)
+    in which the backend had a share to lose (`had_share`)."""
     return [time_to_divert(records, name, a * duration, b * duration)
-            for name, a, b in slowdowns(sc)]
+            for name, a, b in slowdowns(sc) if had_share(records, name, a * duration)]
 
 
 def floor(sc: Scenario, schedule: list[tuple[float, int]], duration: float,

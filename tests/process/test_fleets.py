@@ -213,6 +213,7 @@ def test_time_to_divert_on_a_synthetic_record_list():
     few = _records(1000, 10, lambda t: 0.004 if t < 5.0 else 0.0)
     assert report.time_to_divert(few, "b", 5.0, 8.0) is None
     assert report.time_to_divert(few, "b", 5.0, 8.0, least=3) == pytest.approx(0.0, abs=0.005)
+    assert not report.had_share(few, "b", 5.0) and report.had_share(recs, "b", 5.0)
     # a share that falls steadily from 40% to 0 over 0.4 s diverts when it crosses half
     ramp = _records(1000, 10, lambda t: 0.4 if t < 5.0 else max(0.0, 0.4 * (1 - (t - 5.0) / 0.4)))
     assert report.time_to_divert(ramp, "b", 5.0, 8.0) == pytest.approx(0.2, abs=0.01)
@@ -234,6 +235,12 @@ def test_time_to_divert_does_not_read_the_moments_before_the_slowdown():
 
 def test_divert_times_follow_the_scenarios_slowdowns():
     assert scn.slowdowns(scn.get("slowdown")) == [("b4", 0.3, 0.6)]
+    # (b4 slows down from 3 s of a 10 s run) a backend with no share to lose is left out
+    def as_b4(share):
+        return [(t, lat, st, "b4" if n == "b" else "b1") for t, lat, st, n in _records(1000, 10, share)]
+    assert scn.divert_times(scn.get("slowdown"), as_b4(lambda t: 0.004), 10.0) == []
+    (t0,) = scn.divert_times(scn.get("slowdown"), as_b4(lambda t: 0.25 if t < 3.05 else 0.0), 10.0)
+    assert t0 == pytest.approx(0.05, abs=0.005)
     assert scn.slowdowns(scn.get("identical")) == []
     assert scn.slowdowns(scn.get("coldjoin")) == []  # a join is not a slowdown of a serving backend
     s = sim.Simulation(scn.get("slowdown"), "p2c_ewma", duration=10.0)
