@@ -28,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,28 +92,31 @@ def propagation(engine: Engine, runs: int) -> list[float]:
     from lb.core.clone import Publisher
     from lb.core.messages import TOPIC_TABLE, encode, endpoints
 
-    d = tempfile.mkdtemp(prefix="lbb-", dir="/tmp")
-    ep = endpoints(d)
-    ctx = zmq.Context()
-    pub = Publisher(ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE)
-    child = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, d, str(runs)], stdout=subprocess.PIPE,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert child.stdout.readline().strip() == b"ready"
-    time.sleep(0.3)  # the SUB connection settles
-    t = 1.0
-    for _ in range(runs):
-        epoch, seq = pub.next_version()
-        table = engine.tick(t, epoch, seq)  # a real tick's table (1000 x 8 weights, latency, error)
-        table.model_version = "bench"
-        table.ts = time.time()
-        pub.publish(encode(table))
-        pub.serve_snapshots()
-        t += 0.1
-        time.sleep(0.02)
-    out, _ = child.communicate(timeout=60)
-    pub.close()
-    ctx.term()
-    return json.loads(out.decode().strip().splitlines()[-1])
+    d = tempfile.mkdtemp(prefix="lbb-", dir="/tmp")  # the sockets' directory, removed after
+    try:
+        ep = endpoints(d)
+        ctx = zmq.Context()
+        pub = Publisher(ctx, ep["tables"], ep["tables_snapshot"], TOPIC_TABLE)
+        child = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, d, str(runs)], stdout=subprocess.PIPE,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert child.stdout.readline().strip() == b"ready"
+        time.sleep(0.3)  # the SUB connection settles
+        t = 1.0
+        for _ in range(runs):
+            epoch, seq = pub.next_version()
+            table = engine.tick(t, epoch, seq)  # a real tick's table (1000 x 8 weights, latency, error)
+            table.model_version = "bench"
+            table.ts = time.time()
+            pub.publish(encode(table))
+            pub.serve_snapshots()
+            t += 0.1
+            time.sleep(0.02)
+        out, _ = child.communicate(timeout=60)
+        pub.close()
+        ctx.term()
+        return json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def pick_bench(table, n_backends: int, n_classes: int, picks: int = 200_000) -> dict[str, float]:
