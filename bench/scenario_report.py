@@ -26,12 +26,18 @@ DIVERT_HOLD = 0.25  # seconds the share must stay low after the change for it to
 DIVERT_MIN = 10  # requests the backend must have had in the second before: else no share to lose
 
 
+def _before(records, backend: str, start: float, before: float) -> tuple[int, int]:
+    """Requests sent to `backend`, and in all, in the `before` seconds before `start`."""
+    pre = [r[3] == backend for r in records if start - before <= r[0] < start]
+    return sum(pre), len(pre)
+
+
 def had_share(records: list[tuple[float, float, int, str]], backend: str, start: float,
               before: float = DIVERT_BEFORE, least: int = DIVERT_MIN) -> bool:
     """Whether `backend` had a share to lose when a slowdown began at `start`:
     at least `least` requests in the `before` seconds before it (else the
     policy was already keeping away from it, and there is no divert to time)."""
-    return sum(1 for r in records if start - before <= r[0] < start and r[3] == backend) >= least
+    return _before(records, backend, start, before)[0] >= least
 
 
 def time_to_divert(records: list[tuple[float, float, int, str]], backend: str, start: float,
@@ -54,10 +60,10 @@ def time_to_divert(records: list[tuple[float, float, int, str]], backend: str, s
 
     records: (scheduled send time, latency, status, backend name), as the
     benchmark and the simulator keep them; shares are by send time."""
-    pre = [r[3] == backend for r in records if start - before <= r[0] < start]
-    if sum(pre) < least:
+    mine, total = _before(records, backend, start, before)
+    if mine < least:
         return None
-    half = 0.5 * sum(pre) / len(pre)
+    half = 0.5 * mine / total
     post = sorted((r[0], r[3] == backend) for r in records if start <= r[0] < end)
     total = peak = 0.0
     at = start
