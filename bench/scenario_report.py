@@ -60,17 +60,17 @@ def time_to_divert(records: list[tuple[float, float, int, str]], backend: str, s
 
     records: (scheduled send time, latency, status, backend name), as the
     benchmark and the simulator keep them; shares are by send time."""
-    mine, total = _before(records, backend, start, before)
+    mine, sent = _before(records, backend, start, before)
     if mine < least:
         return None
-    half = 0.5 * mine / total
+    half = 0.5 * mine / sent
     post = sorted((r[0], r[3] == backend) for r in records if start <= r[0] < end)
-    total = peak = 0.0
+    cusum = peak = 0.0
     at = start
-    for t, mine in post:
-        total += mine - half
-        if total > peak:
-            peak, at = total, t
+    for t, hit in post:
+        cusum += hit - half
+        if cusum > peak:
+            peak, at = cusum, t
     # past the peak the backend gets less than h (the peak is the sum's
     # maximum); it must have done so for `hold` seconds before the end
     if at > end - hold:
