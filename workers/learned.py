@@ -20,6 +20,7 @@ from workers.patience import INF, Patience
 from workers.probe import KneeProbe
 from workers.rows import by_price, class_rows, own_prior
 
+ERR_PRICE = 8.0  # an error share e multiplies the cost by (1 - e) ** -ERR_PRICE (inference/policy.py)
 NO_ARM = -1  # a pick the guard does not judge (a retry)
 
 
@@ -41,8 +42,12 @@ class TableStrategy(P2CEwma):
       latency; the error is the model's prediction shrunk towards what the
       backend did, inference/policy.py) and `failures` counts this worker's
       consecutive failures there (one failure: 4x, two: 9x; the table's
-      penalty comes a tick later, and before the first table, or for a
-      backend that refuses connections, this is all the pick knows).
+      penalty comes a tick later, and for a backend that refuses
+      connections this is all the pick knows).  Until a table has priced
+      errors (the first tables of a run say the inference process is
+      warming up), the priced error is this worker's own recent failure
+      share there (`Backend.err`): one answer that succeeds between fast
+      failures resets the count in a row, not the share.
       A class a backend has not answered yet is priced at the table's
       predicted latency.  A backend whose expected latency is past DEADLINE
       of how long clients wait (workers/patience.py: learned from the
@@ -108,6 +113,8 @@ class TableStrategy(P2CEwma):
         self.guard = Guard(guard_share) if guard_share > 0 else None
         self.arm = NO_ARM  # which arm made the last pick (guard.LEARNED / CONTROL / NO_ARM)
         self.stale_after = 0.0
+        # a table has priced errors (until then the worker prices them from its own answers)
+        self.priced = False
         # share of picks that look for a backend not heard from lately: the
         # configured `learning.exploration` until a learned table says otherwise
         self.explore = exploration
@@ -142,6 +149,7 @@ class TableStrategy(P2CEwma):
         self.stale_after = table.ts + 2 * table.interval
         if table.cost:
             self.explore = table.exploration
+            self.priced = True
         self._fit()
         self.refresh()
 
@@ -317,6 +325,7 @@ class TableStrategy(P2CEwma):
         self.lost_after[cls] = self.DEADLINE * p.deadline
 
     def _table_pick(self, cls: int, exclude=()):
+        own_err = not self.priced
         order, prices, penalty, prior = (self._rows if self.usable else self._own)[cls]
         if not order:
             return super().pick(exclude)
@@ -347,7 +356,13 @@ class TableStrategy(P2CEwma):
                 if latency > lost_at:
                     lost, lost_at = b, latency
                 continue
-            cost = latency * penalty[i]
+            pen = penalty[i]
+            if own_err and b.err:
+                # no table has priced errors yet: this worker's own recent
+                # failure share is, as the table would price it
+                e = b.err
+                pen = (1.0 - e if e < 0.999 else 0.001) ** -ERR_PRICE
+            cost = latency * pen
             if b.failures:
                 f = b.failures + 1
                 cost *= f * f

@@ -58,6 +58,7 @@ def backends(rng, classes):
         b.inflight = rng.randint(0, 5)
         b.ewma = rng.uniform(0.001, 0.05)
         b.failures = rng.choice((0, 0, 0, 2))
+        b.err = rng.choice((0.0, 0.0, 0.3, 0.9))
     return bs
 
 
@@ -164,7 +165,9 @@ def full_scan(s, cls, now, exclude=()):
     for b in order:
         if not b.available or b in exclude:
             continue
-        c = b.curve.expected(cls, b.inflight, prior[b.idx], now) * penalty[b.idx] * (b.failures + 1) ** 2
+        # before any table priced errors, the worker's own failure share is priced instead
+        pen = penalty[b.idx] if s.priced or not b.err else (1.0 - b.err) ** -8
+        c = b.curve.expected(cls, b.inflight, prior[b.idx], now) * pen * (b.failures + 1) ** 2
         if best is None or c < best_cost:
             best, best_cost = b, c
     return best
@@ -181,8 +184,9 @@ def test_the_early_exit_picks_what_a_full_scan_picks(seed):
     table = random_table(rng, s)
     s.set_table(table)
     s.check(0.0)  # the table's ts is 0: fresh at wall-clock 0
-    for usable in (True, False):  # priced by the table, and by the curves alone
-        s.usable = usable
+    for usable, priced in ((True, True), (False, True), (False, False)):
+        # priced by the table; by the curves alone; and before any table priced errors
+        s.usable, s.priced = usable, priced
         for cls in range(2):
             for _ in range(5):
                 for b in s.backends:  # the live state moves between refreshes

@@ -1,0 +1,53 @@
+"""How `ml` prices a backend's errors before and after its first table.
+
+The table prices errors for every worker (inference/policy.py), but it
+comes a tick after the first answers, and the first table of a run only
+says the inference process is warming up.  Until a table has priced errors,
+the worker prices them itself from its own recent failure share
+(`Backend.err`), as the table would: a backend that fails fast from the
+first request is not sent more because one of its answers happened to
+succeed and reset its count of failures in a row."""
+
+from __future__ import annotations
+
+from lb.core import messages as m
+from tests.mlfleet import ml_fleet
+
+
+def table(names, mode="learned", cost=True):
+    lat = [[0.005] * len(names)]
+    return m.Table(epoch=1, seq=1, ts=100.0, interval=0.1, model_version="t", mode=mode,
+                   reason="" if mode == "learned" else "warming_up", backends=names,
+                   classes=["default"], weights=[[1.0] * len(names)], latency=lat,
+                   cost=lat if cost else [], exploration=0.0)
+
+
+def fails_then_answers(b, now):
+    b.record(0, 0.0004, True, now)  # a fast 503
+    b.record(0, 0.0004, True, now)
+    b.record(0, 0.005, False, now, 0)  # one answer: no failure in a row any more
+    assert b.failures == 0 and 0.25 < b.err < 0.35
+
+
+def test_before_a_table_priced_errors_the_workers_own_failure_share_prices_them():
+    s, (b0, b1, b2), clock = ml_fleet(3, 100.0)
+    assert s.pick() is b0  # equal curves: the first in order
+    fails_then_answers(b0, 100.0)
+    assert [s.pick() for _ in range(5)] == [b1] * 5
+    # a warming-up table prices nothing: still the worker's own share
+    s.set_table(table([b.name for b in (b0, b1, b2)], mode="warming_up", cost=False))
+    s.check(100.0)
+    assert s.pick() is b1
+    # a learned table prices errors (here: none at all), and from then on it alone does
+    s.set_table(table([b.name for b in (b0, b1, b2)]))
+    assert s.check(100.0) == (True, "")
+    assert s.pick() is b0
+
+
+def test_a_failure_share_that_fades_stops_costing():
+    s, (b0, b1, b2), clock = ml_fleet(3, 100.0)
+    fails_then_answers(b0, 100.0)
+    for _ in range(40):  # answers, and nothing fails: the share falls to nothing
+        b0.record(0, 0.005, False, 100.0, 0)
+    assert b0.err == 0.0
+    assert s.pick() is b0
