@@ -17,6 +17,16 @@ from servers import nginx_temp_paths, render  # bench/servers.py
 LABELS = {"nginx": "nginx least_conn", "haproxy": "HAProxy leastconn"}
 
 
+def joins_late(sc: scn.Scenario) -> bool:
+    """A backend of the scenario refuses connections until it joins.  lb's
+    outlier ejection (5 failed connects, 10 s) and nginx's `fail_timeout`
+    (10 s) would keep it out for longer than a run, so for such a scenario
+    both are turned off and a refused connect only moves the request on to
+    another backend: the strategies find the joiner themselves, as HAProxy
+    (no health checks) and the simulator (no ejection layer) do."""
+    return any(spec.join_at > 0 for spec in sc.backends)
+
+
 def start_backends(tmp: str, sc: scn.Scenario, ports: list[int], duration: float, seed: int,
                    cpu: int) -> Proc:
     argv = ["taskset", "-c", str(cpu), sys.executable,
@@ -43,10 +53,19 @@ def lb_config(policy: str, port: int, sc: scn.Scenario, ports: list[int], seed: 
         'name = "heavy"',
         'path_prefix = "/heavy"',
     ]
+    if joins_late(sc):
+        lines += ["[outlier]", "consecutive_failures = 0"]
     for spec, p in zip(sc.backends, ports):
         lines += ["[[backends]]", f'name = "{spec.name}"', f'address = "127.0.0.1:{p}"',
                   f"weight = {spec.weight}"]
     return "\n".join(lines) + "\n"
+
+
+def nginx_servers(sc: scn.Scenario, ports: list[int]) -> str:
+    """The `server` lines of nginx's upstream block."""
+    fails = " max_fails=0" if joins_late(sc) else ""
+    return "\n".join(f"        server 127.0.0.1:{p} weight={s.weight}{fails};"
+                     for s, p in zip(sc.backends, ports))
 
 
 def start_proxy(tmp: str, policy: str, port: int, sc: scn.Scenario, ports: list[int],
@@ -56,8 +75,7 @@ def start_proxy(tmp: str, policy: str, port: int, sc: scn.Scenario, ports: list[
     os.makedirs(os.path.join(prefix, "tmp"), mode=0o755)
     if policy == "nginx":
         conf = os.path.join(prefix, "nginx.conf")
-        servers = "\n".join(f"        server 127.0.0.1:{p} weight={s.weight};"
-                            for s, p in zip(sc.backends, ports))
+        servers = nginx_servers(sc, ports)
         with open(conf, "w") as f:
             f.write(render("nginx_leastconn.conf", PREFIX=prefix,
                            TEMP_PATHS=nginx_temp_paths(prefix), UPSTREAM_SERVERS=servers,

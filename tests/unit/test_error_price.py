@@ -51,3 +51,10 @@ def test_a_failure_share_that_fades_stops_costing():
         b0.record(0, 0.005, False, 100.0, 0)
     assert b0.err == 0.0
     assert s.pick() is b0
+
+
+def test_the_worker_prices_an_error_share_as_the_table_does():
+    from inference import policy
+    from workers.learned import ERR_PRICE
+
+    assert ERR_PRICE == policy.ERROR_POWER / policy.LATENCY_POWER
