@@ -89,7 +89,11 @@ class TableStrategy(P2CEwma):
     the outcome the request would likely have had (an error with the
     probability `Backend.err`, the backend's recent failure share, else its
     peak EWMA) and the curves route the request, which no arm is credited
-    with.  Retries take the least expected cost among the backends not tried
+    with.  Nor is one sent to a backend whose peak EWMA (P2C-EWMA's own
+    measure) is past `lost_after`: P2C-EWMA picks the better of two random
+    backends, so with two slow ones in a small fleet it sends them a share
+    of its picks however slow they are; the control arm is charged an
+    error there.  Retries take the least expected cost among the backends not tried
     yet.
     """
 
@@ -307,13 +311,17 @@ class TableStrategy(P2CEwma):
             # route, the curves while the guard holds them off
             if (self.rng.random() < g.share) != self.tripped:
                 b = super().pick(exclude)
-                if b is not None and b.failures and not self.tripped:
-                    # P2C-EWMA would send this request to a backend whose last
-                    # answer here failed: the control arm is charged the outcome
-                    # the request would likely have had there, and the curves route it
-                    g.expect(CONTROL, b.err, b.ewma)
-                    self.arm = NO_ARM
-                    return self._table_pick(cls)
+                if b is not None and not self.tripped:
+                    late = b.ewma > self.lost_after[cls]
+                    if late or b.failures:
+                        # P2C-EWMA would send this request to a backend whose last
+                        # answer here failed, or whose peak EWMA is past the point
+                        # where clients give up: the control arm is charged the
+                        # outcome the request would likely have had there (lost, if
+                        # late), and the curves route it
+                        g.expect(CONTROL, 1.0 if late else b.err, b.ewma)
+                        self.arm = NO_ARM
+                        return self._table_pick(cls)
                 self.arm = CONTROL
                 return b
             self.arm = LEARNED

@@ -242,3 +242,26 @@ def test_an_overload_s_first_seconds_do_not_trip():
     v = gd.verdict
     assert v["learned_mean_s"] > (1 + g.SIDE_MARGIN) * v["control_mean_s"], v  # what a pooled mean reads
     assert v["buckets"] >= g.MIN_BUCKETS and v["latency_ratio"] < 1 + g.SIDE_MARGIN, v
+
+
+def test_a_control_pick_past_the_clients_patience_is_charged_not_sent():
+    """P2C-EWMA picks between two random backends, so on a fleet with two slow
+    ones it sends a share of its picks to one of them whatever their latency.
+    A control pick on a backend whose peak EWMA is already past the point
+    where clients give up is not sent: the control arm is charged an error
+    (the request would have been lost there) and the curves route it."""
+    from tests.mlfleet import ml_fleet
+
+    s, (fast, slow1, slow2), clock = ml_fleet(3, 100.0, guard_share=1.0)  # every pick: the control arm
+    for age in (2.0,) * 30:  # clients give up after 2 s
+        s.abandoned(age)
+    assert 1.0 < s.lost_after[0] < 2.0
+    slow1.ewma = slow2.ewma = 3.0
+    control = s.guard.arms[g.CONTROL]
+    picks = []
+    for _ in range(300):
+        picks.append(s.pick())
+    assert slow1 not in picks and slow2 not in picks and picks.count(fast) == 300
+    assert sum(control.errors) >= 50, "the pair of slow backends (a third of the picks) is charged as errors"
+    slow1.ewma = slow2.ewma = 0.5  # slow, but in time: P2C-EWMA's picks go there again
+    assert {s.pick() for _ in range(300)} >= {slow1, slow2}
