@@ -14,6 +14,7 @@ import numpy as np
 
 from workers.backend import Backend
 from workers.classic import P2CEwma
+from workers.explore import stale_backend
 from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
 from workers.patience import INF, Patience
@@ -62,11 +63,9 @@ class TableStrategy(P2CEwma):
       with a free slot among the cheapest ends the scan at once;
     * with probability `exploration` (`learning.exploration`, or the table's),
       first looks for a backend this worker has not heard from for STALE
-      seconds and sends the request there instead (its curve may be out of
-      date: a slow backend that recovered gets found).  Nothing is spent on
-      backends the worker knows; a failure is news too, and a backend with
-      n failures in a row waits STALE x (n + 1) seconds, at most STALE x
-      BACKOFF (one that keeps failing is looked at less and less often);
+      seconds and sends the request there instead (workers/explore.py); a
+      backend with n failures in a row waits STALE x (n + 1) seconds, at
+      most STALE x BACKOFF;
     * with `probe_share` > 0 (`capacity.explore`), lets a `KneeProbe`
       (workers/probe.py) take up to that share of the picks to hold a
       backend whose slot count is unmeasured at one request more than it,
@@ -75,7 +74,7 @@ class TableStrategy(P2CEwma):
     Without a usable table (`learned` False, `reason` says why: none yet,
     older than twice its publish interval because the inference process is
     late or down, or a table that says the model is not to be trusted) it
-    routes by its curves alone: no error penalty, classes not answered yet
+    routes by its curves alone: no table's error penalty, classes not answered yet
     priced by `own_prior` (the class's typical cost and the backend's speed
     on what it answered; having answered nothing, its peak EWMA over its
     relative configured weight).
@@ -384,21 +383,5 @@ class TableStrategy(P2CEwma):
         return best if best is not None else super().pick(exclude)
 
     def _stale(self, order):
-        """The routable backend this worker has not heard from for the longest,
-        if that is longer than STALE seconds times one more than its failures
-        in a row, up to BACKOFF times (a backend that keeps failing is looked
-        at less and less often, and a failure counts as news), and it has
-        nothing in flight from this worker (a backend still working through a
-        backlog is not news)."""
-        now = self.clock()
-        stale = self.STALE
-        backoff = self.BACKOFF
-        best = None
-        oldest = now
-        for b in order:
-            seen = b.curve.seen
-            f = b.failures
-            if (seen < oldest and seen < now - stale * (f + 1 if f < backoff else backoff)
-                    and b.available and not b.inflight):
-                best, oldest = b, seen
-        return best
+        """Exploration's backend (workers/explore.py), if any."""
+        return stale_backend(order, self.clock(), self.STALE, self.BACKOFF)
