@@ -11,9 +11,9 @@ Per class, over live backends:
              score = (1 - priced error) ** ERROR_POWER / latency ** LATENCY_POWER
 
 * Workers (`workers.learned.TableStrategy`) route by their own load curves
-  and take from the table the error penalty, cost / latency, and the
-  predicted latency of classes they have not seen answered.  The weights
-  are published for the dashboard and `/api/route`.
+  and take from the table the priced error (read back from cost / latency)
+  and the predicted latency of classes they have not seen answered.  The
+  weights are published for the dashboard and `/api/route`.
 * Errors weigh heavily: a fast 503 looks "fast", so its latency must not make
   it attractive: a backend priced at 60% errors costs ~1,500x its latency,
   1% costs 8% more.  The prediction is shrunk towards what the cell did, so

@@ -19,9 +19,10 @@ from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import Curve, fit
 from workers.patience import INF, Patience
 from workers.probe import KneeProbe
-from workers.rows import by_price, class_rows, own_prior
+from workers.rows import by_price, class_rows, lower_bound, own_prior
 
-ERR_PRICE = 8.0  # an error share e multiplies the cost by (1 - e) ** -ERR_PRICE (inference/policy.py)
+ERR_PRICE = 8.0  # the table's cost is its latency x (1 - e) ** -ERR_PRICE (inference/policy.py)
+FAIL_COST = 1.0  # seconds: what a failed request costs the pick, unless clients give up sooner
 NO_ARM = -1  # a pick the guard does not judge (a retry)
 
 
@@ -37,14 +38,19 @@ class TableStrategy(P2CEwma):
 
     * takes the backend with the least expected cost of this request,
 
-          expected latency (workers/loadcurve.py) x penalty[c] x (failures + 1) ** 2
+          ((1 - e) x (expected latency + externality) + e x fail_cost) x (failures + 1) ** 2
 
-      where `penalty` = (1 - priced error) ** -8 (the table's cost over its
-      latency; the error is the model's prediction shrunk towards what the
-      backend did, inference/policy.py) and `failures` counts this worker's
-      consecutive failures there (one failure: 4x, two: 9x; the table's
-      penalty comes a tick later, and for a backend that refuses
-      connections this is all the pick knows).  Until a table has priced
+      (its marginal cost): `e` is the priced error (the model's prediction
+      shrunk towards what the backend did, inference/policy.py, read back
+      from the table's cost over its latency, (1 - e) ** -8); the expected
+      latency and the externality (the wait the request adds to the
+      requests that queue behind it) are the load curve's
+      (workers/loadcurve.py); `fail_cost` is what a failed request costs,
+      the same for every class: FAIL_COST, or less once clients are seen to
+      give up sooner; `failures` counts this worker's consecutive failures
+      there (one failure: 4x, two: 9x; the table's error comes a tick
+      later, and for a backend that refuses connections this is all the
+      pick knows).  Until a table has priced
       errors (the first tables of a run say the inference process is
       warming up), the priced error is this worker's own recent failure
       share there (`Backend.err`): one answer that succeeds between fast
@@ -58,7 +64,7 @@ class TableStrategy(P2CEwma):
       it goes and goes to the backend with the longest expected latency, so
       that the others' queues stay short enough to answer in time.
       Backends are scanned in the order of their price when the table came
-      (service x penalty, a lower bound of the cost) and the scan stops at
+      (`_lower_bound`: the cost at the service time alone) and the scan stops at
       the first whose lower bound exceeds the best cost so far: a backend
       with a free slot among the cheapest ends the scan at once;
     * with probability `exploration` (`learning.exploration`, or the table's),
@@ -74,7 +80,7 @@ class TableStrategy(P2CEwma):
     Without a usable table (`learned` False, `reason` says why: none yet,
     older than twice its publish interval because the inference process is
     late or down, or a table that says the model is not to be trusted) it
-    routes by its curves alone: no table's error penalty, classes not answered yet
+    routes by its curves alone: no table's priced errors, classes not answered yet
     priced by `own_prior` (the class's typical cost and the backend's speed
     on what it answered; having answered nothing, its peak EWMA over its
     relative configured weight).
@@ -138,13 +144,14 @@ class TableStrategy(P2CEwma):
         self._fitted_at: dict[int, float] = {}  # ... of each chunk of FIT_CHUNK backends
         self._chunk = 0  # the chunk the next fit takes
         self._unknown: list[float] = []  # price of a backend's classes not answered yet
-        # per local class: (backends by price, their prices, penalty by backend idx,
+        # per local class: (backends by price, their prices, priced error by backend idx,
         # prior latency by backend idx)
         self._rows: list[tuple[list[Backend], list[float], list[float], list[float]]] = []
         self._own: list[tuple[list[Backend], list[float], list[float], list[float]]] = []
         self._cols_for: list[str] | None = None  # the table backend list `_cols` was built for
         self._cols: list[int] = []  # table column of each backend (by idx), -1 if absent
         self._barr: np.ndarray | None = None  # the backends as an object array (_objects)
+        self._fail: list[float] = []  # per class: what a failed request costs (`fail_cost`)
         self.refresh()
 
     def set_table(self, table) -> None:
@@ -192,6 +199,7 @@ class TableStrategy(P2CEwma):
         self._unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
                          for b in backends]
         table = self.table
+        self._fail = [self.fail_cost(k) for k in range(len(self.class_names))]
         # every curve's service time per class, (backends, classes); 0 = no answer yet
         service = np.array([cv.service for cv in self._curves], dtype=np.float64).reshape(
             len(backends), len(self.class_names))
@@ -201,6 +209,17 @@ class TableStrategy(P2CEwma):
             self._build_rows(table, service)
         if table is None or not self.usable:
             self._build_own(service)
+
+    def fail_cost(self, cls: int) -> float:
+        """Seconds a failed request of class `cls` costs against the latency of
+        one that is answered: FAIL_COST, or the point past which its clients
+        will have given up if that comes sooner (a request that fails costs
+        no more than one that is lost)."""
+        lost = self.lost_after[cls]
+        return lost if lost < FAIL_COST else FAIL_COST
+
+    def _lower_bound(self, price: np.ndarray, err: np.ndarray) -> np.ndarray:
+        return lower_bound(price, err, self._fail, self.priced)
 
     def _objects(self) -> np.ndarray:
         """The backends as a numpy object array (rows take them by index in one
@@ -214,28 +233,28 @@ class TableStrategy(P2CEwma):
 
     def _build_own(self, service: np.ndarray) -> None:
         """The worker's own rows, for when no table may route: its curves alone,
-        no error penalty.  A class a backend has not answered yet is priced by
+        no priced error.  A class a backend has not answered yet is priced by
         `own_prior`: its speed on the classes it has answered, at the class's
         cost where other backends answered it; a backend that has answered
         nothing, as `_unknown`."""
         backends = self.backends
         unknown = self._unknown
-        ones = [1.0] * len(backends)
+        zeros = [0.0] * len(backends)
         if not backends:
-            self._own = [([], [], ones, unknown) for _ in self.class_names]
+            self._own = [([], [], zeros, unknown) for _ in self.class_names]
             return
         live = np.array([b.available for b in backends])
         svc = service.T  # (classes, backends)
         prior = own_prior(svc, np.array(unknown, dtype=np.float64))
-        price = np.where(svc != 0.0, svc, prior)
+        price = self._lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc))
         ordered, prices, n = by_price(self._objects(), price, np.broadcast_to(live, price.shape))
         pri = prior.tolist()
-        self._own = [(ordered[k][:n[k]], prices[k][:n[k]], ones, pri[k]) for k in range(len(n))]
+        self._own = [(ordered[k][:n[k]], prices[k][:n[k]], zeros, pri[k]) for k in range(len(n))]
 
     def _build_rows(self, table, service: np.ndarray) -> None:
         """Each class's row, vectorised over classes and backends at once
         (numpy): the candidates in price order (a stable sort: ties keep the
-        backends' order), their prices, and every backend's penalty and prior.
+        backends' order), their prices, and every backend's priced error and prior.
         tests/unit/test_table_rows.py checks the rows against a per-backend rule."""
         backends = self.backends
         if table.backends != self._cols_for:
@@ -261,15 +280,18 @@ class TableStrategy(P2CEwma):
         in_l = there[None, :] & ~np.isnan(lv) & ~np.isnan(cv)
         unknown = np.array(self._unknown, dtype=np.float64)[None, :]
         prior = np.where(in_l, np.maximum(lv, 1e-6), unknown)
-        # (1 - priced error) ** -8: the table's cost over its latency (inference/policy.py)
+        # the priced error: the table's cost over its latency is (1 - error) ** -8
+        # (inference/policy.py)
         penalty = np.where(in_l, np.maximum(cv / np.maximum(lv, 1e-9), 1.0), 1.0)
+        err = 1.0 - penalty ** (-1.0 / ERR_PRICE)
         svc = service.T
-        price = np.where(svc != 0.0, svc, prior) * penalty  # (a class not answered yet: its prior)
+        # (a class not answered yet: its prior)
+        price = self._lower_bound(np.where(svc != 0.0, svc, prior), err)
         cand = there[None, :] & (w[:, at] > 0)
         ordered, prices, n = by_price(self._objects(), price, cand)
-        pen = penalty.tolist()
+        errs = err.tolist()
         pri = prior.tolist()
-        self._rows = [(ordered[k][:n[k]], prices[k][:n[k]], pen[k], pri[k]) for k in range(len(n))]
+        self._rows = [(ordered[k][:n[k]], prices[k][:n[k]], errs[k], pri[k]) for k in range(len(n))]
 
     def check(self, now: float) -> tuple[bool, str]:
         """Decide the mode from the table held at wall-clock `now` (every stats
@@ -333,7 +355,7 @@ class TableStrategy(P2CEwma):
 
     def _table_pick(self, cls: int, exclude=()):
         own_err = not self.priced
-        order, prices, penalty, prior = (self._rows if self.usable else self._own)[cls]
+        order, prices, priced, prior = (self._rows if self.usable else self._own)[cls]
         if not order:
             return super().pick(exclude)
         if self.explore and not exclude and self.rng.random() < self.explore:
@@ -350,6 +372,7 @@ class TableStrategy(P2CEwma):
         lost = None  # the backend with the longest expected latency past `lost_after`
         lost_at = 0.0
         limit = self.lost_after[cls]
+        fail = self._fail[cls]
         now = self.clock()
         for b, price in zip(order, prices):
             if best is not None and price >= best_cost:
@@ -357,19 +380,23 @@ class TableStrategy(P2CEwma):
             if not b.available or (exclude and b in exclude):
                 continue
             i = b.idx
-            latency = b.curve.expected(cls, b.inflight, prior[i], now)
+            cv = b.curve
+            latency = cv.expected(cls, b.inflight, prior[i], now)
             if latency > limit:
                 # the client will have given up before the answer: not a candidate
                 if latency > lost_at:
                     lost, lost_at = b, latency
                 continue
-            pen = penalty[i]
-            if own_err and b.err:
-                # no table has priced errors yet: this worker's own recent
-                # failure share is, as the table would price it
-                e = b.err
-                pen = (1.0 - e if e < 0.999 else 0.001) ** -ERR_PRICE
-            cost = latency * pen
+            # no table has priced errors yet: this worker's own recent failure share
+            e = b.err if own_err else priced[i]
+            # answered: its latency and the wait it adds to the requests behind
+            # it (`Curve.externality`, inline: one call less per backend scanned);
+            # failed: a failure's cost
+            k = cv.slots
+            queued = b.inflight + 1 - k
+            cost = latency + (cv.service[cls] or prior[i]) * cv.pace / k * queued if queued > 0 else latency
+            if e:
+                cost = (1.0 - e) * cost + e * fail
             if b.failures:
                 f = b.failures + 1
                 cost *= f * f

@@ -62,7 +62,7 @@ real requests go):
   time (its answers all queued) and keeps drawing requests until the slot
   fit reads the slowdown as fewer slots.  As `service` and `slots` catch up,
   answers meet the curve again and `pace` falls back to 1.  It never lowers
-  a price (the pick's scan relies on service x penalty being a lower bound),
+  a price (the pick's scan relies on the service time giving a lower bound),
   and `log_pace` stops at PACE_FLOOR, so that a run of answers faster than
   the curve cannot hide the next slowdown for long.
 
@@ -221,6 +221,20 @@ class Curve:
             wait = (inflight + 1 - k) / k * self.work / inflight * pace
             return s + (wait if wait > quiet else quiet)
         return s if s > quiet else quiet
+
+    def externality(self, cls: int, inflight: int, service: float) -> float:
+        """The wait one more request of class `cls` adds to the requests that
+        queue behind it when it has to queue (in flight + 1 > `slots`): one
+        `slots`-th of its service each, for as many as are queued now (the
+        queue it joins is the best guess of the queue it leaves behind).
+        Its expected latency plus this is its marginal cost at the backend:
+        a heavy request priced so keeps off a busy backend that serves it
+        slowly in favour of one that spends less capacity on it, where its
+        own latency alone would not tell them apart."""
+        queued = inflight + 1 - self.slots
+        if queued <= 0:
+            return 0.0
+        return (self.service[cls] or service) * self.pace / self.slots * queued
 
 
 def fit(curves: list[Curve], dt: float) -> None:

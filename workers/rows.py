@@ -1,7 +1,8 @@
 """The numpy pieces the `ml` pick's per-class rows are built from
 (workers/learned.py `TableStrategy.refresh`): a table's row for each local
 class (`class_rows`), the candidates in price order (`by_price`), and the
-price of a class a backend has not answered, without a table (`own_prior`).
+price of a class a backend has not answered, without a table (`own_prior`),
+and the least cost the pick can give a backend (`lower_bound`).
 """
 
 from __future__ import annotations
@@ -75,3 +76,16 @@ def by_price(objects: np.ndarray, price: np.ndarray, cand: np.ndarray) -> tuple[
     order = np.lexsort((price, ~cand), axis=-1)
     return (objects[order].tolist(), np.take_along_axis(price, order, axis=-1).tolist(),
             cand.sum(axis=1).tolist())
+
+
+def lower_bound(price: np.ndarray, err: np.ndarray, fail: list[float], priced: bool) -> np.ndarray:
+    """The least cost the pick can give each (class, backend) of the rows
+    (workers/learned.py): answered at its service time (`price`) with the
+    priced error's share failed at the class's `fail` cost.  The scan's early
+    exit stops at the first backend whose bound is past the best cost so far.
+    Until a table has priced errors (`priced` False) the pick prices the
+    worker's own failure share, which can be anything from 0 to 1: the bound
+    is then the lesser of the service and a failure's cost."""
+    f = np.array(fail, dtype=np.float64)[:, None]
+    bound = (1.0 - err) * price + err * f
+    return bound if priced else np.minimum(bound, f)

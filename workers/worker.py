@@ -189,6 +189,7 @@ class Worker:
         if hasattr(old, "patience") and hasattr(strategy, "patience"):
             strategy.patience = old.patience  # the clients are the same (and the classes: a reload
             strategy.lost_after = old.lost_after  # that changes them makes new workers)
+            strategy.refresh()  # (a failure's cost follows the patience)
         if self.telemetry is not None:
             self.telemetry.steer.install_table(strategy)
         self.strategy = strategy

@@ -151,9 +151,11 @@ def _learned(strategy, table: Table, cls: str, live: list[BackendState], best: s
            "exploration": round(strategy.explore, 4)}
     if table.cost and row_i < len(table.cost):
         out["costs"] = {b: round(c, 6) for b, c in zip(table.backends, table.cost[row_i]) if b in weights}
-    rule = ("the least expected cost: the backend's service time for the class (the table's predicted "
-            "latency until the worker's own load curve has answers) plus, when its slots are full, the "
-            "wait for the work in flight, times the error penalty (table cost / latency) and the "
+    rule = ("the least expected cost: answered, the backend's service time for the class (the table's "
+            "predicted latency until the worker's own load curve has answers) plus, when its slots are "
+            "full, the wait for the work in flight and the wait the request adds to those queued behind "
+            "it; failed, a fixed cost (1 s, or less once clients give up sooner); weighed by the priced "
+            "error (from the table's cost / latency), times the "
             "square of the worker's consecutive failures + 1, leaving out a backend whose expected "
             "latency is past 0.75 of how long the class's clients wait (each worker learns it from "
             "the clients that gave up) unless every one is, then the longest wins; the admin prices "

@@ -168,9 +168,9 @@ def strategy_state(s: AdminState, strategy: str) -> dict:
             out["ewma"] = {n: _r(g.ewma.get(n)) for n in live}
     else:  # ml, learned
         out["rule"] = ("the least expected cost: each worker's load curve of the backend (service time "
-                       "per class, slots, work in flight) priced by the learned table (error penalty, "
-                       "predicted latency of classes not seen yet); a share explores backends not heard "
-                       "from lately")
+                       "per class, slots, work in flight, the wait a request adds to those queued behind "
+                       "it) priced by the learned table (priced error, predicted latency of classes not "
+                       "seen yet); a share explores backends not heard from lately")
     return out
 
 

@@ -173,7 +173,7 @@ class Table(Msg):
     tick_seconds: float = 0.0  # time the last scoring tick took
     # Price (seconds) of a request of class c at backend b: the predicted latency
     # penalised by the error probability (the prediction shrunk towards what the
-    # backend did).  Workers take cost / latency as the error penalty and the
+    # backend did).  Workers read the priced error back from cost / latency, and the
     # latency as the service time of classes their load curves have not seen yet.
     cost: list[list[float]] = []  # [class][backend]; [] = no penalty
     exploration: float = 0.0  # share of picks that may go to a backend not heard from lately

@@ -14,6 +14,7 @@ import pytest
 
 from lb.core import messages as m
 from lb.core.config import Backend as BackendConfig
+from workers import learned
 from workers.backend import Backend
 from workers.strategies import make_strategy
 
@@ -22,6 +23,16 @@ def unknown_price(s, b):
     """A backend that has not answered: its peak EWMA over its relative weight."""
     mean_w = (sum(max(x.weight, 0) for x in s.backends) or 1) / len(s.backends)
     return b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
+
+
+def bound(s, k, service, err):
+    """The least a pick can cost: answered at its service, or failed at a
+    failure's cost; before a table priced errors, the error is the worker's
+    own share, anything from 0 to 1."""
+    fail = s.fail_cost(k)
+    if not s.priced:
+        return min(service, fail)
+    return (1.0 - err) * service + err * fail
 
 
 def reference_rows(s, table):
@@ -35,18 +46,19 @@ def reference_rows(s, table):
         wrow = weights.get(cname, default)
         lrow = lat.get(cname) or lat.get("default") or []
         crow = cost.get(cname) or cost.get("default") or []
-        penalty, prior, cands = [], [], []
+        err, prior, cands = [], [], []
         for b in s.backends:
             i = col.get(b.name)
             ok = i is not None and b.available
             priced = ok and i < len(lrow) and i < len(crow)
             prior.append(max(lrow[i], 1e-6) if priced else unknown_price(s, b))
-            penalty.append(max(crow[i] / max(lrow[i], 1e-9), 1.0) if priced else 1.0)
+            # the table's cost is its latency x (1 - error) ** -8
+            err.append(1.0 - max(crow[i] / max(lrow[i], 1e-9), 1.0) ** -0.125 if priced else 0.0)
             if ok and i < len(wrow) and wrow[i] > 0:
                 cands.append(b)
-        price = {b.idx: (b.curve.service[k] or prior[b.idx]) * penalty[b.idx] for b in cands}
+        price = {b.idx: bound(s, k, b.curve.service[k] or prior[b.idx], err[b.idx]) for b in cands}
         order = sorted(cands, key=lambda b: price[b.idx])
-        rows.append((order, [price[b.idx] for b in order], penalty, prior))
+        rows.append((order, [price[b.idx] for b in order], err, prior))
     return rows
 
 
@@ -100,10 +112,10 @@ def test_rows_match_the_plain_rule(seed):
         teach(rng, s, now)
         table = random_table(rng, s)
         s.set_table(table)
-        assert s._rows == reference_rows(s, table)
+        assert same_rows(s._rows, reference_rows(s, table))
         s.backends[rng.randrange(len(s.backends))].available ^= True
         s.refresh()
-        assert s._rows == reference_rows(s, table)
+        assert same_rows(s._rows, reference_rows(s, table))
 
 
 def profile_price(s, b, k):
@@ -130,15 +142,15 @@ def reference_own(s):
     rows = []
     for k in range(len(s.class_names)):
         prior = [profile_price(s, b, k) for b in s.backends]
-        price = {b.idx: b.curve.service[k] or prior[b.idx] for b in s.backends}
+        price = {b.idx: bound(s, k, b.curve.service[k] or prior[b.idx], 0.0) for b in s.backends}
         order = sorted((b for b in s.backends if b.available), key=lambda b: price[b.idx])
-        rows.append((order, [price[b.idx] for b in order], [1.0] * len(s.backends), prior))
+        rows.append((order, [price[b.idx] for b in order], [0.0] * len(s.backends), prior))
     return rows
 
 
 def same_rows(got, want):
-    for (o1, p1, pen1, pr1), (o2, p2, pen2, pr2) in zip(got, want, strict=True):
-        assert o1 == o2 and pen1 == pen2
+    for (o1, p1, e1, pr1), (o2, p2, e2, pr2) in zip(got, want, strict=True):
+        assert o1 == o2 and e1 == pytest.approx(e2, abs=1e-12)
         assert p1 == pytest.approx(p2, rel=1e-9) and pr1 == pytest.approx(pr2, rel=1e-9)
     return True
 
@@ -160,21 +172,30 @@ def test_own_rows_match_the_plain_rule(seed):
 
 def full_scan(s, cls, now, exclude=()):
     """The least expected cost over every candidate of the row, no early exit."""
-    order, _, penalty, prior = s._rows[cls] if s.usable else s._own[cls]
+    order, _, err, prior = s._rows[cls] if s.usable else s._own[cls]
     best, best_cost = None, 0.0
     for b in order:
         if not b.available or b in exclude:
             continue
+        cv = b.curve
         # before any table priced errors, the worker's own failure share is priced instead
-        pen = penalty[b.idx] if s.priced or not b.err else (1.0 - b.err) ** -8
-        c = b.curve.expected(cls, b.inflight, prior[b.idx], now) * pen * (b.failures + 1) ** 2
+        e = err[b.idx] if s.priced else b.err
+        # the request's latency, and the wait it adds to those queued behind it (the
+        # pick keeps an inline copy of Curve.externality)
+        answered = (cv.expected(cls, b.inflight, prior[b.idx], now)
+                    + cv.externality(cls, b.inflight, prior[b.idx]))
+        c = ((1.0 - e) * answered + e * s.fail_cost(cls)) * (b.failures + 1) ** 2
         if best is None or c < best_cost:
             best, best_cost = b, c
     return best
 
 
+@pytest.mark.parametrize("fail_cost", [1.0, 0.02])
 @pytest.mark.parametrize("seed", range(40))
-def test_the_early_exit_picks_what_a_full_scan_picks(seed):
+def test_the_early_exit_picks_what_a_full_scan_picks(seed, fail_cost, monkeypatch):
+    # a failure's cost above every service, and among them (where a failure can
+    # cost less than an answer)
+    monkeypatch.setattr(learned, "FAIL_COST", fail_cost)
     rng = random.Random(1000 + seed)
     classes = ["default", "heavy"]
     s = make_strategy("ml", backends(rng, classes), decay=10.0, seed=1, class_names=classes)
@@ -187,6 +208,7 @@ def test_the_early_exit_picks_what_a_full_scan_picks(seed):
     for usable, priced in ((True, True), (False, True), (False, False)):
         # priced by the table; by the curves alone; and before any table priced errors
         s.usable, s.priced = usable, priced
+        s.refresh()  # (as set_table does when a table first prices errors)
         for cls in range(2):
             for _ in range(5):
                 for b in s.backends:  # the live state moves between refreshes
