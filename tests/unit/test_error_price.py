@@ -4,7 +4,7 @@ The table prices errors for every worker (inference/policy.py), but it
 comes a tick after the first answers, and the first table of a run only
 says the inference process is warming up.  Until a table has priced errors,
 the worker prices them itself from its own recent failure share
-(`Backend.err`), as the table would: a backend that fails fast from the
+(`Backend.err`), in place of the table's priced error: a backend that fails fast from the
 first request is not sent more because one of its answers happened to
 succeed and reset its count of failures in a row."""
 
@@ -53,7 +53,7 @@ def test_a_failure_share_that_fades_stops_costing():
     assert s.pick() is b0
 
 
-def test_the_worker_prices_an_error_share_as_the_table_does():
+def test_the_worker_reads_the_priced_error_back_with_the_tables_exponent():
     from inference import policy
     from workers.learned import ERR_PRICE
 
