@@ -16,7 +16,7 @@ from workers.backend import Backend
 from workers.classic import P2CEwma
 from workers.explore import stale_backend
 from workers.guard import CONTROL, LEARNED, Guard
-from workers.loadcurve import Curve, fit
+from workers.loadcurve import ChunkedFit, Curve
 from workers.patience import INF, Patience
 from workers.probe import KneeProbe
 from workers.rows import by_price, class_rows, lower_bound, own_prior
@@ -64,7 +64,7 @@ class TableStrategy(P2CEwma):
       it goes and goes to the backend with the longest expected latency, so
       that the others' queues stay short enough to answer in time.
       Backends are scanned in the order of their price when the table came
-      (`_lower_bound`: the cost at the service time alone) and the scan stops at
+      (workers/rows.py `lower_bound`: the cost at the service time alone) and the scan stops at
       the first whose lower bound exceeds the best cost so far: a backend
       with a free slot among the cheapest ends the scan at once;
     * with probability `exploration` (`learning.exploration`, or the table's),
@@ -140,9 +140,7 @@ class TableStrategy(P2CEwma):
                 b.curve = Curve(n)
         self._curves = [b.curve for b in backends]
         self.clock = monotonic  # the clock answers are timed with (the simulator's is simulated)
-        self._fitted = 0.0  # clock time of the last curve fit (of any chunk)
-        self._fitted_at: dict[int, float] = {}  # ... of each chunk of FIT_CHUNK backends
-        self._chunk = 0  # the chunk the next fit takes
+        self._refit = ChunkedFit(self.FIT_CHUNK)  # the curves' refits, a chunk per table
         self._unknown: list[float] = []  # price of a backend's classes not answered yet
         # per local class: (backends by price, their prices, priced error by backend idx,
         # prior latency by backend idx)
@@ -164,23 +162,7 @@ class TableStrategy(P2CEwma):
         self.refresh()
 
     def _fit(self) -> None:
-        """Refit the next FIT_CHUNK backends' load curves (all of them within a
-        few tables: the curves average over a second anyway)."""
-        now = self.clock()
-        curves = self._curves
-        n = len(curves)
-        if not n:
-            return
-        k = self._chunk
-        lo = k * self.FIT_CHUNK
-        if lo >= n:
-            k, lo = 0, 0
-        last = self._fitted_at.get(k, 0.0)
-        if last:
-            fit(curves[lo:lo + self.FIT_CHUNK], now - last)
-        self._fitted_at[k] = now
-        self._chunk = k + 1
-        self._fitted = now
+        self._refit.step(self._curves, self.clock())
 
     def refresh(self) -> None:
         """Rebuild the per-class rows (new table, or backend availability changed).
@@ -218,9 +200,6 @@ class TableStrategy(P2CEwma):
         lost = self.lost_after[cls]
         return lost if lost < FAIL_COST else FAIL_COST
 
-    def _lower_bound(self, price: np.ndarray, err: np.ndarray) -> np.ndarray:
-        return lower_bound(price, err, self._fail, self.priced)
-
     def _objects(self) -> np.ndarray:
         """The backends as a numpy object array (rows take them by index in one
         C-level step); rebuilt if the list changed."""
@@ -246,7 +225,7 @@ class TableStrategy(P2CEwma):
         live = np.array([b.available for b in backends])
         svc = service.T  # (classes, backends)
         prior = own_prior(svc, np.array(unknown, dtype=np.float64))
-        price = self._lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc))
+        price = lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc), self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, np.broadcast_to(live, price.shape))
         pri = prior.tolist()
         self._own = [(ordered[k][:n[k]], prices[k][:n[k]], zeros, pri[k]) for k in range(len(n))]
@@ -286,7 +265,7 @@ class TableStrategy(P2CEwma):
         err = 1.0 - penalty ** (-1.0 / ERR_PRICE)
         svc = service.T
         # (a class not answered yet: its prior)
-        price = self._lower_bound(np.where(svc != 0.0, svc, prior), err)
+        price = lower_bound(np.where(svc != 0.0, svc, prior), err, self._fail, self.priced)
         cand = there[None, :] & (w[:, at] > 0)
         ordered, prices, n = by_price(self._objects(), price, cand)
         errs = err.tolist()
@@ -307,7 +286,7 @@ class TableStrategy(P2CEwma):
             usable, reason = False, "no_weights"
         else:
             usable, reason = True, ""
-        if not usable and (self.usable or self.clock() - self._fitted >= self.OWN_REFIT):
+        if not usable and (self.usable or self.clock() - self._refit.last >= self.OWN_REFIT):
             # no table to bring the refits: the worker refits its curves and
             # rebuilds its own rows itself
             self.usable = False

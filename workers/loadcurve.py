@@ -73,6 +73,9 @@ shows in its latencies), or the whole instance's in the admin's curves.
 
 Failed answers teach nothing here (a fast 503 is not a fast backend): the
 strategy penalises failures separately.
+
+`ChunkedFit` spreads the refits of a strategy's curves over its tables, a
+chunk of backends per table.
 """
 
 from __future__ import annotations
@@ -281,3 +284,32 @@ def fit(curves: list[Curve], dt: float) -> None:
         c.level_n = n[i].tolist()
         c.level_sum = total[i].tolist()
         c.level_load = loads[i].tolist()
+
+
+class ChunkedFit:
+    """Refits a strategy's curves `chunk` at a time, the next chunk per call
+    (every table): all of them within a few tables, since the curves average
+    over a second anyway, and no table install pays for a whole large fleet."""
+
+    __slots__ = ("chunk", "next", "fitted_at", "last")
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.next = 0  # the chunk the next call fits
+        self.fitted_at: dict[int, float] = {}  # clock time each chunk was last fitted
+        self.last = 0.0  # clock time of the last fit (of any chunk)
+
+    def step(self, curves: list[Curve], now: float) -> None:
+        n = len(curves)
+        if not n:
+            return
+        k = self.next
+        lo = k * self.chunk
+        if lo >= n:
+            k, lo = 0, 0
+        last = self.fitted_at.get(k, 0.0)
+        if last:
+            fit(curves[lo:lo + self.chunk], now - last)
+        self.fitted_at[k] = now
+        self.next = k + 1
+        self.last = now
