@@ -149,7 +149,9 @@ class TableStrategy(P2CEwma):
         self._cols_for: list[str] | None = None  # the table backend list `_cols` was built for
         self._cols: list[int] = []  # table column of each backend (by idx), -1 if absent
         self._barr: np.ndarray | None = None  # the backends as an object array (_objects)
-        self._fail: list[float] = []  # per class: what a failed request costs (`fail_cost`)
+        # per class: what a failed request costs (`fail_cost`), as of the last refresh: the
+        # rows' lower bounds were built with it, so the pick reads it from here, not live
+        self._fail: list[float] = []
         self.refresh()
 
     def set_table(self, table) -> None:
