@@ -87,6 +87,8 @@ _HAS_RECORD = hasattr(wbackend.Backend, "record")
 _RECORD_OBSERVES = _HAS_RECORD and "now" in inspect.signature(wbackend.Backend.record).parameters
 # ... and takes the in-flight count the request was sent at (ml's load curves)
 _RECORD_LOADS = _HAS_RECORD and "load" in inspect.signature(wbackend.Backend.record).parameters
+# ... and how heavy the requests in flight were, against it (Curve.start returns both)
+_RECORD_MIX = _HAS_RECORD and "mix" in inspect.signature(wbackend.Backend.record).parameters
 
 _DONE, _FAILED, _TICK, _GAVE_UP = 0, 1, 2, 3  # event kinds
 
@@ -216,7 +218,10 @@ class Simulation:
         req.load = backend.inflight
         cv = getattr(backend, "curve", None)
         if cv is not None:
-            req.work = cv.start(req.cls, req.load, now)
+            if _RECORD_MIX:
+                req.work, req.mix = cv.start(req.cls, req.load, now)
+            else:
+                req.work = cv.start(req.cls, req.load, now)
         backend.inflight += 1
         req.backend = backend
         req.t0 = now
@@ -281,7 +286,9 @@ class Simulation:
         if cv is not None:
             cv.done(req.work, b.inflight)
         b.responses[status // 100] += 1
-        if _RECORD_LOADS:
+        if _RECORD_MIX:
+            b.record(req.cls, rtt, status >= 500, at_proxy, req.load, req.mix)
+        elif _RECORD_LOADS:
             b.record(req.cls, rtt, status >= 500, at_proxy, req.load)
         elif _RECORD_OBSERVES:
             b.record(req.cls, rtt, status >= 500, at_proxy)

@@ -84,7 +84,7 @@ class Server:
 
 
 class Request:
-    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0", "arm", "load", "work", "answered")
+    __slots__ = ("sched", "cls", "worker", "tried", "backend", "t0", "arm", "load", "work", "mix", "answered")
 
     def __init__(self, sched: float, cls: int, worker: int) -> None:
         self.sched = sched
@@ -96,6 +96,7 @@ class Request:
         self.arm = -1  # ml's guard: which arm picked the backend (-1: not judged)
         self.load = -1  # the worker's in-flight requests to the backend when it was sent
         self.work = 0.0  # ml: the expected service it added to the backend's load curve
+        self.mix = 1.0  # ... and how heavy the requests in flight there were, against it
         self.answered = False  # its answer (or lb's error) has left for the client
 
 

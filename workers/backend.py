@@ -119,7 +119,8 @@ class Backend:
             self.ewma = ewma * w + rtt * (1.0 - w)
         self.ewma_ts = now
 
-    def record(self, cls: int, latency: float, error: bool, now: float | None = None, load: int = -1) -> None:
+    def record(self, cls: int, latency: float, error: bool, now: float | None = None, load: int = -1,
+               mix: float = 1.0) -> None:
         """One outcome of a request of class `cls` sent here: a response head
         after `latency` seconds (an error if 5xx), or a failure without one.
         With `now` (a response head arrived then) the peak EWMA is updated too,
@@ -127,7 +128,8 @@ class Backend:
         that an error may raise it but never lowers it (a backend that fails
         fast must not look fast and draw the traffic to its failures).
         `load`: the requests this worker had in flight here when it sent this
-        one (-1: unknown), for the load curve (`ml` only).  With `now`, the
+        one (-1: unknown), and `mix`, how heavy those were against it
+        (`Curve.start`), for the load curve (`ml` only).  With `now`, the
         answer joins `sent` too."""
         if now is not None and (not error or latency >= self.ewma):
             # observe(), inlined (tests/process/test_strategies.py checks they agree)
@@ -160,7 +162,7 @@ class Backend:
             if e:
                 self.err = e * (1.0 - ERR_LEARN) if e > ERR_ZERO else 0.0
             if load >= 0 and self.curve is not None:
-                self.curve.learn(cls, latency, load, now)
+                self.curve.learn(cls, latency, load, now, None, mix)
         self.cls_lat_sum[cls] += latency
         self.cls_hist[cls][bisect_left(LATENCY_BOUNDS, latency)] += 1
         t = self.tracer

@@ -56,7 +56,7 @@ class Dispatcher:
         cv = backend.curve
         if cv is not None:
             ex.curve = cv
-            ex.work = cv.start(ex.cls, load, now)
+            ex.work, ex.mix = cv.start(ex.cls, load, now)
         backend.inflight = load + 1
         w.active += 1
         ex.backend = backend

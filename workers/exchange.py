@@ -67,6 +67,7 @@ class Exchange:
     load = -1  # this worker's requests in flight to the backend when it was dispatched
     curve = None  # ml: the backend's load curve, and the expected service this request added to it
     work = 0.0
+    mix = 1.0  # ... and how heavy the requests it found in flight there were, against it
     last_io = 0.0  # request fully sent / last response bytes (response timeout); 0: use t0
     error = 0  # a queued lb-generated error (status) instead of a forwarded request
     cls = 0  # request class (workers/classes.py); 0 = "default"

@@ -40,9 +40,15 @@ real requests go):
   the classes;
 * `slots`: the answers' latency relative to `service` is averaged by the
   in-flight count each request was sent at (LEVELS levels, one per count up
-  to 7 and wider above, decayed with a time constant of TAU seconds); `fit`
-  picks, from SLOT_GRID, the slot count whose curve max(1, (n + 1) / slots)
-  at each level's mean count is closest to those averages in log terms.  A
+  to 7 and wider above, decayed with a time constant of TAU seconds), and so
+  is `mix`, the mean service of the requests in flight when it was sent over
+  its own; `fit` picks, from SLOT_GRID, the slot count whose curve
+  1 + max(0, n + 1 - slots) / slots x mix at each level's mean count and mix
+  is closest to those averages in log terms.  (With one class, mix is 1 and
+  the curve max(1, (n + 1) / slots).  Without it, a light request queued
+  behind heavy ones reads as a backend serving fewer requests at once: on a
+  fleet whose backends each draw their own mix of classes, a deep queue made
+  one look half its size, and the pick kept off it while its slots idled.)  A
   backend never seen queueing keeps a low estimate until its answers show it
   serves more at once (the prior is one slot: no herd on a backend whose
   capacity is unknown).  `measured` is the same fit for capacity and for
@@ -53,8 +59,8 @@ real requests go):
 
 * `pace` (a worker's curves only): how much slower than its curve the
   backend answers now.  Every successful answer is compared with what the
-  curve expects at the load it was sent at, service[c] x max(1, (n + 1) /
-  slots), and `log_pace` averages the log of that ratio with weight
+  curve expects at the load it was sent at, service[c] x (1 + max(0, n + 1 -
+  slots) / slots x mix), and `log_pace` averages the log of that ratio with weight
   PACE_LEARN (the last five answers or so); `pace` = exp(log_pace), never
   below 1, multiplies the expected latency.  The service time only learns
   from answers sent to a free slot, and the slot fit over a second: without
@@ -109,8 +115,8 @@ SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 
 class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
-    __slots__ = ("service", "slots", "measured", "top", "seen", "level_n", "level_sum", "level_load", "work",
-                 "quiet_since", "log_service", "log_var", "instance", "taught", "log_pace", "pace")
+    __slots__ = ("service", "slots", "measured", "top", "seen", "level_n", "level_sum", "level_load",
+                 "level_mix", "work", "quiet_since", "log_service", "log_var", "instance", "taught", "log_pace", "pace")
 
     def __init__(self, n_classes: int, instance: bool = False) -> None:
         self.instance = instance  # the admin's (see the module docstring)
@@ -127,21 +133,25 @@ class Curve:
         self.level_n = [0.0] * LEVELS  # decayed answers sent at each in-flight level
         self.level_sum = [0.0] * LEVELS  # ... the sum of their latency / service
         self.level_load = [0.0] * LEVELS  # ... and of the in-flight counts they were sent at
+        self.level_mix = [0.0] * LEVELS  # ... and of their `mix` (a worker's curves)
         self.log_pace = 0.0  # average ln(latency / what the curve expected), recent answers
         self.pace = 1.0  # exp(log_pace), at least 1: how much slower the backend answers than its curve
 
-    def learn(self, cls: int, latency: float, load: int, now: float, alone: bool | None = None) -> None:
+    def learn(self, cls: int, latency: float, load: int, now: float, alone: bool | None = None,
+              mix: float = 1.0) -> None:
         """A successful answer of class `cls` after `latency` seconds, to a
         request sent while `load` others were in flight (from this worker, or
         from the instance in the admin's curves).  `alone` (instance curves):
         whether the request found the backend free, which the admin judges
-        (default: nothing else in flight)."""
+        (default: nothing else in flight).  `mix` (a worker's curves): the
+        mean expected service of the requests in flight when it was sent,
+        over its own (`start` returns it)."""
         s = self.service[cls]
         if s > 0.0:
             if not self.instance:
                 # pace: this answer against what the curve expected of it
                 k = self.slots
-                base = s * (load + 1) / k if load + 1 > k else s
+                base = s + (load + 1 - k) / k * s * mix if load + 1 > k else s
                 lp = self.log_pace
                 lp += PACE_LEARN * (math.log(latency / base if latency > 1e-6 else 1e-6 / base) - lp)
                 self.log_pace = lp if lp > PACE_FLOOR else PACE_FLOOR
@@ -150,6 +160,8 @@ class Curve:
             self.level_n[lvl] += 1.0
             self.level_sum[lvl] += latency / s
             self.level_load[lvl] += load
+            if not self.instance:
+                self.level_mix[lvl] += mix
             if (load == 0 if alone is None else alone) if self.instance else (load + 1 <= self.slots):
                 # sent to a free slot: its latency is the service time.  (Answers
                 # that may have queued are left out: de-queueing them by a slot
@@ -176,15 +188,19 @@ class Curve:
             self.log_service[cls] = math.log(latency if latency > 1e-6 else 1e-6)
         self.seen = self.quiet_since = now
 
-    def start(self, cls: int, load: int, now: float) -> float:
+    def start(self, cls: int, load: int, now: float) -> tuple[float, float]:
         """A request of class `cls` is sent while `load` others are in flight:
-        its expected service joins `work` (what the caller must give back with
-        `done`)."""
+        its expected service joins `work`.  Returns that service (what the
+        caller gives back with `done`) and the request's `mix` (for `learn`):
+        the mean expected service of the `load` in flight over its own, 1
+        with none."""
         s = self.service[cls] or max(self.service) or DEFAULT_SERVICE
-        self.work += s
+        w = self.work
+        self.work = w + s
         if not load:
             self.quiet_since = now  # a busy period begins
-        return s
+            return s, 1.0
+        return s, (w / (load * s) if w > 0.0 else 1.0)
 
     def spread(self) -> float:
         """The service time's spread: the standard deviation of its log (0: not
@@ -243,23 +259,27 @@ class Curve:
 def fit(curves: list[Curve], dt: float) -> None:
     """Refit every curve's slot count from its per-level averages, then decay
     them by `dt` seconds.  Vectorised: a few hundred microseconds for 256
-    backends (bench/inference_bench.py).  The model is max(1, (n + 1) / k) at
-    n in flight: a request queued behind the only one in flight waits its
-    full service."""
+    backends (bench/inference_bench.py).  The model is 1 + max(0, n + 1 - k)
+    / k x mix at n in flight (max(1, (n + 1) / k) with one class): a request
+    queued behind the only one in flight waits that one's full service."""
     if not curves:
         return
     n = np.array([c.level_n for c in curves], dtype=np.float64)  # (B, LEVELS)
     total = np.array([c.level_sum for c in curves], dtype=np.float64)
     loads = np.array([c.level_load for c in curves], dtype=np.float64)
+    mixes = np.array([c.level_mix for c in curves], dtype=np.float64)
     use = n >= MIN_LEVEL_ANSWERS
     w = np.where(use, n, 0.0)
     safe = np.maximum(n, 1e-12)
     mean = np.log(np.where(use, total / safe, 1.0))
-    # ln max(1, (load + 1) / k) at each level's mean load, for every grid value: (B, LEVELS, K)
-    grid = SLOT_GRID
-    curve = np.log(np.maximum(1.0, (loads / safe + 1.0)[:, :, None] / grid[None, None, :]))
+    # ln(1 + max(0, load + 1 - k) / k x mix) at each level's mean load and mix, for
+    # every grid value: (B, LEVELS, K)
+    grid = SLOT_GRID[None, None, :]
+    queued = np.maximum(0.0, (loads / safe + 1.0)[:, :, None] - grid) / grid
+    curve = np.log1p(queued * (mixes / safe)[:, :, None])
     # squared log error of every grid value, weighted by answers: (B, K)
     err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
+    grid = SLOT_GRID
     best = grid[err.argmin(axis=1)]
     # For `measured`, a count the answers cannot tell from the best stays:
     # answers that only show the backend below its knee fit every count above
@@ -276,6 +296,7 @@ def fit(curves: list[Curve], dt: float) -> None:
     n *= keep
     total *= keep
     loads *= keep
+    mixes *= keep
     for i, c in enumerate(curves):
         if enough[i]:
             c.slots = float(best[i])
@@ -284,6 +305,7 @@ def fit(curves: list[Curve], dt: float) -> None:
         c.level_n = n[i].tolist()
         c.level_sum = total[i].tolist()
         c.level_load = loads[i].tolist()
+        c.level_mix = mixes[i].tolist()
 
 
 class ChunkedFit:

@@ -172,7 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex.response_started = True
         ex.status = status
         now = monotonic()
-        self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load)
+        self.backend.record(ex.cls, now - ex.t0, status >= 500, now, ex.load, ex.mix)
         if ex.guard is not None:
             ex.guard.outcome(ex.arm, now - ex.guard_t0, status >= 500)
 

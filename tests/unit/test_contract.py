@@ -33,7 +33,7 @@ def test_the_upstream_side_reaches_no_further_than_the_contract():
         n for n, _ in inspect.getmembers(contract.ClientSide) if not n.startswith("_")}
     # what the dispatcher and the parsed head leave on the exchange for the response side
     allowed |= {"cls", "t0", "load", "guard", "arm", "guard_t0", "plain", "body_done", "upgrade",
-                "method", "http10", "bound", "curve", "work", "last_io", "held"}
+                "method", "http10", "bound", "curve", "work", "mix", "last_io", "held"}
     used = set()
     for node in ast.walk(ast.parse(inspect.getsource(upstream))):
         if isinstance(node, ast.Attribute):

@@ -52,7 +52,7 @@ def setup(max_idle: int, idle_before: int, curve: bool, alive: bool = True):
     w.active = 5
     if curve:
         ex.curve = b.curve
-        ex.work = b.curve.start(0, 2, 1.0)
+        ex.work, ex.mix = b.curve.start(0, 2, 1.0)
     up.ex = ex
     ex.upstream = up
     return w, b, up, ex

@@ -5,6 +5,7 @@ backend with k workers would give them."""
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 
@@ -118,7 +119,7 @@ def test_expected_latency():
 def test_work_in_flight_is_given_back():
     curve = Curve(2)
     curve.service = [0.004, 0.0]
-    works = [curve.start(0, 0, 1.0), curve.start(1, 1, 1.0), curve.start(0, 2, 1.0)]
+    works = [curve.start(0, 0, 1.0)[0], curve.start(1, 1, 1.0)[0], curve.start(0, 2, 1.0)[0]]
     # an unknown class counts as the dearest known one
     assert works == [0.004, 0.004, 0.004]
     assert curve.quiet_since == 1.0  # the busy period began with the first
@@ -128,7 +129,57 @@ def test_work_in_flight_is_given_back():
     curve.done(works[2], 0)
     assert curve.work == 0.0  # nothing in flight: no rounding left over
     fresh = Curve(1)
-    assert fresh.start(0, 0, 0.0) == DEFAULT_SERVICE
+    assert fresh.start(0, 0, 0.0) == (DEFAULT_SERVICE, 1.0)
+
+
+def test_start_says_how_heavy_the_requests_in_flight_are():
+    """`mix`: the mean expected service of the requests in flight over the new one's."""
+    curve = Curve(2)
+    curve.service = [0.004, 0.012]
+    assert curve.start(0, 0, 1.0) == (0.004, 1.0)  # nothing in flight
+    s, mix = curve.start(1, 1, 1.0)
+    assert s == 0.012 and mix == pytest.approx(0.004 / 0.012)
+    s, mix = curve.start(0, 2, 1.0)
+    assert s == 0.004 and mix == pytest.approx((0.016 / 2) / 0.004)
+
+
+def fifo(curve: Curve, rng: random.Random, slots: int, service: tuple[float, float], light: float,
+         rate: float, n: int) -> None:
+    """`n` Poisson arrivals at `rate` to a first-come-first-served backend with
+    `slots` servers; a `light` share of them is of class 0.  Each answer is
+    learned when the next arrival finds it done, with the load and the mix its
+    request was sent at; the curve is refitted every 50 arrivals."""
+    free_at = [0.0] * slots  # when each server is next free (a heap)
+    pending: list = []  # (finish, class, latency, load, mix, work) of the requests in the system
+    now = 0.0
+    for i in range(n):
+        now += rng.expovariate(rate)
+        while pending and pending[0][0] <= now:
+            finish, cls, latency, load, mix, work = heapq.heappop(pending)
+            curve.done(work, len(pending))
+            curve.learn(cls, latency, load, finish, None, mix)
+        cls = 0 if rng.random() < light else 1
+        took = service[cls] * math.exp(rng.gauss(0.0, 0.2))
+        begin = max(now, heapq.heappop(free_at))
+        heapq.heappush(free_at, begin + took)
+        work, mix = curve.start(cls, len(pending), now)
+        heapq.heappush(pending, (begin + took, cls, begin + took - now, len(pending), mix, work))
+        if i % 50 == 49:
+            fit([curve], 0.1)
+
+
+@pytest.mark.parametrize("slots", [4, 8, 16])
+def test_slots_are_read_through_a_queue_of_other_classes(slots):
+    """A backend near its capacity, mostly light requests with heavy ones among
+    them: a light request that queues waits for the heavy work ahead of it, ten
+    times its own service.  Taken as if the queue were of its own class, that
+    reads as half the backend's real slot count (the pick then keeps off a
+    backend whose slots idle); with the mix the fit finds the real count."""
+    curve = Curve(2)
+    service = (0.002, 0.020)
+    mean = 0.8 * service[0] + 0.2 * service[1]
+    fifo(curve, random.Random(slots), slots, service, 0.8, 0.97 * slots / mean, 6000)
+    assert slots <= curve.slots <= 1.3 * slots
 
 
 def test_the_first_answer_is_taken_whole():
