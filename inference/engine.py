@@ -72,6 +72,8 @@ class Engine:
         self.model = model
         self.model_error = model_error if model is None else ""
         self.confidence = policy.Confidence(cfg.learning.max_prediction_error)
+        # whose error prediction prices the picks
+        self.errors = policy.ErrorRecord(cfg.learning.model_errors == "earned")
         self.control: Control | None = None
         self.live = np.ones(len(self.backends), dtype=bool)
         self.mode = ""
@@ -118,6 +120,7 @@ class Engine:
         self.model = model
         self.model_error = ""
         self.confidence.reset()
+        self.errors.reset()
 
     # -- the tick ----------------------------------------------------------------------------------
 
@@ -128,6 +131,7 @@ class Engine:
         f = self.folder
         f.fold(now)
         self.confidence.observe(f.last_hist, dt)
+        self.errors.observe(f.last_att, f.last_errs, dt)
         X = f.features(now)
         C, B = len(self.classes), len(self.backends)
         latency = error = None
@@ -152,11 +156,13 @@ class Engine:
             mode, reason = "learned", ""
         cost = None
         if mode == "learned":
-            # errors as priced: the prediction shrunk towards what each cell showed
-            priced = policy.shrink(error, X[:, ERR_RATE].reshape(C, B), f.d_att)
+            # errors as priced: the prediction shrunk towards what each cell showed,
+            # as far as the model's error predictions have earned it
+            priced = self.errors.price(error, X[:, ERR_RATE].reshape(C, B), f.d_att)
             w = policy.weights(latency, priced, self.live, self.learning.exploration)
             cost = policy.costs(latency, priced)
         else:
+            self.errors.pred = None  # nothing priced: nothing to judge at the next tick
             w = policy.static_weights(self.cfg_weights, self.live, C)
         self._remember(epoch, seq, X)
         pe = self.confidence.value()

@@ -134,8 +134,11 @@ class StatsFolder:
         self.rate = np.zeros(B)  # requests per second, decayed
         self.live_since = np.full(B, now - AGE_CAP)
         self.last_fold = now
-        # what the last fold observed (for the online prediction error)
+        # what the last fold observed (for the online prediction error and the
+        # error predictions' record): latency histogram, attempts, errors
         self.last_hist = np.zeros((C, B, N_BUCKETS))
+        self.last_att = np.zeros((C, B))
+        self.last_errs = np.zeros((C, B))
 
     # -- input -------------------------------------------------------------------------------
 
@@ -193,7 +196,8 @@ class StatsFolder:
             return out
 
         for attr in ("acc_requests", "acc_nores", "rate", "acc_resp", "acc_errs", "acc_lsum",
-                     "d_resp", "d_att", "d_errs", "d_lsum", "acc_hist", "d_hist", "last_hist"):
+                     "d_resp", "d_att", "d_errs", "d_lsum", "acc_hist", "d_hist", "last_hist",
+                     "last_att", "last_errs"):
             setattr(self, attr, remap(getattr(self, attr)))
         self.live_since = remap(self.live_since, now)
         if getattr(self, "_live", None) is not None:
@@ -233,6 +237,8 @@ class StatsFolder:
         self.d_hist = self.d_hist * keep_h + self.acc_hist
         self.rate = self.rate * keep + (1 - keep) * (self.acc_requests / dt)
         self.last_hist = self.acc_hist
+        self.last_att = self.acc_resp + nores_c
+        self.last_errs = self.acc_errs
         self.acc_requests = np.zeros(self.B)
         self.acc_nores = np.zeros(self.B)
         self.acc_resp = np.zeros((self.C, self.B))

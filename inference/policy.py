@@ -2,10 +2,13 @@
 
 Per class, over live backends:
 
-    priced error = w * observed error rate + (1 - w) * prior,
+    shrink(p)    = w * observed error rate + (1 - w) * prior,
                    w = answers / (answers + PRIOR_ANSWERS)          (`shrink`)
     prior        = the same blend of the backend's rate for the other
-                   classes and the model's predicted error
+                   classes and p
+    priced error = t * shrink(predicted error) + (1 - t) * shrink(observed rate),
+                   t = the model's weight for the backend, by how well its
+                   predictions foretold the failures that followed (`ErrorRecord`)
     cost   = latency / (1 - priced error) ** (ERROR_POWER / LATENCY_POWER)
     weight = (1 - exploration) * score / sum(score) + exploration / n_live,
              score = (1 - priced error) ** ERROR_POWER / latency ** LATENCY_POWER
@@ -37,6 +40,9 @@ CONFIDENCE_TAU = 5.0  # seconds: smoothing of the online prediction error
 CONFIDENCE_MIN_COUNT = 50.0  # responses (decayed) before the error is judged
 RECOVER_RATIO = 0.8  # leave low_confidence below this share of the threshold
 PRIOR_ANSWERS = 20.0  # the model's error prediction weighs as much as this many answers
+# error predictions are judged as probabilities within [TRUST_EPS, 1 - TRUST_EPS]: one
+# failure where none was expected costs ln(1 / TRUST_EPS), not infinitely much
+TRUST_EPS = 1e-4
 
 
 def weights(latency: np.ndarray, error: np.ndarray, live: np.ndarray, exploration: float) -> np.ndarray:
@@ -75,6 +81,63 @@ def shrink(predicted: np.ndarray, observed: np.ndarray, answers: np.ndarray) -> 
     prior = wb * rate + (1.0 - wb) * predicted
     w = answers / (answers + PRIOR_ANSWERS)
     return np.clip(w * observed + (1.0 - w) * prior, 0.0, 1.0)
+
+
+class ErrorRecord:
+    """Whose error prediction prices the picks: the model's, or the cells'
+    own record, by how well each foretold the failures that followed.
+
+    Every tick prices each cell's error twice, with `shrink`: once from the
+    model's prediction (`model`), once from the cell's observed rate alone
+    (`own`, what the `ml-identity` ablation prices).  At the next tick both are
+    scored by the log-likelihood of what the cells did meanwhile (their
+    attempts and errors, summed over cells), the difference decayed over
+    CONFIDENCE_TAU seconds.  The error the picks are priced with is the mix
+    of the two with the model's posterior weight (`trust`), equal odds to
+    begin with: Bayesian model averaging between the two.  A model whose
+    small error predictions keep meeting backends that fail nothing loses its
+    weight within a few hundred answers; one that foretells failures the
+    record has not shown yet (a backend that starts failing) earns it."""
+
+    def __init__(self, earned: bool = True) -> None:
+        self.earned = earned  # False (`learning.model_errors = "always"`): the model's weight stays 1
+        self.reset()
+
+    def reset(self) -> None:
+        # per backend: log-likelihood of `own` minus `model`'s, decayed
+        self.margin: np.ndarray | float = 0.0
+        self.pred: tuple[np.ndarray, np.ndarray] | None = None
+
+    def observe(self, attempts: np.ndarray, errors: np.ndarray, dt: float) -> None:
+        """(C, B) attempts and errors since the last tick."""
+        keep = math.exp(-dt / CONFIDENCE_TAU)
+        self.margin = self.margin * keep
+        if self.pred is None or self.pred[0].shape != attempts.shape:
+            return
+        a = attempts
+        e = np.minimum(errors, a)
+
+        def loglik(p: np.ndarray) -> np.ndarray:  # per backend
+            p = np.clip(p, TRUST_EPS, 1.0 - TRUST_EPS)
+            return (e * np.log(p) + (a - e) * np.log1p(-p)).sum(axis=0)
+
+        self.margin = self.margin + loglik(self.pred[1]) - loglik(self.pred[0])
+
+    def trust(self) -> np.ndarray | float:
+        """The model's posterior weight per backend, 0..1."""
+        return 1.0 / (1.0 + np.exp(np.clip(self.margin, -50.0, 50.0)))
+
+    def price(self, predicted: np.ndarray, observed: np.ndarray, answers: np.ndarray) -> np.ndarray:
+        """The priced error (C, B) of this tick, remembered to be judged at the next."""
+        model = shrink(predicted, observed, answers)
+        own = shrink(observed, observed, answers)
+        self.pred = (model, own)
+        if np.shape(self.margin) not in ((), own.shape[1:]):
+            self.margin = 0.0  # another fleet: a new record
+        if not self.earned:
+            return model
+        t = self.trust()
+        return t * model + (1.0 - t) * own
 
 
 def costs(latency: np.ndarray, error: np.ndarray) -> np.ndarray:

@@ -41,8 +41,9 @@ class TableStrategy(P2CEwma):
           ((1 - e) x (expected latency + externality) + e x fail_cost) x (failures + 1) ** 2
 
       (its marginal cost): `e` is the priced error (the model's prediction
-      shrunk towards what the backend did, inference/policy.py, read back
-      from the table's cost over its latency, (1 - e) ** -8); the expected
+      shrunk towards what the backend did, as far as the model's record on
+      the backend has earned it, inference/policy.py, read back from the
+      table's cost over its latency, (1 - e) ** -8); the expected
       latency and the externality (the wait the request adds to the
       requests that queue behind it) are the load curve's
       (workers/loadcurve.py); `fail_cost` is what a failed request costs,

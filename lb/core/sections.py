@@ -369,6 +369,9 @@ class Learning(Base):
     stats_interval: float = 0.1  # seconds between two worker stats reports
     exploration: float = 0.02  # share of ml's picks that may go to a backend not heard from lately
     max_prediction_error: float = 0.8  # online mean |ln(observed/predicted)| above this -> fallback
+    # how far the model's error predictions price the picks: "earned" (as far as their record
+    # against the cells' own has earned it, per backend) or "always" (shrunk towards the record only)
+    model_errors: str = "earned"
     traces: str = ""  # directory for sampled request traces; "" = no capture
     trace_sample: float = 0.02  # share of requests sampled (sent with the stats, no per-request IPC)
     retrain_interval: float = 0.0  # seconds between background refits; 0 = off
@@ -383,6 +386,8 @@ class Learning(Base):
             raise ValueError("exploration: must be between 0 and 0.5")
         if self.max_prediction_error <= 0:
             raise ValueError("max_prediction_error: must be > 0")
+        if self.model_errors not in ("earned", "always"):
+            raise ValueError(f"model_errors: must be \"earned\" or \"always\", not {self.model_errors!r}")
         if not 0 <= self.trace_sample <= 1:
             raise ValueError("trace_sample: must be between 0 and 1")
         if self.retrain_interval < 0:
