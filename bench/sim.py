@@ -232,7 +232,7 @@ class Simulation:
             # Connection refused: as upstream_failed(sent_nothing=True) does.
             backend.inflight -= 1
             if cv is not None:
-                cv.done(req.work, backend.inflight)
+                cv.done(req.cls, req.work, backend.inflight)
             backend.connect_errors += 1
             tried = req.tried
             if tried is None:
@@ -284,7 +284,7 @@ class Simulation:
         b.inflight -= 1
         cv = getattr(b, "curve", None)
         if cv is not None:
-            cv.done(req.work, b.inflight)
+            cv.done(req.cls, req.work, b.inflight)
         b.responses[status // 100] += 1
         if _RECORD_MIX:
             b.record(req.cls, rtt, status >= 500, at_proxy, req.load, req.mix)

@@ -155,12 +155,15 @@ class Engine:
         else:
             mode, reason = "learned", ""
         cost = None
+        error_weight: list[float] = []
         if mode == "learned":
             # errors as priced: the prediction shrunk towards what each cell showed,
             # as far as the model's error predictions have earned it
             priced = self.errors.price(error, X[:, ERR_RATE].reshape(C, B), f.d_att)
             w = policy.weights(latency, priced, self.live, self.learning.exploration)
             cost = policy.costs(latency, priced)
+            if self.errors.earned:
+                error_weight = np.broadcast_to(self.errors.trust(), (B,)).tolist()
         else:
             self.errors.pred = None  # nothing priced: nothing to judge at the next tick
             w = policy.static_weights(self.cfg_weights, self.live, C)
@@ -184,6 +187,7 @@ class Engine:
             prediction_error=pe, tick_seconds=self.tick_seconds,
             cost=cost.tolist() if cost is not None else [],
             exploration=self.learning.exploration if cost is not None else 0.0,
+            error_weight=error_weight,
         )
 
     # -- traces ------------------------------------------------------------------------------------

@@ -243,7 +243,8 @@ class Feeder:
         return Table(epoch=epoch, seq=seq, ts=time.time(), interval=0.1, model_version="test-model-7",
                      mode=self.table_mode[0], reason=self.table_mode[1], backends=names,
                      classes=self.classes, weights=weights, latency=latency, cost=cost, exploration=0.02,
-                     prediction_error=0.25, tick_seconds=0.0015)
+                     prediction_error=0.25, tick_seconds=0.0015,
+                     error_weight=[0.5, 0.002, 0.97][: len(names)])
 
     def send_stats(self) -> None:
         with self.lock:

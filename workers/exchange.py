@@ -139,7 +139,7 @@ class Exchange:
             self.backend.inflight -= 1
             self.conn.worker.active -= 1
             if self.curve is not None:
-                self.curve.done(self.work, self.backend.inflight)
+                self.curve.done(self.cls, self.work, self.backend.inflight)
                 self.curve = None
 
     def flush(self) -> None:

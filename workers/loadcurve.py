@@ -41,8 +41,9 @@ real requests go):
 * `slots`: the answers' latency relative to `service` is averaged by the
   in-flight count each request was sent at (LEVELS levels, one per count up
   to 7 and wider above, decayed with a time constant of TAU seconds), and so
-  is `mix`, the mean service of the requests in flight when it was sent over
-  its own; `fit` picks, from SLOT_GRID, the slot count whose curve
+  is `mix`, the mean service of the requests in flight when it was sent (by
+  their classes, at the service times of the moment: `flying` counts them)
+  over its own; `fit` picks, from SLOT_GRID, the slot count whose curve
   1 + max(0, n + 1 - slots) / slots x mix at each level's mean count and mix
   is closest to those averages in log terms.  (With one class, mix is 1 and
   the curve max(1, (n + 1) / slots).  Without it, a light request queued
@@ -87,6 +88,7 @@ chunk of backends per table.
 from __future__ import annotations
 
 import math
+from operator import mul
 
 import numpy as np
 
@@ -116,7 +118,8 @@ class Curve:
     """One backend's curve in one worker (see the module docstring)."""
 
     __slots__ = ("service", "slots", "measured", "top", "seen", "level_n", "level_sum", "level_load",
-                 "level_mix", "work", "quiet_since", "log_service", "log_var", "instance", "taught", "log_pace", "pace")
+                 "level_mix", "work", "flying", "quiet_since", "log_service", "log_var", "instance",
+                 "taught", "log_pace", "pace")
 
     def __init__(self, n_classes: int, instance: bool = False) -> None:
         self.instance = instance  # the admin's (see the module docstring)
@@ -128,6 +131,7 @@ class Curve:
         self.measured = 1.0  # the slot count for capacity: the last one the answers showed (see fit)
         self.top = 0.0  # evidence() as of the last fit (reported with the stats at no cost)
         self.work = 0.0  # expected service seconds of this worker's requests in flight here
+        self.flying = [0] * n_classes  # ... and how many of each class
         self.quiet_since = -1.0  # the last answer, or the start of the busy period if later (-1: never)
         self.seen = 0.0  # monotonic time of the last answer learned from, or failure (Backend.record)
         self.level_n = [0.0] * LEVELS  # decayed answers sent at each in-flight level
@@ -190,17 +194,25 @@ class Curve:
 
     def start(self, cls: int, load: int, now: float) -> tuple[float, float]:
         """A request of class `cls` is sent while `load` others are in flight:
-        its expected service joins `work`.  Returns that service (what the
-        caller gives back with `done`) and the request's `mix` (for `learn`):
-        the mean expected service of the `load` in flight over its own, 1
-        with none."""
-        s = self.service[cls] or max(self.service) or DEFAULT_SERVICE
-        w = self.work
-        self.work = w + s
+        its expected service joins `work`, and it counts in `flying`.
+        Returns that service (what the caller gives back with `done`) and
+        the request's `mix` (for `learn`): the mean service of the requests
+        in flight, by their classes at the curve's current service times,
+        over its own; 1 with none, or with one class (a service time that
+        changes while requests are in flight is no mix of classes)."""
+        sv = self.service
+        s = sv[cls] or max(sv) or DEFAULT_SERVICE
+        self.work += s
+        fl = self.flying
+        mix = 1.0
         if not load:
             self.quiet_since = now  # a busy period begins
-            return s, 1.0
-        return s, (w / (load * s) if w > 0.0 else 1.0)
+        elif len(fl) > 1:
+            ahead = sum(map(mul, fl, sv))
+            if ahead > 0.0 and sv[cls]:
+                mix = ahead / (load * s)
+        fl[cls] += 1
+        return s, mix
 
     def spread(self) -> float:
         """The service time's spread: the standard deviation of its log (0: not
@@ -216,9 +228,16 @@ class Curve:
                 top = max(top, load / n + 1.0)
         return top
 
-    def done(self, work: float, inflight: int) -> None:
-        """A request sent with `start` no longer occupies the backend."""
-        self.work = self.work - work if inflight > 0 else 0.0
+    def done(self, cls: int, work: float, inflight: int) -> None:
+        """A request of class `cls` sent with `start` no longer occupies the
+        backend (`work`: what `start` returned; `inflight`: the requests
+        still in flight there)."""
+        if inflight > 0:
+            self.work -= work
+            self.flying[cls] -= 1
+        else:
+            self.work = 0.0
+            self.flying = [0] * len(self.flying)
 
     def expected(self, cls: int, inflight: int, service: float, now: float) -> float:
         """Expected seconds for one more request of class `cls` while
@@ -274,12 +293,12 @@ def fit(curves: list[Curve], dt: float) -> None:
     mean = np.log(np.where(use, total / safe, 1.0))
     # ln(1 + max(0, load + 1 - k) / k x mix) at each level's mean load and mix, for
     # every grid value: (B, LEVELS, K)
-    grid = SLOT_GRID[None, None, :]
-    queued = np.maximum(0.0, (loads / safe + 1.0)[:, :, None] - grid) / grid
+    grid = SLOT_GRID
+    k = grid[None, None, :]
+    queued = np.maximum(0.0, (loads / safe + 1.0)[:, :, None] - k) / k
     curve = np.log1p(queued * (mixes / safe)[:, :, None])
     # squared log error of every grid value, weighted by answers: (B, K)
     err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
-    grid = SLOT_GRID
     best = grid[err.argmin(axis=1)]
     # For `measured`, a count the answers cannot tell from the best stays:
     # answers that only show the backend below its knee fit every count above

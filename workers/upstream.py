@@ -333,7 +333,7 @@ class UpstreamConnection(asyncio.Protocol):
             backend.inflight -= 1
             self.worker.active -= 1
             if ex.curve is not None:
-                ex.curve.done(ex.work, backend.inflight)
+                ex.curve.done(ex.cls, ex.work, backend.inflight)
                 ex.curve = None
         backend.responses[ex.status // 100] += 1
         if self.keep_alive and ex.body_done and not ex.upgrade:

@@ -256,6 +256,14 @@ class AdminCollector(Collector):
                                         "(mean |ln(observed/predicted)|).", value=t.prediction_error)
             yield GaugeMetricFamily("lb_inference_tick_seconds", "Time the last scoring tick took.",
                                     value=t.tick_seconds)
+            if t.error_weight:
+                ew = GaugeMetricFamily("lb_model_error_weight",
+                                       "Weight of the model's error predictions in a backend's priced error "
+                                       "(0: its own record prices it; 1: the model's prediction).",
+                                       labels=["backend"])
+                for name, w in zip(t.backends, t.error_weight):
+                    ew.add_metric([name], w)
+                yield ew
         if g.table_age_max >= 0:
             yield GaugeMetricFamily("lb_worker_table_age_seconds_max",
                                     "Oldest routing table a live worker routes with.", value=g.table_age_max)

@@ -99,5 +99,7 @@ def table_view(table: Table | None, received_mono: float) -> dict | None:
             for cls, row in zip(table.classes, table.weights)
         },
         "prediction_error": table.prediction_error,
+        # per backend: how far the model's error predictions price it (0..1)
+        "error_weight": {b: round(w, 4) for b, w in zip(table.backends, table.error_weight)},
         "tick_seconds": table.tick_seconds,
     }

@@ -177,6 +177,10 @@ class Table(Msg):
     # latency as the service time of classes their load curves have not seen yet.
     cost: list[list[float]] = []  # [class][backend]; [] = no penalty
     exploration: float = 0.0  # share of picks that may go to a backend not heard from lately
+    # per backend, the weight of the model's error predictions in the priced error (as far as
+    # they foretold its failures better than its record: inference/policy.py ErrorRecord);
+    # [] = none priced, or `learning.model_errors = "always"` (weight 1)
+    error_weight: list[float] = []
 
 
 # -- admin -> workers, inference ------------------------------------------------------------

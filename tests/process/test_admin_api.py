@@ -82,6 +82,7 @@ def test_route_table(env):
     t = r1["table"]
     assert t["model_version"] == "test-model-7" and t["stale"] is False and t["age"] < 1.0
     assert t["weights"]["api"] == {"fast": 0.7, "slow": 0.2, "flaky": 0.1}
+    assert t["error_weight"] == {"fast": 0.5, "slow": 0.002, "flaky": 0.97}
     assert r1["classes"] == CLASSES and r1["config_weights"] == {"fast": 1, "slow": 2, "flaky": 1}
     time.sleep(0.3)
     _, _, r2 = admin.get("/api/route")

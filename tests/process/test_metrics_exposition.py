@@ -50,6 +50,7 @@ EXPECTED = {
     "lb_table_age_seconds": "gauge",
     "lb_prediction_error": "gauge",
     "lb_inference_tick_seconds": "gauge",
+    "lb_model_error_weight": "gauge",
 }
 
 
@@ -85,6 +86,7 @@ def test_names_types_help(env):
     assert s['lb_policy_mode{mode="learned",reason=""}'] == 2
     assert s['lb_model_info{mode="learned",reason="",version="test-model-7"}'] == 1
     assert s["lb_prediction_error"] == 0.25 and s["lb_inference_tick_seconds"] == 0.0015
+    assert s['lb_model_error_weight{backend="flaky"}'] == 0.97
     assert s['lb_backend_table_weight{backend="fast",class="api"}'] == 0.7
     assert s['lb_backend_up{backend="flaky"}'] == 1 and s["lb_client_connections"] == 10
 

@@ -81,6 +81,7 @@ def test_the_engine_prices_by_the_record_once_the_models_errors_are_judged(tmp_p
     table = synthetic.run(e, w, 3.0)
     assert table.mode == "learned"
     trust = e.errors.trust()
+    assert table.error_weight == pytest.approx(trust.tolist())  # published (/metrics, /api/table)
     assert (trust < 0.5).all(), trust
     assert trust[table.backends.index("failing")] < 0.01, trust
     ratio = np.array(table.cost) / np.array(table.latency)

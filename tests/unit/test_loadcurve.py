@@ -123,17 +123,19 @@ def test_work_in_flight_is_given_back():
     # an unknown class counts as the dearest known one
     assert works == [0.004, 0.004, 0.004]
     assert curve.quiet_since == 1.0  # the busy period began with the first
-    curve.done(works[0], 2)
-    curve.done(works[1], 1)
-    assert curve.work == pytest.approx(0.004)
-    curve.done(works[2], 0)
-    assert curve.work == 0.0  # nothing in flight: no rounding left over
+    assert curve.flying == [2, 1]
+    curve.done(0, works[0], 2)
+    curve.done(1, works[1], 1)
+    assert curve.work == pytest.approx(0.004) and curve.flying == [1, 0]
+    curve.done(0, works[2], 0)
+    assert curve.work == 0.0 and curve.flying == [0, 0]  # nothing in flight: no rounding left over
     fresh = Curve(1)
     assert fresh.start(0, 0, 0.0) == (DEFAULT_SERVICE, 1.0)
 
 
 def test_start_says_how_heavy_the_requests_in_flight_are():
-    """`mix`: the mean expected service of the requests in flight over the new one's."""
+    """`mix`: the mean service of the requests in flight, by their classes at the
+    curve's current service times, over the new one's."""
     curve = Curve(2)
     curve.service = [0.004, 0.012]
     assert curve.start(0, 0, 1.0) == (0.004, 1.0)  # nothing in flight
@@ -141,6 +143,16 @@ def test_start_says_how_heavy_the_requests_in_flight_are():
     assert s == 0.012 and mix == pytest.approx(0.004 / 0.012)
     s, mix = curve.start(0, 2, 1.0)
     assert s == 0.004 and mix == pytest.approx((0.016 / 2) / 0.004)
+    # the service times move (a backend slowing down): the mix is of classes,
+    # at today's times, not of what the requests were booked at
+    curve.service = [0.040, 0.120]
+    s, mix = curve.start(0, 3, 1.0)
+    assert mix == pytest.approx((2 * 0.040 + 0.120) / 3 / 0.040)
+    one = Curve(1)
+    one.service = [0.004]
+    one.start(0, 0, 1.0)
+    one.service = [0.040]
+    assert one.start(0, 1, 1.0) == (0.040, 1.0)  # one class: no mix, however the time moved
 
 
 def fifo(curve: Curve, rng: random.Random, slots: int, service: tuple[float, float], light: float,
@@ -156,7 +168,7 @@ def fifo(curve: Curve, rng: random.Random, slots: int, service: tuple[float, flo
         now += rng.expovariate(rate)
         while pending and pending[0][0] <= now:
             finish, cls, latency, load, mix, work = heapq.heappop(pending)
-            curve.done(work, len(pending))
+            curve.done(cls, work, len(pending))
             curve.learn(cls, latency, load, finish, None, mix)
         cls = 0 if rng.random() < light else 1
         took = service[cls] * math.exp(rng.gauss(0.0, 0.2))
