@@ -130,12 +130,12 @@ class ErrorRecord:
     def price(self, predicted: np.ndarray, observed: np.ndarray, answers: np.ndarray) -> np.ndarray:
         """The priced error (C, B) of this tick, remembered to be judged at the next."""
         model = shrink(predicted, observed, answers)
+        if not self.earned:
+            return model  # (nothing remembered: no record to keep)
         own = shrink(observed, observed, answers)
         self.pred = (model, own)
         if np.shape(self.margin) not in ((), own.shape[1:]):
             self.margin = 0.0  # another fleet: a new record
-        if not self.earned:
-            return model
         t = self.trust()
         return t * model + (1.0 - t) * own
 
