@@ -39,6 +39,22 @@ requests picked before):
   they confirm is not clean while the learned arm's routing is in the
   window, so P2C-EWMA routes for at least two windows.
 
+The share the control arm takes shrinks while the table is clearly the
+better arm: when, over the window routed as now, the control arm fails
+more by `ERR_MARGIN` and `Z` standard errors, or (failing no fewer) its
+mean latency is above the learned arm's by `SIDE_MARGIN` and `Z` standard
+errors (the mirror of *worse*, and the share flatters the control arm, so
+this is strong evidence), the share halves, once per bucket, down to a
+quarter of `share` (`SHRINK`), never so low that the window would hold
+fewer than twice `MIN_SAMPLES` control outcomes at the rate of the last
+window; at any other verdict, or none, it is back to `share` at once.  The
+control arm's requests are real requests, and on a fleet where P2C-EWMA
+queues them badly they are the slowest the worker sends: in the simulator
+they made most of `ml`'s p99.9 on evaluation fleets where P2C-EWMA fails
+or times out requests by the percent.  A table that goes bad is still
+caught: the first verdict that does not show it clearly better restores
+the share, and the judging goes on at it.
+
 Both arms need `MIN_SAMPLES` outcomes in the window before a verdict, and
 the latency side by side `MIN_BUCKETS` complete buckets: until then the
 guard says nothing (no fallback on too little evidence).  Latency is
@@ -68,6 +84,7 @@ ERR_MARGIN = 0.01  # learned error rate may exceed control's by this (absolute)
 Z = 3.0  # standard errors a difference must exceed to count
 LAT_CAP = 10.0  # seconds: one outcome's latency counts at most this
 MIN_BUCKETS = 3  # complete buckets with both arms' answers before the side-by-side latency test
+SHRINK = 0.25  # the least share, relative to `share`, while the learned arm is clearly better
 HOLD = 2  # buckets a false alarm keeps the share's comparison from tripping (doubled per false alarm in a row)
 MIXED = -1  # a bucket in which neither arm routed the majority throughout (a switch, or the one after)
 
@@ -94,11 +111,13 @@ class _Arm:
 
 
 class Guard:
-    __slots__ = ("share", "arms", "bucket", "tripped", "clean_since", "verdict", "routed", "switched",
-                 "false_alarms", "quiet_until")
+    __slots__ = ("share", "current", "better", "arms", "bucket", "tripped", "clean_since", "verdict", "routed",
+                 "switched", "false_alarms", "quiet_until")
 
     def __init__(self, share: float) -> None:
-        self.share = share  # of ml's picks routed by the other arm (0: the guard is off)
+        self.share = share  # of ml's picks routed by the other arm at most (0: the guard is off)
+        self.current = share  # ... now (it shrinks while the learned arm is clearly better)
+        self.better = False  # the last verdict: the learned arm clearly better (the mirror of worse)
         self.arms = (_Arm(), _Arm())
         self.bucket = -1  # index (time // BUCKET) of the current bucket
         self.tripped = False  # True: the worker routes by P2C-EWMA (reason "guard")
@@ -140,7 +159,8 @@ class Guard:
         """Advance the window to `now` and judge.  Returns True when the learned
         arm may route (not tripped)."""
         b = int(now // BUCKET)
-        if b != self.bucket:
+        new_bucket = b != self.bucket
+        if new_bucket:
             if self.bucket < 0 or b - self.bucket >= WINDOW or b < self.bucket:
                 # (b < bucket: the wall clock was stepped back; the window's
                 # buckets no longer line up with the time, so it starts afresh,
@@ -167,6 +187,8 @@ class Guard:
             self.bucket = b
         worse = self.judge()
         if not self.tripped:
+            if new_bucket:
+                self._adapt()
             if worse and b >= self.quiet_until:
                 self._switch(b, True)
             elif self.false_alarms and b >= self.quiet_until + WINDOW:
@@ -199,8 +221,23 @@ class Guard:
                 self._switch(b, False)
         return not self.tripped
 
+    def _adapt(self) -> None:
+        """The control share for the next bucket (module docstring): halved
+        while the last verdict shows the learned arm clearly better, down to
+        SHRINK x `share` and to twice MIN_SAMPLES control outcomes a window;
+        else `share`."""
+        if not self.better:
+            self.current = self.share
+            return
+        la, ca = self.arms
+        seen = sum(la.n) + sum(ca.n)  # outcomes in the window: the rate the share is taken of
+        least = max(self.share * SHRINK, 2.0 * MIN_SAMPLES / seen if seen else self.share)
+        self.current = min(self.share, max(least, self.current * 0.5))
+
     def _switch(self, b: int, trip: bool) -> None:
         self.tripped = trip
+        self.current = self.share
+        self.better = False
         self.clean_since = -1
         self.switched = b
         self.routed[b % WINDOW] = MIXED
@@ -228,18 +265,21 @@ class Guard:
         learned, control = self.arms[LEARNED].totals_in(now), self.arms[CONTROL].totals_in(now)
         ln, cn = learned[0], control[0]
         if ln < MIN_SAMPLES or cn < MIN_SAMPLES:
-            self.verdict = {"learned_n": ln, "control_n": cn}
+            self.better = False
+            self.verdict = {"learned_n": ln, "control_n": cn, "share": self.current}
             return None
         err_worse, err_better, _, pl, pc = _errors(learned, control)
-        ratio, buckets, lat_worse = self.paired_latency(now)
+        ratio, buckets, lat_worse, lat_better = self.paired_latency(now)
         worse = err_worse or (lat_worse and not err_better)
+        # clearly better on one side, and no worse on the other as read
+        self.better = (err_better or lat_better) and pl <= pc and ratio <= 1.0
         self.verdict = {
             "learned_n": ln, "control_n": cn,
             "learned_errors": round(pl, 5), "control_errors": round(pc, 5),
             "learned_mean_s": round(learned[3] / learned[2], 6) if learned[2] else 0.0,
             "control_mean_s": round(control[3] / control[2], 6) if control[2] else 0.0,
             "latency_ratio": round(ratio, 4), "buckets": buckets,
-            "worse": bool(worse),
+            "worse": bool(worse), "better": bool(self.better), "share": self.current,
         }
         return worse
 
@@ -254,7 +294,8 @@ class Guard:
         over a window in which the fleet goes into overload reads the
         minority arm's handful of answers as a difference of arms).  Needs
         MIN_BUCKETS such buckets and MIN_SAMPLES control answers in them.
-        Returns (ratio, buckets used, worse)."""
+        Better is the mirror: below 1 / (1 + SIDE_MARGIN) by Z standard errors.
+        Returns (ratio, buckets used, worse, better)."""
         la, ca = self.arms
         cur = self.bucket % WINDOW
         logs: list[float] = []
@@ -269,15 +310,16 @@ class Guard:
             weights.append(kl * kc / (kl + kc))
             answers += kc
         if not logs:
-            return 1.0, 0, False
+            return 1.0, 0, False, False
         total = sum(weights)
         mean = sum(w * x for w, x in zip(weights, logs)) / total
         if len(logs) < MIN_BUCKETS or answers < MIN_SAMPLES:
-            return exp(mean), len(logs), False
+            return exp(mean), len(logs), False, False
         spread = sum(w * (x - mean) ** 2 for w, x in zip(weights, logs)) / total
         n_eff = total * total / sum(w * w for w in weights)  # (buckets' worth of weight)
         se = sqrt(spread / max(n_eff - 1.0, 1.0))
-        return exp(mean), len(logs), mean > log1p(SIDE_MARGIN) and mean > Z * se
+        margin = log1p(SIDE_MARGIN)
+        return exp(mean), len(logs), mean > margin and mean > Z * se, -mean > margin and -mean > Z * se
 
 
 def _pooled(learned: tuple, control: tuple) -> tuple[bool, bool]:

@@ -312,7 +312,7 @@ class TableStrategy(P2CEwma):
         if g is not None:
             # the other arm takes the minority share: P2C-EWMA while the curves
             # route, the curves while the guard holds them off
-            if (self.rng.random() < g.share) != self.tripped:
+            if (self.rng.random() < g.current) != self.tripped:
                 b = super().pick(exclude)
                 if b is not None and not self.tripped:
                     late = b.ewma > self.lost_after[cls]

@@ -66,5 +66,5 @@ def test_an_answer_lets_the_control_arm_send_there_again_and_a_tripped_guard_nev
     assert s.pick() is b1 and s.arm == g.CONTROL
     b1.record(0, 0.0005, True, 100.0)
     s.guard.tripped = s.tripped = True  # P2C-EWMA routes: every pick but the learned arm's share is its own
-    s.guard.share = 0.0
+    s.guard.share = s.guard.current = 0.0
     assert s.pick() is b1 and s.arm == g.CONTROL

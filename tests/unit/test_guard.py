@@ -10,8 +10,9 @@ from workers import guard as g
 
 def feed(gd: g.Guard, rng: random.Random, t0: float, seconds: float, rate: float,
          learned_lat: float, control_lat: float, learned_err: float = 0.0, control_err: float = 0.0,
-         share: float = 0.05) -> list[tuple[float, bool]]:
-    """`rate` outcomes per second for `seconds`; returns (time, routes-learned) at each tick."""
+         share: float | None = 0.05) -> list[tuple[float, bool]]:
+    """`rate` outcomes per second for `seconds`; returns (time, routes-learned) at each tick.
+    `share` None: the guard's own share of the moment (`Guard.current`)."""
     out = []
     n = int(seconds * rate)
     for k in range(n):
@@ -20,7 +21,7 @@ def feed(gd: g.Guard, rng: random.Random, t0: float, seconds: float, rate: float
             out.append((now, gd.tick(now)))
         # the minority arm gets `share` of the picks, whichever it is
         minority = g.LEARNED if gd.tripped else g.CONTROL
-        arm = minority if rng.random() < share else 1 - minority
+        arm = minority if rng.random() < (gd.current if share is None else share) else 1 - minority
         lat, err = (learned_lat, learned_err) if arm == g.LEARNED else (control_lat, control_err)
         gd.outcome(arm, rng.expovariate(1 / lat), rng.random() < err)
     return out
@@ -50,6 +51,42 @@ def test_a_small_latency_gap_is_not_enough():
     gd = g.Guard(0.05)
     out = feed(gd, rng, 0.0, 60.0, 2000, learned_lat=0.0103, control_lat=0.01)
     assert all(ok for _, ok in out)
+
+
+def test_the_share_shrinks_while_the_table_is_clearly_better_and_is_back_when_it_goes_bad():
+    rng = random.Random(11)
+    gd = g.Guard(0.04)
+    feed(gd, rng, 0.0, 40.0, 1000, learned_lat=0.01, control_lat=0.03, share=None)
+    assert gd.verdict["better"] and not gd.tripped
+    assert gd.current == 0.04 * g.SHRINK  # (20,000 outcomes a window: the floor is the quarter)
+    # the table goes bad: the share is back to whole at the first verdict that
+    # does not show it clearly better, and the guard trips within a window
+    shares = []
+    t = 40.0
+    while not gd.tripped and t < 40.0 + 2 * g.WINDOW:
+        feed(gd, rng, t, 1.0, 1000, learned_lat=0.03, control_lat=0.01, share=None)
+        shares.append(gd.current)
+        t += 1.0
+    assert gd.tripped and t <= 40.0 + g.WINDOW + 2.0
+    assert 0.04 in shares[:6], shares
+
+
+def test_a_mixed_verdict_keeps_the_whole_share():
+    # the control arm fails more, but the table answers slower: not clearly better
+    rng = random.Random(12)
+    gd = g.Guard(0.04)
+    feed(gd, rng, 0.0, 40.0, 1000, learned_lat=0.012, control_lat=0.01, control_err=0.1, share=None)
+    assert not gd.tripped and not gd.verdict["better"] and gd.current == 0.04
+
+
+def test_the_share_keeps_enough_control_outcomes_to_judge():
+    # at 150 outcomes a second a window holds 3,000: the control arm keeps
+    # 2 x MIN_SAMPLES of them, a share of 1/30, not the quarter of 0.04
+    rng = random.Random(13)
+    gd = g.Guard(0.04)
+    feed(gd, rng, 0.0, 60.0, 150, learned_lat=0.01, control_lat=0.03, share=None)
+    assert gd.verdict["better"] and gd.verdict["control_n"] >= g.MIN_SAMPLES
+    assert 0.04 * g.SHRINK < gd.current < 0.04
 
 
 def test_more_errors_trip():
