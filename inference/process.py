@@ -91,7 +91,9 @@ class InferenceProcess:
         if cfg.learning.retrain_interval > 0:
             from inference.retrain import Retrainer
 
-            self.retrainer = Retrainer(runtime_dir, cfg.learning.retrain_interval, seed=cfg.balancer.seed)
+            self.retrainer = Retrainer(runtime_dir, cfg.learning.retrain_interval, seed=cfg.balancer.seed,
+                                       sample=cfg.learning.trace_sample,
+                                       model_errors=cfg.learning.model_errors)
         self.bad_stats = 0
         self.trains = True  # False while another member of the fleet leads (Control.trains)
         self.fleet_seen = ""  # the last fleet model version considered

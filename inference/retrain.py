@@ -9,8 +9,11 @@ runtime directory and starts
 
 at a lower CPU priority.  The child fits a challenger on the older 80% of the
 records, scores the challenger and the live model on the most recent 20%
-(`inference.train.evaluate_challenger`) and prints one JSON line.  The
-parent polls the child from its loop (never waits for it) and hot-swaps the
+(`inference.train.evaluate_challenger`); a challenger that predicts better
+is then judged by the routing it would give: the same 20% describe the
+fleet, and a simulated copy of it is routed by `ml` with each model
+(inference/twin.py); it must not route worse.  The child prints one JSON
+line.  The parent polls the child from its loop (never waits for it) and hot-swaps the
 model only when the child says the challenger is better.  A separate process
 keeps the tick loop free of the GIL while scikit-learn fits.
 """
@@ -35,8 +38,11 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # 
 
 
 class Retrainer:
-    def __init__(self, runtime_dir: str, interval: float, *, seed: int = 0, max_iter: int = 200) -> None:
+    def __init__(self, runtime_dir: str, interval: float, *, seed: int = 0, max_iter: int = 200,
+                 sample: float = 0.0, model_errors: str = "earned") -> None:
         self.dir = runtime_dir
+        self.sample = sample  # learning.trace_sample: the records' share of the requests (the twin's rate)
+        self.model_errors = model_errors  # learning.model_errors: how the twin's pick prices the model's errors
         self.interval = interval
         self.seed = seed
         self.max_iter = max_iter
@@ -84,7 +90,8 @@ class Retrainer:
         self.out = os.path.join(self.dir, f"model-{os.getpid()}-{self.round}.onnx")
         # lb's own packages, never the current directory's (lb/core/boot.py)
         cmd = [*python_argv("inference.retrain"), "--input", inp, "--output", self.out,
-               "--seed", str(self.seed), "--max-iter", str(self.max_iter)]
+               "--seed", str(self.seed), "--max-iter", str(self.max_iter), "--sample", str(self.sample),
+               "--model-errors", self.model_errors]
         if live is not None:
             cmd += ["--live", live.path]
         # One thread: BLAS would otherwise start one per core, and its threads
@@ -104,6 +111,7 @@ class Retrainer:
         fields = {"live_score": result.get("live"), "challenger_score": result.get("challenger"),
                   "records": result.get("records"), "cpu_s": result.get("cpu_s"),
                   "previous": live.version if live is not None else ""}
+        fields.update({k: v for k, v in result.items() if k.startswith("twin")})
         if not result.get("swap"):
             try:
                 os.unlink(self.out)
@@ -150,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live", default="")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-iter", type=int, default=200)
+    ap.add_argument("--sample", type=float, default=0.0,
+                    help="share of the requests the records were sampled from (0: no routing check)")
+    ap.add_argument("--model-errors", default="earned", choices=("earned", "always"))
     args = ap.parse_args(argv)
     try:
         data = read([args.input])
@@ -161,6 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     swap = evaluate_challenger(live, challenger, heldout)
+    twin_fields: dict = {}
+    if swap and live is not None and args.sample > 0:
+        from inference import twin
+
+        try:
+            verdict = twin.judge(live, challenger, twin.describe(heldout, args.sample), seed=args.seed,
+                                 learning={"model_errors": args.model_errors})
+        except twin.TwinError as exc:
+            swap = False  # a refit nothing could route is not adopted on its loss alone
+            twin_fields = {"twin_error": str(exc)}
+        else:
+            swap = verdict.passed
+            twin_fields = verdict.fields()
     if swap:
         tmp = args.output + ".tmp"
         with open(tmp, "wb") as f:
@@ -172,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "swap": swap, "records": len(data["latency"]), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
         "live": round(score(live, heldout), 4) if live is not None else None,
-        "challenger": round(score(challenger, heldout), 4),
+        "challenger": round(score(challenger, heldout), 4), **twin_fields,
     }), flush=True)
     return 0
 

@@ -232,7 +232,8 @@ def test_traces_are_written(runtime, tmp_path):
 
 def test_continuous_learning_swaps_out_a_bad_live_model(runtime, tmp_path):
     bad = constant_model(tmp_path / "bad.onnx", 3.0, 0.5, version="bad-1")
-    cfg = synthetic.config(model=bad, retrain_interval=1.0)
+    # (the records are every request: the twin reads the rate from them and trace_sample)
+    cfg = synthetic.config(model=bad, retrain_interval=1.0, trace_sample=1.0)
     proc = Proc(runtime, cfg)
     feeder = Feeder(runtime, cfg, sample=1.0)
     try:
@@ -246,6 +247,9 @@ def test_continuous_learning_swaps_out_a_bad_live_model(runtime, tmp_path):
         assert len(swapped) == 1 and swapped[0]["previous"] == "bad-1"
         assert swapped[0]["challenger_score"] < swapped[0]["live_score"]
         assert swapped[0]["cpu_s"] > 0  # what the refit cost, from the child's own rusage
+        # judged by routing too: a simulated copy of the fleet routed with each model
+        assert swapped[0]["twin_requests"] > 1000
+        assert swapped[0]["twin_challenger_p99_ms"] <= swapped[0]["twin_live_p99_ms"] * 1.1
         assert swapped[0]["version"] == feeder.tables.state.model_version
         assert proc.stop() == 0
         # the adopted model was kept for the next inference process (reload, crash)
