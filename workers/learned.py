@@ -341,7 +341,7 @@ class TableStrategy(P2CEwma):
         if not order:
             return super().pick(exclude)
         if self.explore and not exclude and self.rng.random() < self.explore:
-            b = self._stale(order)
+            b = self._stale(order, cls)
             if b is not None:
                 return b
         if self.probe is not None and not exclude:
@@ -391,6 +391,6 @@ class TableStrategy(P2CEwma):
             best = lost
         return best if best is not None else super().pick(exclude)
 
-    def _stale(self, order):
+    def _stale(self, order, cls=0):
         """Exploration's backend (workers/explore.py), if any."""
-        return stale_backend(order, self.clock(), self.STALE, self.BACKOFF)
+        return stale_backend(order, self.clock(), self.STALE, self.BACKOFF, cls)

@@ -55,3 +55,17 @@ def test_a_backend_with_requests_in_flight_is_not_explored():
     assert s._stale(s._own[0][0]) is None
     b1.inflight = 0
     assert s._stale(s._own[0][0]) is b1
+
+
+def test_a_stale_backend_is_looked_at_with_the_class_cheapest_there():
+    s, (b0, b1, b2), clock = ml_fleet(3, 100.0, exploration=1.0, class_names=("default", "heavy"))
+    for b in (b0, b1, b2):
+        b.record(1, 0.050, False, 100.0, 0)  # heavy: 50 ms, the default class 5 ms
+    for b in (b0, b1):
+        b.record(0, 0.005, False, 101.5, 0)
+    clock[0] = 101.6  # b2 quiet for 1.6 s
+    assert s._stale(s._own[1][0], 1) is None  # not with a heavy request
+    assert s._stale(s._own[0][0], 0) is b2  # with a light one
+    assert s.pick((), 1) is not b2 and s.pick((), 0) is b2
+    b2.curve.service[1] = 0.0  # a class it has not answered: that is news
+    assert s._stale(s._own[1][0], 1) is b2
