@@ -16,8 +16,9 @@ what a simulated copy of the fleet needs:
   90th percentile of the counts the answers within 1.25x the service time
   were sent at (at least 1).
 
-`judge(live, challenger, fleet)` routes the same arrivals, with the same
-service times drawn, through the real `ml` pick twice: a worker's
+`judge(live, challenger, fleet)` routes the same arrivals (each backend
+drawing its service times from a stream of its own) through the real `ml`
+pick twice: a worker's
 `TableStrategy` (its load curves, no control share: the table is judged, not
 the guard) fed every 100 simulated ms by an `inference.engine.Engine` with
 each model, as lb routes.  A backend serves `slots` requests at once (FIFO

@@ -41,10 +41,12 @@ requests picked before):
 
 The share the control arm takes shrinks while the table is clearly the
 better arm: when, over the window routed as now, the control arm fails
-more by `ERR_MARGIN` and `Z` standard errors, or (failing no fewer) its
-mean latency is above the learned arm's by `SIDE_MARGIN` and `Z` standard
-errors (the mirror of *worse*, and the share flatters the control arm, so
-this is strong evidence), the share halves, once per bucket, down to a
+more by `ERR_MARGIN` and `Z` standard errors, or its mean latency is above
+the learned arm's by `SIDE_MARGIN` and `Z` standard errors (the mirror of
+*worse*; the share flatters the control arm, so this is strong evidence),
+and it does no better on the other side as read (fails no fewer, answers
+no faster: a control arm that fails more but answers faster, as on an
+overloaded development fleet, is a mixed picture), the share halves, once per bucket, down to a
 quarter of `share` (`SHRINK`), never so low that the window would hold
 fewer than twice `MIN_SAMPLES` control outcomes at the rate of the last
 window; at any other verdict, or none, it is back to `share` at once.  The
