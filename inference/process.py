@@ -13,7 +13,7 @@ sockets are bound, `H` every second from inside the loop.  SIGTERM/SIGINT
 stop within one poll timeout (exit 0); SIGQUIT stops at once.  Exit code 3:
 could not boot (bad config on stdin, socket already bound...).  A missing or
 bad model does not stop the process: tables say `mode="fallback"`,
-`reason="model_error"` and the workers route with p2c_ewma.
+`reason="model_error"` and the workers route by their own load curves.
 """
 
 from __future__ import annotations
