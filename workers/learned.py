@@ -38,7 +38,10 @@ class TableStrategy(P2CEwma):
 
     * takes the backend with the least expected cost of this request,
 
-          ((1 - e) x (expected latency + externality) + e x fail_cost) x (failures + 1) ** 2
+          ((1 - e) x (expected latency + externality) + e x fail_cost) x (failures + 1) ** 2,
+
+      but no more than the larger of fail_cost and the cost before the
+      factor (a backend is never priced past a sure failure)
 
       (its marginal cost): `e` is the priced error (the model's prediction
       shrunk towards what the backend did, as far as the model's record on
@@ -51,7 +54,10 @@ class TableStrategy(P2CEwma):
       give up sooner; `failures` counts this worker's consecutive failures
       there (one failure: 4x, two: 9x; the table's error comes a tick
       later, and for a backend that refuses connections this is all the
-      pick knows).  Until a table has priced
+      pick knows).  Without the cap, a backend failing 90% of its requests
+      fast cost (0.9 s) x (failures + 1) ** 2, and on an overloaded fleet the
+      healthy backend's queue grew until its answers came too late: more
+      requests lost to the timeout than the failing backend would have lost.  Until a table has priced
       errors (the first tables of a run say the inference process is
       warming up), the priced error is this worker's own recent failure
       share there (`Backend.err`): one answer that succeeds between fast
@@ -380,8 +386,12 @@ class TableStrategy(P2CEwma):
             if e:
                 cost = (1.0 - e) * cost + e * fail
             if b.failures:
+                # failures in a row raise the price, never past a sure failure's
                 f = b.failures + 1
+                capped = cost if cost > fail else fail
                 cost *= f * f
+                if cost > capped:
+                    cost = capped
             if best is None or cost < best_cost:
                 best, best_cost = b, cost
         if best is None:

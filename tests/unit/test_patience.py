@@ -67,13 +67,13 @@ def test_past_the_deadline_everywhere_the_request_goes_where_most_is_lost():
 
 def test_a_backend_that_answers_in_time_wins_over_one_that_cannot():
     s, (b0, b1, b2), _ = ml_fleet(3, 100.0)
-    queued(b0, 0.4)
-    b0.failures = 1  # its last answer failed: priced 4x, 1.6 s
-    queued(b1, 0.9)
+    queued(b0, 0.1)
+    b0.failures = 3  # its last three answers failed: priced 16x, 3.2 s, but never past a failure's 1 s
+    queued(b1, 0.45)  # 0.45 s, and as much again for the requests it queues behind it
     queued(b2, 1.2)
     assert s.pick() is b1  # by cost alone
     for _ in range(20):
-        s.abandoned(1.0)
+        s.abandoned(0.5)
     assert s.pick() is b0  # b1's answer would come after its client has gone
 
 
@@ -120,3 +120,21 @@ def test_a_fleet_change_keeps_what_the_clients_taught():
     assert changed and w.strategy is not s and len(w.strategy.backends) == 3
     assert [p.deadline for p in w.strategy.patience] == before
     assert w.strategy.lost_after == [w.strategy.DEADLINE * d for d in before]
+
+
+def test_failures_in_a_row_never_price_a_backend_past_a_sure_failure():
+    # b0 answers 503 at once, nine times in ten: it costs what a failure costs,
+    # however long its run of failures; b1's queue is still answered in time
+    # (clients wait 2 s), so it takes requests until its cost (its expected
+    # latency and the wait it adds behind it) passes that, and then the failing
+    # backend does (rather than b1's queue growing until its answers come
+    # after its clients have gone)
+    s, (b0, b1), _ = ml_fleet(2, 100.0)
+    for _ in range(20):
+        s.abandoned(2.0)
+    b0.err, b0.failures = 0.9, 12
+    s.priced = False  # no table has priced errors: the worker's own failure share
+    queued(b1, 0.3)
+    assert s.pick() is b1  # 0.6 s against 0.9 x 1 s
+    queued(b1, 0.8)  # within 0.75 of the clients' 2 s, but 1.6 s with the wait it adds
+    assert s.pick() is b0

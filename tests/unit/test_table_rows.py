@@ -184,7 +184,9 @@ def full_scan(s, cls, now, exclude=()):
         # pick keeps an inline copy of Curve.externality)
         answered = (cv.expected(cls, b.inflight, prior[b.idx], now)
                     + cv.externality(cls, b.inflight, prior[b.idx]))
-        c = ((1.0 - e) * answered + e * s.fail_cost(cls)) * (b.failures + 1) ** 2
+        c = (1.0 - e) * answered + e * s.fail_cost(cls)
+        if b.failures:  # failures in a row: up to (n + 1)^2 times, never past a sure failure
+            c = min(c * (b.failures + 1) ** 2, max(c, s.fail_cost(cls)))
         if best is None or c < best_cost:
             best, best_cost = b, c
     return best
