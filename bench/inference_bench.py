@@ -13,8 +13,9 @@
   Python memory blocks still allocated after 100,000 picks shows the pick
   allocates nothing that outlives it;
 * worker: a worker's event-loop time per tick, the Table decoded and
-  installed and its stats report built and encoded, at 256 x 8 and at the
-  chosen size (target <= 1 ms each at 256 x 8);
+  installed (one in learned mode, which the worker routes by, and one in
+  fallback, which it does not) and its stats report built and encoded, at
+  256 x 8 and at the chosen size (target <= 1 ms each at 256 x 8);
 * propagation: a Table of that size published with lb.core.clone.Publisher and
   received by lb.core.clone.Subscriber in ANOTHER process, from `Table.ts` (set
   just before encoding, as the inference process does) to the moment the
@@ -172,12 +173,16 @@ def teach(ml, errors: float = 0.0, answers: int = 20) -> None:
                 b.record(c, rng.uniform(0.001, 0.05), rng.random() < errors, 1.0 + k * 0.01, k % 8)
 
 
-def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float], list[float]]:
+def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float], list[float], list[float]]:
     """A worker's event-loop time per tick at this scale: (a) decode a real
     tick's Table and install it (TableStrategy.set_table: the load curves'
-    refit and the per-class rows), (b) build and encode its WorkerStats
-    report, as workers/telemetry.py does."""
+    refit and the rows), for a table that may route (learned mode: the
+    table's per-class rows) and for one that may not (a fallback table, here
+    low confidence: the worker's own rows), (b) build and encode its
+    WorkerStats report, as workers/telemetry.py does."""
     import random
+
+    import msgspec
 
     from lb.core import messages as m
     from lb.core.config import Backend as BackendConfig
@@ -206,6 +211,20 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
     gc.freeze()
     gc.set_threshold(20000, 50, 100)
 
+    # the same table in learned mode, the worker already routing by tables
+    learned = msgspec.structs.replace(table, mode="learned", reason="")
+    learned_blob = m.encode(learned)
+    ml.set_table(learned)
+    ml.check(learned.ts)
+    assert ml.usable, "the learned table should route"
+
+    def install_learned():
+        ml.set_table(m.table_decoder.decode(learned_blob))
+
+    inst_learned = timed(install_learned, runs)
+    ml.set_table(table)
+    ml.check(table.ts)  # a fallback table: the worker routes by its own rows
+
     def install():
         ml.set_table(m.table_decoder.decode(blob))
 
@@ -213,7 +232,7 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
         m.encode(build_stats(backends, table.classes, slot=0, pid=1, generation=1, seq=1, ts=1.0,
                              counters=counters, strategy=ml, copy=False))
 
-    return timed(install, runs), timed(report, runs)
+    return inst_learned, timed(install, runs), timed(report, runs)
 
 
 def small_table():
@@ -263,8 +282,9 @@ def main() -> int:
         print(f"  pick per request, {label:24s} ml {r['ml'] * 1e6:.2f} us   p2c_ewma "
               f"{r['p2c_ewma'] * 1e6:.2f} us   (blocks left after 100k ml picks: {r['blocks']})")
     for nb, nc in sorted({(256, 8), (B, C)}):
-        inst, rep = worker_side(nb, nc, min(args.runs, 200))
-        print(f"  worker, {nb} x {nc}: table decode + install  {stats(inst)}   (target <= 1 ms at 256 x 8)")
+        inst_l, inst, rep = worker_side(nb, nc, min(args.runs, 200))
+        print(f"  worker, {nb} x {nc}: learned table install   {stats(inst_l)}   (target <= 1 ms at 256 x 8)")
+        print(f"  worker, {nb} x {nc}: fallback table install  {stats(inst)}   (target <= 1 ms at 256 x 8)")
         print(f"  worker, {nb} x {nc}: stats build + encode    {stats(rep)}   (target <= 1 ms at 256 x 8)")
     delays = propagation(engine, min(args.runs, 200))
     print(f"  table propagation to another process     {stats(delays)}")

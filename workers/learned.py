@@ -179,8 +179,9 @@ class TableStrategy(P2CEwma):
         Runs once per table (every `learning.interval`) on the worker's event
         loop: column lookups are cached while the table's backend list stays the
         same, and the rows are built with numpy over all backends at once
-        (bench/inference_bench.py measures it with the curves' refit).  The worker's own rows are
-        built only while no table may route."""
+        (bench/inference_bench.py measures it with the curves' refit).  The
+        table's rows are built only from a table in learned mode, the worker's
+        own rows only while no table may route."""
         backends = self.backends
         # a backend that has not answered yet is priced at its peak EWMA (the
         # default RTT) over its configured weight relative to the others: the
@@ -194,8 +195,8 @@ class TableStrategy(P2CEwma):
         # every curve's service time per class, (backends, classes); 0 = no answer yet
         service = np.array([cv.service for cv in self._curves], dtype=np.float64).reshape(
             len(backends), len(self.class_names))
-        if table is None:
-            self._rows = []
+        if table is None or table.mode != "learned":
+            self._rows = []  # (a table that may not route needs no rows: check() reads them only in learned mode)
         else:
             self._build_rows(table, service)
         if table is None or not self.usable:
