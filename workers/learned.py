@@ -57,10 +57,10 @@ class TableStrategy(P2CEwma):
       pick knows).  Without the cap, a backend failing 90% of its requests
       fast cost (0.9 s) x (failures + 1) ** 2, and on an overloaded fleet the
       healthy backend's queue grew until its answers came too late: more
-      requests lost to the timeout than the failing backend would have lost.  Until a table has priced
-      errors (the first tables of a run say the inference process is
-      warming up), the priced error is this worker's own recent failure
-      share there (`Backend.err`): one answer that succeeds between fast
+      requests lost to the timeout than the failing backend would have lost.
+      Until a table has priced errors (the first tables of a run say the
+      inference process is warming up), the priced error is this worker's
+      own recent failure share there (`Backend.err`): one answer that succeeds between fast
       failures resets the count in a row, not the share.
       A class a backend has not answered yet is priced at the table's
       predicted latency.  A backend whose expected latency is past DEADLINE
