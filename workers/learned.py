@@ -19,9 +19,7 @@ from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import ChunkedFit, Curve
 from workers.patience import INF, Patience
 from workers.probe import KneeProbe
-from workers.rows import by_price, class_rows, lower_bound, own_prior
-
-ERR_PRICE = 8.0  # the table's cost is its latency x (1 - e) ** -ERR_PRICE (inference/policy.py)
+from workers.rows import by_price, lower_bound, own_prior, table_view
 FAIL_COST = 1.0  # seconds: what a failed request costs the pick, unless clients give up sooner
 NO_ARM = -1  # a pick the guard does not judge (a retry)
 
@@ -255,28 +253,10 @@ class TableStrategy(P2CEwma):
             return
         # the table's column of each backend (by idx), -1 if absent or unavailable
         cols = np.array([c if b.available else -1 for b, c in zip(backends, self._cols)], dtype=np.int64)
-        nt = max(len(table.backends), 1)  # (none: every backend is absent, cols -1)
-        names = self.class_names
-        # the table row each local class reads: its own, else the default class's
-        # (weights: else the first class's; latency and cost: an empty row is missing)
-        w = class_rows(table.classes, table.weights, names, nt, 0.0, empty_counts=True)
-        lat = class_rows(table.classes, table.latency, names, nt, np.nan)
-        cost = class_rows(table.classes, table.cost, names, nt, np.nan)
-        there = cols >= 0
-        at = np.where(there, cols, 0)
-        lv = lat[:, at]  # (classes, backends)
-        cv = cost[:, at]
-        in_l = there[None, :] & ~np.isnan(lv) & ~np.isnan(cv)
-        unknown = np.array(self._unknown, dtype=np.float64)[None, :]
-        prior = np.where(in_l, np.maximum(lv, 1e-6), unknown)
-        # the priced error: the table's cost over its latency is (1 - error) ** -8
-        # (inference/policy.py)
-        penalty = np.where(in_l, np.maximum(cv / np.maximum(lv, 1e-9), 1.0), 1.0)
-        err = 1.0 - penalty ** (-1.0 / ERR_PRICE)
+        cand, prior, err = table_view(table, cols, self.class_names, self._unknown)
         svc = service.T
         # (a class not answered yet: its prior)
         price = lower_bound(np.where(svc != 0.0, svc, prior), err, self._fail, self.priced)
-        cand = there[None, :] & (w[:, at] > 0)
         ordered, prices, n = by_price(self._objects(), price, cand)
         errs = err.tolist()
         pri = prior.tolist()

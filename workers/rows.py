@@ -1,6 +1,7 @@
 """The numpy pieces the `ml` pick's per-class rows are built from
 (workers/learned.py `TableStrategy.refresh`): a table's row for each local
-class (`class_rows`), the candidates in price order (`by_price`), and the
+class (`class_rows`) and what it says of each of the worker's backends
+(`table_view`), the candidates in price order (`by_price`), and the
 price of a class a backend has not answered, without a table (`own_prior`),
 and the least cost the pick can give a backend (`lower_bound`).
 """
@@ -8,6 +9,32 @@ and the least cost the pick can give a backend (`lower_bound`).
 from __future__ import annotations
 
 import numpy as np
+
+ERR_PRICE = 8.0  # the table's cost is its latency x (1 - e) ** -ERR_PRICE (inference/policy.py)
+
+
+def table_view(table, cols: np.ndarray, names: list, unknown: list[float]) -> tuple[np.ndarray, ...]:
+    """What a table says of each (local class, backend), as (classes x
+    backends) arrays: whether the backend is a candidate (in the table,
+    available, weight > 0), its prior (the table's predicted latency, or
+    `unknown` where the table has none) and its priced error (read back
+    from the table's cost over its latency, (1 - error) ** -ERR_PRICE).
+    `cols`: the table's column of each backend, -1 if absent or unavailable."""
+    nt = max(len(table.backends), 1)  # (none: every backend is absent, cols -1)
+    # the table row each local class reads: its own, else the default class's
+    # (weights: else the first class's; latency and cost: an empty row is missing)
+    w = class_rows(table.classes, table.weights, names, nt, 0.0, empty_counts=True)
+    lat = class_rows(table.classes, table.latency, names, nt, np.nan)
+    cost = class_rows(table.classes, table.cost, names, nt, np.nan)
+    there = cols >= 0
+    at = np.where(there, cols, 0)
+    lv = lat[:, at]  # (classes, backends)
+    cv = cost[:, at]
+    in_l = there[None, :] & ~np.isnan(lv) & ~np.isnan(cv)
+    prior = np.where(in_l, np.maximum(lv, 1e-6), np.array(unknown, dtype=np.float64)[None, :])
+    penalty = np.where(in_l, np.maximum(cv / np.maximum(lv, 1e-9), 1.0), 1.0)
+    err = 1.0 - penalty ** (-1.0 / ERR_PRICE)
+    return there[None, :] & (w[:, at] > 0), prior, err
 
 
 def own_prior(svc: np.ndarray, unknown: np.ndarray) -> np.ndarray:

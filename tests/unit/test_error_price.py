@@ -55,6 +55,6 @@ def test_a_failure_share_that_fades_stops_costing():
 
 def test_the_worker_reads_the_priced_error_back_with_the_tables_exponent():
     from inference import policy
-    from workers.learned import ERR_PRICE
+    from workers.rows import ERR_PRICE
 
     assert ERR_PRICE == policy.ERROR_POWER / policy.LATENCY_POWER
