@@ -135,6 +135,6 @@ def test_failures_in_a_row_never_price_a_backend_past_a_sure_failure():
     b0.err, b0.failures = 0.9, 12
     s.priced = False  # no table has priced errors: the worker's own failure share
     queued(b1, 0.3)
-    assert s.pick() is b1  # 0.6 s against 0.9 x 1 s
+    assert s.pick() is b1  # 0.6 s against b0's 1 s (0.9 s x 13^2, capped at a failure's cost)
     queued(b1, 0.8)  # within 0.75 of the clients' 2 s, but 1.6 s with the wait it adds
     assert s.pick() is b0
