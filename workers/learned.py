@@ -20,6 +20,7 @@ from workers.loadcurve import ChunkedFit, Curve
 from workers.patience import INF, Patience
 from workers.probe import KneeProbe
 from workers.rows import by_price, lower_bound, own_prior, table_view
+
 FAIL_COST = 1.0  # seconds: what a failed request costs the pick, unless clients give up sooner
 NO_ARM = -1  # a pick the guard does not judge (a retry)
 
@@ -58,8 +59,9 @@ class TableStrategy(P2CEwma):
       requests lost to the timeout than the failing backend would have lost.
       Until a table has priced errors (the first tables of a run say the
       inference process is warming up), the priced error is this worker's
-      own recent failure share there (`Backend.err`): one answer that succeeds between fast
-      failures resets the count in a row, not the share.
+      own recent failure share there (`Backend.err`): one answer that
+      succeeds between fast failures resets the count in a row, not the
+      share.
       A class a backend has not answered yet is priced at the table's
       predicted latency.  A backend whose expected latency is past DEADLINE
       of how long clients wait (workers/patience.py: learned from the
