@@ -345,8 +345,8 @@ def errors_note(errors_from: dict[str, collections.Counter]) -> str:
             f"until passive ejection takes it out ({outlier.consecutive_failures} failures in a row, for "
             f"{outlier.base_ejection:g} s, longer each time) and again after it returns")
     if "ml" in errors_from:
-        text += (f"; ml also probes it with its exploration share: {explore:.0%} of its picks "
-                 "(learning.exploration) go to a backend drawn at random")
+        text += (f"; ml also probes it with its exploration share: {explore:.1%} of its picks "
+                 "(learning.exploration) may go to a backend not heard from for a second")
     text += "."
     if from_failing != total:
         text += (f" The other {total - from_failing} had no answer from a backend (no X-Backend header) "

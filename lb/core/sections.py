@@ -367,7 +367,7 @@ class Learning(Base):
     model: str = ""  # path to an .onnx model; "" = the model shipped with lb
     interval: float = 0.1  # seconds between two scoring ticks (tables)
     stats_interval: float = 0.1  # seconds between two worker stats reports
-    exploration: float = 0.02  # share of ml's picks that may go to a backend not heard from lately
+    exploration: float = 0.005  # share of ml's picks that may go to a backend not heard from lately
     max_prediction_error: float = 0.8  # online mean |ln(observed/predicted)| above this -> fallback
     # how far the model's error predictions price the picks: "earned" (as far as their record
     # against the cells' own has earned it, per backend) or "always" (shrunk towards the record only)

@@ -154,5 +154,5 @@ def test_demo_compare_prints_one_row_per_strategy():
                        r"503s from 'failing'", note)
     assert counted, r.stdout[-1500:]
     assert errors == int(counted.group(2) or counted.group(4) or 0), (errors, note)
-    assert f"ml also probes it with its exploration share: {Learning().exploration:.0%} of its picks" in note
+    assert f"ml also probes it with its exploration share: {Learning().exploration:.1%} of its picks" in note
     assert "(learning.exploration)" in note

@@ -75,7 +75,9 @@ def test_the_engine_prices_by_the_record_once_the_models_errors_are_judged(tmp_p
     latency, and the failing one is priced by its record.  (On the busy healthy
     backends the two prices differ by little, their records being long: the
     model loses weight there too, but slowly.)"""
-    cfg = synthetic.config(max_prediction_error=1000.0)
+    # (the synthetic worker routes by the tables' weights: the failing backend
+    # is heard from through the exploration share, 2% here)
+    cfg = synthetic.config(max_prediction_error=1000.0, exploration=0.02)
     e = Engine(cfg, Model.load(constant_model(tmp_path / "m.onnx", 0.005, 0.02)), now=0.0)
     w = synthetic.SyntheticWorker(synthetic.DEMO_LIKE, cfg.class_names, rate=2000, seed=3)
     table = synthetic.run(e, w, 3.0)
