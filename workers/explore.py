@@ -25,7 +25,8 @@ def stale_backend(order, now: float, stale: float, backoff: int, cls: int = 0, p
     from this worker (a backend still working through a backlog is not
     news), and class `cls` is its cheapest; None if there is none.
     `priors[c][idx]`: the price of class c at a backend that has not
-    answered it (None: such a class is news, and any class looks)."""
+    answered it, from the pick's rows (None, with no rows: a class the
+    backend has not answered is news, and a request of it may look)."""
     best = None
     oldest = now
     for b in order:
@@ -42,6 +43,6 @@ def stale_backend(order, now: float, stale: float, backoff: int, cls: int = 0, p
                 i = b.idx
                 mine = sv[cls] or priors[cls][i]
                 if any((s or p[i]) < mine for s, p in zip(sv, priors)):
-                    continue
+                    continue  # (the same, with the classes not answered at their prior)
             best, oldest = b, seen
     return best

@@ -212,7 +212,10 @@ def test_bad_config_on_stdin_exits_3(runtime):
 
 def test_traces_are_written(runtime, tmp_path):
     out = tmp_path / "traces"
-    cfg = synthetic.config(traces=str(out))
+    # (the synthetic worker routes by the tables' weights: a backend priced out
+    # is reached only through the exploration share, 2% here, as every backend
+    # must show in 2.5 s of traces)
+    cfg = synthetic.config(traces=str(out), exploration=0.02)
     proc = Proc(runtime, cfg)
     feeder = Feeder(runtime, cfg, sample=1.0)
     try:
