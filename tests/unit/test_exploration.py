@@ -1,8 +1,9 @@
 """`ml`'s exploration (workers/learned.py `_stale`): a share of the picks goes
 to a backend the worker has not heard from lately, where it learns
-something, with a request of the class cheapest there.  A failure is news too, and a backend that keeps failing is
-looked at less and less often: after n failures in a row, only once it has
-been quiet for STALE x (n + 1) seconds, at most STALE x BACKOFF."""
+something, with a request of the class cheapest there.  A failure is news
+too, and a backend that keeps failing is looked at less and less often:
+after n failures in a row, only once it has been quiet for STALE x (n + 1)
+seconds, at most STALE x BACKOFF."""
 
 from __future__ import annotations
 
