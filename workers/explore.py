@@ -18,15 +18,14 @@ points.)
 from __future__ import annotations
 
 
-def stale_backend(order, now: float, stale: float, backoff: int, cls: int = 0, priors=None):
+def stale_backend(order, now: float, stale: float, backoff: int, cls: int, priors):
     """The routable backend of `order` this worker has not heard from for the
     longest, if that is longer than `stale` seconds times one more than its
     failures in a row, up to `backoff` times, it has nothing in flight
     from this worker (a backend still working through a backlog is not
     news), and class `cls` is its cheapest; None if there is none.
     `priors[c][idx]`: the price of class c at a backend that has not
-    answered it, from the pick's rows (None, with no rows: a class the
-    backend has not answered is news, and a request of it may look)."""
+    answered it (the pick's rows)."""
     best = None
     oldest = now
     for b in order:
@@ -35,14 +34,9 @@ def stale_backend(order, now: float, stale: float, backoff: int, cls: int = 0, p
         if (seen < oldest and seen < now - stale * (f + 1 if f < backoff else backoff)
                 and b.available and not b.inflight):
             sv = b.curve.service
-            if priors is None:
-                mine = sv[cls]
-                if mine and min([s for s in sv if s]) < mine:
-                    continue  # another class costs less there: a request of that one looks
-            else:
-                i = b.idx
-                mine = sv[cls] or priors[cls][i]
-                if any((s or p[i]) < mine for s, p in zip(sv, priors)):
-                    continue  # (the same, with the classes not answered at their prior)
+            i = b.idx
+            mine = sv[cls] or priors[cls][i]
+            if any((s or p[i]) < mine for s, p in zip(sv, priors)):
+                continue  # another class costs less there: a request of that one looks
             best, oldest = b, seen
     return best

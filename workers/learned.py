@@ -386,6 +386,5 @@ class TableStrategy(P2CEwma):
 
     def _stale(self, order, cls=0):
         """Exploration's backend (workers/explore.py), if any."""
-        rows = self._rows if self.usable else self._own
-        priors = [r[3] for r in rows] if len(rows) == len(self.class_names) else None
+        priors = [r[3] for r in (self._rows if self.usable else self._own)]
         return stale_backend(order, self.clock(), self.STALE, self.BACKOFF, cls, priors)
