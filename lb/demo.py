@@ -130,6 +130,7 @@ class LbLog(threading.Thread):
         self.stream = stream
         self.tail: collections.deque[str] = collections.deque(maxlen=15)
         self.fastpath: list[bool] = []  # one per worker_ready
+        self.ended = False
         self.cond = threading.Condition()
 
     def run(self) -> None:
@@ -144,15 +145,20 @@ class LbLog(threading.Thread):
                 if isinstance(event, dict) and event.get("event") == "worker_ready":
                     self.fastpath.append(event.get("fastpath") is True)
                     self.cond.notify_all()
+        with self.cond:
+            self.ended = True  # lb exited (or closed its stderr)
+            self.cond.notify_all()
 
     def wait_workers(self, count: int, deadline: float) -> bool:
+        """Whether `count` workers said they are up before `deadline` (False at
+        once when lb's log ends: it exited)."""
         with self.cond:
-            while len(self.fastpath) < count:
+            while len(self.fastpath) < count and not self.ended:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self.cond.wait(left)
-            return True
+            return len(self.fastpath) >= count
 
     def last_lines(self) -> str:
         with self.cond:
@@ -186,6 +192,7 @@ class Stack:
         self.strategy = strategy
         self.offset = offset
         self.log: LbLog | None = None
+        self.address_in_use = False  # lb exited at start because a port was taken
 
     def start(self) -> str | None:
         """Start everything; an error message if something did not come up."""
@@ -214,9 +221,7 @@ class Stack:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if lb.poll() is not None:
-                self.log.join(2)
-                return (f"lb failed to start (are ports {self.port} and {self.admin_port} free? use --port); "
-                        f"its log:{self.log.last_lines()}")
+                return self._exited()
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 break
@@ -224,7 +229,11 @@ class Stack:
                 time.sleep(0.1)
         else:
             return f"lb did not start listening within 20 s; its log:{self.log.last_lines()}"
+        # (Something else may have answered on the port: lb's own workers say they are up.)
         if not self.log.wait_workers(WORKERS, deadline):
+            if lb.poll() is not None or self.log.ended:
+                lb.wait(5)
+                return self._exited()
             return f"lb's workers did not all start within 20 s; its log:{self.log.last_lines()}"
         # Load starts once every worker is up (the admin API's readiness), so the
         # first seconds measure the backends, not lb's own start-up.
@@ -233,6 +242,12 @@ class Stack:
                 break
             time.sleep(0.2)
         return None
+
+    def _exited(self) -> str:
+        self.log.join(2)
+        self.address_in_use = "Address already in use" in self.log.last_lines()
+        return (f"lb failed to start (are ports {self.port} and {self.admin_port} free? use --port); "
+                f"its log:{self.log.last_lines()}")
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -280,6 +295,7 @@ def run_demo(args) -> int:
 
 
 WARMUP = 2.0  # seconds of each --compare run not counted (every strategy alike)
+PORT_ATTEMPTS = 3  # starts of one --compare run on fresh ports when a port is taken
 
 
 def run_compare(args) -> int:
@@ -292,16 +308,17 @@ def run_compare(args) -> int:
     errors_from: dict[str, collections.Counter] = {}  # strategy -> failed requests by backend
     print(f"lb demo --compare: {len(STRATEGIES)} strategies x {duration:.0f}s at {args.rate:.0f} req/s, "
           f"same backends and load each time (first {WARMUP:.0f}s of each run not counted)")
+    port, admin_port = args.port, args.admin_port
     for i, strategy in enumerate(STRATEGIES):
-        stack = Stack(args.port, _port_or_free(args.admin_port), strategy, offset=offset)
+        stack, err = _start_stack(port, admin_port, strategy, offset)
+        port, admin_port = stack.port, stack.admin_port
         try:
-            err = stack.start()
             if err:
                 print(f"lb demo: {err}", file=sys.stderr)
                 return 1
             if i == 0:
                 print(f"lb demo --compare: {fastpath_state(stack.log.fastpath)}")
-            load = Load(args.port, args.rate)
+            load = Load(port, args.rate)
             load.record_after = WARMUP
             try:
                 asyncio.run(load.run(duration, lambda *_: None))
@@ -323,6 +340,26 @@ def run_compare(args) -> int:
         print(f"  {strategy:<22}{n:9d}{p50 * 1e3:9.1f}{p99 * 1e3:9.1f}{p999 * 1e3:10.1f}{err * 100:8.2f}%")
     print(errors_note(errors_from))
     return 0
+
+
+def _start_stack(port: int, admin_port: int, strategy: str, offset: float) -> tuple[Stack, str | None]:
+    """One --compare run's stack, started.  Nothing outside connects during a
+    comparison, so a port taken since the last run (by a listener, or as the
+    local end of an outgoing connection) is replaced by a free one."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        stack = Stack(port, _port_or_free(admin_port), strategy, offset=offset)
+        try:
+            err = stack.start()
+        except BaseException:
+            stack.stop()
+            raise
+        if not err or not stack.address_in_use or attempt == PORT_ATTEMPTS:
+            break
+        stack.stop()
+        port, admin_port = free_port(), free_port()
+        print(f"lb demo --compare: a port was in use; going on with {port} (admin {admin_port})",
+              file=sys.stderr)
+    return stack, err
 
 
 def errors_note(errors_from: dict[str, collections.Counter]) -> str:

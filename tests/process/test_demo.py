@@ -130,14 +130,19 @@ def test_demo_runs_and_cleans_up():
 
 
 def test_demo_compare_prints_one_row_per_strategy():
-    # With the fast path switched off, to see the header say so.
-    r = subprocess.run(
-        [sys.executable, "-m", "lb", "demo", "--compare", "--duration", "2.5", "--rate", "40",
-         "--port", str(free_port()), "--admin-port", str(free_port())],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "LB_NO_FASTPATH": "1"},
-    )
+    # With the fast path switched off, to see the header say so; and with the
+    # port it is given taken, to see a comparison go on with a free one.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = subprocess.run(
+            [sys.executable, "-m", "lb", "demo", "--compare", "--duration", "2.5", "--rate", "40",
+             "--port", str(taken.getsockname()[1]), "--admin-port", str(free_port())],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "LB_NO_FASTPATH": "1"},
+        )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr
+    assert "lb demo --compare: a port was in use; going on with" in r.stderr, r.stderr[-2000:]
     table = r.stdout.split("p99.9 ms")[1].strip().splitlines()[1:]  # after the header
     rows, note = table[:len(STRATEGIES)], " ".join(line.strip() for line in table[len(STRATEGIES):])
     strategies = [line.split()[0] for line in rows]
