@@ -98,6 +98,8 @@ class InferenceProcess:
         self.trains = True  # False while another member of the fleet leads (Control.trains)
         self.fleet_seen = ""  # the last fleet model version considered
         self.fleet_candidate: tuple[Model, str] | None = None  # (model, member) awaiting its check
+        self.judged: tuple[Model, str] | None = None  # (model, member) the retrainer's child judges
+        self.candidates = 0  # fleet models copied to be judged (their files' names)
 
     def run(self) -> int:
         interval = self.cfg.learning.interval
@@ -176,13 +178,20 @@ class InferenceProcess:
                 self.retrainer.add(records)
 
     def _retrain_poll(self) -> None:
-        if self.fleet_candidate is not None and self.retrainer.ready_to_check():
-            self._check_fleet_model()
+        if self.fleet_candidate is not None and self.retrainer.idle() and self.retrainer.ready_to_check():
+            self.judged, self.fleet_candidate = self.fleet_candidate, None
+            self.retrainer.judge(self.engine.model, self.judged[0])
         done = self.retrainer.poll(self.engine.model, may_start=self.trains)
         if done is None:
             return
         event, fields, model = done
-        if model is not None:
+        if event in ("model_adopted", "model_declined"):  # a fleet model's verdict
+            (candidate, fields["member"]), self.judged = self.judged, None
+            if model is not None:
+                self._adopt(model, "fleet")
+            else:
+                _unlink(candidate.path)
+        elif model is not None:
             self._adopt(model, "retrain")
         log(event, **fields)
 
@@ -197,43 +206,39 @@ class InferenceProcess:
         except (OSError, ModelError) as exc:
             log("model_keep_failed", error=str(exc))
         else:
-            if origin == "retrain":  # a refit's own output file: the kept copy replaces it
-                try:
-                    os.unlink(model.path)
-                except OSError:
-                    pass
+            _unlink(model.path)  # a refit's output, or a fleet model's copy: the kept copy replaces it
             model = kept
         self.engine.set_model(model)
 
     def _fleet_model(self, control) -> None:
-        """The fleet's leader published a model: check it like a refit of our own
-        (inference/retrain.py) once there are records to check it on."""
+        """The fleet's leader published a model: judge it like a refit of our own
+        (inference/retrain.py) once there are records to judge it on.  It is
+        judged from a copy of its own: the admin process writes the next
+        version over the file it read."""
         live = self.engine.model
         if live is not None and live.version == control.shared_version:
             return  # ours (we lead), or adopted already
         if self.retrainer is None:
             log("fleet_model_ignored", version=control.shared_version, reason="learning.retrain_interval is 0")
             return
+        self.candidates += 1
+        path = os.path.join(self.runtime_dir, f"fleet-candidate-{os.getpid()}-{self.candidates}.onnx")
         try:
-            model = Model.load(control.shared_model)
-        except ModelError as exc:
-            log("fleet_model_rejected", version=control.shared_version, member=control.shared_from,
-                error=str(exc))
+            with open(control.shared_model, "rb") as f:
+                blob = f.read()
+            model = Model.from_bytes(blob, path)
+            if model.version != control.shared_version:
+                return  # already replaced by a newer one: its own control message follows
+            with open(path, "wb") as f:
+                f.write(blob)
+        except (OSError, ModelError) as exc:
+            _unlink(path)
+            error = str(exc) if isinstance(exc, ModelError) else f"{control.shared_model}: {exc.strerror or exc}"
+            log("fleet_model_rejected", version=control.shared_version, member=control.shared_from, error=error)
             return
-        if model.version != control.shared_version:
-            return  # already replaced by a newer one: its own control message follows
+        if self.fleet_candidate is not None:  # a newer version replaces one not judged yet
+            _unlink(self.fleet_candidate[0].path)
         self.fleet_candidate = (model, control.shared_from)
-
-    def _check_fleet_model(self) -> None:
-        (model, member), self.fleet_candidate = self.fleet_candidate, None
-        live = self.engine.model
-        swap, fields = self.retrainer.check(live, model)
-        fields.update(version=model.version, member=member, previous=live.version if live is not None else "")
-        if swap:
-            self._adopt(model, "fleet")
-            log("model_adopted", **fields)
-        else:
-            log("model_declined", **fields)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -243,9 +248,19 @@ class InferenceProcess:
                 pass
         if self.retrainer is not None:
             self.retrainer.stop()
+        for pending in (self.fleet_candidate, self.judged):
+            if pending is not None:
+                _unlink(pending[0].path)
         self.sub.close()
         self.pub.close()
         self.control.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,11 @@ fleet, and a simulated copy of it is routed by `ml` with each model
 line.  The parent polls the child from its loop (never waits for it) and hot-swaps the
 model only when the child says the challenger is better.  A separate process
 keeps the tick loop free of the GIL while scikit-learn fits.
+
+A model from elsewhere (the fleet's leader, lb/admin/modelshare.py) is
+judged the same way by the same child, without the fit
+(`--candidate MODEL.onnx`, `Retrainer.judge`): predicted better on this
+instance's held-out records, then routing no worse in its twin.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Retrainer:
         self.child: subprocess.Popen | None = None
         self.child_out = ""
         self.round = 0
+        self.judging = None  # the Model from elsewhere the running child judges (None: a refit)
 
     def add(self, records: dict[str, np.ndarray]) -> None:
         self.chunks.append(records)
@@ -78,20 +84,34 @@ class Retrainer:
         return None
 
     def _start(self, live: Model | None) -> None:
-        from inference.traces import concat, write
-
         self.round += 1
         self.next_run = time.monotonic() + self.interval
         self.new_since_fit = 0
+        self.out = os.path.join(self.dir, f"model-{os.getpid()}-{self.round}.onnx")
+        self._spawn(live, ["--output", self.out, "--max-iter", str(self.max_iter)])
+
+    def idle(self) -> bool:
+        """No child runs (a refit or a judgement)."""
+        return self.child is None
+
+    def judge(self, live: Model | None, candidate: Model) -> None:
+        """Start judging a model from elsewhere (the fleet's leader) on this
+        instance's records, as a refit is judged; `poll` says the verdict
+        (`model_adopted` with the candidate, or `model_declined`).  Only when
+        `idle()`."""
+        self.judging = candidate
+        self._spawn(live, ["--candidate", candidate.path])
+
+    def _spawn(self, live: Model | None, args: list[str]) -> None:
+        from inference.traces import concat, write
+
         data = concat(self.chunks)
         order = np.argsort(data["ts"], kind="stable")
         data = {k: v[order] for k, v in data.items()}
         inp = write(self.dir, data, name="retrain-input.npz")
-        self.out = os.path.join(self.dir, f"model-{os.getpid()}-{self.round}.onnx")
         # lb's own packages, never the current directory's (lb/core/boot.py)
-        cmd = [*python_argv("inference.retrain"), "--input", inp, "--output", self.out,
-               "--seed", str(self.seed), "--max-iter", str(self.max_iter), "--sample", str(self.sample),
-               "--model-errors", self.model_errors]
+        cmd = [*python_argv("inference.retrain"), "--input", inp, *args,
+               "--seed", str(self.seed), "--sample", str(self.sample), "--model-errors", self.model_errors]
         if live is not None:
             cmd += ["--live", live.path]
         # One thread: BLAS would otherwise start one per core, and its threads
@@ -102,16 +122,23 @@ class Retrainer:
 
     def _collect(self, live: Model | None) -> tuple[str, dict, Model | None]:
         child, self.child = self.child, None
+        judging, self.judging = self.judging, None
         out, err = child.communicate()
         try:
             result = json.loads(out.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
             msg = err.decode(errors="replace").strip().splitlines()
-            return "retrain_failed", {"error": msg[-1][:300] if msg else f"exit code {child.returncode}"}, None
+            fields = {"error": msg[-1][:300] if msg else f"exit code {child.returncode}"}
+            if judging is not None:
+                return "model_declined", {**fields, "version": judging.version}, None
+            return "retrain_failed", fields, None
         fields = {"live_score": result.get("live"), "challenger_score": result.get("challenger"),
                   "records": result.get("records"), "cpu_s": result.get("cpu_s"),
                   "previous": live.version if live is not None else ""}
         fields.update({k: v for k, v in result.items() if k.startswith("twin")})
+        if judging is not None:
+            fields["version"] = judging.version
+            return ("model_adopted", fields, judging) if result.get("swap") else ("model_declined", fields, None)
         if not result.get("swap"):
             try:
                 os.unlink(self.out)
@@ -128,20 +155,6 @@ class Retrainer:
     def ready_to_check(self) -> bool:
         return self.n >= MIN_RECORDS
 
-    def check(self, live: Model | None, candidate: Model) -> tuple[bool, dict]:
-        """The held-out check of a refit, for a model from elsewhere (the fleet's
-        leader): scored against the live model on the most recent 20% of this
-        instance's own records.  (swap?, fields for the log line)."""
-        from inference.traces import concat
-        from inference.train import evaluate_challenger, score, split_recent
-
-        data = concat(self.chunks)
-        order = np.argsort(data["ts"], kind="stable")
-        _older, heldout = split_recent({k: v[order] for k, v in data.items()})
-        swap = evaluate_challenger(live, candidate, heldout)
-        return swap, {"live_score": round(score(live, heldout), 4) if live is not None else None,
-                      "challenger_score": round(score(candidate, heldout), 4), "records": self.n}
-
     def stop(self) -> None:
         if self.child is not None and self.child.poll() is None:
             self.child.kill()
@@ -154,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m inference.retrain")
     ap.add_argument("--input", required=True)
-    ap.add_argument("--output", required=True)
+    ap.add_argument("--output", default="", help="where a refit that wins is written")
+    ap.add_argument("--candidate", default="",
+                    help="judge this model (from elsewhere) against --live instead of fitting one")
     ap.add_argument("--live", default="")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-iter", type=int, default=200)
@@ -162,11 +177,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of the requests the records were sampled from (0: no routing check)")
     ap.add_argument("--model-errors", default="earned", choices=("earned", "always"))
     args = ap.parse_args(argv)
+    if bool(args.output) == bool(args.candidate):
+        ap.error("give one of --output (fit a model) and --candidate (judge one)")
     try:
         data = read([args.input])
         older, heldout = split_recent(data)
-        blob = fit(older, seed=args.seed, max_iter=args.max_iter)
-        challenger = Model.from_bytes(blob, args.output)
+        if args.candidate:
+            blob = None
+            challenger = Model.load(args.candidate)
+        else:
+            blob = fit(older, seed=args.seed, max_iter=args.max_iter)
+            challenger = Model.from_bytes(blob, args.output)
         live = Model.load(args.live) if args.live else None
     except (TraceError, TrainError, ModelError) as exc:
         print(str(exc), file=sys.stderr)
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             swap = verdict.passed
             twin_fields = verdict.fields()
-    if swap:
+    if swap and blob is not None:
         tmp = args.output + ".tmp"
         with open(tmp, "wb") as f:
             f.write(blob)

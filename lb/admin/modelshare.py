@@ -25,9 +25,10 @@ the published one, never an older model it happened to hold.
 
 **Adopting.** Every member reads PREFIX/model; a new version is written to
 the runtime directory and announced to the inference process
-(`Control.shared_model`), which scores it against its live model on its own
-most recent records, the same held-out check its own refits pass
-(inference/retrain.py), and adopts it only if it is better there
+(`Control.shared_model`), which judges it against its live model on its own
+most recent records as its own refits are judged, held-out loss and then the
+routing of a simulated copy of its fleet (inference/retrain.py, in the same
+child process), and adopts it only if it passes there
 (`model_adopted` / `model_declined`).  An adopted model is kept like a refit,
 so a reload or restart keeps it.
 

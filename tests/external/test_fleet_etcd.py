@@ -218,6 +218,8 @@ def test_the_leader_trains_for_the_fleet_and_a_killed_one_hands_over(lb_factory,
         ev = follower.log.wait_for("model_adopted", timeout=30)[0]
         assert ev["version"] in published_versions() and ev["member"] == leader_id
         assert ev["previous"] == "bad-1" and ev["challenger_score"] < ev["live_score"]
+        # judged as its own refits are, by the routing it would give too (inference/twin.py)
+        assert ev["twin_requests"] > 0 and ev["twin_challenger_p99_ms"] <= ev["twin_live_p99_ms"] * 1.1
         assert follower.log.events("model_swapped") == [] and follower.log.events("model_kept") == []
         assert follower.log.events("retrain_failed") == []
         wait_until(lambda: (fleet_view(follower)["model"] or {}).get("version") in published_versions(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -98,3 +99,31 @@ def test_evaluate_challenger_swaps_only_a_better_model(trace_data, tmp_path):
     # an equal model is not "better": no churn
     assert train.evaluate_challenger(good, good, heldout) is False
     assert train.evaluate_challenger(None, bad, heldout) is True  # nothing live yet
+
+
+def test_a_model_from_elsewhere_is_judged_by_the_refits_child(trace_data, tmp_path):
+    """`python -m inference.retrain --candidate`: the check a fleet member runs on
+    the leader's model, held-out loss then the twin's routing, no fit."""
+    inp = traces.write(str(tmp_path), trace_data, name="records.npz")
+    older, _ = train.split_recent(trace_data)
+    good = tmp_path / "good.onnx"
+    good.write_bytes(train.fit(older, seed=0, max_iter=60))
+    bad = constant_model(tmp_path / "bad.onnx", 1.0, 0.5, version="bad-1")
+
+    def judge(live, candidate) -> dict:
+        r = subprocess.run([sys.executable, "-m", "inference.retrain", "--input", inp, "--candidate", str(candidate),
+                            "--live", str(live), "--sample", "0.5"], capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        return json.loads(r.stdout.decode().splitlines()[-1])
+
+    adopt = judge(bad, good)
+    assert adopt["swap"] is True and adopt["challenger"] < adopt["live"]
+    # judged by routing too: the twin routed the fleet the records describe with each model
+    assert adopt["twin_requests"] > 1000
+    assert adopt["twin_challenger_p99_ms"] <= adopt["twin_live_p99_ms"] * 1.1
+    decline = judge(good, bad)
+    assert decline["swap"] is False and decline["challenger"] > decline["live"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "good.onnx", "records.npz"]  # nothing written
+    # one of the two modes, or a one-line usage error
+    r = subprocess.run([sys.executable, "-m", "inference.retrain", "--input", inp], capture_output=True, timeout=60)
+    assert r.returncode == 2 and b"give one of --output" in r.stderr and b"Traceback" not in r.stderr
