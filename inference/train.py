@@ -128,6 +128,7 @@ def export(pipe, version: str, lo: np.ndarray, hi: np.ndarray) -> bytes:
                           target_opset={"": 15, "ai.onnx.ml": 3})
     g = onx.graph
     _fuse_gemm(g)
+    _flush_denormals(g)
     g.name = f"lb-{version}"  # skl2onnx names it with a random uuid: same fit, same bytes
     raw = g.output[0].name  # (n, 2): ln(latency), failure
     for node in g.node:
@@ -187,6 +188,21 @@ def _fold_scaler(pipe):
     mlp.coefs_[0] = W / scaler.scale_[:, None]
     mlp.intercepts_[0] = mlp.intercepts_[0] - (scaler.mean_ / scaler.scale_) @ W
     return mlp
+
+
+def _flush_denormals(g) -> None:
+    """Weights below float32's smallest normal number -> 0.  L2 regularisation
+    drives the weights of features that carry nothing (constant in training)
+    towards zero, into the subnormal range, where x86 CPUs compute through a
+    slow microcode path: 36 such weights in the first layer made scoring
+    1,000 x 8 rows take 1.7 ms instead of 0.44 ms, for the same outputs."""
+    from onnx import numpy_helper
+
+    tiny = np.finfo(np.float32).tiny
+    for t in g.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32 and ((a != 0) & (np.abs(a) < tiny)).any():
+            t.CopyFrom(numpy_helper.from_array(np.where(np.abs(a) < tiny, np.float32(0), a), t.name))
 
 
 def _fuse_gemm(g) -> None:
