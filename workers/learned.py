@@ -19,7 +19,7 @@ from workers.guard import CONTROL, LEARNED, Guard
 from workers.loadcurve import ChunkedFit, Curve
 from workers.patience import INF, Patience
 from workers.probe import KneeProbe
-from workers.rows import by_price, lower_bound, own_prior, table_view
+from workers.rows import by_price, lower_bound, own_prior, table_view, weight_floor
 
 FAIL_COST = 1.0  # seconds: what a failed request costs the pick, unless clients give up sooner
 NO_ARM = -1  # a pick the guard does not judge (a retry)
@@ -62,8 +62,11 @@ class TableStrategy(P2CEwma):
       own recent failure share there (`Backend.err`): one answer that
       succeeds between fast failures resets the count in a row, not the
       share.
-      A class a backend has not answered yet is priced at the table's
-      predicted latency.  A backend whose expected latency is past DEADLINE
+      A class a backend has not answered yet (from this worker) is priced at
+      the table's predicted latency, but no lower than the fleet's profile
+      says (`weight_floor`, workers/rows.py: the class's typical service
+      time, times how much dearer than typical the backend is on what it
+      answered, times its configured weight factor).  A backend whose expected latency is past DEADLINE
       of how long clients wait (workers/patience.py: learned from the
       clients that gave up, never more than lb's upstream response timeout)
       is no candidate: the client will have gone before its answer.  When
@@ -89,8 +92,9 @@ class TableStrategy(P2CEwma):
     late or down, or a table that says the model is not to be trusted) it
     routes by its curves alone: no table's priced errors, classes not answered yet
     priced by `own_prior` (the class's typical cost and the backend's speed
-    on what it answered; having answered nothing, its peak EWMA over its
-    relative configured weight).
+    on what it answered; having answered nothing, the class's typical cost
+    over its relative configured weight, or its peak EWMA over that weight
+    while nobody has answered the class).
     It routes by P2C-EWMA only while the guard (workers/guard.py) finds the
     curves' picks worse than P2C-EWMA's (reason `guard`): a `guard_share` of
     the picks always goes by the other arm (P2C-EWMA while the curves route,
@@ -188,8 +192,8 @@ class TableStrategy(P2CEwma):
         # operator's weights steer traffic until answers replace them
         total = sum([b.weight for b in backends if b.weight > 0]) or 1
         mean_w = total / max(len(backends), 1)
-        self._unknown = [b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
-                         for b in backends]
+        self._factor = [mean_w / max(b.weight, 1e-3) for b in backends]
+        self._unknown = [b.ewma * f if not b.curve.seen else b.ewma for b, f in zip(backends, self._factor)]
         table = self.table
         self._fail = [self.fail_cost(k) for k in range(len(self.class_names))]
         # every curve's service time per class, (backends, classes); 0 = no answer yet
@@ -225,7 +229,8 @@ class TableStrategy(P2CEwma):
         no priced error.  A class a backend has not answered yet is priced by
         `own_prior`: its speed on the classes it has answered, at the class's
         cost where other backends answered it; a backend that has answered
-        nothing, as `_unknown`."""
+        nothing, at the class's typical cost over its relative weight; a
+        class nobody answered, as `_unknown`."""
         backends = self.backends
         unknown = self._unknown
         zeros = [0.0] * len(backends)
@@ -234,7 +239,7 @@ class TableStrategy(P2CEwma):
             return
         live = np.array([b.available for b in backends])
         svc = service.T  # (classes, backends)
-        prior = own_prior(svc, np.array(unknown, dtype=np.float64))
+        prior = own_prior(svc, np.array(unknown, dtype=np.float64), np.array(self._factor, dtype=np.float64))
         price = lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc), self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, np.broadcast_to(live, price.shape))
         pri = prior.tolist()
@@ -257,6 +262,7 @@ class TableStrategy(P2CEwma):
         cols = np.array([c if b.available else -1 for b, c in zip(backends, self._cols)], dtype=np.int64)
         cand, prior, err = table_view(table, cols, self.class_names, self._unknown)
         svc = service.T
+        prior = np.where(svc != 0.0, prior, np.maximum(prior, weight_floor(svc, np.array(self._factor))))
         # (a class not answered yet: its prior)
         price = lower_bound(np.where(svc != 0.0, svc, prior), err, self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, cand)

@@ -1,9 +1,10 @@
 """The numpy pieces the `ml` pick's per-class rows are built from
 (workers/learned.py `TableStrategy.refresh`): a table's row for each local
 class (`class_rows`) and what it says of each of the worker's backends
-(`table_view`), the candidates in price order (`by_price`), and the
-price of a class a backend has not answered, without a table (`own_prior`),
-and the least cost the pick can give a backend (`lower_bound`).
+(`table_view`), the candidates in price order (`by_price`), the
+price of a class a backend has not answered, without a table (`own_prior`)
+and the least a table may price it at (`weight_floor`), and the least cost
+the pick can give a backend (`lower_bound`).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def table_view(table, cols: np.ndarray, names: list, unknown: list[float]) -> tu
     return there[None, :] & (w[:, at] > 0), prior, err
 
 
-def own_prior(svc: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+def own_prior(svc: np.ndarray, unknown: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
     """The price of each (class, backend) without a table, (C, B), from the
     service times `svc` (0: not answered yet) and `unknown` (B,), the price
-    of a backend that has answered nothing.  A class is typically
+    of a backend that has answered nothing (with `factor` (B,), the fleet's
+    mean configured weight over the backend's: only for a class nobody has
+    answered; for the others, the class's typical cost times `factor`).  A class is typically
     exp(g[c]) dear (the mean log service of the backends that answered it);
     a backend is exp(rel[b]) times as dear as typical (its mean log ratio
     over the classes it answered).  A class a backend has not answered is
@@ -58,7 +61,32 @@ def own_prior(svc: np.ndarray, unknown: np.ndarray) -> np.ndarray:
     g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)  # (C,)
     rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)  # (B,)
     est = np.exp(g[:, None] + rel[None, :])
+    if factor is not None:
+        typical = np.exp(g)[:, None] * factor[None, :]
+        est = np.where((per_backend > 0)[None, :], est, typical)
+        return np.where((per_class > 0)[:, None], est, out)
     return np.where((per_class > 0)[:, None] & (per_backend > 0)[None, :], est, out)
+
+
+def weight_floor(svc: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """The least price a table may give a class a backend has not answered
+    (from this worker), (C, B): the class's typical service time (the
+    geometric mean over the backends that answered it; 0 where none has),
+    times how much dearer than typical the backend is on the classes it did
+    answer (1 if none), times `factor`, the fleet's mean configured weight
+    over the backend's.  The table fills a cell no worker saw answered with
+    the backend's latency over the classes it answered: a backend known by
+    fast light answers looked cheap for heavy requests, and one the operator
+    gave a small weight as cheap as any (development fleet 1022: 49 of 130
+    backends 17x dearer on heavy requests than on light ones, weight 1
+    against 3-10, each sent heavy requests after the first table)."""
+    known = svc > 0.0
+    per_class = known.sum(axis=1)
+    per_backend = known.sum(axis=0)
+    logs = np.log(np.where(known, svc, 1.0))
+    g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)
+    rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)
+    return np.where((per_class > 0)[:, None], np.exp(g[:, None] + rel[None, :]) * factor[None, :], 0.0)
 
 
 def class_rows(classes: list, rows: list, names: list, width: int, fill: float,

@@ -19,10 +19,39 @@ from workers.backend import Backend
 from workers.strategies import make_strategy
 
 
+def weight_factor(s, b):
+    """The fleet's mean configured weight over b's."""
+    mean_w = (sum(max(x.weight, 0) for x in s.backends) or 1) / len(s.backends)
+    return mean_w / max(b.weight, 1e-3)
+
+
 def unknown_price(s, b):
     """A backend that has not answered: its peak EWMA over its relative weight."""
-    mean_w = (sum(max(x.weight, 0) for x in s.backends) or 1) / len(s.backends)
-    return b.ewma * mean_w / max(b.weight, 1e-3) if not b.curve.seen else b.ewma
+    return b.ewma * weight_factor(s, b) if not b.curve.seen else b.ewma
+
+
+def typical(s, c):
+    """Class c's typical service time: the geometric mean over the backends
+    that answered it (None if none has)."""
+    v = [x.curve.service[c] for x in s.backends if x.curve.service[c]]
+    return math.exp(sum(map(math.log, v)) / len(v)) if v else None
+
+
+def dearer(s, b):
+    """How much dearer than typical b is on the classes it answered (geometric
+    mean of the ratios; 1 if it answered none)."""
+    answered = [c for c in range(len(s.class_names)) if b.curve.service[c]]
+    if not answered:
+        return 1.0
+    return math.exp(sum(math.log(b.curve.service[c] / typical(s, c)) for c in answered) / len(answered))
+
+
+def floor_price(s, b, k):
+    """The least price of a class b has not answered: the class's typical
+    service, times how much dearer b is on what it answered, times its weight
+    factor (0 if nobody answered the class)."""
+    t = typical(s, k)
+    return 0.0 if t is None else t * dearer(s, b) * weight_factor(s, b)
 
 
 def bound(s, k, service, err):
@@ -51,7 +80,9 @@ def reference_rows(s, table):
             i = col.get(b.name)
             ok = i is not None and b.available
             priced = ok and i < len(lrow) and i < len(crow)
-            prior.append(max(lrow[i], 1e-6) if priced else unknown_price(s, b))
+            p = max(lrow[i], 1e-6) if priced else unknown_price(s, b)
+            # a class this worker has not seen b answer: no cheaper than the fleet's profile says
+            prior.append(p if b.curve.service[k] else max(p, floor_price(s, b, k)))
             # the table's cost is its latency x (1 - error) ** -8
             err.append(1.0 - max(crow[i] / max(lrow[i], 1e-9), 1.0) ** -0.125 if priced else 0.0)
             if ok and i < len(wrow) and wrow[i] > 0:
@@ -123,17 +154,14 @@ def profile_price(s, b, k):
     fleet's profile: the class's typical service (geometric mean over the
     backends that answered it) times how much dearer than typical b is on the
     classes it answered (geometric mean of the ratios); a backend that has
-    answered nothing, or a class nobody answered: the unknown price."""
+    answered nothing: the class's typical service over its relative weight;
+    a class nobody answered (or one class only): the unknown price."""
     n = len(s.class_names)
-    answered = [c for c in range(n) if b.curve.service[c]]
-    if n < 2 or not answered or not any(x.curve.service[k] for x in s.backends):
+    if n < 2 or typical(s, k) is None:
         return unknown_price(s, b)
-
-    def typical(c):
-        v = [x.curve.service[c] for x in s.backends if x.curve.service[c]]
-        return math.exp(sum(map(math.log, v)) / len(v))
-    rel = sum(math.log(b.curve.service[c] / typical(c)) for c in answered) / len(answered)
-    return typical(k) * math.exp(rel)
+    if not any(b.curve.service[c] for c in range(n)):
+        return typical(s, k) * weight_factor(s, b)
+    return typical(s, k) * dearer(s, b)
 
 
 def reference_own(s):
@@ -242,3 +270,32 @@ def test_a_class_not_answered_is_priced_by_the_fleets_class_costs():
     heavy = s._own[1]
     assert heavy[3][2] == pytest.approx(0.025)  # its prior for the class: the typical heavy cost
     assert s._table_pick(1) is not bs[2]
+
+
+def test_with_a_table_a_class_not_answered_is_no_cheaper_than_the_fleets_profile():
+    """b2 (configured weight 1, the others 4) has answered light requests only,
+    as fast as the others; they answered heavy ones at 5x.  The table prices
+    b2's heavy requests at its light latency (what the inference process
+    fills a cell no worker saw answered with).  The pick prices them no lower
+    than the heavy class's typical service times b2's weight factor
+    (25 ms x 3 / 1), so heavy requests go to the others while they are free."""
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}", weight=w), 2, i)
+          for i, w in enumerate((4, 4, 1))]
+    s = make_strategy("ml", bs, decay=10.0, seed=1, class_names=["default", "heavy"])
+    now = 10.0
+    s.clock = lambda: now
+    for b in bs:
+        b.record(0, 0.005, False, now, 0)
+    for b in bs[:2]:
+        b.record(1, 0.025, False, now, 0)
+    table = m.Table(epoch=1, seq=1, ts=now, interval=0.1, model_version="t", mode="learned", reason="",
+                    backends=["b0", "b1", "b2"], classes=["default", "heavy"],
+                    weights=[[1 / 3] * 3, [1 / 3] * 3], latency=[[0.005] * 3, [0.025, 0.025, 0.005]],
+                    cost=[[0.005] * 3, [0.025, 0.025, 0.005]], exploration=0.0)
+    s.set_table(table)
+    assert s.check(now) == (True, "")
+    prior = s._rows[1][3]
+    assert prior[:2] == pytest.approx([0.025, 0.025])  # (answered: the table's, their service rules anyway)
+    assert prior[2] == pytest.approx(0.025 * 3)
+    assert s._rows[0][3][2] == pytest.approx(0.005)  # answered here: the table's
+    assert {s._table_pick(1) for _ in range(20)} <= {bs[0], bs[1]}
