@@ -232,7 +232,10 @@ class Stack:
         # (Something else may have answered on the port: lb's own workers say they are up.)
         if not self.log.wait_workers(WORKERS, deadline):
             if lb.poll() is not None or self.log.ended:
-                lb.wait(5)
+                try:
+                    lb.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass  # (stop() ends it)
                 return self._exited()
             return f"lb's workers did not all start within 20 s; its log:{self.log.last_lines()}"
         # Load starts once every worker is up (the admin API's readiness), so the

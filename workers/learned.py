@@ -66,10 +66,10 @@ class TableStrategy(P2CEwma):
       the table's predicted latency, but no lower than the fleet's profile
       says (`weight_floor`, workers/rows.py: the class's typical service
       time, times how much dearer than typical the backend is on what it
-      answered, times its configured weight factor).  A backend whose expected latency is past DEADLINE
-      of how long clients wait (workers/patience.py: learned from the
-      clients that gave up, never more than lb's upstream response timeout)
-      is no candidate: the client will have gone before its answer.  When
+      answered, times its configured weight factor).  A backend whose
+      expected latency is past DEADLINE of how long clients wait
+      (workers/patience.py: learned from the clients that gave up, never
+      more than lb's upstream response timeout) is no candidate: the client will have gone before its answer.  When
       every backend is past it (an overload), the request is lost wherever
       it goes and goes to the backend with the longest expected latency, so
       that the others' queues stay short enough to answer in time.

@@ -41,9 +41,10 @@ def table_view(table, cols: np.ndarray, names: list, unknown: list[float]) -> tu
 def own_prior(svc: np.ndarray, unknown: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
     """The price of each (class, backend) without a table, (C, B), from the
     service times `svc` (0: not answered yet) and `unknown` (B,), the price
-    of a backend that has answered nothing (with `factor` (B,), the fleet's
-    mean configured weight over the backend's: only for a class nobody has
-    answered; for the others, the class's typical cost times `factor`).  A class is typically
+    of a backend that has answered nothing.  With `factor` (B,), the fleet's
+    mean configured weight over the backend's, `unknown` prices only classes
+    nobody has answered: a backend that has answered nothing is priced at
+    the class's typical cost times its `factor`.  A class is typically
     exp(g[c]) dear (the mean log service of the backends that answered it);
     a backend is exp(rel[b]) times as dear as typical (its mean log ratio
     over the classes it answered).  A class a backend has not answered is
@@ -51,15 +52,10 @@ def own_prior(svc: np.ndarray, unknown: np.ndarray, factor: np.ndarray | None = 
     answers is not taken for cheap on the heavy class, which before the first
     table drew heavy requests to a backend that fails most of them fast (its
     peak EWMA is its light answers' latency)."""
-    known = svc > 0.0
-    per_class = known.sum(axis=1)  # (C,)
-    per_backend = known.sum(axis=0)  # (B,)
     out = np.broadcast_to(unknown[None, :], svc.shape)
-    if svc.shape[0] < 2 or not per_class.any():
+    if svc.shape[0] < 2 or not (svc > 0.0).any():
         return np.array(out)
-    logs = np.log(np.where(known, svc, 1.0))
-    g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)  # (C,)
-    rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)  # (B,)
+    per_class, per_backend, g, rel = _profile(svc)
     est = np.exp(g[:, None] + rel[None, :])
     if factor is not None:
         typical = np.exp(g)[:, None] * factor[None, :]
@@ -80,13 +76,22 @@ def weight_floor(svc: np.ndarray, factor: np.ndarray) -> np.ndarray:
     gave a small weight as cheap as any (development fleet 1022: 49 of 130
     backends 17x dearer on heavy requests than on light ones, weight 1
     against 3-10, each sent heavy requests after the first table)."""
-    known = svc > 0.0
-    per_class = known.sum(axis=1)
-    per_backend = known.sum(axis=0)
-    logs = np.log(np.where(known, svc, 1.0))
-    g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)
-    rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)
+    per_class, _per_backend, g, rel = _profile(svc)
     return np.where((per_class > 0)[:, None], np.exp(g[:, None] + rel[None, :]) * factor[None, :], 0.0)
+
+
+def _profile(svc: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The fleet's profile from the service times `svc` (C, B; 0: not
+    answered): answers per class and per backend, each class's mean log
+    service `g` over the backends that answered it, and each backend's mean
+    log ratio to it `rel` over the classes it answered (0 if none)."""
+    known = svc > 0.0
+    per_class = known.sum(axis=1)  # (C,)
+    per_backend = known.sum(axis=0)  # (B,)
+    logs = np.log(np.where(known, svc, 1.0))
+    g = (logs * known).sum(axis=1) / np.maximum(per_class, 1)  # (C,)
+    rel = np.where(known, logs - g[:, None], 0.0).sum(axis=0) / np.maximum(per_backend, 1)  # (B,)
+    return per_class, per_backend, g, rel
 
 
 def class_rows(classes: list, rows: list, names: list, width: int, fill: float,
