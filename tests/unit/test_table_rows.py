@@ -253,12 +253,11 @@ def test_the_early_exit_picks_what_a_full_scan_picks(seed, fail_cost, monkeypatc
                 assert got is want or (want is None and got not in exclude)
 
 
-def test_a_class_not_answered_is_priced_by_the_fleets_class_costs():
-    """No table: b2 has answered only light requests (as fast as the others'),
-    the others answered heavy ones at 5x.  b2's heavy price is about 5x its
-    light service, not its light latency, so a heavy request does not go to it
-    while the others are free."""
-    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}"), 2, i) for i in range(3)]
+def light_only_b2(weights):
+    """Three backends with these configured weights: every one answered a
+    light request at 5 ms, b0 and b1 a heavy one at 25 ms, b2 none."""
+    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}", weight=w), 2, i)
+          for i, w in enumerate(weights)]
     s = make_strategy("ml", bs, decay=10.0, seed=1, class_names=["default", "heavy"])
     now = 10.0
     s.clock = lambda: now
@@ -266,6 +265,15 @@ def test_a_class_not_answered_is_priced_by_the_fleets_class_costs():
         b.record(0, 0.005, False, now, 0)
     for b in bs[:2]:
         b.record(1, 0.025, False, now, 0)
+    return bs, s
+
+
+def test_a_class_not_answered_is_priced_by_the_fleets_class_costs():
+    """No table: b2 has answered only light requests (as fast as the others'),
+    the others answered heavy ones at 5x.  b2's heavy price is about 5x its
+    light service, not its light latency, so a heavy request does not go to it
+    while the others are free."""
+    bs, s = light_only_b2(weights=(1, 1, 1))
     s.refresh()
     heavy = s._own[1]
     assert heavy[3][2] == pytest.approx(0.025)  # its prior for the class: the typical heavy cost
@@ -279,15 +287,8 @@ def test_with_a_table_a_class_not_answered_is_no_cheaper_than_the_fleets_profile
     fills a cell no worker saw answered with).  The pick prices them no lower
     than the heavy class's typical service times b2's weight factor
     (25 ms x 3 / 1), so heavy requests go to the others while they are free."""
-    bs = [Backend(BackendConfig(address=f"127.0.0.1:{9000 + i}", name=f"b{i}", weight=w), 2, i)
-          for i, w in enumerate((4, 4, 1))]
-    s = make_strategy("ml", bs, decay=10.0, seed=1, class_names=["default", "heavy"])
-    now = 10.0
-    s.clock = lambda: now
-    for b in bs:
-        b.record(0, 0.005, False, now, 0)
-    for b in bs[:2]:
-        b.record(1, 0.025, False, now, 0)
+    bs, s = light_only_b2(weights=(4, 4, 1))
+    now = s.clock()
     table = m.Table(epoch=1, seq=1, ts=now, interval=0.1, model_version="t", mode="learned", reason="",
                     backends=["b0", "b1", "b2"], classes=["default", "heavy"],
                     weights=[[1 / 3] * 3, [1 / 3] * 3], latency=[[0.005] * 3, [0.025, 0.025, 0.005]],
