@@ -153,6 +153,7 @@ class TableStrategy(P2CEwma):
         self.clock = monotonic  # the clock answers are timed with (the simulator's is simulated)
         self._refit = ChunkedFit(self.FIT_CHUNK)  # the curves' refits, a chunk per table
         self._unknown: list[float] = []  # price of a backend's classes not answered yet
+        self._factor = np.ones(0)  # per backend: the fleet's mean configured weight over its own
         # per local class: (backends by price, their prices, priced error by backend idx,
         # prior latency by backend idx)
         self._rows: list[tuple[list[Backend], list[float], list[float], list[float]]] = []
@@ -192,8 +193,9 @@ class TableStrategy(P2CEwma):
         # operator's weights steer traffic until answers replace them
         total = sum([b.weight for b in backends if b.weight > 0]) or 1
         mean_w = total / max(len(backends), 1)
-        self._factor = [mean_w / max(b.weight, 1e-3) for b in backends]
-        self._unknown = [b.ewma * f if not b.curve.seen else b.ewma for b, f in zip(backends, self._factor)]
+        factor = [mean_w / max(b.weight, 1e-3) for b in backends]
+        self._factor = np.array(factor, dtype=np.float64)
+        self._unknown = [b.ewma * f if not b.curve.seen else b.ewma for b, f in zip(backends, factor)]
         table = self.table
         self._fail = [self.fail_cost(k) for k in range(len(self.class_names))]
         # every curve's service time per class, (backends, classes); 0 = no answer yet
@@ -239,7 +241,7 @@ class TableStrategy(P2CEwma):
             return
         live = np.array([b.available for b in backends])
         svc = service.T  # (classes, backends)
-        prior = own_prior(svc, np.array(unknown, dtype=np.float64), np.array(self._factor, dtype=np.float64))
+        prior = own_prior(svc, np.array(unknown, dtype=np.float64), self._factor)
         price = lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc), self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, np.broadcast_to(live, price.shape))
         pri = prior.tolist()
@@ -262,7 +264,7 @@ class TableStrategy(P2CEwma):
         cols = np.array([c if b.available else -1 for b, c in zip(backends, self._cols)], dtype=np.int64)
         cand, prior, err = table_view(table, cols, self.class_names, self._unknown)
         svc = service.T
-        prior = np.where(svc != 0.0, prior, np.maximum(prior, weight_floor(svc, np.array(self._factor))))
+        prior = np.where(svc != 0.0, prior, np.maximum(prior, weight_floor(svc, self._factor)))
         # (a class not answered yet: its prior)
         price = lower_bound(np.where(svc != 0.0, svc, prior), err, self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, cand)
