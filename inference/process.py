@@ -29,6 +29,7 @@ import zmq
 from inference import adopted
 from inference.engine import Engine
 from inference.model import DEFAULT_MODEL, Model, ModelError
+from inference.retrain import discard
 from lb.core import config as cfgmod
 from lb.core.clone import Publisher, Subscriber
 from lb.core.fleet import compose
@@ -98,7 +99,6 @@ class InferenceProcess:
         self.trains = True  # False while another member of the fleet leads (Control.trains)
         self.fleet_seen = ""  # the last fleet model version considered
         self.fleet_candidate: tuple[Model, str] | None = None  # (model, member) awaiting its check
-        self.judged: tuple[Model, str] | None = None  # (model, member) the retrainer's child judges
         self.candidates = 0  # fleet models copied to be judged (their files' names)
 
     def run(self) -> int:
@@ -179,20 +179,14 @@ class InferenceProcess:
 
     def _retrain_poll(self) -> None:
         if self.fleet_candidate is not None and self.retrainer.idle() and self.retrainer.ready_to_check():
-            self.judged, self.fleet_candidate = self.fleet_candidate, None
-            self.retrainer.judge(self.engine.model, self.judged[0])
+            (model, member), self.fleet_candidate = self.fleet_candidate, None
+            self.retrainer.judge(self.engine.model, model, member)
         done = self.retrainer.poll(self.engine.model, may_start=self.trains)
         if done is None:
             return
         event, fields, model = done
-        if event in ("model_adopted", "model_declined"):  # a fleet model's verdict
-            (candidate, fields["member"]), self.judged = self.judged, None
-            if model is not None:
-                self._adopt(model, "fleet")
-            else:
-                _unlink(candidate.path)
-        elif model is not None:
-            self._adopt(model, "retrain")
+        if model is not None:
+            self._adopt(model, "fleet" if event == "model_adopted" else "retrain")
         log(event, **fields)
 
     def _adopt(self, model: Model, origin: str) -> None:
@@ -206,7 +200,7 @@ class InferenceProcess:
         except (OSError, ModelError) as exc:
             log("model_keep_failed", error=str(exc))
         else:
-            _unlink(model.path)  # a refit's output, or a fleet model's copy: the kept copy replaces it
+            discard(model.path)  # a refit's output, or a fleet model's copy: the kept copy replaces it
             model = kept
         self.engine.set_model(model)
 
@@ -232,12 +226,12 @@ class InferenceProcess:
             with open(path, "wb") as f:
                 f.write(blob)
         except (OSError, ModelError) as exc:
-            _unlink(path)
+            discard(path)
             error = str(exc) if isinstance(exc, ModelError) else f"{control.shared_model}: {exc.strerror or exc}"
             log("fleet_model_rejected", version=control.shared_version, member=control.shared_from, error=error)
             return
         if self.fleet_candidate is not None:  # a newer version replaces one not judged yet
-            _unlink(self.fleet_candidate[0].path)
+            discard(self.fleet_candidate[0].path)
         self.fleet_candidate = (model, control.shared_from)
 
     def close(self) -> None:
@@ -248,19 +242,11 @@ class InferenceProcess:
                 pass
         if self.retrainer is not None:
             self.retrainer.stop()
-        for pending in (self.fleet_candidate, self.judged):
-            if pending is not None:
-                _unlink(pending[0].path)
+        if self.fleet_candidate is not None:
+            discard(self.fleet_candidate[0].path)
         self.sub.close()
         self.pub.close()
         self.control.close()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,9 @@ class Retrainer:
         self.child: subprocess.Popen | None = None
         self.child_out = ""
         self.round = 0
-        self.judging = None  # the Model from elsewhere the running child judges (None: a refit)
+        # (Model, member) from elsewhere the running child judges (None: a refit); the
+        # model's file is a copy this judgement owns: removed unless adopted
+        self.judging: tuple[Model, str] | None = None
 
     def add(self, records: dict[str, np.ndarray]) -> None:
         self.chunks.append(records)
@@ -94,12 +96,13 @@ class Retrainer:
         """No child runs (a refit or a judgement)."""
         return self.child is None
 
-    def judge(self, live: Model | None, candidate: Model) -> None:
-        """Start judging a model from elsewhere (the fleet's leader) on this
-        instance's records, as a refit is judged; `poll` says the verdict
-        (`model_adopted` with the candidate, or `model_declined`).  Only when
+    def judge(self, live: Model | None, candidate: Model, member: str) -> None:
+        """Start judging a model from elsewhere (fleet member `member`, its
+        leader) on this instance's records, as a refit is judged; `poll` says
+        the verdict (`model_adopted` with the candidate, or `model_declined`,
+        its file removed as a refit's that is not swapped in).  Only when
         `idle()`."""
-        self.judging = candidate
+        self.judging = (candidate, member)
         self._spawn(live, ["--candidate", candidate.path])
 
     def _spawn(self, live: Model | None, args: list[str]) -> None:
@@ -130,20 +133,20 @@ class Retrainer:
             msg = err.decode(errors="replace").strip().splitlines()
             fields = {"error": msg[-1][:300] if msg else f"exit code {child.returncode}"}
             if judging is not None:
-                return "model_declined", {**fields, "version": judging.version}, None
+                return self._declined(judging, fields)
             return "retrain_failed", fields, None
         fields = {"live_score": result.get("live"), "challenger_score": result.get("challenger"),
                   "records": result.get("records"), "cpu_s": result.get("cpu_s"),
                   "previous": live.version if live is not None else ""}
         fields.update({k: v for k, v in result.items() if k.startswith("twin")})
         if judging is not None:
-            fields["version"] = judging.version
-            return ("model_adopted", fields, judging) if result.get("swap") else ("model_declined", fields, None)
+            if not result.get("swap"):
+                return self._declined(judging, fields)
+            model, fields["member"] = judging
+            fields["version"] = model.version
+            return "model_adopted", fields, model
         if not result.get("swap"):
-            try:
-                os.unlink(self.out)
-            except OSError:
-                pass
+            discard(self.out)
             return "model_kept", fields, None
         try:
             model = Model.load(self.out)
@@ -155,10 +158,27 @@ class Retrainer:
     def ready_to_check(self) -> bool:
         return self.n >= MIN_RECORDS
 
+    @staticmethod
+    def _declined(judging: tuple[Model, str], fields: dict) -> tuple[str, dict, None]:
+        model, member = judging
+        discard(model.path)
+        return "model_declined", {**fields, "version": model.version, "member": member}, None
+
     def stop(self) -> None:
         if self.child is not None and self.child.poll() is None:
             self.child.kill()
             self.child.wait()
+        if self.judging is not None:
+            discard(self.judging[0].path)
+            self.judging = None
+
+
+def discard(path: str) -> None:
+    """Remove a model file this process made, if it is still there."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
