@@ -175,7 +175,7 @@ def teach(ml, errors: float = 0.0, answers: int = 20) -> None:
 
 def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float], list[float], list[float]]:
     """A worker's event-loop time per tick at this scale: (a) decode a real
-    tick's Table and install it (TableStrategy.set_table: the load curves'
+    tick's Table as a worker does (lb.core.messages.decode_table_arrays) and install it (TableStrategy.set_table: the load curves'
     refit and the rows), for a table that may route (learned mode: the
     table's per-class rows) and for one that may not (a fallback table, here
     low confidence: the worker's own rows), (b) build and encode its
@@ -219,14 +219,14 @@ def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float]
     assert ml.usable, "the learned table should route"
 
     def install_learned():
-        ml.set_table(m.table_decoder.decode(learned_blob))
+        ml.set_table(m.decode_table_arrays(learned_blob))
 
     inst_learned = timed(install_learned, runs)
     ml.set_table(table)
     ml.check(table.ts)  # a fallback table: the worker routes by its own rows
 
     def install():
-        ml.set_table(m.table_decoder.decode(blob))
+        ml.set_table(m.decode_table_arrays(blob))
 
     def report():
         m.encode(build_stats(backends, table.classes, slot=0, pid=1, generation=1, seq=1, ts=1.0,

@@ -152,7 +152,7 @@ class TableStrategy(P2CEwma):
         self._curves = [b.curve for b in backends]
         self.clock = monotonic  # the clock answers are timed with (the simulator's is simulated)
         self._refit = ChunkedFit(self.FIT_CHUNK)  # the curves' refits, a chunk per table
-        self._unknown: list[float] = []  # price of a backend's classes not answered yet
+        self._unknown = np.zeros(0)  # per backend: the price of its classes not answered yet
         self._factor = np.ones(0)  # per backend: the fleet's mean configured weight over its own
         # per local class: (backends by price, their prices, priced error by backend idx,
         # prior latency by backend idx)
@@ -169,7 +169,7 @@ class TableStrategy(P2CEwma):
     def set_table(self, table) -> None:
         self.table = table
         self.stale_after = table.ts + 2 * table.interval
-        if table.cost:
+        if len(table.cost):  # (a list, or a numpy array: lb.core.messages.decode_table_arrays)
             self.explore = table.exploration
             self.priced = True
         self._fit()
@@ -191,11 +191,12 @@ class TableStrategy(P2CEwma):
         # a backend that has not answered yet is priced at its peak EWMA (the
         # default RTT) over its configured weight relative to the others: the
         # operator's weights steer traffic until answers replace them
-        total = sum([b.weight for b in backends if b.weight > 0]) or 1
-        mean_w = total / max(len(backends), 1)
-        factor = [mean_w / max(b.weight, 1e-3) for b in backends]
-        self._factor = np.array(factor, dtype=np.float64)
-        self._unknown = [b.ewma * f if not b.curve.seen else b.ewma for b, f in zip(backends, factor)]
+        weight = np.array([b.weight for b in backends], dtype=np.float64)
+        total = weight[weight > 0].sum() or 1
+        factor = self._factor = total / max(len(backends), 1) / np.maximum(weight, 1e-3)
+        ewma = np.array([b.ewma for b in backends], dtype=np.float64)
+        seen = np.array([b.curve.seen for b in backends], dtype=bool)
+        self._unknown = np.where(seen, ewma, ewma * factor)
         table = self.table
         self._fail = [self.fail_cost(k) for k in range(len(self.class_names))]
         # every curve's service time per class, (backends, classes); 0 = no answer yet
@@ -237,11 +238,11 @@ class TableStrategy(P2CEwma):
         unknown = self._unknown
         zeros = [0.0] * len(backends)
         if not backends:
-            self._own = [([], [], zeros, unknown) for _ in self.class_names]
+            self._own = [([], [], zeros, []) for _ in self.class_names]
             return
         live = np.array([b.available for b in backends])
         svc = service.T  # (classes, backends)
-        prior = own_prior(svc, np.array(unknown, dtype=np.float64), self._factor)
+        prior = own_prior(svc, unknown, self._factor)
         price = lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc), self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, np.broadcast_to(live, price.shape))
         pri = prior.tolist()
@@ -264,9 +265,13 @@ class TableStrategy(P2CEwma):
         cols = np.array([c if b.available else -1 for b, c in zip(backends, self._cols)], dtype=np.int64)
         cand, prior, err = table_view(table, cols, self.class_names, self._unknown)
         svc = service.T
-        prior = np.where(svc != 0.0, prior, np.maximum(prior, weight_floor(svc, self._factor)))
-        # (a class not answered yet: its prior)
-        price = lower_bound(np.where(svc != 0.0, svc, prior), err, self._fail, self.priced)
+        unanswered = svc == 0.0
+        if unanswered.any():  # (a fleet whose every class has answers everywhere needs no floor)
+            prior = np.where(unanswered, np.maximum(prior, weight_floor(svc, self._factor)), prior)
+            # (a class not answered yet: its prior)
+            price = lower_bound(np.where(unanswered, prior, svc), err, self._fail, self.priced)
+        else:
+            price = lower_bound(svc, err, self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, cand)
         errs = err.tolist()
         pri = prior.tolist()

@@ -288,17 +288,22 @@ def fit(curves: list[Curve], dt: float) -> None:
     loads = np.array([c.level_load for c in curves], dtype=np.float64)
     mixes = np.array([c.level_mix for c in curves], dtype=np.float64)
     use = n >= MIN_LEVEL_ANSWERS
-    w = np.where(use, n, 0.0)
-    safe = np.maximum(n, 1e-12)
-    mean = np.log(np.where(use, total / safe, 1.0))
+    # only the levels in use weigh in the fit: (a backend rarely has more than a few)
+    at_b, at_l = np.nonzero(use)  # (row-major: each backend's levels together)
+    nu = n[at_b, at_l]
+    mean = np.log(total[at_b, at_l] / nu)
     # ln(1 + max(0, load + 1 - k) / k x mix) at each level's mean load and mix, for
-    # every grid value: (B, LEVELS, K)
+    # every grid value: (levels in use, K)
     grid = SLOT_GRID
-    k = grid[None, None, :]
-    queued = np.maximum(0.0, (loads / safe + 1.0)[:, :, None] - k) / k
-    curve = np.log1p(queued * (mixes / safe)[:, :, None])
-    # squared log error of every grid value, weighted by answers: (B, K)
-    err = (w[:, :, None] * (mean[:, :, None] - curve) ** 2).sum(axis=1)
+    k = grid[None, :]
+    queued = np.maximum(0.0, (loads[at_b, at_l] / nu + 1.0)[:, None] - k) / k
+    curve = np.log1p(queued * (mixes[at_b, at_l] / nu)[:, None])
+    # squared log error of every grid value, weighted by answers, summed per backend: (B, K)
+    sq = nu[:, None] * (mean[:, None] - curve) ** 2
+    err = np.zeros((len(curves), len(grid)))
+    if len(at_b):
+        first = np.flatnonzero(np.r_[True, at_b[1:] != at_b[:-1]])
+        err[at_b[first]] = np.add.reduceat(sq, first, axis=0)
     best = grid[err.argmin(axis=1)]
     # For `measured`, a count the answers cannot tell from the best stays:
     # answers that only show the backend below its knee fit every count above
@@ -309,22 +314,24 @@ def fit(curves: list[Curve], dt: float) -> None:
     at = np.searchsorted(grid, was).clip(0, len(grid) - 1)
     same = (grid[at] == was) & (err[np.arange(len(curves)), at] <= err.min(axis=1) + 1e-12)
     kept = np.where(same, was, best)
-    enough = w.sum(axis=1) >= MIN_FIT_ANSWERS
-    top = np.where(use, loads / safe + 1.0, 0.0).max(axis=1)  # evidence(), for every curve at once
+    enough = np.where(use, n, 0.0).sum(axis=1) >= MIN_FIT_ANSWERS
+    top = np.where(use, loads / np.maximum(n, 1e-12) + 1.0, 0.0).max(axis=1)  # evidence(), for every curve at once
     keep = math.exp(-dt / TAU)
     n *= keep
     total *= keep
     loads *= keep
     mixes *= keep
-    for i, c in enumerate(curves):
-        if enough[i]:
-            c.slots = float(best[i])
-            c.measured = float(kept[i])
-        c.top = float(top[i])
-        c.level_n = n[i].tolist()
-        c.level_sum = total[i].tolist()
-        c.level_load = loads[i].tolist()
-        c.level_mix = mixes[i].tolist()
+    # (Python values in one conversion each, not element by element)
+    for c, e, b, m, t, ln, ls, ll, lm in zip(curves, enough.tolist(), best.tolist(), kept.tolist(), top.tolist(),
+                                            n.tolist(), total.tolist(), loads.tolist(), mixes.tolist()):
+        if e:
+            c.slots = b
+            c.measured = m
+        c.top = t
+        c.level_n = ln
+        c.level_sum = ls
+        c.level_load = ll
+        c.level_mix = lm
 
 
 class ChunkedFit:

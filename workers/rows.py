@@ -14,7 +14,7 @@ import numpy as np
 ERR_PRICE = 8.0  # the table's cost is its latency x (1 - e) ** -ERR_PRICE (inference/policy.py)
 
 
-def table_view(table, cols: np.ndarray, names: list, unknown: list[float]) -> tuple[np.ndarray, ...]:
+def table_view(table, cols: np.ndarray, names: list, unknown) -> tuple[np.ndarray, ...]:
     """What a table says of each (local class, backend), as (classes x
     backends) arrays: whether the backend is a candidate (in the table,
     available, weight > 0), its prior (the table's predicted latency, or
@@ -94,14 +94,14 @@ def _profile(svc: np.ndarray) -> tuple[np.ndarray, ...]:
     return per_class, per_backend, g, rel
 
 
-def class_rows(classes: list, rows: list, names: list, width: int, fill: float,
+def class_rows(classes: list, rows: list | np.ndarray, names: list, width: int, fill: float,
                empty_counts: bool = False) -> np.ndarray:
     """(len(names), width): for each local class name, the table row it reads,
     `fill` where that row is short or missing.  Its own class's row, else the
     default class's (`empty_counts`: an empty row of its own is its row; the
     default falls back to the first class's), else none."""
     out = np.full((len(names), width), fill, dtype=np.float64)
-    if not rows or not width:
+    if not len(rows) or not width:
         return out
     by_name = {c: i for i, c in enumerate(classes[:len(rows)])}
     default = by_name.get("default")
@@ -116,8 +116,13 @@ def class_rows(classes: list, rows: list, names: list, width: int, fill: float,
         if i is None or (not empty_counts and not len(rows[i])):
             i = default
         pick.append(i)
-    if all(len(r) >= width for r in rows):  # the usual table: one conversion
+    if isinstance(rows, np.ndarray):  # a worker's table (decode_table_arrays): no conversion
+        full = rows[:, :width] if rows.shape[1] >= width else None
+    elif all(len(r) >= width for r in rows):  # the usual table: one conversion
         full = np.array([r[:width] for r in rows], dtype=np.float64)
+    else:
+        full = None
+    if full is not None:
         for k, i in enumerate(pick):
             if i is not None:
                 out[k] = full[i]

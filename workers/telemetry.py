@@ -158,7 +158,7 @@ class Telemetry:
         pub.connect(ep["stats_inference"])
         pub.connect(ep["stats_admin"])
         self.tables = Subscriber(self.ctx, ep["tables"], ep["tables_snapshot"],
-                                 m.TOPIC_TABLE, m.table_decoder.decode)
+                                 m.TOPIC_TABLE, m.decode_table_arrays)
         self.control = Subscriber(self.ctx, ep["control"], ep["control_snapshot"],
                                   m.TOPIC_CONTROL, m.control_decoder.decode)
         self.tracer = None

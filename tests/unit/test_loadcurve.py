@@ -13,7 +13,7 @@ import pytest
 
 from lb.core.config import Backend as BackendConfig
 from workers.backend import Backend
-from workers.loadcurve import DEFAULT_SERVICE, Curve, fit
+from workers.loadcurve import DEFAULT_SERVICE, MIN_FIT_ANSWERS, MIN_LEVEL_ANSWERS, SLOT_GRID, Curve, fit
 
 
 def answers(curve: Curve, rng: random.Random, slots: int, service: tuple[float, ...], n: int,
@@ -235,6 +235,57 @@ def test_the_fit_keeps_the_evidence_the_stats_report():
     fit(curves, 0.1)
     assert [c.top for c in curves] == pytest.approx(before)
     assert before[0] == 0.0 and before[-1] > 1.0
+
+
+def reference_fit(curve: Curve) -> tuple[float, float]:
+    """The slot fit of one curve, written plainly: (the grid count of least
+    squared log error over the levels with MIN_LEVEL_ANSWERS or more answers,
+    weighted by answers; that least error)."""
+    errors = []
+    for k in SLOT_GRID.tolist():
+        err = 0.0
+        for n, total, load, mix in zip(curve.level_n, curve.level_sum, curve.level_load, curve.level_mix):
+            if n >= MIN_LEVEL_ANSWERS:
+                model = math.log1p(max(0.0, load / n + 1.0 - k) / k * (mix / n))
+                err += n * (math.log(total / n) - model) ** 2
+        errors.append(err)
+    best = min(errors)
+    return SLOT_GRID[errors.index(best)].item(), best
+
+
+def test_the_vectorised_fit_is_the_plain_one():
+    """`fit` computes every curve at once over only the levels that count:
+    the same counts as the plain rule, for curves whose levels are empty,
+    under the answers that count, or full, in any mix."""
+    rng = random.Random(5)
+    checked = same = 0
+    for _ in range(200):
+        curves = [Curve(2) for _ in range(rng.randint(1, 40))]
+        for c in curves:
+            for lvl in range(len(c.level_n)):
+                if rng.random() < 0.4:
+                    n = rng.choice((0.5, 1.99, 2.0, rng.uniform(2.0, 60.0)))
+                    c.level_n[lvl] = n
+                    c.level_sum[lvl] = n * rng.uniform(0.8, 6.0)
+                    c.level_load[lvl] = n * rng.uniform(0.0, 70.0)
+                    c.level_mix[lvl] = n * rng.uniform(0.3, 3.0)
+        want = [reference_fit(c) for c in curves]
+        fit(curves, 0.0)  # (dt = 0: the levels stay as they were)
+        for c, (slots, least) in zip(curves, want):
+            if sum(n for n in c.level_n if n >= MIN_LEVEL_ANSWERS) >= MIN_FIT_ANSWERS:
+                # the plain rule's count, or one that fits as well to the last few bits
+                assert c.slots == slots or reference_error(c, c.slots) <= least * (1 + 1e-12), (c.slots, slots)
+                same += c.slots == slots
+                checked += 1
+            else:
+                assert c.slots == 1.0  # (the prior: too few answers to fit)
+    assert checked > 1000 and same >= 0.99 * checked
+
+
+def reference_error(curve: Curve, k: float) -> float:
+    return sum(n * (math.log(total / n) - math.log1p(max(0.0, load / n + 1.0 - k) / k * (mix / n))) ** 2
+               for n, total, load, mix in zip(curve.level_n, curve.level_sum, curve.level_load, curve.level_mix)
+               if n >= MIN_LEVEL_ANSWERS)
 
 
 def test_a_measured_slot_count_outlives_its_evidence():
