@@ -44,9 +44,12 @@ real requests go):
   is `mix`, the mean service of the requests in flight when it was sent (by
   their classes, at the service times of the moment: `flying` counts them)
   over its own; `fit` picks, from SLOT_GRID, the slot count whose curve
-  1 + max(0, n + 1 - slots) / slots x mix at each level's mean count and mix
-  is closest to those averages in log terms.  (With one class, mix is 1 and
-  the curve max(1, (n + 1) / slots).  Without it, a light request queued
+  1 + rounds(n + 1 - slots) / slots x mix at each level's mean count and mix
+  is closest to those averages in log terms, where a request with q others
+  ahead of it for a slot waits FIRST_ROUND of a service for the first (the
+  rest of a service in progress) and a whole one for each further one:
+  rounds(q) = q x FIRST_ROUND up to one, q - 1 + FIRST_ROUND beyond.  (With
+  one class, mix is 1.  Without it, a light request queued
   behind heavy ones reads as a backend serving fewer requests at once: on a
   fleet whose backends each draw their own mix of classes, a deep queue made
   one look half its size, and the pick kept off it while its slots idled.)  A
@@ -108,6 +111,12 @@ _CLIPPED_VAR = math.erf(CLIP / math.sqrt(2)) - CLIP * math.sqrt(2 / math.pi) * m
 PACE_LEARN = 0.2  # weight of one answer in `log_pace` (a worker's curves)
 PACE_FLOOR = -0.5  # ... which goes no lower (a run of fast answers cannot hide a slowdown for long)
 TAU = 1.0  # seconds: time constant of the per-level averages
+# The share of a whole service a request sent to a busy backend waits, on
+# average, for the request in service ahead of it: the rest of that service
+# (half of it for a request sent at a random moment of a steady service, a
+# little more for variable ones).  The slot fit counts the first round of
+# waiting so; the pick's expected latency (`expected`) still counts it whole.
+FIRST_ROUND = 0.5
 MIN_LEVEL_ANSWERS = 2.0  # (decayed) answers at a level before it counts in the fit
 MIN_FIT_ANSWERS = 5.0  # ... and in all levels before the slot count is refitted
 SLOT_GRID = np.array([1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64,
@@ -278,9 +287,14 @@ class Curve:
 def fit(curves: list[Curve], dt: float) -> None:
     """Refit every curve's slot count from its per-level averages, then decay
     them by `dt` seconds.  Vectorised: a few hundred microseconds for 256
-    backends (bench/inference_bench.py).  The model is 1 + max(0, n + 1 - k)
-    / k x mix at n in flight (max(1, (n + 1) / k) with one class): a request
-    queued behind the only one in flight waits that one's full service."""
+    backends (bench/inference_bench.py).  The model is 1 + rounds(n + 1 - k)
+    / k x mix at n in flight (the module docstring): a request queued behind
+    the only one in flight waits the rest of that one's service, half of it
+    on average (FIRST_ROUND).  Counted as a whole service, the answers of a
+    single-slot backend at one in flight (about 1 + mix / 2) sat between the
+    curves of one slot (1 + mix) and of 1.5 (1 + mix / 3), and the fit often
+    read 1.5: the pick then sent requests to a busy backend as to a free half
+    slot (tests/unit/test_loadcurve.py; docs/learning.md)."""
     if not curves:
         return
     n = np.array([c.level_n for c in curves], dtype=np.float64)  # (B, LEVELS)
@@ -292,11 +306,12 @@ def fit(curves: list[Curve], dt: float) -> None:
     at_b, at_l = np.nonzero(use)  # (row-major: each backend's levels together)
     nu = n[at_b, at_l]
     mean = np.log(total[at_b, at_l] / nu)
-    # ln(1 + max(0, load + 1 - k) / k x mix) at each level's mean load and mix, for
+    # ln(1 + rounds(load + 1 - k) / k x mix) at each level's mean load and mix, for
     # every grid value: (levels in use, K)
     grid = SLOT_GRID
     k = grid[None, :]
-    queued = np.maximum(0.0, (loads[at_b, at_l] / nu + 1.0)[:, None] - k) / k
+    queued = np.maximum(0.0, (loads[at_b, at_l] / nu + 1.0)[:, None] - k)
+    queued = (queued - (1.0 - FIRST_ROUND) * np.minimum(queued, 1.0)) / k
     curve = np.log1p(queued * (mixes[at_b, at_l] / nu)[:, None])
     # squared log error of every grid value, weighted by answers, summed per backend: (B, K)
     sq = nu[:, None] * (mean[:, None] - curve) ** 2
