@@ -175,8 +175,9 @@ def teach(ml, errors: float = 0.0, answers: int = 20) -> None:
 
 def worker_side(n_backends: int, n_classes: int, runs: int) -> tuple[list[float], list[float], list[float]]:
     """A worker's event-loop time per tick at this scale: (a) decode a real
-    tick's Table as a worker does (lb.core.messages.decode_table_arrays) and install it (TableStrategy.set_table: the load curves'
-    refit and the rows), for a table that may route (learned mode: the
+    tick's Table as a worker does (lb.core.messages.decode_table_arrays) and
+    install it (TableStrategy.set_table: the load curves' refit and the
+    rows), for a table that may route (learned mode: the
     table's per-class rows) and for one that may not (a fallback table, here
     low confidence: the worker's own rows), (b) build and encode its
     WorkerStats report, as workers/telemetry.py does."""
