@@ -192,11 +192,9 @@ class TableStrategy(P2CEwma):
         # default RTT) over its configured weight relative to the others: the
         # operator's weights steer traffic until answers replace them
         weight = np.array([b.weight for b in backends], dtype=np.float64)
-        total = weight[weight > 0].sum() or 1
-        factor = self._factor = total / max(len(backends), 1) / np.maximum(weight, 1e-3)
-        ewma = np.array([b.ewma for b in backends], dtype=np.float64)
+        factor = self._factor = (weight[weight > 0].sum() or 1) / max(len(backends), 1) / np.maximum(weight, 1e-3)
         seen = np.array([b.curve.seen for b in backends], dtype=bool)
-        self._unknown = np.where(seen, ewma, ewma * factor)
+        self._unknown = np.array([b.ewma for b in backends], dtype=np.float64) * np.where(seen, 1.0, factor)
         table = self.table
         self._fail = [self.fail_cost(k) for k in range(len(self.class_names))]
         # every curve's service time per class, (backends, classes); 0 = no answer yet
@@ -266,12 +264,10 @@ class TableStrategy(P2CEwma):
         cand, prior, err = table_view(table, cols, self.class_names, self._unknown)
         svc = service.T
         unanswered = svc == 0.0
-        if unanswered.any():  # (a fleet whose every class has answers everywhere needs no floor)
+        if unanswered.any():  # a class not answered yet: its prior, no lower than the profile's floor
             prior = np.where(unanswered, np.maximum(prior, weight_floor(svc, self._factor)), prior)
-            # (a class not answered yet: its prior)
-            price = lower_bound(np.where(unanswered, prior, svc), err, self._fail, self.priced)
-        else:
-            price = lower_bound(svc, err, self._fail, self.priced)
+            svc = np.where(unanswered, prior, svc)
+        price = lower_bound(svc, err, self._fail, self.priced)
         ordered, prices, n = by_price(self._objects(), price, cand)
         errs = err.tolist()
         pri = prior.tolist()
