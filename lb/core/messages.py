@@ -259,8 +259,8 @@ def decode_table_arrays(payload: bytes) -> Table:
     """A Table as a worker reads it: its per-class rows (TABLE_ROWS) as
     (classes, backends) float64 numpy arrays, read from their bytes in one
     step where every row is full and every value a 64-bit float, as the
-    inference process sends them (lb/core/floatrows.py; 0.3 ms less of a
-    worker's event loop per table at 256 backends x 8 classes), else as
+    inference process sends them (lb/core/floatrows.py; about 0.1 ms less of
+    a worker's event loop per table at 256 backends x 8 classes), else as
     lists, decoded and checked as `table_decoder` would.  Such a Table is
     read, never encoded again."""
     from lb.core.floatrows import float_rows  # (numpy: only for the processes that read tables so)
