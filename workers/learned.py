@@ -58,10 +58,10 @@ class TableStrategy(P2CEwma):
       healthy backend's queue grew until its answers came too late: more
       requests lost to the timeout than the failing backend would have lost.
       Until a table has priced errors (the first tables of a run say the
-      inference process is warming up), the priced error is this worker's
-      own recent failure share there (`Backend.err`): one answer that
-      succeeds between fast failures resets the count in a row, not the
-      share.
+      inference process is warming up), and whenever no table may route
+      (below), the priced error is this worker's own recent failure share
+      there (`Backend.err`): one answer that succeeds between fast failures
+      resets the count in a row, not the share.
       A class a backend has not answered yet (from this worker) is priced at
       the table's predicted latency, but no lower than the fleet's profile
       says (`weight_floor`, workers/rows.py: the class's typical service
@@ -90,7 +90,7 @@ class TableStrategy(P2CEwma):
     Without a usable table (`learned` False, `reason` says why: none yet,
     older than twice its publish interval because the inference process is
     late or down, or a table that says the model is not to be trusted) it
-    routes by its curves alone: no table's priced errors, classes not answered yet
+    routes by its curves alone: errors priced by its own failure share, classes not answered yet
     priced by `own_prior` (the class's typical cost and the backend's speed
     on what it answered; having answered nothing, the class's typical cost
     over its relative configured weight, or its peak EWMA over that weight
@@ -227,7 +227,8 @@ class TableStrategy(P2CEwma):
 
     def _build_own(self, service: np.ndarray) -> None:
         """The worker's own rows, for when no table may route: its curves alone,
-        no priced error.  A class a backend has not answered yet is priced by
+        no priced error (the pick prices errors by the worker's own failure
+        share).  A class a backend has not answered yet is priced by
         `own_prior`: its speed on the classes it has answered, at the class's
         cost where other backends answered it; a backend that has answered
         nothing, at the class's typical cost over its relative weight; a
@@ -241,7 +242,7 @@ class TableStrategy(P2CEwma):
         live = np.array([b.available for b in backends])
         svc = service.T  # (classes, backends)
         prior = own_prior(svc, unknown, self._factor)
-        price = lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc), self._fail, self.priced)
+        price = lower_bound(np.where(svc != 0.0, svc, prior), np.zeros_like(svc), self._fail, False)
         ordered, prices, n = by_price(self._objects(), price, np.broadcast_to(live, price.shape))
         pri = prior.tolist()
         self._own = [(ordered[k][:n[k]], prices[k][:n[k]], zeros, pri[k]) for k in range(len(n))]
@@ -334,8 +335,11 @@ class TableStrategy(P2CEwma):
         self.lost_after[cls] = self.DEADLINE * p.deadline
 
     def _table_pick(self, cls: int, exclude=()):
-        own_err = not self.priced
-        order, prices, priced, prior = (self._rows if self.usable else self._own)[cls]
+        usable = self.usable
+        # the worker's own rows (no table may route), or a table that has not
+        # priced errors yet: this worker's own recent failure share prices them
+        own_err = not (usable and self.priced)
+        order, prices, priced, prior = (self._rows if usable else self._own)[cls]
         if not order:
             return super().pick(exclude)
         if self.explore and not exclude and self.rng.random() < self.explore:
@@ -367,7 +371,6 @@ class TableStrategy(P2CEwma):
                 if latency > lost_at:
                     lost, lost_at = b, latency
                 continue
-            # no table has priced errors yet: this worker's own recent failure share
             e = b.err if own_err else priced[i]
             # answered: its latency and the wait it adds to the requests behind
             # it (`Curve.externality`, inline: one call less per backend scanned);

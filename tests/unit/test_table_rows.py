@@ -206,8 +206,9 @@ def full_scan(s, cls, now, exclude=()):
         if not b.available or b in exclude:
             continue
         cv = b.curve
-        # before any table priced errors, the worker's own failure share is priced instead
-        e = err[b.idx] if s.priced else b.err
+        # before any table priced errors, and on the worker's own rows, its own failure
+        # share is priced instead
+        e = err[b.idx] if s.usable and s.priced else b.err
         # the request's latency, and the wait it adds to those queued behind it (the
         # pick keeps an inline copy of Curve.externality)
         answered = (cv.expected(cls, b.inflight, prior[b.idx], now)
@@ -236,7 +237,8 @@ def test_the_early_exit_picks_what_a_full_scan_picks(seed, fail_cost, monkeypatc
     s.set_table(table)
     s.check(0.0)  # the table's ts is 0: fresh at wall-clock 0
     for usable, priced in ((True, True), (False, True), (False, False)):
-        # priced by the table; by the curves alone; and before any table priced errors
+        # priced by the table; by the curves alone (after a table priced errors, and
+        # before any did)
         s.usable, s.priced = usable, priced
         s.refresh()  # (as set_table does when a table first prices errors)
         for cls in range(2):
