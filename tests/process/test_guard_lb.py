@@ -17,6 +17,7 @@ backends, and the worker falls back with reason `guard` (log event
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 import time
 
@@ -38,11 +39,11 @@ def with_inverted_model(lb_factory, servers, tmp_path, learning: str):
     return lb, fast
 
 
-def fast_shares(lb_factory, servers, tmp_path, model_errors: str, batches: int = 6,
-                done=lambda shares: False) -> tuple[list, list]:
+def fast_shares(lb_factory, servers, tmp_path, model_errors: str, batches: int,
+                done) -> tuple[list, list]:
     """One client's requests in batches of 50 once the worker routes by the
     table: the fast backend's share of each batch, and the worker's modes.
-    At most `batches`, fewer once `done(shares)`."""
+    At most `batches`, fewer once `done(shares, lb)`."""
     lb, fast = with_inverted_model(lb_factory, servers, tmp_path, f'model_errors = "{model_errors}"')
     events = lambda: lb.log.events("policy_mode")  # noqa: E731
     # the worker's (with a slot; the inference process logs its own)
@@ -61,17 +62,38 @@ def fast_shares(lb_factory, servers, tmp_path, model_errors: str, batches: int =
             r.read()
             assert r.status == 200
         shares.append((fast.hits - before) / 50)
-        if done(shares):
+        if done(shares, lb):
             break
     conn.close()
     return shares, modes()
 
 
+def error_weight(lb) -> dict:
+    """The latest table's weight of the model's error predictions, per backend
+    (/api/route; empty while no table prices errors)."""
+    status, _, body = get(lb.admin_port, "/api/route")
+    assert status == 200
+    table = json.loads(body)["table"] or {}
+    return table.get("error_weight", {}) if table.get("mode") == "learned" else {}
+
+
 def test_a_model_whose_error_predictions_lie_loses_their_weight(lb_factory, servers, tmp_path):
     """By default the lie is judged against the fast backend's answers and
-    loses its weight there: the fast backend takes the traffic."""
-    shares, modes = fast_shares(lb_factory, servers, tmp_path, "earned")
-    assert min(shares[-3:]) >= 0.9, shares
+    loses its weight there: the tables price the model's error predictions
+    (the admin shows their weight), the fast backend's falls towards 0, and
+    the fast backend takes the traffic."""
+    seen: list[dict] = []  # the error weights after each batch
+
+    def priced(shares, lb) -> bool:
+        # three batches in a row to the fast backend, after a table showed the
+        # lie's weight there gone
+        seen.append(error_weight(lb))
+        return len(shares) >= 3 and min(shares[-3:]) >= 0.9 and any(w.get("fast", 1.0) < 0.05 for w in seen[:-3])
+
+    shares, modes = fast_shares(lb_factory, servers, tmp_path, "earned", batches=20, done=priced)
+    # a table priced the model's errors, with the lie's weight on the fast backend gone
+    assert any(w.get("fast", 1.0) < 0.05 for w in seen[:-3]), seen
+    assert len(shares) >= 3 and min(shares[-3:]) >= 0.9, shares
     assert ("fallback", "guard") not in modes, modes
 
 
@@ -83,7 +105,7 @@ def test_with_the_models_error_predictions_always_counted_the_lie_routes(lb_fact
     busy host the first that do can come after a few batches: the lie must
     route three batches in a row within twenty."""
     shares, _ = fast_shares(lb_factory, servers, tmp_path, "always", batches=20,
-                            done=lambda shares: len(shares) >= 3 and max(shares[-3:]) < 0.5)
+                            done=lambda shares, lb: len(shares) >= 3 and max(shares[-3:]) < 0.5)
     assert len(shares) >= 3 and max(shares[-3:]) < 0.5, shares
 
 
