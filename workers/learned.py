@@ -336,9 +336,7 @@ class TableStrategy(P2CEwma):
 
     def _table_pick(self, cls: int, exclude=()):
         usable = self.usable
-        # the worker's own rows (no table may route), or a table that has not
-        # priced errors yet: this worker's own recent failure share prices them
-        own_err = not (usable and self.priced)
+        own_err = not (usable and self.priced)  # errors priced by this worker's own failure share
         order, prices, priced, prior = (self._rows if usable else self._own)[cls]
         if not order:
             return super().pick(exclude)
