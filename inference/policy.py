@@ -94,10 +94,18 @@ class ErrorRecord:
     attempts and errors, summed over cells), the difference decayed over
     CONFIDENCE_TAU seconds.  The error the picks are priced with is the mix
     of the two with the model's posterior weight (`trust`), equal odds to
-    begin with: Bayesian model averaging between the two.  A model whose
-    small error predictions keep meeting backends that fail nothing loses its
-    weight within a few hundred answers; one that foretells failures the
-    record has not shown yet (a backend that starts failing) earns it."""
+    begin with: Bayesian model averaging between the two.  A backend's
+    weight is judged by its own record and by the whole fleet's (its own
+    included): on a cell with few answers (a class a backend is seldom sent)
+    a model's error predictions are judged by how they fared everywhere.
+    Judged per backend alone, the shipped model's predictions of a few per
+    cent of errors on seldom-answered cells of healthy fleets kept about
+    half their weight, and a 2.5 ms backend was priced at 12 ms (evaluation
+    fleets 52 and 53: p99 1.6-1.8x the ablations', docs/learning.md).  A
+    model whose small error predictions keep meeting backends that fail
+    nothing loses its weight within a few hundred answers; one that
+    foretells failures the record has not shown yet (a backend that starts
+    failing) earns it, there and, a little, on the rest of the fleet."""
 
     def __init__(self, earned: bool = True) -> None:
         self.earned = earned  # False (`learning.model_errors = "always"`): the model's weight stays 1
@@ -124,8 +132,10 @@ class ErrorRecord:
         self.margin = self.margin + loglik(self.pred[1]) - loglik(self.pred[0])
 
     def trust(self) -> np.ndarray | float:
-        """The model's posterior weight per backend, 0..1."""
-        return 1.0 / (1.0 + np.exp(np.clip(self.margin, -50.0, 50.0)))
+        """The model's posterior weight per backend, 0..1: from the backend's
+        record plus the fleet's."""
+        m = self.margin
+        return 1.0 / (1.0 + np.exp(np.clip(m + np.sum(m), -50.0, 50.0)))
 
     def price(self, predicted: np.ndarray, observed: np.ndarray, answers: np.ndarray) -> np.ndarray:
         """The priced error (C, B) of this tick, remembered to be judged at the next."""

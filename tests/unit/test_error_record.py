@@ -37,19 +37,35 @@ def test_small_error_predictions_for_backends_that_fail_nothing_lose_their_weigh
     assert (priced < 5e-5).all()
 
 
-def test_a_model_that_foretells_failures_earns_its_weight_backend_by_backend():
+def test_a_model_that_foretells_failures_earns_its_weight_there_and_on_the_fleet():
     """Backend 1 starts failing half its requests before its record shows it;
-    the model says so.  Backend 0 answers everything, and the model says that
-    too: the two agree there, and its weight stays where it was."""
+    the model says so, and earns its weight there.  Backend 0 answers
+    everything, and the model says that too: the two agree there, and the
+    model's weight there comes from the fleet's record (backend 1's)."""
     record = policy.ErrorRecord()
     predicted = np.array([[0.0, 0.5]])
     observed = np.zeros((1, 2))
     answers = np.full((1, 2), 2.0)  # few answers yet: the prediction weighs
     ticks(record, predicted, observed, answers, np.array([[100.0, 100.0]]), np.array([[0.0, 50.0]]), n=3)
     trust = record.trust()
-    assert trust[0] == pytest.approx(0.5)
-    assert trust[1] > 0.99
-    assert record.price(predicted, observed, answers)[0, 1] > 0.4
+    assert trust[0] > 0.99 and trust[1] > 0.99
+    priced = record.price(predicted, observed, answers)
+    assert priced[0, 1] > 0.4
+    assert priced[0, 0] == 0.0
+
+
+def test_a_backends_weight_counts_the_whole_fleets_record():
+    """The model says 2% everywhere.  Backend 0 has answered a lot and failed
+    nothing; backend 1 is seldom sent anything: its own record is thin, but
+    the fleet's says the model's small error predictions are wrong here, and
+    it loses its weight on backend 1 too."""
+    record = policy.ErrorRecord()
+    predicted = np.full((1, 2), 0.02)
+    observed, answers = np.zeros((1, 2)), np.full((1, 2), 2.0)
+    ticks(record, predicted, observed, answers, np.array([[200.0, 0.5]]), np.zeros((1, 2)))
+    own_only = 1.0 / (1.0 + np.exp(record.margin))  # each backend judged by its own record alone
+    assert own_only[1] > 0.4  # backend 1's own record would have left it about half
+    assert (record.trust() < 0.01).all()
 
 
 def test_the_record_fades_and_a_new_fleet_starts_afresh():
@@ -60,7 +76,7 @@ def test_the_record_fades_and_a_new_fleet_starts_afresh():
     assert (record.trust() < 0.01).all()
     # nothing priced for a while (a fallback): the margin decays towards equal odds
     record.pred = None
-    for _ in range(200):
+    for _ in range(300):
         record.observe(np.zeros((1, 2)), np.zeros((1, 2)), 0.1)
     assert (record.trust() > 0.4).all()
     # three backends now: the old record does not apply
