@@ -83,16 +83,16 @@ def test_a_model_whose_error_predictions_lie_loses_their_weight(lb_factory, serv
     (the admin shows their weight), the fast backend's falls towards 0, and
     the fast backend takes the traffic."""
     seen: list[dict] = []  # the error weights after each batch
+    # before the last three batches, a table priced the model's errors with the
+    # lie's weight on the fast backend gone
+    lie_gone = lambda: any(w.get("fast", 1.0) < 0.05 for w in seen[:-3])  # noqa: E731
 
     def priced(shares, lb) -> bool:
-        # three batches in a row to the fast backend, after a table showed the
-        # lie's weight there gone
         seen.append(error_weight(lb))
-        return len(shares) >= 3 and min(shares[-3:]) >= 0.9 and any(w.get("fast", 1.0) < 0.05 for w in seen[:-3])
+        return len(shares) >= 3 and min(shares[-3:]) >= 0.9 and lie_gone()
 
     shares, modes = fast_shares(lb_factory, servers, tmp_path, "earned", batches=20, done=priced)
-    # a table priced the model's errors, with the lie's weight on the fast backend gone
-    assert any(w.get("fast", 1.0) < 0.05 for w in seen[:-3]), seen
+    assert lie_gone(), seen
     assert len(shares) >= 3 and min(shares[-3:]) >= 0.9, shares
     assert ("fallback", "guard") not in modes, modes
 
