@@ -33,7 +33,10 @@ latency = the cell's observed mean, `lat_ewma_log`; predicted error = its
 observed error rate, `err_rate`); `ml-curves` is the `ml` strategy with no
 inference process at all (each worker's load curves alone, as lb routes when
 no table may); `least-latency` is a full scan for the least peak-EWMA x
-(in-flight + 1), no sampling.  None is an lb strategy.
+(in-flight + 1), no sampling.  And a reference: `known` routes by the
+truth about the fleet (every backend's slots, per-class service time,
+slowdown and queue at the moment, `sim_model.Known`), to show how much of
+the gap to the floor any online router could close.  None is an lb strategy.
 
 A scenario with `instances` > 1 (twolb), or `--instances N`, puts N lb
 instances in front of the same backends: each has its own workers and its own
@@ -76,7 +79,7 @@ import scenario_report as report  # noqa: E402  (bench/scenario_report.py)
 import scenarios as scn  # noqa: E402  (bench/scenarios.py)
 import sim_model  # noqa: E402  (bench/sim_model.py)
 from sim_model import (  # noqa: E402  (bench/sim_model.py)
-    FAIL_FAST, HOP, ML_POLICIES, POLICIES, RETRIES, STATS_INTERVAL, Request, Server, Worker)
+    FAIL_FAST, HOP, ML_POLICIES, POLICIES, RETRIES, STATS_INTERVAL, Known, Request, Server, Worker)
 from sim_args import parse_args  # noqa: E402  (bench/sim_args.py)
 from sim_report import overview  # noqa: E402  (bench/sim_report.py)
 from workers import backend as wbackend  # noqa: E402
@@ -117,6 +120,9 @@ class Simulation:
         self.workers = [Worker(i % workers, sc, policy, seed + 7 * (i // workers), i // workers)
                         for i in range(workers * self.instances)]
         for w in self.workers:
+            if isinstance(w.strategy, Known):  # the reference reads the true fleet
+                w.strategy.servers = self.servers
+                w.strategy.frac = lambda: self.now / self.duration
             if hasattr(w.strategy, "clock"):
                 w.strategy.clock = self.clock  # answers are timed in simulated seconds
         # ml learns how long clients wait from the requests they give up on (workers/patience.py)

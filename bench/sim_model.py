@@ -5,15 +5,17 @@ requests in service, the rest in a FIFO queue); `Request` is one request on
 its way; `Worker` is what one lb worker holds: its own
 `workers.backend.Backend` objects and its own strategy from
 `workers.strategies.make_strategy`, the real ones.  `LeastLatency` is an
-ablation, not an lb strategy.  Also the policy names the simulator runs and
-the model's constants (the hop between two processes, lb's defaults).  The
-event loop that drives them is `Simulation` in bench/sim.py, which puts the
-repository on sys.path before importing this module.
+ablation and `Known` a reference, neither an lb strategy.  Also the policy
+names the simulator runs and the model's constants (the hop between two
+processes, lb's defaults).  The event loop that drives them is `Simulation`
+in bench/sim.py, which puts the repository on sys.path before importing
+this module.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections import deque
 
@@ -25,10 +27,10 @@ from workers import backend as wbackend, classic, strategies
 PROBE_SHARE: float | None = None
 
 POLICIES = ("round_robin", "weighted_round_robin", "least_connections", "random", "p2c_ewma", "prequal", "ml",
-            "ml-identity", "ml-curves", "least-latency")
+            "ml-identity", "ml-curves", "least-latency", "known")
 ML_POLICIES = ("ml", "ml-identity")  # routed by the engine's tables (TableStrategy)
 CURVE_POLICIES = ML_POLICIES + ("ml-curves",)  # lb's ml strategy, with or without tables
-ABLATIONS = ("ml-identity", "ml-curves", "least-latency")  # not lb strategies
+ABLATIONS = ("ml-identity", "ml-curves", "least-latency", "known")  # not lb strategies
 
 HOP = 0.0001  # seconds, one way between two processes on the same host
 FAIL_FAST = 0.0  # service time of a fast failure (lb measures ~0.16 ms for one, hops included)
@@ -67,6 +69,55 @@ class LeastLatency(classic.P2CEwma):
             c = b.ewma * (b.inflight + 1)
             if best is None or c < best_cost:
                 best, best_cost = b, c
+        return best
+
+
+class Known(classic.Strategy):
+    """A reference, not an lb strategy: a router told the truth about the
+    fleet, to show what knowing it is worth.  Every pick reads each backend's
+    true state at that moment (`Server`: requests in service and queued, from
+    every worker and lb instance), its slot count, its median service time
+    for the request's class, and its slowdown, failure share and joining
+    time from the scenario, and sends the request where its expected
+    latency is least: its mean service there, plus, with every slot taken,
+    (queued + 1) / slots of the mean service of the fleet's request mix
+    there; a failure share f prices the request at (1 - f) x that + f x
+    FAIL_COST.  It does not know how long the requests in service or the
+    request itself will take (that would be the floor, bench/scenarios.py
+    `floor`).  It is no bound (a greedy rule is not the best for a
+    percentile in an overload: ml's p99 is lower in spread16), but where it
+    is well ahead of a policy that learns the fleet, there is something
+    left to learn."""
+
+    name = "known"
+    FAIL_COST = 1.0  # seconds, as ml prices a failure (workers/learned.py)
+
+    def __init__(self, backends, sc: scn.Scenario, **kw) -> None:
+        super().__init__(backends, **kw)
+        self.sc = sc
+        self.servers: list[Server] = []  # the simulation's, in the backends' order (bench/sim.py)
+        self.frac = lambda: 0.0  # the moment, as a fraction of the run (bench/sim.py)
+
+    def pick(self, exclude=(), cls=0):
+        frac = self.frac()
+        h = self.sc.heavy_share
+        best = None
+        best_cost = 0.0
+        for b, srv in zip(self.backends, self.servers):
+            spec = srv.spec
+            if frac < spec.join_at or (exclude and b in exclude):
+                continue
+            slow, fail = spec.factors(frac)
+            if fail >= 1.0:
+                continue
+            mean = spec.median_ms * 1e-3 * slow * math.exp(spec.sigma ** 2 / 2)
+            cost = mean * spec.cost(cls)
+            if srv.busy >= spec.capacity:
+                mix = (1.0 - h) * spec.cost(0) + h * spec.cost(1)
+                cost += (len(srv.queue) + 1) / spec.capacity * mean * mix
+            cost = (1.0 - fail) * cost + fail * self.FAIL_COST
+            if best is None or cost < best_cost:
+                best, best_cost = b, cost
         return best
 
 
@@ -126,7 +177,9 @@ class Worker:
             kw["exploration"] = Learning().exploration  # lb's default (a table may say otherwise)
         if "probe_share" in inspect.signature(strategies.make_strategy).parameters:
             kw["probe_share"] = PROBE_SHARE if PROBE_SHARE is not None else Capacity().explore
-        if policy == LeastLatency.name:
+        if policy == Known.name:
+            self.strategy = Known(self.backends, sc, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
+        elif policy == LeastLatency.name:
             self.strategy = LeastLatency(self.backends, decay=EWMA_DECAY, rng=random.Random(kw["seed"]))
         else:
             self.strategy = strategies.make_strategy("ml" if policy in CURVE_POLICIES else policy,

@@ -148,6 +148,27 @@ def test_the_floor_is_below_every_policy_and_p2c_sits_on_it_in_slowdown():
     assert scn.floor(het, sched, 20).p50 < scn.floor(sc, s.arrivals, 20).p50
 
 
+def test_the_reference_that_knows_the_fleet_sits_near_the_floor():
+    """`known` (not an lb strategy) reads every backend's true slots, service
+    times, phases and queue: in bursts it hardly needs the slow backends, so
+    it sits on the floor, below every policy that has to learn the fleet;
+    it sends nothing to a backend before it joins, nor to one failing 90%."""
+    s = run("bursts", "known", duration=8)
+    known = s.summary()
+    floor = scn.floor(scn.get("bursts"), s.arrivals, 8, 1)
+    assert known.error_rate == 0.0
+    assert known.share["slow1"] + known.share["slow2"] < 0.002  # (prequal sends them 9%)
+    # (the floor draws its own service times: within sampling noise of it)
+    assert 0.95 * floor.p99 < known.p99 < 1.05 * floor.p99
+    for policy in ("prequal", "ml"):
+        assert run("bursts", policy, duration=8).summary().p99 > known.p99, policy
+    cold = run("coldjoin", "known", duration=6)
+    assert all(w.backends[3].connect_errors == 0 for w in cold.workers)
+    assert any(r[3] == "b4" for r in cold.records)  # it does join
+    failing = run("fastfail", "known", duration=6).summary()
+    assert failing.error_rate < 0.01 and failing.share["b4"] < 0.01
+
+
 def test_cli_table_and_bad_usage():
     p = subprocess.run([sys.executable, "bench/sim.py", "--scenario", "identical", "--duration", "2",
                         "--policies", "round_robin,random"],
