@@ -20,8 +20,14 @@ real requests go):
 
 * `service[c]`: every successful answer of class c to a request sent to a
   free slot (in flight + 1 <= `slots`) moves the estimate by LEARN (an
-  exponential average over the last twenty or so answers); the first answer
-  of a class is taken whole.  In an instance curve (`instance=True`, the
+  exponential average over the last twenty or so answers), an answer
+  counting at most SERVICE_CAP times the estimate; the first answer
+  of a class is taken whole.  (An answer that slow most likely queued: the
+  slot count was read too high, and requests "sent to a free slot" waited
+  behind heavy ones.  Counted whole, a few of them raised a backend's light
+  service time from 2 to 26 ms in evaluation fleet 46, and it lost the
+  light requests it served fastest; a backend that does slow down is
+  `pace`'s to follow, below.)  In an instance curve (`instance=True`, the
   admin's, whose in-flight counts are the whole instance's and exact), only
   answers to requests that found the backend free (nothing else in flight,
   or only requests the backend had let go, as the admin judges: `alone`):
@@ -103,6 +109,7 @@ LEVELS = len(_EDGES)
 LEVEL_OF = [max(i for i, e in enumerate(_EDGES) if e <= n) for n in range(_EDGES[-1])]
 TOP = LEVELS - 1
 LEARN = 0.05  # weight of one answer in the service-time estimate
+SERVICE_CAP = 3.0  # ... in which one answer counts at most this many times the estimate (a worker's curves)
 INSTANCE_LEARN = 0.02  # ... in an instance curve (the admin's, for capacity: fifty answers or so)
 CLIP = 2.0  # standard deviations at which an answer's log distance is clipped (capacity statistics)
 # E[min(z^2, CLIP^2)] for a standard normal z: what clipping leaves of a variance
@@ -181,7 +188,8 @@ class Curve:
                 # count that is too low would shrink the service time, which would
                 # make queueing look worse, which would lower the slot count.)
                 if not self.instance:
-                    self.service[cls] = s + LEARN * (latency - s)
+                    cap = SERVICE_CAP * s
+                    self.service[cls] = s + LEARN * ((latency if latency < cap else cap) - s)
                 else:
                     # (a plain mean of the first answers, then INSTANCE_LEARN)
                     k = self.taught[cls] = self.taught[cls] + 1

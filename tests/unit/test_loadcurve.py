@@ -13,7 +13,8 @@ import pytest
 
 from lb.core.config import Backend as BackendConfig
 from workers.backend import Backend
-from workers.loadcurve import DEFAULT_SERVICE, FIRST_ROUND, MIN_FIT_ANSWERS, MIN_LEVEL_ANSWERS, SLOT_GRID, Curve, fit
+from workers.loadcurve import (DEFAULT_SERVICE, FIRST_ROUND, LEARN, MIN_FIT_ANSWERS, MIN_LEVEL_ANSWERS, SERVICE_CAP,
+                               SLOT_GRID, Curve, fit)
 
 
 def answers(curve: Curve, rng: random.Random, slots: int, service: tuple[float, ...], n: int,
@@ -218,6 +219,31 @@ def test_the_first_answer_is_taken_whole():
     curve = Curve(1)
     curve.learn(0, 0.030, 5, 1.0)
     assert curve.service == [0.030]
+
+
+def test_an_answer_that_must_have_queued_moves_the_service_time_by_a_capped_step():
+    """A request sent to what the slot count says is a free slot, answered
+    far slower than the service time, most likely queued (a count read too
+    high): it counts as SERVICE_CAP times the estimate, not whole.  Faster
+    answers and the first one count whole."""
+    curve = Curve(2)
+    curve.learn(0, 0.002, 0, 1.0)
+    curve.slots = 4.0
+    curve.learn(0, 0.080, 2, 1.1)  # queued behind heavy requests
+    assert curve.service[0] == pytest.approx(0.002 + LEARN * (SERVICE_CAP - 1) * 0.002)
+    before = curve.service[0]
+    curve.learn(0, 0.001, 1, 1.2)
+    assert curve.service[0] == pytest.approx(before + LEARN * (0.001 - before))
+    curve.learn(1, 0.500, 3, 1.3)  # a first answer
+    assert curve.service[1] == 0.500
+    # a backend that really slowed: the service time follows step by step, and the
+    # pace carries the rest at once
+    for i in range(3):
+        curve.learn(0, 0.020, 0, 2.0 + i * 0.01)
+    assert curve.service[0] < 0.004 and curve.expected(0, 0, 0.0, 2.1) > 0.010
+    for i in range(80):
+        curve.learn(0, 0.020, 0, 3.0 + i * 0.01)
+    assert curve.service[0] == pytest.approx(0.020, rel=0.05)
 
 
 def test_failures_teach_the_curve_nothing():
