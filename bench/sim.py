@@ -35,8 +35,8 @@ inference process at all (each worker's load curves alone, as lb routes when
 no table may); `least-latency` is a full scan for the least peak-EWMA x
 (in-flight + 1), no sampling.  And a reference: `known` routes by the
 truth about the fleet (every backend's slots, per-class service time,
-slowdown and queue at the moment, `sim_model.Known`), to show how much of
-the gap to the floor any online router could close.  None is an lb strategy.
+slowdown and queue at the moment, `sim_model.Known`), to show what knowing
+the fleet is worth.  None is an lb strategy.
 
 A scenario with `instances` > 1 (twolb), or `--instances N`, puts N lb
 instances in front of the same backends: each has its own workers and its own
