@@ -61,6 +61,15 @@ class BackendSpec:
     def cost(self, cls: int) -> float:
         return (self.costs or COSTS)[cls]
 
+    def mix_cost(self, heavy_share: float) -> float:
+        """The mean cost of a request of the class mix with `heavy_share` heavy ones."""
+        return (1.0 - heavy_share) * self.cost(0) + heavy_share * self.cost(1)
+
+    def mean_service(self, cost: float, slow: float = 1.0) -> float:
+        """Mean seconds of service (the lognormal's mean, not its median) of a
+        request of `cost`, `slow` times slower than normal."""
+        return self.median_ms * 1e-3 * cost * slow * math.exp(self.sigma ** 2 / 2)
+
     def factors(self, frac: float) -> tuple[float, float]:
         """(slow multiplier, fail probability) at `frac` of the run."""
         slow, fail = 1.0, 0.0
@@ -123,9 +132,7 @@ def capacity_rate(backends, heavy_share: float) -> float:
     costs; this is the class-blind figure arrival rates are set against."""
     total = 0.0
     for spec in backends:
-        mean_cost = (1.0 - heavy_share) * spec.cost(0) + heavy_share * spec.cost(1)
-        mean_s = spec.median_ms * 1e-3 * mean_cost * math.exp(spec.sigma ** 2 / 2)
-        total += spec.capacity / mean_s
+        total += spec.capacity / spec.mean_service(spec.mix_cost(heavy_share))
     return total
 
 

@@ -15,7 +15,6 @@ this module.
 from __future__ import annotations
 
 import inspect
-import math
 import random
 from collections import deque
 
@@ -110,11 +109,9 @@ class Known(classic.Strategy):
             slow, fail = spec.factors(frac)
             if fail >= 1.0:
                 continue
-            mean = spec.median_ms * 1e-3 * slow * math.exp(spec.sigma ** 2 / 2)
-            cost = mean * spec.cost(cls)
+            cost = spec.mean_service(spec.cost(cls), slow)
             if srv.busy >= spec.capacity:
-                mix = (1.0 - h) * spec.cost(0) + h * spec.cost(1)
-                cost += (len(srv.queue) + 1) / spec.capacity * mean * mix
+                cost += (len(srv.queue) + 1) / spec.capacity * spec.mean_service(spec.mix_cost(h), slow)
             cost = (1.0 - fail) * cost + fail * self.FAIL_COST
             if best is None or cost < best_cost:
                 best, best_cost = b, cost
