@@ -49,7 +49,10 @@ no faster: a control arm that fails more but answers faster, as on an
 overloaded development fleet, is a mixed picture), the share halves, once per bucket, down to a
 quarter of `share` (`SHRINK`), never so low that the window would hold
 fewer than twice `MIN_SAMPLES` control outcomes at the rate of the last
-window; at any other verdict, or none, it is back to `share` at once.  The
+window (in a run's first seconds, at the rate of the buckets filled so
+far: read as a whole window's worth, the few seconds' outcomes kept the
+whole share for the first ten seconds or so, when the first verdicts come);
+at any other verdict, or none, it is back to `share` at once.  The
 control arm's requests are real requests, and on a fleet where P2C-EWMA
 queues them badly they are the slowest the worker sends: in the simulator
 they made most of `ml`'s p99.9 on evaluation fleets where P2C-EWMA fails
@@ -114,7 +117,7 @@ class _Arm:
 
 class Guard:
     __slots__ = ("share", "current", "better", "arms", "bucket", "tripped", "clean_since", "verdict", "routed",
-                 "switched", "false_alarms", "quiet_until")
+                 "switched", "false_alarms", "quiet_until", "filled_from")
 
     def __init__(self, share: float) -> None:
         self.share = share  # of ml's picks routed by the other arm at most (0: the guard is off)
@@ -129,6 +132,7 @@ class Guard:
         self.switched = -2  # bucket of the last trip or return (none: the first bucket counts)
         self.false_alarms = 0  # trips in a row the switchback did not confirm
         self.quiet_until = -1  # bucket before which the share's comparison does not trip
+        self.filled_from = 0  # first bucket of the window's outcomes (since the window last started afresh)
 
     def outcome(self, arm: int, latency: float, error: bool) -> None:
         """One realised outcome of a request routed by `arm` (in the current bucket)."""
@@ -177,6 +181,7 @@ class Guard:
                     self.switched = b
                 if b < self.bucket:
                     self.quiet_until = -1
+                self.filled_from = b
                 first = b
             else:
                 first = self.bucket + 1
@@ -227,12 +232,18 @@ class Guard:
         """The control share for the next bucket (module docstring): halved
         while the last verdict shows the learned arm clearly better, down to
         SHRINK x `share` and to twice MIN_SAMPLES control outcomes a window;
-        else `share`."""
+        else `share`.  Called as a bucket starts: the window's outcomes are
+        those of its WINDOW - 1 complete buckets, or, while fewer have been
+        filled since it started afresh (the first seconds of a run), of
+        those few, scaled to WINDOW - 1 at the same rate."""
         if not self.better:
             self.current = self.share
             return
         la, ca = self.arms
         seen = sum(la.n) + sum(ca.n)  # outcomes in the window: the rate the share is taken of
+        filled = self.bucket - self.filled_from  # complete buckets since the window started afresh
+        if 0 < filled < WINDOW - 1:
+            seen *= (WINDOW - 1) / filled
         least = max(self.share * SHRINK, 2.0 * MIN_SAMPLES / seen if seen else self.share)
         self.current = min(self.share, max(least, self.current * 0.5))
 

@@ -71,6 +71,18 @@ def test_the_share_shrinks_while_the_table_is_clearly_better_and_is_back_when_it
     assert 0.04 in shares[:6], shares
 
 
+def test_the_share_shrinks_in_a_runs_first_seconds_at_the_rate_seen_so_far():
+    # 1,000 outcomes a second: a whole window would hold about 19,000, so the
+    # quarter of the share keeps far more than 2 x MIN_SAMPLES control outcomes
+    # in it.  Eight seconds in, the window holds 8,000: read as a window's
+    # worth, they would keep the share at 100 / 8,000 = 1.25% and more.
+    rng = random.Random(14)
+    gd = g.Guard(0.04)
+    feed(gd, rng, 0.0, 8.0, 1000, learned_lat=0.01, control_lat=0.03, share=None)
+    assert gd.verdict["better"] and not gd.tripped
+    assert gd.current == 0.04 * g.SHRINK
+
+
 def test_a_mixed_verdict_keeps_the_whole_share():
     # the control arm fails more, but the table answers slower: not clearly better
     rng = random.Random(12)
