@@ -51,7 +51,8 @@ quarter of `share` (`SHRINK`), never so low that the window would hold
 fewer than twice `MIN_SAMPLES` control outcomes at the rate of the last
 window (in a run's first seconds, at the rate of the buckets filled so
 far: read as a whole window's worth, the few seconds' outcomes held the
-whole share until some 5,000 had come, most of an 8 s benchmark run);
+whole share, at the default 2% until some 5,000 had come, most of an 8 s
+benchmark run);
 at any other verdict, or none, it is back to `share` at once.  The
 control arm's requests are real requests, and on a fleet where P2C-EWMA
 queues them badly they are the slowest the worker sends: in the simulator
